@@ -1,0 +1,145 @@
+"""
+Tokenizer, Qwen2.5 chat format, and the s1K-1.1 training sequence, shared by train/eval/sae/interpret.
+
+    from data import Tokenizer, render_chat, s1_example
+    tok = Tokenizer("/models/Qwen2.5-32B-Instruct")          # a directory with tokenizer.json
+    ids, mask = s1_example(row, tok)                          # row: one s1K-1.1 record (a dict)
+
+The chat format is Qwen2.5's ChatML, rendered in plain Python (no jinja): each turn is
+`<|im_start|>{role}\\n{content}<|im_end|>\\n`, and when the first message is not a system message
+Qwen's default system prompt is inserted. Tool calls are not supported.
+"""
+import json
+import os
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+ASSISTANT_HEADER = IM_START + "assistant\n"
+THINK, ANSWER = IM_START + "think", IM_START + "answer"  # s1's markers; "think"/"answer" are plain text tokens
+
+# s1K-1.1 fields the training sequence is built from
+S1_FIELDS = ("question", "deepseek_thinking_trajectory", "deepseek_attempt")
+
+
+class Tokenizer:
+    """A `tokenizers` BPE tokenizer with the ChatML special tokens. No BOS is added (Qwen adds none)."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: no tokenizer.json")
+        self.path = file
+        self.tk = HFTokenizer.from_file(file)
+        for s in (IM_START, IM_END, ENDOFTEXT):
+            if self.tk.token_to_id(s) is None:
+                raise ValueError(f"{file}: the special token {s} is missing")
+        self.im_start, self.im_end, self.eot = (self.tk.token_to_id(s) for s in (IM_START, IM_END, ENDOFTEXT))
+
+    @property
+    def vocab_size(self):
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token_str(self, i):
+        """The text one token stands for (byte-level pieces decoded); for display."""
+        return self.tk.decode([i], skip_special_tokens=False)
+
+    def token_id(self, s):
+        i = self.tk.token_to_id(s)
+        if i is None:
+            raise KeyError(f"{self.path}: no token {s!r}")
+        return i
+
+
+def render_chat(messages, add_generation_prompt=False, system=DEFAULT_SYSTEM):
+    """Qwen2.5's chat template for plain (tool-free) conversations, as a string."""
+    out = []
+    if not messages or messages[0]["role"] != "system":
+        out.append(f"{IM_START}system\n{system}{IM_END}\n")
+    for m in messages:
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"chat message role {m['role']!r} is not one of system/user/assistant")
+        out.append(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n")
+    if add_generation_prompt:
+        out.append(ASSISTANT_HEADER)
+    return "".join(out)
+
+
+def s1_assistant(row):
+    """The assistant turn of s1's training text: think marker, trace, answer marker, attempt.
+
+    As in s1's data/tokenization.py: the trace is stripped (a list of traces is joined by newlines
+    first) and the attempt gets an "Answer: " prefix unless it already contains "Answer:".
+    """
+    trace = row["deepseek_thinking_trajectory"]
+    trace = "\n".join(trace) if isinstance(trace, list) else trace
+    attempt = row["deepseek_attempt"]
+    if "Answer:" not in attempt:
+        attempt = "Answer: " + attempt
+    return f"{THINK}\n{trace.strip()}\n{ANSWER}\n{attempt}"
+
+
+def s1_example(row, tok, source="row"):
+    """One s1K-1.1 row -> (ids, mask): mask is 1 on every token after the `<|im_start|>assistant\\n`
+    header (the thinking, the answer, the closing <|im_end|> and its trailing newline, exactly the
+    tokens trl's DataCollatorForCompletionOnlyLM trains on in the official code) and 0 before it."""
+    check_s1_row(row, source)
+    prompt = render_chat([{"role": "user", "content": row["question"]}], add_generation_prompt=True)
+    text = render_chat([{"role": "user", "content": row["question"]},
+                        {"role": "assistant", "content": s1_assistant(row)}])
+    ids, head = tok.encode(text), tok.encode(prompt)
+    # the header ends in a special token boundary, so the whole text tokenises to prompt + rest
+    assert ids[:len(head)] == head, f"{source}: the prompt does not tokenise as a prefix of the sequence"
+    return ids, [0] * len(head) + [1] * (len(ids) - len(head))
+
+
+def check_s1_row(row, source="row"):
+    if not isinstance(row, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(row).__name__}")
+    for f in S1_FIELDS:
+        v = row.get(f)
+        if f == "deepseek_thinking_trajectory" and isinstance(v, list) and all(isinstance(s, str) for s in v):
+            continue
+        if not isinstance(v, str):
+            raise ValueError(f"{source}: field {f!r} must be a string, got {type(v).__name__ if f in row else 'nothing'}")
+
+
+def read_rows(path, required=()):
+    """Rows of a .jsonl or .parquet file as dicts; errors name the file, the line and the field."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+                              "or convert the file to .jsonl") from None
+        rows = pq.read_table(path).to_pylist()
+        where = [f"{path} row {i}" for i in range(len(rows))]
+    else:
+        rows, where = [], []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+                where.append(f"{path} line {n}")
+    for row, w in zip(rows, where):
+        if not isinstance(row, dict):
+            raise ValueError(f"{w}: expected a JSON object")
+        for f in required:
+            if f not in row:
+                raise ValueError(f"{w}: missing field {f!r}")
+    return rows, where

@@ -1,0 +1,474 @@
+"""
+Qwen2 (the architecture of Qwen2.5-*-Instruct), written directly in PyTorch.
+
+    from model import Qwen2
+    model = Qwen2.from_pretrained("/models/Qwen2.5-32B-Instruct", dtype=torch.bfloat16, device="cuda")
+    logits = model(idx)                                   # (B, T, vocab_size)
+    new = model.generate([[151644, 872, 198]], max_new_tokens=32, stop_ids=[151645])
+
+Notable choices:
+- Parameter names are exactly the HF names (model.layers.N.self_attn.q_proj, ...), so a Hugging
+  Face checkpoint loads with a strict state-dict load and no key map, and adapters export to PEFT
+  by adding a prefix.
+- RMSNorm computes in fp32 and casts back before the weight multiply, RoPE uses HF's half-split
+  ("rotate_half") layout, and cos/sin are cast to the activation dtype: these three details are
+  what makes the logits match transformers' to 1e-5 in fp32.
+- RoPE tables are recomputed from the positions on every forward instead of being buffers: they
+  cost O(T * head_dim) and this way there is nothing to re-initialise after building on the meta
+  device, and model.to(bfloat16) cannot round the frequencies.
+- The training forward has no cache. generate() owns a preallocated KV cache (gpt-fast style) and
+  handles batches of prompts of different lengths by left padding.
+"""
+import json
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Qwen2Config:
+    """Fields are HF config.json keys; unknown keys in a config.json are ignored."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0  # HF's default; every real Qwen2.5 config.json sets 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    torch_dtype: str | None = None
+    model_type: str = "qwen2"
+    use_sliding_window: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"Qwen2Config.{name} must be a positive integer, got {v!r}")
+        if self.model_type != "qwen2":
+            raise ValueError(f"model_type must be 'qwen2', got {self.model_type!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.use_sliding_window:
+            raise ValueError("use_sliding_window=true is not supported (Qwen2.5 ships with false)")
+        if self.torch_dtype is not None and self.torch_dtype not in DTYPES:
+            raise ValueError(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(DTYPES)}")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        """Build from a config.json dict; `source` names the file in error messages."""
+        d = dict(d)
+        if d.get("model_type", "qwen2") != "qwen2":
+            raise ValueError(f"{source}: model_type is {d['model_type']!r}, expected 'qwen2'")
+        # transformers >= 5 writes `dtype` and `rope_parameters` instead of `torch_dtype`/`rope_theta`
+        if "dtype" in d and "torch_dtype" not in d:
+            d["torch_dtype"] = d["dtype"]
+        rope = d.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+            raise ValueError(f"{source}: RoPE scaling {rope or d.get('rope_scaling')} is not supported")
+        if "rope_theta" in rope and "rope_theta" not in d:
+            d["rope_theta"] = rope["rope_theta"]
+        names = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise ValueError(f"{source}: missing required keys {missing}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path):
+        f = os.path.join(path, "config.json")
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+        with open(f) as fh:
+            try:
+                d = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=f)
+
+    def to_hf_dict(self):
+        """config.json content that transformers (4.x and 5.x) and vLLM load as Qwen2ForCausalLM."""
+        d = asdict(self)
+        d.update(architectures=["Qwen2ForCausalLM"], sliding_window=None, max_window_layers=self.num_hidden_layers,
+                 attention_dropout=0.0, initializer_range=0.02, use_cache=True)
+        return d
+
+
+# Qwen2.5-32B-Instruct's config.json (PAPER.md section H), for dry runs and parameter counts.
+QWEN2_5_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                   num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=32768,
+                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                   bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
+
+# -----------------------------------------------------------------------------
+# layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # x * rsqrt(mean(x^2) + eps) in fp32, cast back, then scaled in the input dtype (HF's order)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """positions (..., T) int -> cos, sin (..., T, head_dim) in `dtype`, HF half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd); cos/sin broadcastable to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.hd, D, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # without a mask: causal when the queries start at position 0; a one-token decode step sees all keys
+        causal = mask is None and (cache is None or cache.len == 0)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, nkv, L, hd): everything cached so far
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(D, I, bias=False)
+        self.up_proj = nn.Linear(D, I, bias=False)
+        self.down_proj = nn.Linear(I, D, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """The decoder stack: HF's `model.` submodule."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, idx, positions=None, mask=None, cache=None, rope=None):
+        """idx (B, T) -> final hidden states (B, T, D).
+
+        positions (B, T) or None for 0..T-1; rope: optional precomputed (cos, sin) tables indexed
+        by position (generate() computes them once instead of every step).
+        """
+        x = self.embed_tokens(idx)
+        if positions is None:
+            positions = torch.arange(idx.shape[1], device=idx.device)
+        if rope is None:
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        else:
+            cos, sin = rope[0][positions], rope[1][positions]
+        if cos.dim() == 3:  # per-row positions: (B, T, hd) -> (B, 1, T, hd) to broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: (n_layers, B, n_kv, max_len, hd) each."""
+
+    def __init__(self, cfg, batch_size, max_len, dtype, device):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.len = 0  # positions filled; advanced by the caller after all layers ran
+
+    def update(self, layer, k, v):
+        s, T = self.len, k.shape[2]
+        self.k[layer, :, :, s:s + T] = k
+        self.v[layer, :, :, s:s + T] = v
+        return self.k[layer, :, :, :s + T], self.v[layer, :, :, :s + T]
+
+
+# -----------------------------------------------------------------------------
+# the causal LM
+
+
+class Qwen2(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std=0.02, generator=None):
+        """From-scratch init (HF's): linear and embedding weights N(0, std), biases 0, norms 1."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std, generator=generator)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def forward(self, idx, targets=None, ignore_index=-100):
+        """idx (B, T) -> logits (B, T, V); with targets (B, T) -> (logits, mean CE over targets != ignore_index)."""
+        logits = self.lm_head(self.model(idx))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        return logits, loss
+
+    def loss(self, idx, targets, ignore_index=-100, chunk_size=4096):
+        """Summed CE over targets != ignore_index, never holding more than chunk_size rows of logits.
+
+        Each chunk's logits are recomputed in backward (checkpointed), so at T = 20,000 and a
+        152,064-token vocabulary peak memory holds one (chunk_size, V) fp32 block instead of 12 GB.
+        """
+        h = self.model(idx).flatten(0, 1)  # (B*T, D)
+        t = targets.flatten()
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], chunk_size):
+            total = total + torch.utils.checkpoint.checkpoint(
+                _ce_sum, h[s:s + chunk_size], self.lm_head.weight, t[s:s + chunk_size], ignore_index,
+                use_reentrant=False)
+        return total
+
+    def num_params(self):
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # -------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """Load an HF model directory (config.json + model.safetensors or index + shards).
+
+        The model is built on the meta device and the loaded tensors are assigned into it, so a
+        checkpoint is never materialised twice. dtype=None keeps the checkpoint's torch_dtype.
+        """
+        cfg = Qwen2Config.from_pretrained(path)
+        if dtype is None and cfg.torch_dtype is not None:
+            dtype = DTYPES[cfg.torch_dtype]
+        with torch.device("meta"):
+            model = cls(cfg)
+        sd = {}
+        for file, keys in checkpoint_files(path).items():
+            sd.update(read_safetensors(file, keys, device=device, dtype=dtype))
+        model.load_hf_state_dict(sd, source=path)
+        return model.eval()
+
+    def load_hf_state_dict(self, sd, source="state dict"):
+        """Strict, assigning load of HF-named tensors with errors that name the offending keys."""
+        sd = dict(sd)
+        if self.cfg.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # tied: the embedding is the head (HF drops it on save too)
+        expected = {k: v.shape for k, v in self.state_dict().items()
+                    if not (self.cfg.tie_word_embeddings and k == "lm_head.weight")}
+        missing = sorted(set(expected) - set(sd))
+        extra = sorted(set(sd) - set(expected))
+        if missing:
+            raise ValueError(f"{source}: missing {len(missing)} tensors, e.g. {missing[:5]}")
+        if extra:
+            raise ValueError(f"{source}: {len(extra)} unexpected tensors, e.g. {extra[:5]}")
+        for k, shape in expected.items():
+            if tuple(sd[k].shape) != tuple(shape):
+                raise ValueError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(shape)}")
+        if self.cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        self.load_state_dict(sd, strict=True, assign=True)
+        if self.cfg.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(), generator=None):
+        """Batched generation with a KV cache; returns the new tokens of each row as a list of lists.
+
+        prompts: a list of token-id lists (any lengths; left-padded internally) or a (B, T) tensor.
+        Greedy at temperature 0, else temperature + nucleus (top_p) sampling from `generator`.
+        A row stops after emitting any id in stop_ids (the stop id is included in its output).
+        """
+        if torch.is_tensor(prompts):
+            prompts = prompts.tolist()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        L = P + max_new_tokens
+        idx = torch.zeros(B, P, dtype=torch.long, device=device)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=device)  # key positions that are real tokens
+        for b, p in enumerate(prompts):
+            idx[b, P - len(p):] = torch.tensor(p, device=device)
+            valid[b, P - len(p):] = True
+        lens = valid[:, :P].sum(1)  # (B,)
+        positions = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)
+        dtype = self.lm_head.weight.dtype
+        cache = KVCache(self.cfg, B, L, dtype, device)
+        rope = rope_cos_sin(torch.arange(L, device=device), self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        padded = not valid[:, :P].all()
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
+        for step in range(max_new_tokens):
+            mask = None  # no padding: causal prefill, then decode steps that see every cached key
+            if padded:
+                mask = _attn_mask(valid, 0, P) if step == 0 else valid[:, None, None, :cache.len + 1]
+            h = self.model(idx, positions, mask, cache, rope)
+            cache.len += idx.shape[1]
+            logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            nxt = _sample(logits, temperature, top_p, generator)
+            out.append(nxt)
+            done |= torch.isin(nxt, stop)
+            if done.all():
+                break
+            idx, positions = nxt[:, None], (lens + step)[:, None]
+        toks = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
+        stops = set(stop.tolist())
+        return [_cut_at_stop(row, stops) for row in toks]
+
+
+def _ce_sum(h, w, t, ignore_index):
+    return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=ignore_index, reduction="sum")
+
+
+def _attn_mask(valid, start, T):
+    """(B, 1, T, start+T) bool: causal, padding keys hidden, and every query sees itself (so pad rows stay finite)."""
+    q = torch.arange(start, start + T, device=valid.device)[:, None]
+    k = torch.arange(start + T, device=valid.device)[None, :]
+    return ((k <= q) & (valid[:, None, :start + T] | (k == q))).unsqueeze(1)
+
+
+def _sample(logits, temperature, top_p, generator):
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _cut_at_stop(row, stops):
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i + 1]
+    return row
+
+
+# -----------------------------------------------------------------------------
+# safetensors checkpoints
+
+
+def checkpoint_files(path):
+    """{shard file: [tensor names it must hold] or None (all)} for an HF model directory."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: expected JSON with a 'weight_map' object ({e!r})") from None
+        files = {}
+        for key, shard in weight_map.items():
+            files.setdefault(os.path.join(path, shard), []).append(key)
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index} names shard {os.path.basename(file)}, which is missing from {path}")
+        return files
+    if os.path.isfile(single):
+        return {single: None}
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+def read_safetensors(file, keys=None, device="cpu", dtype=None):
+    """Read tensors (all, or the given names) from one safetensors file, with errors naming the file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            have = set(f.keys())
+            keys = sorted(have) if keys is None else keys
+            absent = [k for k in keys if k not in have]
+            if absent:
+                raise ValueError(f"{file}: the index says it holds {absent[:5]}, but it does not")
+            out = {}
+            for k in keys:
+                t = f.get_tensor(k)
+                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            return out
+    except ValueError:
+        raise
+    except Exception as e:  # SafetensorError and OS errors from a truncated or corrupt file
+        raise ValueError(f"{file}: not a readable safetensors file, maybe truncated or corrupt ({e})") from None

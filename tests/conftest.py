@@ -1,0 +1,41 @@
+"""Shared helpers: tiny random Qwen2 checkpoints written by HF transformers, and ../shared paths."""
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+QWEN_TOK = os.path.join(SHARED_DATA, "qwen2.5-tokenizer")
+
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is not beside the checkout")
+
+TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=37, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def hf_tiny(seed=0, **overrides):
+    """A random HF Qwen2ForCausalLM with non-trivial biases and norm weights (so they are tested)."""
+    transformers = pytest.importorskip("transformers", reason="transformers (test-only oracle) is not installed")
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(**{**TINY, **overrides})
+    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(0.5 if "norm" in n else 0.0, 0.1)
+    return m
+
+
+def save_hf(m, path, max_shard_size=None):
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    m.save_pretrained(str(path), **kw)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """(HF model, directory it was saved to) for the default tiny config."""
+    m = hf_tiny()
+    return m, save_hf(m, tmp_path / "tiny")

@@ -1,0 +1,117 @@
+"""Tokenizer, chat format and the s1 training sequence."""
+import json
+import os
+
+import pytest
+
+from conftest import QWEN_TOK, needs_shared
+from data import DEFAULT_SYSTEM, Tokenizer, read_rows, render_chat, s1_assistant, s1_example
+
+ROW = {"question": "What is 12*3?", "deepseek_thinking_trajectory": "  12*3 = 36.\nCheck: 36/3 = 12.  ",
+       "deepseek_attempt": "The product is $\\boxed{36}$."}
+
+
+def tiny_tokenizer(tmp_path):
+    """A small BPE tokenizer trained in code, with the ChatML special tokens (no ../shared needed)."""
+    from tokenizers import Tokenizer as T, decoders, models, pre_tokenizers, trainers
+    tk = T(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["What is 12*3? The product is 36. Check answer think user assistant system"] * 50, trainer)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    return Tokenizer(str(tmp_path))
+
+
+@needs_shared
+def test_qwen_tokenization_cases():
+    tok = Tokenizer(QWEN_TOK)
+    cases = [json.loads(l) for l in open(os.path.join(QWEN_TOK, "tokenization_cases.jsonl"))]
+    assert len(cases) >= 43  # the README says 43; the file holds 44
+    for c in cases:
+        assert tok.encode(c["text"]) == c["ids"], c["text"]
+        assert tok.decode(tok.encode(c["text"])) == c["text"]
+    assert tok.encode("Hello world<|im_end|>") == [9707, 1879, 151645]
+    assert (tok.eot, tok.im_start, tok.im_end, tok.token_id("<|fim_pad|>")) == (151643, 151644, 151645, 151662)
+    assert tok.vocab_size == 151665
+
+
+def test_chat_rendering_matches_qwen_template():
+    q = "What is $1+1$?"
+    assert render_chat([{"role": "user", "content": q}], add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    assert render_chat(msgs) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    with pytest.raises(ValueError, match="role 'tool'"):
+        render_chat([{"role": "tool", "content": "x"}])
+
+
+@needs_shared
+def test_chat_rendering_matches_hf_jinja_template():
+    transformers = pytest.importorskip("transformers")
+    ht = transformers.AutoTokenizer.from_pretrained(QWEN_TOK)
+    for msgs in ([{"role": "user", "content": "hi"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]):
+        for gen in (False, True):
+            assert render_chat(msgs, gen) == ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+def test_s1_assistant_text():
+    assert s1_assistant(ROW) == ("<|im_start|>think\n12*3 = 36.\nCheck: 36/3 = 12.\n<|im_start|>answer\n"
+                                 "Answer: The product is $\\boxed{36}$.")
+    assert s1_assistant({**ROW, "deepseek_attempt": "Answer: 36"}).endswith("answer\nAnswer: 36")
+    assert "think\na\nb\n" in s1_assistant({**ROW, "deepseek_thinking_trajectory": ["a", "b"]})
+
+
+@needs_shared
+def test_s1_sequence_and_mask_token_by_token():
+    tok = Tokenizer(QWEN_TOK)
+    ids, mask = s1_example(ROW, tok)
+    # expected tokens, written out by hand from the Qwen2.5 vocabulary
+    S, E, NL = 151644, 151645, 198
+    system = [S, 8948, NL] + tok.encode(DEFAULT_SYSTEM) + [E, NL]
+    user = [S, 872, NL] + tok.encode("What is 12*3?") + [E, NL]
+    header = [S, 77091, NL]  # <|im_start|> assistant \n
+    body = ([S, 26865, NL] + tok.encode("12*3 = 36.\nCheck: 36/3 = 12.\n") + [S, 9217, NL]
+            + tok.encode("Answer: The product is $\\boxed{36}$.") + [E, NL])
+    assert ids == system + user + header + body
+    assert mask == [0] * len(system + user + header) + [1] * len(body)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]).startswith("<|im_start|>think\n12*3")
+    assert (tok.id_to_token_str(8948), tok.id_to_token_str(26865), tok.id_to_token_str(9217)) == ("system", "think", "answer")
+
+
+def test_s1_mask_with_a_tiny_tokenizer(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    ids, mask = s1_example(ROW, tok)
+    first = mask.index(1)
+    header = [tok.im_start] + tok.encode("assistant\n")
+    assert ids[first - len(header):first] == header
+    assert ids[first] == tok.im_start and ids[-2:] == [tok.im_end] + tok.encode("\n")
+    assert all(mask[first:]) and not any(mask[:first])
+    assert tok.decode(ids) == render_chat([{"role": "user", "content": ROW["question"]},
+                                           {"role": "assistant", "content": s1_assistant(ROW)}])
+
+
+def test_s1_row_errors(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="row 3: field 'deepseek_thinking_trajectory' must be a string, got nothing"):
+        s1_example({"question": "q", "deepseek_attempt": "a"}, tok, source="row 3")
+    with pytest.raises(ValueError, match="field 'question' must be a string, got int"):
+        s1_example({**ROW, "question": 5}, tok)
+
+
+def test_read_rows_errors(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(ROW) + "\n\n" + "{oops\n")
+    with pytest.raises(ValueError, match=r"d.jsonl line 3: not valid JSON"):
+        read_rows(str(f))
+    f.write_text(json.dumps(ROW) + "\n" + json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl line 2: missing field 'deepseek_attempt'"):
+        read_rows(str(f), required=("question", "deepseek_attempt"))
+    rows, where = read_rows(str(f))
+    assert len(rows) == 2 and where[1].endswith("line 2")
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        read_rows(str(tmp_path / "nope.jsonl"))
