@@ -1,0 +1,118 @@
+"""
+Cost of a rank-1 adapter on top of its frozen linear: forward + backward (dx, dA, dB; W frozen)
+relative to the frozen linear alone (forward + dx), for our implementation and a PEFT-style eager
+one (y = base(x) + lora_B(lora_A(x)) * s), measured in the same run; plus the cost of capture().
+
+    python bench/bench_lora.py                        # CPU proxy: Qwen2.5-32B shapes / 5, T = 2048, fp32
+    python bench/bench_lora.py --device cuda          # GPU: the 7 real 32B shapes, T in {4096, 16384, 32768}, bf16
+
+On CUDA our path is the fused kernel when it builds (LORA_IMPL=ref forces the reference path).
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import header, interleaved  # noqa: E402
+from lora import LoRALinear, capture  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--device", default="cpu")
+p.add_argument("--repeats", type=int, default=7)
+p.add_argument("--T", type=int, nargs="*", default=None)
+args = p.parse_args()
+dev = torch.device(args.device)
+cuda = dev.type == "cuda"
+dtype = torch.bfloat16 if cuda else torch.float32
+# (in, out): q, k, v, o, gate, up, down
+SHAPES_32B = [(5120, 5120), (5120, 1024), (5120, 1024), (5120, 5120), (5120, 27648), (5120, 27648), (27648, 5120)]
+SHAPES_CPU = [(1024, 1024), (1024, 256), (1024, 5504), (5504, 1024)]
+shapes = SHAPES_32B if cuda else SHAPES_CPU
+Ts = args.T or ([4096, 16384, 32768] if cuda else [2048])
+sync = torch.cuda.synchronize if cuda else None
+header(f"bench_lora on {torch.cuda.get_device_name() if cuda else 'CPU'}, {dtype}")
+
+
+class PeftStyle(nn.Module):
+    """What PEFT's Linear.forward does for one adapter (dropout = identity)."""
+
+    def __init__(self, base, A, B, s):
+        super().__init__()
+        self.base, self.s = base, s
+        self.lora_A = nn.Linear(A.shape[1], 1, bias=False, device=dev)
+        self.lora_B = nn.Linear(1, B.shape[0], bias=False, device=dev)
+        self.lora_A.weight.data.copy_(A), self.lora_B.weight.data.copy_(B)
+
+    def forward(self, x):
+        result = self.base(x)
+        dt = result.dtype
+        result = result + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.s
+        return result.to(dt)
+
+
+total = {"plain": 0.0, "ours": 0.0, "peft": 0.0}
+overheads_ours, overheads_peft = [], []
+for T in Ts:
+    for din, dout in shapes:
+        torch.manual_seed(0)
+        base = nn.Linear(din, dout, bias=False, device=dev, dtype=dtype).requires_grad_(False)
+        ours = LoRALinear(base, layer=0, target="q_proj")
+        nn.init.normal_(ours.lora_B, std=0.01)
+        peft = PeftStyle(base, ours.lora_A.data, ours.lora_B.data, ours.scaling)
+        x = torch.randn(T, din, device=dev, dtype=dtype, requires_grad=True)
+        g = torch.randn(T, dout, device=dev, dtype=dtype)
+
+        def run(mod):
+            def f():
+                x.grad = None
+                mod(x).backward(g)
+                for prm in mod.parameters():
+                    prm.grad = None
+            return f
+
+        t = interleaved({"plain": run(base), "ours": run(ours), "peft": run(peft)}, args.repeats, sync=sync)
+        for k in total:
+            total[k] += t[k]
+        ro, rp = t["ours"] / t["plain"], t["peft"] / t["plain"]
+        overheads_ours.append(ro), overheads_peft.append(rp)
+        # the rank-1 part moves: fwd reads x (u) and r/w y; bwd reads g twice (dx update, dB), r/w dx, reads x (dA)
+        nbytes = (din + 2 * dout + 2 * dout + 2 * din + din) * T * x.element_size()
+        extra = max(t["ours"] - t["plain"], 1e-9)
+        print(f"T {T:6d} in {din:5d} out {dout:5d} | plain {t['plain'] * 1e3:8.2f} ms | ours {t['ours'] * 1e3:8.2f} ms "
+              f"({ro:.3f}x) | peft-style {t['peft'] * 1e3:8.2f} ms ({rp:.3f}x) | rank-1 part {nbytes / extra / 1e9:7.1f} GB/s")
+print(f"median overhead: ours {statistics.median(overheads_ours):.3f}x, peft-style {statistics.median(overheads_peft):.3f}x "
+      f"(target <= 1.10 and below peft-style on every shape: "
+      f"{'met' if statistics.median(overheads_ours) <= 1.10 and all(o < p for o, p in zip(overheads_ours, overheads_peft)) else 'NOT met'})")
+print(f"time-weighted overhead: ours {100 * (total['ours'] / total['plain'] - 1):+.1f}%, "
+      f"peft-style {100 * (total['peft'] / total['plain'] - 1):+.1f}%")
+
+# capture(): forward of a small adapted model with and without recording the scalars
+from model import Qwen2, Qwen2Config  # noqa: E402
+from lora import apply_lora  # noqa: E402
+
+torch.manual_seed(0)
+m = Qwen2(Qwen2Config(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2)).to(dev, dtype)
+apply_lora(m, verbose=False)
+idx = torch.randint(0, 2048, (2, 1024), device=dev)
+
+
+@torch.no_grad()
+def fwd():
+    m(idx)
+
+
+@torch.no_grad()
+def fwd_capture():
+    with capture(m) as cap:
+        m(idx)
+    cap.acts
+
+
+t = interleaved({"plain": fwd, "capture": fwd_capture}, args.repeats * 2, sync=sync)
+print(f"capture overhead on a forward (4 layers, B 2 x T 1024): {100 * (t['capture'] / t['plain'] - 1):+.1f}% (target <= 3%)")

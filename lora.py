@@ -1,0 +1,563 @@
+"""
+Rank-1 LoRA (any rank on the reference path) for model.Qwen2: the adapter the paper studies.
+
+    from lora import apply_lora, capture, ablate, steer, save_adapter, load_adapter
+    apply_lora(model, rank=1, alpha=16.0)            # all 7 projections of every layer; base frozen
+    with capture(model) as cap:
+        model(idx)
+    cap.acts                                          # (B, T, 448) float32 for Qwen2.5-32B
+
+An adapted linear computes y = W x + b + s * B (A x) with A (r, in), B (out, r), s = alpha / r
+(alpha / sqrt(r) with rsLoRA; the same at r = 1, where the paper's s = 16). A gets PEFT's
+kaiming-uniform(a=sqrt 5) init and B = 0, so the adapted model equals the base at step 0. The
+LoRA math runs in the adapter's dtype (fp32) whatever the base dtype, as PEFT does.
+
+The scalar u = x . a (before the scale and before B) is the adapter's activation. Layout of the
+captured state: one column per (layer, target) site, sorted by layer, then by target in the
+paper's order SITE_ORDER = (gate, up, down, q, k, v, o); with all 7 targets on every layer the
+column of (layer l, target p) is 7*l + p, the index PAPER.md uses. With a subset of targets or
+layers the same order is kept over the sites present (`sites(model)` lists them). At rank r > 1
+each site contributes r consecutive columns.
+
+Implementations of the adapted linear (chosen once; LORA_IMPL=ref|cuda|auto overrides):
+- `ref`: a torch.autograd.Function that does the frozen matmul and the rank-r update without
+  materialising (T, out) intermediates; the CPU path, the fallback, and the test oracle's twin.
+- `cuda`: the fused kernels of csrc/ (rank 1, CUDA tensors; see lora_cuda.py).
+Dropout, steering and trainable base weights take a plain autograd composition instead.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
+PARENT = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+          "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+
+# -----------------------------------------------------------------------------
+# the adapted linear: reference autograd path
+
+
+class LoRAFunction(torch.autograd.Function):
+    """(y, u) = (x W^T + b + s (x A^T) B^T, x A^T) for a frozen W, b.
+
+    Forward reads x twice (matmul, u) and updates y in place; backward reads g twice (dx, gB = g B)
+    and x once (dA) and updates dx in place. Saved for backward: x and u only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, s):
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, W, bias)  # (N, out), base dtype
+        xa = x2.to(A.dtype)
+        u = xa @ A.t()  # (N, r), adapter dtype
+        y = _add_scaled(y, u, B.t(), s)
+        ctx.save_for_backward(x2, W, A, B, u)
+        ctx.s = s
+        ctx.mark_non_differentiable(u)
+        return y.view(*shape, -1), u.view(*shape, -1)
+
+    @staticmethod
+    def backward(ctx, gy, _gu):
+        x2, W, A, B, u = ctx.saved_tensors
+        s = ctx.s
+        g2 = gy.reshape(-1, gy.shape[-1])
+        ga = g2.to(A.dtype)
+        gB = ga @ B  # (N, r): the gradient of the scalar(s) u, unscaled
+        dx = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = _add_scaled(g2 @ W, gB, A, s).view(*gy.shape[:-1], -1)
+        if ctx.needs_input_grad[3]:
+            dA = (gB.t() @ x2.to(A.dtype)).mul_(s)
+        if ctx.needs_input_grad[4]:
+            dB = (ga.t() @ u).mul_(s)
+        return dx, None, None, dA, dB, None
+
+
+def _add_scaled(y, a, b, s):
+    """y + s * (a @ b), accumulated in a's dtype, returned in y's dtype (in place when they agree)."""
+    if y.dtype == a.dtype:
+        return y.addmm_(a, b, alpha=s)
+    return y.to(a.dtype).addmm_(a, b, alpha=s).to(y.dtype)
+
+
+def lora_linear_ref(x, W, bias, A, B, s):
+    return LoRAFunction.apply(x, W, bias, A, B, s)
+
+
+_IMPL = None
+
+
+def lora_impl():
+    """The fused op for CUDA tensors if it is built and allowed, else None (reference path)."""
+    global _IMPL
+    if _IMPL is None:
+        want = os.environ.get("LORA_IMPL", "auto")
+        if want not in ("auto", "ref", "cuda"):
+            raise ValueError(f"LORA_IMPL={want!r}: expected ref, cuda or auto")
+        _IMPL = False
+        if want != "ref" and torch.cuda.is_available():
+            try:
+                import lora_cuda
+                _IMPL = lora_cuda.lora_linear
+            except Exception as e:  # the build failing is the one case we fall back on
+                if want == "cuda":
+                    raise
+                warnings.warn(f"rank-1 CUDA extension unavailable ({e}); using the PyTorch reference path")
+        print(f"lora: {'fused CUDA rank-1 kernels' if _IMPL else 'PyTorch reference path'}")
+    return _IMPL or None
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (same `weight`/`bias` names, so base checkpoints load unchanged) plus
+    `lora_A` (r, in) and `lora_B` (out, r) in fp32 (PEFT's names and shapes)."""
+
+    def __init__(self, base, rank=1, alpha=16.0, rslora=True, dropout=0.0, layer=None, target=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
+        self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.layer, self.target = layer, target
+        self.active = True      # False: this adapter contributes nothing (ablation / base model)
+        self.merged = False     # True: s * B A has been added into weight
+        self.steer_offset = None  # (r,) added to u, see steer()
+        self.steer_mask = None    # callable (n_seen, T, device) -> (T,) bool, or None for every position
+        self.captured = None      # a list while capture() is on
+        self._seen = 0            # tokens that passed through forward while steering (position counter)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # = U(-1/sqrt(in), 1/sqrt(in)), PEFT's init
+        nn.init.zeros_(self.lora_B)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+    def forward(self, x):
+        if self.merged or not self.active:
+            y = F.linear(x, self.weight, self.bias)
+            if self.captured is not None:  # the effective scalar: x.a when merged, 0 when switched off
+                self.captured.append((x.to(torch.float32) @ self.lora_A.t()).detach() if self.active
+                                     else x.new_zeros(*x.shape[:-1], self.rank, dtype=torch.float32))
+            return y
+        plain = (isinstance(self.dropout, nn.Identity) and self.steer_offset is None
+                 and not self.weight.requires_grad and not (self.bias is not None and self.bias.requires_grad))
+        if plain:
+            fused = lora_impl() if x.is_cuda and self.rank == 1 else None
+            y, u = (fused or lora_linear_ref)(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+        else:  # dropout, steering or a trainable base: plain autograd, same math
+            y = F.linear(x, self.weight, self.bias)
+            u = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
+            if self.steer_offset is not None:
+                u = self._steer(u)
+            y = (y.to(u.dtype) + self.scaling * (u @ self.lora_B.t())).to(y.dtype)
+        if self.captured is not None:
+            self.captured.append(u.detach())
+        return y
+
+    def _steer(self, u):
+        T = u.shape[-2]
+        off = self.steer_offset.to(u.dtype)
+        if self.steer_mask is not None:
+            m = self.steer_mask(self._seen, T, u.device).to(u.dtype)  # (T,)
+            off = m[:, None] * off
+        self._seen += T
+        return u + off
+
+    # -- merge / unmerge ------------------------------------------------------
+
+    def delta_weight(self):
+        return self.scaling * (self.lora_B @ self.lora_A)  # (out, in) fp32
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            warnings.warn(f"{self.name}: already merged; merge() ignored")
+            return
+        new = self.weight.float() + self.delta_weight()
+        if not torch.isfinite(new).all():
+            raise ValueError(f"{self.name}: merging gives non-finite weights; adapter left unmerged")
+        self.weight.copy_(new.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            warnings.warn(f"{self.name}: not merged; unmerge() ignored")
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    @property
+    def name(self):
+        return hf_path(self.layer, self.target)
+
+
+# -----------------------------------------------------------------------------
+# injection
+
+
+def hf_path(layer, target):
+    return f"model.layers.{layer}.{PARENT[target]}.{target}"
+
+
+def select_layers(n_layers, start=None, end=None, indices=None, stride=None, last_third=False):
+    """The official code's layer flags: explicit indices, a [start, end) range with a stride, or the
+    last third (layers 43-63 of 64). None of them -> every layer."""
+    if indices is not None:
+        layers = sorted(set(int(i) for i in indices))
+    elif last_third:
+        layers = list(range(n_layers - n_layers // 3, n_layers))
+    else:
+        layers = list(range(start or 0, n_layers if end is None else end, stride or 1))
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad or not layers:
+        raise ValueError(f"layer selection {bad or layers} is not within 0..{n_layers - 1}")
+    return layers
+
+
+def apply_lora(model, rank=1, alpha=16.0, rslora=True, targets=SITE_ORDER, layers=None, dropout=0.0,
+               freeze=True, verbose=True):
+    """Wrap the chosen projections of the chosen layers in LoRALinear, in place; freeze all else."""
+    unknown = [t for t in targets if t not in PARENT]
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}; expected some of {list(SITE_ORDER)}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    n = model.cfg.num_hidden_layers
+    layers = list(range(n)) if layers is None else select_layers(n, indices=layers)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for l in layers:
+        for t in targets:
+            parent = model.get_submodule(f"model.layers.{l}.{PARENT[t]}")
+            base = getattr(parent, t)
+            if isinstance(base, LoRALinear):
+                raise ValueError(f"{hf_path(l, t)} already has a LoRA adapter")
+            setattr(parent, t, LoRALinear(base, rank, alpha, rslora, dropout, layer=l, target=t))
+    if verbose:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = model.num_params()
+        print(f"lora: rank {rank}, {len(adapters(model))} adapters, {n_train:,} trainable parameters "
+              f"({100 * n_train / n_all:.4f}% of {n_all:,})")
+    return model
+
+
+def adapters(model):
+    """The LoRALinear modules in capture order: by layer, then SITE_ORDER."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    return sorted(mods, key=lambda m: (m.layer, SITE_ORDER.index(m.target)))
+
+
+def sites(model):
+    """[(layer, target)] in capture-column order."""
+    return [(m.layer, m.target) for m in adapters(model)]
+
+
+def lora_config(model):
+    mods = adapters(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapters")
+    m = mods[0]
+    return dict(rank=m.rank, alpha=m.alpha, rslora=m.rslora,
+                dropout=m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0,
+                targets=[t for t in SITE_ORDER if any(a.target == t for a in mods)],
+                layers=sorted({a.layer for a in mods}))
+
+
+# -----------------------------------------------------------------------------
+# capture and interventions
+
+
+class Capture:
+    """What capture() yields; `acts` stays readable after the context has closed."""
+
+    def __init__(self, mods):
+        self.mods = mods
+        self.lists = [[] for _ in mods]  # the modules append into these while the context is open
+
+    @property
+    def acts(self):
+        """(B, T, n_sites * r) float32: every forward inside the context, concatenated along T."""
+        if not all(self.lists):
+            raise RuntimeError("capture: no forward pass ran inside the context")
+        return torch.cat([torch.cat(l, dim=-2) for l in self.lists], dim=-1)
+
+    def clear(self):
+        for l in self.lists:
+            l.clear()
+
+
+@contextmanager
+def capture(model):
+    """Record every adapter's scalar u = x . a (fp32, sign kept, after steering, 0 when ablated)."""
+    mods = adapters(model)
+    if not mods:
+        raise ValueError("capture: the model has no LoRA adapters")
+    cap = Capture(mods)
+    for m, l in zip(mods, cap.lists):
+        m.captured = l
+    try:
+        yield cap
+    finally:
+        for m in mods:
+            m.captured = None
+
+
+def _match(mods, layers=None, types=None, sites_=None):
+    """Adapters selected by layer set, target-type set, and/or explicit (layer, target) sites."""
+    layers = None if layers is None else set(layers)
+    types = None if types is None else set(types)
+    sites_ = None if sites_ is None else set(map(tuple, sites_))
+    for t in types or ():
+        if t not in PARENT:
+            raise ValueError(f"unknown adapter type {t!r}")
+    return [m for m in mods if (layers is None or m.layer in layers) and (types is None or m.target in types)
+            and (sites_ is None or (m.layer, m.target) in sites_)]
+
+
+@contextmanager
+def ablate(model, layers=None, types=None, sites=None):
+    """Switch off the selected adapters (no weight is touched); restored on exit.
+    ablate(model) with no selection switches off every adapter: the base model."""
+    chosen = _match(adapters(model), layers, types, sites)
+    if any(m.merged for m in chosen):
+        raise ValueError("ablate: unmerge the adapters first (a merged adapter cannot be switched off)")
+    before = [m.active for m in chosen]
+    for m in chosen:
+        m.active = False
+    try:
+        yield chosen
+    finally:
+        for m, a in zip(chosen, before):
+            m.active = a
+
+
+def disabled(model):
+    """The base model: every adapter off."""
+    return ablate(model)
+
+
+@contextmanager
+def steer(model, offsets, positions=None):
+    """Add offsets to adapter scalars u during every forward in the context; restored on exit.
+
+    offsets: {(layer, target): float or (r,) tensor}. positions: None (every token), or a list /
+    range of token positions, counted over all forwards in the context (the prompt's padded columns
+    first, then one per generated token), or a callable (n_seen, T, device) -> (T,) bool.
+    """
+    mods = {(m.layer, m.target): m for m in adapters(model)}
+    missing = [k for k in offsets if tuple(k) not in mods]
+    if missing:
+        raise ValueError(f"steer: no adapter at {missing[:5]}")
+    if positions is not None and not callable(positions):
+        pos = torch.as_tensor(list(positions), dtype=torch.long)
+
+        def positions(n_seen, T, device, pos=pos):
+            return torch.isin(torch.arange(n_seen, n_seen + T, device=device), pos.to(device))
+    chosen = []
+    for k, off in offsets.items():
+        m = mods[tuple(k)]
+        if m.merged:
+            raise ValueError("steer: unmerge the adapters first")
+        m.steer_offset = torch.as_tensor(off, dtype=torch.float32, device=m.lora_A.device).reshape(-1).expand(m.rank)
+        m.steer_mask, m._seen = positions, 0
+        chosen.append(m)
+    try:
+        yield chosen
+    finally:
+        for m in chosen:
+            m.steer_offset, m.steer_mask, m._seen = None, None, 0
+
+
+def merge(model):
+    for m in adapters(model):
+        m.merge()
+
+
+def unmerge(model):
+    for m in adapters(model):
+        m.unmerge()
+
+
+# -----------------------------------------------------------------------------
+# files: PEFT adapters and merged HF checkpoints
+
+PEFT_PREFIX = "base_model.model."
+
+
+def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None):
+    """Write a PEFT-loadable adapter (adapter_model.safetensors + adapter_config.json), atomically.
+
+    state_dict: optional {name: tensor} of full adapter tensors (train.py passes the gathered ones).
+    """
+    from safetensors.torch import save_file
+    cfg = lora_config(model)
+    if state_dict is None:
+        state_dict = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    tensors = {}
+    for k, v in state_dict.items():
+        if not torch.isfinite(v).all():
+            raise ValueError(f"save_adapter: {k} has non-finite values")
+        tensors[PEFT_PREFIX + k + ".weight"] = v.detach().float().cpu().contiguous()
+    all_layers = cfg["layers"] == list(range(model.cfg.num_hidden_layers))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": cfg["alpha"],
+        "use_rslora": cfg["rslora"], "lora_dropout": cfg["dropout"], "target_modules": cfg["targets"],
+        "layers_to_transform": None if all_layers else cfg["layers"], "layers_pattern": None if all_layers else "layers",
+        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+    }
+
+    def write(tmp):
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    atomic_dir(out_dir, write)
+
+
+def load_adapter(model, adapter_dir, verbose=True):
+    """Apply the adapters an adapter_config.json describes to `model` and load their weights strictly."""
+    from model import read_safetensors
+    cfg_file = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json")
+    with open(cfg_file) as f:
+        c = json.load(f)
+
+    def bad(field, why):
+        raise ValueError(f"{cfg_file}: {field}: {why}")
+    if c.get("peft_type") != "LORA":
+        bad("peft_type", f"{c.get('peft_type')!r}, expected 'LORA'")
+    unsupported = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False}
+    for k, ok in unsupported.items():
+        if c.get(k, ok) != ok:
+            bad(k, f"{c[k]!r} is not supported (expected {ok})")
+    if c.get("bias", "none") != "none":
+        bad("bias", f"{c['bias']!r}: bias training is not supported (expected 'none')")
+    for k in ("rank_pattern", "alpha_pattern"):
+        if c.get(k):
+            bad(k, "per-module ranks/alphas are not supported")
+    if c.get("modules_to_save"):
+        bad("modules_to_save", f"{c['modules_to_save']} is not supported")
+    targets = c.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets or any(t not in PARENT for t in targets):
+        bad("target_modules", f"{c.get('target_modules')!r}: expected names among {list(SITE_ORDER)} "
+            "(an adapter for another architecture?)")
+    layers = c.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    apply_lora(model, rank=int(c["r"]), alpha=float(c["lora_alpha"]), rslora=bool(c.get("use_rslora", False)),
+               targets=[t for t in SITE_ORDER if t in targets], layers=layers, verbose=verbose)
+    weights_file = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(weights_file):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are read)")
+    sd = read_safetensors(weights_file)
+    expected = {}
+    for m in adapters(model):
+        expected[f"{PEFT_PREFIX}{m.name}.lora_A.weight"] = m.lora_A
+        expected[f"{PEFT_PREFIX}{m.name}.lora_B.weight"] = m.lora_B
+    # PEFT writes ".lora_A.weight"; some tools keep the adapter name (".lora_A.default.weight")
+    sd = {k.replace(".default.weight", ".weight"): v for k, v in sd.items()}
+    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing:
+        raise ValueError(f"{weights_file}: missing {len(missing)} adapter tensors, e.g. {missing[:3]}")
+    if extra:
+        raise ValueError(f"{weights_file}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    with torch.no_grad():
+        for k, p in expected.items():
+            v = sd[k]
+            if v.shape != p.shape:
+                raise ValueError(f"{weights_file}: {k} has shape {tuple(v.shape)}, expected {tuple(p.shape)} "
+                                 "(an adapter for a model of another size?)")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"{weights_file}: {k} has non-finite values")
+            p.copy_(v)
+    return c
+
+
+def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes=5 * 2**30):
+    """Write an HF checkpoint with the adapters merged (W + s B A) that transformers and vLLM load:
+    sharded model-XXXXX-of-YYYYY.safetensors + index + config.json (+ tokenizer files). The model's
+    own weights are not modified."""
+    from safetensors.torch import save_file
+    deltas = {m.name + ".weight": m for m in adapters(model)}
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if ".lora_" in k or (model.cfg.tie_word_embeddings and k == "lm_head.weight"):
+            continue
+        v = v.detach()
+        if k in deltas and not deltas[k].merged:
+            v = v.float() + deltas[k].delta_weight().detach()
+        v = v.to(dtype or model.lm_head.weight.dtype) if v.is_floating_point() else v
+        if not torch.isfinite(v).all():
+            raise ValueError(f"export_merged: {k} is non-finite after merging")
+        tensors[k] = v.cpu().contiguous()
+    shards, cur, size = [], {}, 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + nbytes
+    shards.append(cur)
+    cfg = model.cfg.to_hf_dict()
+    cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
+
+    def write(tmp):
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        if tokenizer_dir:
+            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                         "generation_config.json", "special_tokens_map.json"):
+                if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+    atomic_dir(out_dir, write)
+
+
+def atomic_dir(out_dir, write):
+    """Call write(tmp_dir) and then move tmp_dir to out_dir (replacing it): no half-written output."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{parent}: not writable")
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(out_dir):
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
