@@ -143,3 +143,24 @@ def read_rows(path, required=()):
             if f not in row:
                 raise ValueError(f"{w}: missing field {f!r}")
     return rows, where
+
+
+def load_s1(path, tok, block_size=None):
+    """An s1K-1.1 file -> (examples, stats). Each example is (inputs, targets): next-token pairs of
+    the s1 sequence, targets -100 where the loss mask is 0. Sequences longer than block_size are
+    truncated, and counted: stats says how many, and how many trained-on tokens were cut (the
+    official code dropped them silently)."""
+    rows, where = read_rows(path)
+    examples, truncated, lost = [], 0, 0
+    for row, w in zip(rows, where):
+        ids, mask = s1_example(row, tok, source=w)
+        if block_size and len(ids) > block_size:
+            truncated += 1
+            lost += sum(mask[block_size:])
+            ids, mask = ids[:block_size], mask[:block_size]
+        targets = [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+        examples.append((ids[:-1], targets))
+    stats = dict(rows=len(rows), truncated=truncated, target_tokens_lost=lost,
+                 tokens=sum(len(i) for i, _ in examples),
+                 target_tokens=sum(sum(t != -100 for t in ts) for _, ts in examples))
+    return examples, stats

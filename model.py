@@ -204,8 +204,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpoint = False  # activation checkpointing (train.py): recompute this layer in backward
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
+        # checkpointing inside forward keeps FSDP's hooks on this module outside the recomputed region
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, cache, layer_idx,
+                                                     use_reentrant=False)
+        return self._forward(x, cos, sin, mask, cache, layer_idx)
+
+    def _forward(self, x, cos, sin, mask, cache, layer_idx):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -279,28 +287,22 @@ class Qwen2(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def forward(self, idx, targets=None, ignore_index=-100):
-        """idx (B, T) -> logits (B, T, V); with targets (B, T) -> (logits, mean CE over targets != ignore_index)."""
-        logits = self.lm_head(self.model(idx))
+    def forward(self, idx, targets=None, ignore_index=-100, chunk_size=None):
+        """idx (B, T) -> logits (B, T, V).
+
+        With targets (B, T): (logits, mean CE over targets != ignore_index). With targets and
+        chunk_size (training): only the summed CE, from LinearCrossEntropy, so the (T, V) fp32
+        logits never exist at once (at T = 20,000 and V = 152,064 they would take 12 GB).
+        """
+        h = self.model(idx)
+        if targets is not None and chunk_size:
+            return LinearCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index,
+                                            chunk_size)
+        logits = self.lm_head(h)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
         return logits, loss
-
-    def loss(self, idx, targets, ignore_index=-100, chunk_size=4096):
-        """Summed CE over targets != ignore_index, never holding more than chunk_size rows of logits.
-
-        Each chunk's logits are recomputed in backward (checkpointed), so at T = 20,000 and a
-        152,064-token vocabulary peak memory holds one (chunk_size, V) fp32 block instead of 12 GB.
-        """
-        h = self.model(idx).flatten(0, 1)  # (B*T, D)
-        t = targets.flatten()
-        total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.shape[0], chunk_size):
-            total = total + torch.utils.checkpoint.checkpoint(
-                _ce_sum, h[s:s + chunk_size], self.lm_head.weight, t[s:s + chunk_size], ignore_index,
-                use_reentrant=False)
-        return total
 
     def num_params(self):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
@@ -398,8 +400,44 @@ class Qwen2(nn.Module):
         return [_cut_at_stop(row, stops) for row in toks]
 
 
-def _ce_sum(h, w, t, ignore_index):
-    return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=ignore_index, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed CE of logits = h W^T against targets, chunk_size rows at a time.
+
+    Each chunk's gradient (softmax - onehot) is turned into dh (and dW when the head trains) while
+    its logits are at hand, so backward only scales the stored gradients: the logits are computed
+    once, as in a plain forward, and never held for more than one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, targets, ignore_index, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_w else None
+        for s in range(0, h.shape[0], chunk_size):
+            hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
+            logits = (hc @ W.t()).float()  # (C, V)
+            valid = tc != ignore_index
+            tsafe = tc.masked_fill(~valid, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, tsafe[:, None])[:, 0]) * valid).sum()
+            if need_h or need_w:
+                g = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - onehot, on valid rows
+                g[torch.arange(len(tc), device=g.device), tsafe] -= 1.0
+                g *= valid[:, None]
+                if need_h:
+                    dh[s:s + chunk_size] = (g.to(W.dtype) @ W).to(h.dtype)
+                if need_w:
+                    dW += g.t() @ hc.float()
+        ctx.save_for_backward(dh, dW)
+        ctx.w_dtype = W.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dW = ctx.saved_tensors
+        return (dh * grad.to(dh.dtype) if dh is not None else None,
+                (dW * grad).to(ctx.w_dtype) if dW is not None else None, None, None, None)
 
 
 def _attn_mask(valid, start, T):

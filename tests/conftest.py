@@ -10,6 +10,12 @@ QWEN_TOK = os.path.join(SHARED_DATA, "qwen2.5-tokenizer")
 
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is not beside the checkout")
 
+QWEN2_5_32B_JSON = """{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
+ "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
+ "num_key_value_heads": 8, "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
+ "tie_word_embeddings": false, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+ "sliding_window": 131072, "use_sliding_window": false, "max_window_layers": 70, "hidden_act": "silu"}"""
+
 TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=37, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)

@@ -1,0 +1,222 @@
+"""train.py on CPU: 1 process vs torchrun 2 processes, resume after SIGKILL, loss normalisation, dry run, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import QWEN2_5_32B_JSON, ROOT, hf_tiny, save_hf
+from test_data import tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+PY = sys.executable
+
+
+def rows(n=6):
+    return [dict(question=f"What is {i}*3?", deepseek_thinking_trajectory=f"{i}*3 is {3 * i}. " * (1 + 3 * (i % 3)),
+                 deepseek_attempt=f"{3 * i}") for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    save_hf(hf_tiny(vocab_size=300), d / "model")
+    tiny_tokenizer(d / "model")
+    (d / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows()) + "\n")
+    return d
+
+
+def run(setup, out, *extra, nproc=1, check=True, wait=True):
+    args = ["--model", str(setup / "model"), "--data", str(setup / "rows.jsonl"), "--out", str(out), "--dtype", "float32",
+            "--global-batch", "4", "--epochs", "2", "--lr", "1e-2", *extra]
+    if nproc == 1:
+        cmd = [PY, os.path.join(ROOT, "train.py"), *args]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master-port", str(29500 + os.getpid() % 400),
+               os.path.join(ROOT, "train.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in open(out / "metrics.jsonl")]
+
+
+def adapter(out):
+    from safetensors.torch import load_file
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_one_process_equals_two(setup, tmp_path, mode):
+    run(setup, tmp_path / "a", "--mode", mode)
+    run(setup, tmp_path / "b", "--mode", mode, nproc=2)
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(la) == 4 and la[-1] < la[0]
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+    if mode == "lora":
+        a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+        assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    else:
+        from model import Qwen2
+        ma, mb = Qwen2.from_pretrained(str(tmp_path / "a" / "model")), Qwen2.from_pretrained(str(tmp_path / "b" / "model"))
+        for (k, x), y in zip(ma.state_dict().items(), mb.state_dict().values()):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=k)
+
+
+def test_resume_after_sigkill_and_across_world_sizes(setup, tmp_path):
+    run(setup, tmp_path / "ref")
+    ref, ref_ad = losses(tmp_path / "ref"), adapter(tmp_path / "ref")
+    # SIGKILL after step 2 has been logged, then resume
+    p = run(setup, tmp_path / "k", "--save-every", "1", wait=False)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        f = tmp_path / "k" / "metrics.jsonl"
+        if f.exists() and len(f.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "k" / "adapter").exists()
+    run(setup, tmp_path / "k", "--save-every", "1", "--resume")
+    res = json.load(open(tmp_path / "k" / "result.json"))
+    assert max(abs(x - y) for x, y in zip(res["losses"], ref)) < 1e-6 and len(res["losses"]) == 4
+    a = adapter(tmp_path / "k")
+    assert max((a[k] - ref_ad[k]).abs().max().item() for k in a) < 1e-6
+    # 2 ranks for 2 steps, resumed on 1 rank; and 1 rank resumed on 2
+    run(setup, tmp_path / "w21", "--max-steps", "2", nproc=2)
+    run(setup, tmp_path / "w21", "--resume")
+    run(setup, tmp_path / "w12", "--max-steps", "2")
+    run(setup, tmp_path / "w12", "--resume", nproc=2)
+    for d in ("w21", "w12"):
+        res = json.load(open(tmp_path / d / "result.json"))
+        assert max(abs(x - y) for x, y in zip(res["losses"], ref)) < 1e-5, d
+        a = adapter(tmp_path / d)
+        assert max((a[k] - ref_ad[k]).abs().max().item() for k in a) < 1e-5, d
+
+
+def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
+    p = run(setup, tmp_path / "t", "--epochs", "50", wait=False)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        f = tmp_path / "t" / "metrics.jsonl"
+        if f.exists() and len(f.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-2000:]
+    assert "SIGTERM: saved the checkpoint" in out
+    meta = json.load(open(tmp_path / "t" / "ckpt" / "meta.json"))
+    assert meta["step"] + 1 == len(losses(tmp_path / "t"))
+
+
+def test_loss_normalised_by_tokens_of_the_global_batch(setup, tmp_path):
+    """Step 1 on 2 ranks x accumulation 2, sequences of very different trained lengths: the logged loss
+    is sum CE / trained tokens of all 4 sequences (not a mean of per-sequence means), and the gradient
+    norm is that of this loss; both recomputed here by hand from the saved initial adapter."""
+    sys.path.insert(0, ROOT)
+    import train
+    from data import Tokenizer, load_s1
+    from lora import adapters, load_adapter
+    from model import Qwen2
+    run(setup, tmp_path / "n", "--max-steps", "1", "--grad-clip", "1e9", nproc=2)  # lr is 0 at step 1
+    rec = json.loads(open(tmp_path / "n" / "metrics.jsonl").readline())
+    ex, _ = load_s1(str(setup / "rows.jsonl"), Tokenizer(str(setup / "model")), 20000)
+    cfg = train.TrainConfig(global_batch=4, epochs=2)
+    batch = train.step_batch(cfg, 0, len(ex), train.plan(cfg, len(ex))[0])
+    counts = [sum(t != -100 for t in ex[i][1]) for i in batch]
+    assert max(counts) >= 2 * min(counts)  # very different lengths
+    m = Qwen2.from_pretrained(str(setup / "model"))
+    load_adapter(m, str(tmp_path / "n" / "adapter"), verbose=False)
+    sums = [m(torch.tensor([ex[i][0]]), torch.tensor([ex[i][1]]), chunk_size=64) for i in batch]
+    loss = sum(sums) / sum(counts)
+    assert abs(loss.item() - rec["loss"]) < 1e-6
+    mean_of_means = sum(s / c for s, c in zip(sums, counts)) / 4
+    assert abs(mean_of_means.item() - rec["loss"]) > 1e-4  # the test can tell the two apart
+    loss.backward()
+    gn = torch.sqrt(sum((p.grad ** 2).sum() for a in adapters(m) for p in (a.lora_A, a.lora_B))).item()
+    assert abs(gn - rec["grad_norm"]) < 1e-5 * max(1, gn)
+
+
+def test_lr_schedule_and_plan_match_hf():
+    sys.path.insert(0, ROOT)
+    import train
+    cfg = train.TrainConfig(**train.PRESETS["s1.1-rank1-32b"])
+    spe, total, warm = train.plan(cfg, 1000)
+    assert (spe, total, warm) == (63, 315, 16)
+    assert train.lr_at(cfg, 0, total, warm) == 0.0
+    assert train.lr_at(cfg, 8, total, warm) == pytest.approx(5e-4)
+    assert train.lr_at(cfg, 16, total, warm) == pytest.approx(1e-3)
+    assert train.lr_at(cfg, 314, total, warm) == pytest.approx(1e-3 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 298 / 299)))
+    transformers = pytest.importorskip("transformers")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sch = transformers.get_cosine_schedule_with_warmup(opt, warm, total)
+    for s in range(total):
+        assert train.lr_at(cfg, s, total, warm) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        sch.step()
+
+
+def test_dry_run_paper_preset_on_32b_config(tmp_path, setup):
+    (tmp_path / "config.json").write_text(QWEN2_5_32B_JSON)
+    (tmp_path / "s1k.jsonl").write_text("\n".join(json.dumps(r) for r in rows(1000)) + "\n")
+    r = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--preset", "s1.1-rank1-32b", "--model", str(tmp_path),
+                        "--tokenizer", str(setup / "model"), "--data", str(tmp_path / "s1k.jsonl"), "--dry-run"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "WORLD_SIZE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads(r.stdout[r.stdout.index("{"):])
+    assert plan["trainable_params"] == 8_388_608 and plan["base_params"] == 32_763_876_352
+    assert plan["optimizer"] == dict(name="AdamW", lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=1e-4, grad_clip=1.0)
+    assert (plan["steps_per_epoch"], plan["total_steps"], plan["scheduler"]["warmup_steps"]) == (63, 315, 16)
+    assert plan["epochs"] == 5 and plan["global_batch"] == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_error_malformed_data(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows(1)[0]) + "\n{not json\n")
+    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data", str(bad), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "bad.jsonl line 2: not valid JSON" in r.stderr
+    bad.write_text(json.dumps({k: v for k, v in rows(1)[0].items() if k != "deepseek_thinking_trajectory"}) + "\n")
+    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data", str(bad), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert "bad.jsonl line 1: field 'deepseek_thinking_trajectory' must be a string, got nothing" in r.stderr
+    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data", str(tmp_path / "nope.jsonl")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert "nope.jsonl: no such data file" in r.stderr
+    assert not (tmp_path / "o" / "ckpt").exists()
+
+
+def test_error_checkpoint_from_another_config(setup, tmp_path):
+    run(setup, tmp_path / "c", "--max-steps", "1")
+    r = run(setup, tmp_path / "c", "--resume", "--lr", "5e-3", check=False)
+    assert r.returncode != 0 and "is from another run's config" in r.stderr and "lr: checkpoint 0.01 vs now 0.005" in r.stderr
+    r = run(setup, tmp_path / "c", check=False)
+    assert r.returncode != 0 and "already holds a checkpoint; pass --resume" in r.stderr
+
+
+def test_error_unwritable_output(setup, tmp_path):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")  # root ignores permissions: use a path under a regular file instead
+        out = blocker / "run"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        out = ro / "run"
+    r = run(setup, out, check=False)
+    assert r.returncode != 0 and "cannot create the output directory" in r.stderr
