@@ -7,13 +7,11 @@ training forward+backward time, and greedy decode tokens/s (batch 1 and 8).
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import header, interleaved  # noqa: E402
-from model import Qwen2  # noqa: E402
+from bench.common import decode_fns, header, interleaved, tiny_pair  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--repeats", type=int, default=5)
@@ -21,16 +19,8 @@ p.add_argument("--seq", type=int, default=512)
 p.add_argument("--new-tokens", type=int, default=64)
 args = p.parse_args()
 
-import transformers  # noqa: E402  (the baseline; test-only dependency)
-
-cfg = transformers.Qwen2Config(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                               rope_theta=1e6, tie_word_embeddings=False)
-torch.manual_seed(0)
-hf = transformers.Qwen2ForCausalLM(cfg)
-with tempfile.TemporaryDirectory() as d:
-    hf.save_pretrained(d)
-    ours = Qwen2.from_pretrained(d)
+ours, hf = tiny_pair()
+cfg = ours.cfg
 hf.train(), ours.train()
 header(f"bench_model: hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size}, fp32 CPU")
 
@@ -53,17 +43,6 @@ print(f"train fwd+bwd B=2 T={args.seq} | ours {t['ours'] * 1e3:.1f} ms | hf {t['
 hf.eval(), ours.eval()
 n = args.new_tokens
 for B in (1, 8):
-    prompts = torch.randint(0, cfg.vocab_size, (B, 32))
-    am = torch.ones_like(prompts)
-
-    def dec_ours():
-        ours.generate(prompts, n)
-
-    def dec_hf():
-        with torch.no_grad():
-            hf.generate(prompts, attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                        pad_token_id=0, eos_token_id=None)
-
-    t = interleaved({"ours": dec_ours, "hf": dec_hf}, args.repeats)
+    t = interleaved(decode_fns(ours, hf, B, n), args.repeats)
     print(f"greedy decode B={B} {n} tokens | ours {B * n / t['ours']:.0f} tok/s | hf {B * n / t['hf']:.0f} tok/s "
           f"| speedup {t['hf'] / t['ours']:.2f}x (target >= 2)")

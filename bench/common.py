@@ -33,3 +33,36 @@ def interleaved(fns, repeats, warmup=1, sync=None):
 
 def header(title):
     print(f"# {title} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+
+
+def tiny_pair(vocab=2048, hidden=256, layers=4):
+    """(ours, hf): the same random tiny Qwen2 in our model.py and in transformers (the baseline)."""
+    import tempfile
+
+    import transformers
+
+    from model import Qwen2
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=688, num_hidden_layers=layers,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
+                                   rope_theta=1e6, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = Qwen2.from_pretrained(d)
+    return ours, hf
+
+
+def decode_fns(ours, hf, B, n, prompt_len=32):
+    """Greedy decoding of n tokens for B prompts: {ours, hf} closures over the same prompts."""
+    prompts = torch.randint(0, ours.cfg.vocab_size, (B, prompt_len))
+    am = torch.ones_like(prompts)
+
+    def dec_ours():
+        ours.generate(prompts, n)
+
+    def dec_hf():
+        with torch.no_grad():
+            hf.generate(prompts, attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+    return {"ours": dec_ours, "hf": dec_hf}
