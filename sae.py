@@ -22,8 +22,8 @@ The paper's recipe (PAPER.md section E) with the official code's flaws fixed (se
   so a token's features never depend on the rest of its batch.
 - AuxK loss on latents that have not fired for `dead_tokens` tokens, k_aux = d / 2, target residual
   detached, coefficient 1/32. Adam, lr 5e-4 with 100 warm-up steps, a held-out split for FVU.
-- Training touches only the selected (row, latent) pairs after the one dense encoder matmul, so a
-  step costs about one (B, d) x (d, n) product instead of four.
+- The decoder side of a step is a sparse product over the k * B selected pairs, so a step costs
+  two dense (B, d) x (d, n) products (encoder forward and its weight gradient) instead of five.
 
 Activation store (collect): documents are grouped into shards of --docs-per-shard; shard j is
 written by rank j % world as acts-XXXXX.npy (N_j, n_sites) + tokens-XXXXX.npy (N_j,) int32 and a
@@ -137,31 +137,28 @@ class SAE(nn.Module):
         return sae.to(device)
 
 
-def _values(xn, sae, rows, cols):
-    """Pre-activations at the chosen (row, latent) pairs, with gradients to W_enc / b_enc / b_dec.
-    Sparse, O(K * d), when the pairs are few; the dense (B, d) x (d, n) product (the fallback for
-    tiny dictionaries or many pairs) when K is a sizeable fraction of B * n."""
-    if len(rows) * 32 > xn.shape[0] * sae.n_latents:
-        return ((xn - sae.b_dec) @ sae.W_enc + sae.b_enc)[rows, cols]
-    xr = (xn - sae.b_dec).index_select(0, rows)
-    return (xr * sae.W_enc.t().index_select(0, cols)).sum(-1) + sae.b_enc.index_select(0, cols)
-
-
-def _decode(n, sae, rows, cols, vals, bias=True):
-    out = sae.b_dec.expand(n, -1) if bias else torch.zeros(n, sae.d_in, device=vals.device)
-    return out.index_add(0, rows, vals[:, None] * sae.W_dec.index_select(0, cols))
+def _decode(B, sae, rows, cols, vals, bias=True):
+    """sum over the chosen pairs of vals * W_dec[col] (+ b_dec): a sparse (B, n) x (n, d) product."""
+    # indices come from topk over distinct entries, so they are valid and unique by construction
+    z = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (B, sae.n_latents), check_invariants=False)
+    out = torch.sparse.mm(z, sae.W_dec)
+    return out + sae.b_dec if bias else out
 
 
 def train_step(sae, xn, cfg, state):
-    """One BatchTopK step on normalised inputs xn (B, d). Returns (loss, metrics)."""
+    """One BatchTopK step on normalised inputs xn (B, d). Returns (loss, metrics).
+
+    One dense encoder product (its backward is the second and last dense product); the decoder
+    works on the k * B selected pairs only, as a sparse product.
+    """
     B = xn.shape[0]
+    # (xn - b_dec) W_enc + b_enc, arranged so that b_dec's gradient needs no second (B, d) x (d, n) product
+    raw = xn @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)  # (B, n)
     with torch.no_grad():
-        raw = (xn - sae.b_dec) @ sae.W_enc + sae.b_enc  # (B, n): the only dense product
         top = torch.relu(raw).flatten().topk(min(sae.k * B, raw.numel()))
-        keep = top.values > 0
-        flat = top.indices[keep]
+        flat = top.indices[top.values > 0]
         rows, cols = flat // sae.n_latents, flat % sae.n_latents
-    vals = torch.relu(_values(xn, sae, rows, cols))
+    vals = torch.relu(raw[rows, cols])
     x_hat = _decode(B, sae, rows, cols, vals)
     err = (x_hat - xn).pow(2).sum(-1)
     var = (xn - xn.mean(0)).pow(2).sum(-1).mean()
@@ -176,13 +173,12 @@ def train_step(sae, xn, cfg, state):
         k_aux = min(cfg.k_aux or sae.d_in // 2, int(dead.sum()))
         with torch.no_grad():  # only dead latents compete; no ReLU here, so latents whose pre-activations
             # went negative everywhere still get a gradient and can come back
-            ta = raw.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
+            ta = raw.detach().masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
             arows = torch.arange(B, device=xn.device).repeat_interleave(k_aux)
             acols = ta.indices.flatten()
-        if len(arows):
-            e = (xn - x_hat).detach()
-            e_hat = _decode(B, sae, arows, acols, _values(xn, sae, arows, acols), bias=False)
-            aux = (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+        e = (xn - x_hat).detach()
+        e_hat = _decode(B, sae, arows, acols, raw[arows, acols], bias=False)
+        aux = (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
     # the inference threshold: EMA of the smallest selected activation
     with torch.no_grad():
         if len(vals):
@@ -331,7 +327,7 @@ class ActivationStore:
         return np.load(os.path.join(self.path, self.index["shards"][i]["ids"]), mmap_mode="r")
 
     def load_all(self):
-        return torch.cat([torch.from_numpy(np.asarray(self.shard(i), dtype=np.float32)) for i in range(len(self.index["shards"]))])
+        return torch.cat([torch.from_numpy(np.array(self.shard(i), dtype=np.float32)) for i in range(len(self.index["shards"]))])
 
 
 # -----------------------------------------------------------------------------
