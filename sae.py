@@ -373,7 +373,7 @@ def doc_scalars(model, ids, window):
         for s in range(0, T, window):
             x = torch.tensor([ids[s:s + window]], device=dev)
             n = x.shape[1]
-            mask = _attn_mask(valid, s, n)
+            mask = None if s == 0 else _attn_mask(valid, s, n)  # the first window takes the plain causal path
             model.model(x, torch.arange(s, s + n, device=dev)[None], mask, cache)
             cache.len += n
     return cap.acts[0]

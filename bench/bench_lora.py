@@ -82,9 +82,10 @@ for T in Ts:
         overheads_ours.append(ro), overheads_peft.append(rp)
         # the rank-1 part moves: fwd reads x (u) and r/w y; bwd reads g twice (dx update, dB), r/w dx, reads x (dA)
         nbytes = (din + 2 * dout + 2 * dout + 2 * din + din) * T * x.element_size()
-        extra = max(t["ours"] - t["plain"], 1e-9)
+        extra = t["ours"] - t["plain"]
+        bw = f"{nbytes / extra / 1e9:7.1f} GB/s" if extra > 0 else "within noise"
         print(f"T {T:6d} in {din:5d} out {dout:5d} | plain {t['plain'] * 1e3:8.2f} ms | ours {t['ours'] * 1e3:8.2f} ms "
-              f"({ro:.3f}x) | peft-style {t['peft'] * 1e3:8.2f} ms ({rp:.3f}x) | rank-1 part {nbytes / extra / 1e9:7.1f} GB/s")
+              f"({ro:.3f}x) | peft-style {t['peft'] * 1e3:8.2f} ms ({rp:.3f}x) | rank-1 part {bw}")
 print(f"median overhead: ours {statistics.median(overheads_ours):.3f}x, peft-style {statistics.median(overheads_peft):.3f}x "
       f"(target <= 1.10 and below peft-style on every shape: "
       f"{'met' if statistics.median(overheads_ours) <= 1.10 and all(o < p for o, p in zip(overheads_ours, overheads_peft)) else 'NOT met'})")
@@ -114,5 +115,16 @@ def fwd_capture():
     cap.acts
 
 
-t = interleaved({"plain": fwd, "capture": fwd_capture}, args.repeats * 2, sync=sync)
-print(f"capture overhead on a forward (4 layers, B 2 x T 1024): {100 * (t['capture'] / t['plain'] - 1):+.1f}% (target <= 3%)")
+# the capture cost is a few small appends, far below this machine's noise: many interleaved rounds,
+# and the best-of as well as the median, since a noisy neighbour only ever adds time
+from bench.common import timeit  # noqa: E402
+times = {"plain": [], "capture": []}
+for _ in range(2):
+    fwd(), fwd_capture()
+for _ in range(max(30, args.repeats * 3)):
+    for k, f in (("plain", fwd), ("capture", fwd_capture)):
+        times[k].append(timeit(f, sync))
+med = {k: statistics.median(v) for k, v in times.items()}
+best = {k: min(v) for k, v in times.items()}
+print(f"capture overhead on a forward (4 layers, B 2 x T 1024): median {100 * (med['capture'] / med['plain'] - 1):+.1f}%, "
+      f"best-of {100 * (best['capture'] / best['plain'] - 1):+.1f}% (target <= 3%)")
