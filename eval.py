@@ -34,8 +34,8 @@ import torch
 
 from data import Tokenizer, read_rows, render_chat, s1_example
 from grading import BENCHMARKS, extract_answer, extract_letter, grade  # noqa: F401  (library use: from eval import grade)
-from lora import ablate, adapters, atomic_dir, load_adapter, merge, sites, ATTN, MLP, SITE_ORDER
-from model import DTYPES, Qwen2
+from lora import ATTN, MLP, SITE_ORDER, ablate, adapters, load_adapter, merge, sites
+from model import DTYPES, Qwen2, atomic_dir
 
 # -----------------------------------------------------------------------------
 # benchmark files

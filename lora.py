@@ -28,8 +28,6 @@ Dropout, steering and trainable base weights take a plain autograd composition i
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 
@@ -412,6 +410,7 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None):
     state_dict: optional {name: tensor} of full adapter tensors (train.py passes the gathered ones).
     """
     from safetensors.torch import save_file
+    from model import atomic_dir
     cfg = lora_config(model)
     if state_dict is None:
         state_dict = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
@@ -500,69 +499,23 @@ def load_adapter(model, adapter_dir, verbose=True):
 
 def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes=5 * 2**30):
     """Write an HF checkpoint with the adapters merged (W + s B A) that transformers and vLLM load:
-    sharded model-XXXXX-of-YYYYY.safetensors + index + config.json (+ tokenizer files). The model's
-    own weights are not modified."""
-    from safetensors.torch import save_file
+    sharded safetensors + index + config.json (+ tokenizer files). The model itself is not modified."""
+    from model import save_hf_checkpoint
+    dtype = dtype or model.lm_head.weight.dtype
     deltas = {m.name + ".weight": m for m in adapters(model)}
-    tensors = {}
-    for k, v in model.state_dict().items():
-        if ".lora_" in k or (model.cfg.tie_word_embeddings and k == "lm_head.weight"):
-            continue
-        v = v.detach()
-        if k in deltas and not deltas[k].merged:
-            v = v.float() + deltas[k].delta_weight().detach()
-        v = v.to(dtype or model.lm_head.weight.dtype) if v.is_floating_point() else v
-        if not torch.isfinite(v).all():
-            raise ValueError(f"export_merged: {k} is non-finite after merging")
-        tensors[k] = v.cpu().contiguous()
-    shards, cur, size = [], {}, 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v, size + nbytes
-    shards.append(cur)
-    cfg = model.cfg.to_hf_dict()
-    cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
 
-    def write(tmp):
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        if tokenizer_dir:
-            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                         "generation_config.json", "special_tokens_map.json"):
-                if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-    atomic_dir(out_dir, write)
-
-
-def atomic_dir(out_dir, write):
-    """Call write(tmp_dir) and then move tmp_dir to out_dir (replacing it): no half-written output."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{parent}: not writable")
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
-        write(tmp)
-        if os.path.isdir(out_dir):
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def tensors():
+        for k, v in model.state_dict().items():
+            if ".lora_" in k or (model.cfg.tie_word_embeddings and k == "lm_head.weight"):
+                continue
+            if k in deltas and not deltas[k].merged:
+                v = v.float() + deltas[k].delta_weight().detach()
+            v = v.to(dtype) if v.is_floating_point() else v
+            if not torch.isfinite(v).all():
+                raise ValueError(f"export_merged: {k} is non-finite after merging")
+            yield k, v
+    cfg = {**model.cfg.to_hf_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
+             "special_tokens_map.json")
+    files = [os.path.join(tokenizer_dir, n) for n in names if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, n))]
+    save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files)

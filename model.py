@@ -22,6 +22,8 @@ Notable choices:
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
@@ -510,3 +512,60 @@ def read_safetensors(file, keys=None, device="cpu", dtype=None):
         raise
     except Exception as e:  # SafetensorError and OS errors from a truncated or corrupt file
         raise ValueError(f"{file}: not a readable safetensors file, maybe truncated or corrupt ({e})") from None
+
+
+def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=()):
+    """Write (name, tensor) pairs as an HF checkpoint: model-XXXXX-of-YYYYY.safetensors shards (each
+    written as soon as it fills), model.safetensors.index.json and config.json, plus copies of
+    `copy_files`; atomically (see atomic_dir). Shard names are fixed up once their count is known."""
+    from safetensors.torch import save_file
+
+    def write(tmp):
+        files, cur, size, total, weight_map = [], {}, 0, 0, {}
+
+        def flush():
+            name = f"shard-{len(files):05d}.safetensors"
+            save_file(cur, os.path.join(tmp, name), metadata={"format": "pt"})
+            files.append((name, list(cur)))
+        for k, v in named_tensors:
+            v = v.detach().cpu().contiguous()
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                flush()
+                cur, size = {}, 0
+            cur[k], size, total = v, size + nbytes, total + nbytes
+        flush()
+        for i, (name, keys) in enumerate(files):
+            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
+            weight_map.update({k: final for k in keys})
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        for src in copy_files:
+            shutil.copy(src, tmp)
+    atomic_dir(out_dir, write)
+
+
+def atomic_dir(out_dir, write):
+    """Call write(tmp_dir) and then move tmp_dir to out_dir (replacing it): no half-written output."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{parent}: not writable")
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(out_dir):
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -118,7 +118,7 @@ class SAE(nn.Module):
 
     def save(self, out_dir, cfg=None, metrics=None):
         from safetensors.torch import save_file
-        from lora import atomic_dir
+        from model import atomic_dir
 
         def write(d):
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
@@ -217,11 +217,18 @@ def evaluate(sae, x, batch=8192):
                 freq_hist_log10=dict(counts=hist.tolist(), edges=edges.tolist()))
 
 
-def _project_decoder_grad(sae):
-    """Remove the component of each decoder row's gradient along the row (unit-norm constraint)."""
-    if sae.W_dec.grad is not None:
-        w, g = sae.W_dec.data, sae.W_dec.grad
-        g -= (g * w).sum(1, keepdim=True) * w
+def update(sae, opt, xn, cfg, state):
+    """train_step, backward, and an optimizer step that keeps the decoder rows at unit norm: the
+    gradient's component along each row is removed before the step, the rows renormalised after."""
+    loss, m = train_step(sae, xn, cfg, state)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    w, g = sae.W_dec.data, sae.W_dec.grad
+    g -= (g * w).sum(1, keepdim=True) * w
+    opt.step()
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+    return m
 
 
 def train_sae(x, cfg=None, log=print, metrics_file=None):
@@ -261,13 +268,7 @@ def train_sae(x, cfg=None, log=print, metrics_file=None):
         xb = x[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].float().to(dev) / sae.scale
         for grp in opt.param_groups:  # linear warm-up, constant, linear decay to 0 over the last 20%
             grp["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup), (total - step) / max(1, 0.2 * total))
-        loss, m = train_step(sae, xb, cfg, state)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _project_decoder_grad(sae)
-        opt.step()
-        with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        m = update(sae, opt, xb, cfg, state)
         for k, v in m.items():
             agg[k] = agg.get(k, 0.0) + v
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:

@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 
 from data import Tokenizer, load_s1
-from lora import SITE_ORDER, adapters, apply_lora, atomic_dir, save_adapter, select_layers
-from model import DTYPES, Qwen2, Qwen2Config, checkpoint_files, read_safetensors
+from lora import SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
+from model import DTYPES, Qwen2, Qwen2Config, atomic_dir, checkpoint_files, read_safetensors, save_hf_checkpoint
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -375,34 +375,15 @@ def save_final(cfg, model, rank):
         if rank == 0:
             save_adapter(model, os.path.join(cfg.out, "adapter"), base_model_name_or_path=cfg.model, state_dict=sd)
         return
-    from safetensors.torch import save_file
     dtype = DTYPES[cfg.dtype]
-    names = [n for n in model.state_dict() if not (model.cfg.tie_word_embeddings and n == "lm_head.weight")]
-    shards, cur, size, limit = [], {}, 0, 5 * 2**30
     sd = model.state_dict()
-    for n in names:
-        t = full(sd[n]).to(dtype)
-        if rank == 0:
-            if cur and size + t.numel() * t.element_size() > limit:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[n], size = t, size + t.numel() * t.element_size()
+    names = [n for n in sd if not (model.cfg.tie_word_embeddings and n == "lm_head.weight")]
+    gathered = ((n, full(sd[n]).to(dtype)) for n in names)  # every rank must run each gather
     if rank == 0:
-        shards.append(cur)
-
-        def write(d):
-            wm = {}
-            for i, sh in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(sh, os.path.join(d, name), metadata={"format": "pt"})
-                wm.update({k: name for k in sh})
-            with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {}, "weight_map": wm}, f, indent=1)
-            c = model.cfg.to_hf_dict()
-            c["torch_dtype"] = cfg.dtype
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(c, f, indent=1)
-        atomic_dir(os.path.join(cfg.out, "model"), write)
+        save_hf_checkpoint(os.path.join(cfg.out, "model"), gathered, {**model.cfg.to_hf_dict(), "torch_dtype": cfg.dtype})
+    else:
+        for _ in gathered:
+            pass
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import header, interleaved  # noqa: E402
-from sae import SAE, SAEConfig, train_step, _project_decoder_grad  # noqa: E402
+from sae import SAE, SAEConfig, update  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--repeats", type=int, default=10)
@@ -35,13 +35,7 @@ xn = x / x.std(0)
 
 
 def step_ours():
-    loss, _ = train_step(ours, xn, cfg, state)
-    opt_o.zero_grad(set_to_none=True)
-    loss.backward()
-    _project_decoder_grad(ours)
-    opt_o.step()
-    with torch.no_grad():
-        ours.W_dec /= ours.W_dec.norm(dim=1, keepdim=True)
+    update(ours, opt_o, xn, cfg, state)
 
 
 def step_dense():
@@ -62,7 +56,8 @@ def step_dense():
         loss = loss + cfg.aux_coeff * ((za @ dense.W_dec - e) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean()
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
-    _project_decoder_grad(dense)
+    w, g = dense.W_dec.data, dense.W_dec.grad
+    g -= (g * w).sum(1, keepdim=True) * w
     opt_d.step()
     with torch.no_grad():
         dense.W_dec /= dense.W_dec.norm(dim=1, keepdim=True)

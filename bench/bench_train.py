@@ -11,31 +11,25 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import header, interleaved  # noqa: E402
+from bench.common import header, interleaved, tiny_pair  # noqa: E402
 from lora import apply_lora  # noqa: E402
-from model import Qwen2  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def models(vocab):
+    """(frozen base, ours with rank-1 adapters, HF + PEFT) on the same random weights."""
+    import copy
+
     import peft
-    import transformers
-    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
-                                   rope_theta=1e6, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(cfg)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        base = Qwen2.from_pretrained(d).train()
-        ours = apply_lora(Qwen2.from_pretrained(d), verbose=False).train()
+    ours, hf = tiny_pair(vocab)
+    base = copy.deepcopy(ours).train()
+    apply_lora(ours, verbose=False).train()
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=1, lora_alpha=16, use_rslora=True, target_modules=TARGETS)).train()
     return base, ours, pm
 
