@@ -262,7 +262,7 @@ void launch_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& u, c
       dA_part.data_ptr<float>(), s, N, (int)in, Rx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // stage 2: fixed-order sums over row chunks
-  reduce_kernel<<<(in + 255) / 256, 256, 0, stream>>>(dA_part.data_ptr<float>(), xc, (int)in, 1.f, dA.data_ptr<float>());
+  reduce_kernel<<<(in + 255) / 256, 256, 0, stream>>>(dA_part.data_ptr<float>(), xc, (int)in, s, dA.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   reduce_kernel<<<(out + 255) / 256, 256, 0, stream>>>(dB_part.data_ptr<float>(), gc, (int)out, s, dB.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
