@@ -1,0 +1,117 @@
+"""interpret.py mining against brute force on random activation stores (ties, negative polarity,
+per-document cap, de-duplication), quantiles against numpy, and the CLI output."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from interpret import feature_names, feature_values, mine, quantiles
+from sae import SAE, ActivationStore
+
+
+def fake_store(path, doc_lengths, d=3, docs_per_shard=2, seed=0, ties=True):
+    """A store in sae.py's layout with random scalars (rounded so that ties are common)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    shards, doc = [], 0
+    for s0 in range(0, len(doc_lengths), docs_per_shard):
+        lens = doc_lengths[s0:s0 + docs_per_shard]
+        acts = rng.normal(size=(sum(lens), d)).astype(np.float32)
+        if ties:
+            acts = np.round(acts * 2) / 2
+        j = len(shards)
+        np.save(os.path.join(path, f"acts-{j:05d}.npy"), acts)
+        np.save(os.path.join(path, f"tokens-{j:05d}.npy"), rng.integers(0, 50, sum(lens)).astype(np.int32))
+        docs, off = [], 0
+        for n in lens:
+            docs.append(dict(doc=doc, source=f"row {doc}", start=off, length=n))
+            off, doc = off + n, doc + 1
+        shards.append(dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off, docs=docs))
+    sites = [[0, "gate_proj"], [0, "q_proj"], [1, "down_proj"]][:d]
+    idx = dict(shape=[sum(doc_lengths), d], dtype="float32", sites=sites, rank=1, shards=shards, documents=doc)
+    json.dump(idx, open(os.path.join(path, "index.json"), "w"))
+    return ActivationStore(str(path))
+
+
+def brute_force(store, sae, k, dedup, per_doc):
+    """Per feature and document: greedy picks in plain Python; then the global (value desc, index asc) top k."""
+    vals = feature_values(store.load_all(), sae).numpy()
+    starts = []
+    base = 0
+    for sh in store.index["shards"]:
+        starts += [(base + d["start"], d["length"]) for d in sh["docs"]]
+        base += sh["tokens"]
+    res = []
+    for f in range(vals.shape[1]):
+        cands = []
+        for st, n in starts:
+            v = vals[st:st + n, f].astype(np.float64).copy()
+            for _ in range(min(per_doc, k)):
+                best = max(range(n), key=lambda t: (v[t], -t))
+                if v[best] <= 0:
+                    break
+                cands.append((float(vals[st + best, f]), st + best))
+                v[max(0, best - dedup):best + dedup + 1] = -np.inf
+        cands.sort(key=lambda c: (-c[0], c[1]))
+        res.append(cands[:k])
+    return res
+
+
+@pytest.mark.parametrize("k,dedup,per_doc", [(5, 0, 5), (4, 2, 4), (6, 1, 2), (3, 0, 1)])
+def test_topk_matches_brute_force(tmp_path, k, dedup, per_doc):
+    store = fake_store(tmp_path / "s", [7, 1, 12, 5, 9], seed=k + dedup)
+    top_v, top_i, _, _, fired = mine(store, None, k, dedup, per_doc, n_random=4)
+    ref = brute_force(store, None, k, dedup, per_doc)
+    for f, want in enumerate(ref):
+        got = [(v, i) for v, i in zip(top_v[:, f].tolist(), top_i[:, f].tolist()) if i >= 0]
+        assert got == want, f
+    vals = feature_values(store.load_all()).numpy()
+    assert fired.tolist() == (vals > 0).sum(0).tolist()
+
+
+def test_topk_with_sae_features(tmp_path):
+    store = fake_store(tmp_path / "s", [6, 9, 4], seed=3, ties=False)
+    sae = SAE(3, 5, 2)
+    sae.init_weights(generator=torch.Generator().manual_seed(0))
+    assert len(feature_names(store.index["sites"], sae)) == 3 * 2 + 5
+    top_v, top_i, _, _, _ = mine(store, sae, 4, 1, 2)
+    for f, want in enumerate(brute_force(store, sae, 4, 1, 2)):
+        got = [(v, i) for v, i in zip(top_v[:, f].tolist(), top_i[:, f].tolist()) if i >= 0]
+        assert [i for _, i in got] == [i for _, i in want] and np.allclose([v for v, _ in got], [v for v, _ in want])
+
+
+def test_random_sample_is_non_zero_and_distinct(tmp_path):
+    store = fake_store(tmp_path / "s", [30, 40, 25], seed=5)
+    _, _, rv, ri, fired = mine(store, None, 3, 0, 3, n_random=8)
+    vals = feature_values(store.load_all()).numpy()
+    for f in range(vals.shape[1]):
+        ids = [i for i in ri[:, f].tolist() if i >= 0]
+        assert len(ids) == min(8, int(fired[f])) and len(set(ids)) == len(ids)
+        assert all(vals[i, f] > 0 for i in ids)
+        assert np.allclose([vals[i, f] for i in ids], [v for v, i in zip(rv[:, f].tolist(), ri[:, f].tolist()) if i >= 0])
+
+
+def test_quantiles_match_numpy(tmp_path):
+    store = fake_store(tmp_path / "s", [13, 8, 21, 3], seed=7)
+    q = quantiles(store, None, block=2)
+    vals = feature_values(store.load_all()).numpy()
+    np.testing.assert_allclose(q, np.quantile(vals, (0.5, 0.9, 0.99, 0.999), axis=0).T, rtol=1e-6)
+
+
+def test_cli_writes_examples_with_context(tmp_path):
+    from test_data import tiny_tokenizer
+    from interpret import main
+    fake_store(tmp_path / "s", [7, 1, 12, 5, 9])
+    tiny_tokenizer(tmp_path)
+    main(["mine", "--acts", str(tmp_path / "s"), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o"),
+          "--k", "3", "--context", "2", "--dedup", "1"])
+    out = json.load(open(tmp_path / "o" / "features.json"))
+    assert [f["name"] for f in out["features"]][:2] == ["L0.gate_proj+", "L0.q_proj+"]
+    f = out["features"][3]  # L0.gate_proj-
+    assert f["name"] == "L0.gate_proj-" and len(f["top"]) == 3
+    e = f["top"][0]
+    assert e["acts"][e["target"]] == pytest.approx(e["value"]) and len(e["tokens"]) == len(e["acts"]) <= 5
+    assert [x["value"] for x in f["top"]] == sorted([x["value"] for x in f["top"]], reverse=True)
+    assert set(f["quantiles"]) == {"q50", "q90", "q99", "q999"} and 0 < f["freq"] < 1
