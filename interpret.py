@@ -4,8 +4,12 @@ collected activation store (sae.py collect), with random non-zero samples and pe
 
     python interpret.py mine --acts acts/ --tokenizer /models/Qwen2.5-32B-Instruct --out interp/ [--sae sae/]
 
-Work in progress (issue 8): the dashboard, autointerp, the MLP-neuron baseline and steering
-experiments are not written yet; this file holds the mining they will build on.
+    python interpret.py dashboard --features interp/features.json --out interp/dashboard.html \
+        [--ablations results/ablate/ablations.json] [--sae sae/] [--model M --adapter A]
+    python interpret.py steer --model M --adapter A --sae sae/ --feature 638 --strengths 0,10,30 \
+        --bench math500=math500.jsonl --limit 20 --out interp/steer.json
+
+Not written yet (issue 8): autointerp and the MLP-neuron baseline.
 
 Features: every adapter scalar in both polarities (`L{layer}.{target}+` is u, `...-` is -u), and,
 with --sae, every SAE latent (`sae{j}`). An example is a token where the feature is > 0.
@@ -184,6 +188,243 @@ def cmd_mine(args):
     print(f"mine: {len(feats)} features over {n_tok:,} tokens -> {out}")
 
 
+# -----------------------------------------------------------------------------
+# steering
+
+
+def sae_offsets(sae, feature, strength, sites):
+    """strength * the feature's decoder direction, as offsets of the raw adapter scalars."""
+    delta = strength * sae.W_dec[feature].detach() * sae.scale  # normalised -> raw space
+    return {tuple(s): float(delta[i]) for i, s in enumerate(sites)}
+
+
+def cmd_steer(args):
+    """Generate under steering for each strength and seed and measure: thinking length, counts of
+    chosen words, accuracy (with --bench)."""
+    from contextlib import nullcontext
+
+    import eval as ev
+    from data import Tokenizer
+    from lora import sites, steer
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, identity = ev.load_model(args, device)
+    tok = Tokenizer(args.tokenizer or args.model)
+    if args.bench:
+        name, _, path = args.bench.partition("=")
+        items = [dict(it, bench=name) for it in ev.load_benchmark(name, path, args.zip_password)][:args.limit or None]
+    else:
+        items = [dict(id=str(i), question=q, gold=None, bench=None) for i, q in enumerate(args.prompt or [])]
+    if not items:
+        raise SystemExit("steer: give --bench NAME=PATH or --prompt TEXT")
+    layout = sites(model)
+    if args.sae:
+        sae = SAE.load(args.sae)
+        direction = lambda c: sae_offsets(sae, args.feature, c, layout)
+    elif args.site:
+        l, t = args.site.split(".")
+        direction = lambda c: {(int(l[1:]) if l.startswith("L") else int(l), t): c}
+    else:
+        raise SystemExit("steer: give --sae DIR --feature F, or --site L12.gate_proj")
+    words = [w for w in args.words.split(",") if w]
+    results = []
+    for c in [float(x) for x in args.strengths.split(",")]:
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            g = torch.Generator(device=device).manual_seed(seed)
+            outs = []
+            with steer(model, direction(c)) if c != 0 else nullcontext():
+                for i in range(0, len(items), args.batch_size):
+                    batch = items[i:i + args.batch_size]
+                    outs += ev.s1_generate(model, tok, [it["question"] for it in batch], args, generator=g)
+            correct = [ev.grade(it["bench"], o["generation"], it["gold"]) for it, o in zip(items, outs) if it["bench"]]
+            results.append(dict(
+                strength=c, seed=seed, n=len(outs),
+                mean_thinking_tokens=sum(o["thinking_tokens"] for o in outs) / len(outs),
+                thinking_truncated=sum(o["thinking_truncated"] for o in outs),
+                word_counts={w: sum(o["generation"].count(w) for o in outs) / len(outs) for w in words},
+                accuracy=sum(correct) / len(correct) if correct else None,
+                examples=[o["generation"][:2000] for o in outs[:2]]))
+            r = results[-1]
+            print(f"strength {c:g} seed {seed} | thinking {r['mean_thinking_tokens']:.1f} tokens | "
+                  + " ".join(f"{w} {v:.2f}" for w, v in r["word_counts"].items())
+                  + (f" | accuracy {r['accuracy']:.3f}" if r["accuracy"] is not None else ""))
+    out = dict(identity=identity, sae=args.sae, feature=args.feature, site=args.site, results=results)
+    ev.write_atomic(args.out, json.dumps(out, indent=1))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# dashboard
+
+
+def promoted_tokens(model, tok, n=8):
+    """For adapters that write to the residual stream (down_proj, o_proj): the tokens whose logits
+    s * u * b raises most (u > 0) and lowers most (through the final norm's weight and the head)."""
+    from lora import adapters
+    out = {}
+    with torch.no_grad():
+        W = model.lm_head.weight.float()
+        g = model.model.norm.weight.float()
+        for a in adapters(model):
+            if a.target in ("down_proj", "o_proj"):
+                logit = W @ (g * a.lora_B[:, 0].float())
+                name = f"L{a.layer}.{a.target}"
+                out[name + "+"] = [tok.id_to_token_str(i) for i in logit.topk(n).indices.tolist()]
+                out[name + "-"] = [tok.id_to_token_str(i) for i in (-logit).topk(n).indices.tolist()]
+    return out
+
+
+def dashboard_html(data):
+    """One self-contained page. The data sit in a JSON script element (with <, > and & escaped, so
+    no dataset text can close it), and the page builds everything with textContent: dataset text is
+    never parsed as HTML."""
+    blob = json.dumps(data, ensure_ascii=False).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    return DASHBOARD.replace("__DATA__", blob)
+
+
+DASHBOARD = r"""<!doctype html>
+<html><head><meta charset="utf-8"><title>rank1 dashboard</title>
+<style>
+body{margin:0;font:13px system-ui,sans-serif;display:flex;height:100vh;color:#222}
+#side{width:260px;border-right:1px solid #ccc;display:flex;flex-direction:column}
+#q{margin:8px;padding:4px}#list{overflow:auto;flex:1}
+.it{padding:2px 8px;cursor:pointer;white-space:nowrap}.it.sel{background:#dde8f7}
+#main{flex:1;overflow:auto;padding:12px 18px}
+.ex{font-family:ui-monospace,monospace;margin:3px 0;white-space:pre-wrap;line-height:1.7}
+.tok{border-radius:2px}.tgt{outline:1px solid #000}.meta{color:#777;font-size:11px}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 6px}
+</style></head><body>
+<div id="side"><input id="q" placeholder="search id or name  ( / )"><div id="list"></div></div>
+<div id="main"><div id="overview"></div><div id="feature"></div></div>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const F = D.features;
+let shown = [], cur = -1;
+const el = (tag, text, cls) => { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; };
+const svgEl = (tag, attrs) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const k in attrs) e.setAttribute(k, attrs[k]); return e; };
+
+function overview() {
+  const o = document.getElementById("overview");
+  o.appendChild(el("h1", "rank1 — " + F.length + " features over " + D.tokens + " tokens"));
+  const ad = F.filter(f => f.name.startsWith("L") && f.name.endsWith("+"));
+  if (ad.length) {
+    const types = ["gate_proj","up_proj","down_proj","q_proj","k_proj","v_proj","o_proj"];
+    const cell = {}; let layers = new Set(), vmax = 1e-12;
+    for (const f of F) { if (!f.name.startsWith("L")) continue;
+      const m = f.name.match(/^L(\d+)\.(\w+)[+-]$/); const l = +m[1], t = m[2];
+      const v = Math.max(Math.abs(f.quantiles.q99), cell[l + "." + t] || 0);
+      cell[l + "." + t] = v; layers.add(l); vmax = Math.max(vmax, v); }
+    layers = [...layers].sort((a, b) => a - b);
+    const tt = types.filter(t => layers.some(l => (l + "." + t) in cell));
+    const cw = Math.max(4, Math.min(24, Math.floor(760 / layers.length))), ch = 16;
+    const s = svgEl("svg", {width: 90 + cw * layers.length, height: 10 + ch * tt.length});
+    tt.forEach((t, j) => { const lab = svgEl("text", {x: 0, y: ch * j + 12}); lab.textContent = t; s.appendChild(lab);
+      layers.forEach((l, i) => { const v = cell[l + "." + t]; if (v === undefined) return;
+        const r = svgEl("rect", {x: 90 + cw * i, y: ch * j, width: cw - 1, height: ch - 1,
+          fill: "rgba(220,90,30," + (v / vmax).toFixed(3) + ")"});
+        const ti = svgEl("title", {}); ti.textContent = "layer " + l + " " + t + ": q99 |u| " + v.toPrecision(3);
+        r.appendChild(ti); s.appendChild(r); }); });
+    o.appendChild(el("h2", "Adapter scalar magnitude (99th percentile of |u|), layer × type"));
+    o.appendChild(s);
+  }
+  const sf = F.filter(f => f.name.startsWith("sae"));
+  if (sf.length) {
+    const bins = new Array(12).fill(0);
+    for (const f of sf) bins[Math.min(11, Math.max(0, Math.floor(-Math.log10(Math.max(f.freq, 1e-12)))))]++;
+    const s = svgEl("svg", {width: 500, height: 130}); const m = Math.max(...bins, 1);
+    bins.forEach((b, i) => { const h = 100 * b / m; const r = svgEl("rect", {x: 10 + 40 * i, y: 105 - h, width: 36, height: h, fill: "#4a78b5"});
+      const ti = svgEl("title", {}); ti.textContent = b + " features with frequency ~1e-" + i; r.appendChild(ti); s.appendChild(r);
+      const lab = svgEl("text", {x: 14 + 40 * i, y: 122}); lab.textContent = "1e-" + i; s.appendChild(lab); });
+    o.appendChild(el("h2", "SAE feature frequency (fraction of tokens > 0)")); o.appendChild(s);
+  }
+  if (D.sae_metrics) {
+    const t = el("table"); for (const k of ["fvu", "fvu_raw", "l0", "dead_fraction", "tokens"]) if (k in D.sae_metrics) {
+      const r = el("tr"); r.appendChild(el("th", k)); r.appendChild(el("td", String(D.sae_metrics[k]))); t.appendChild(r); }
+    o.appendChild(el("h2", "SAE (held out)")); o.appendChild(t);
+  }
+  if (D.ablation_layers) {
+    const a = D.ablation_layers, m = Math.max(...a.map(r => r.mean), 1e-12), W = 760, bw = W / a.length;
+    const s = svgEl("svg", {width: W + 10, height: 120});
+    a.forEach((r, i) => { const h = 100 * r.mean / m; const b = svgEl("rect", {x: i * bw, y: 105 - h, width: Math.max(bw - 1, 1), height: h, fill: "#6a9f58"});
+      const ti = svgEl("title", {}); ti.textContent = r.label + ": KL " + r.mean.toPrecision(3); b.appendChild(ti); s.appendChild(b); });
+    o.appendChild(el("h2", "Leave-one-layer-out ablation: KL(full ‖ ablated)")); o.appendChild(s);
+  }
+}
+
+function strip(ex, maxabs) {
+  const d = el("div", undefined, "ex");
+  const meta = el("span", "doc " + ex.doc + " · token " + ex.pos + "/" + ex.doc_length + " · " + ex.value.toPrecision(4) + "  ", "meta");
+  d.appendChild(meta);
+  ex.tokens.forEach((t, i) => { const v = ex.acts[i]; const s = el("span", t, "tok" + (i === ex.target ? " tgt" : ""));
+    const a = Math.min(1, Math.abs(v) / maxabs);
+    s.style.background = v >= 0 ? "rgba(230,120,20," + a.toFixed(3) + ")" : "rgba(40,110,220," + a.toFixed(3) + ")";
+    s.title = v.toPrecision(4); d.appendChild(s); });
+  return d;
+}
+
+function show(i) {
+  if (i < 0 || i >= F.length) return;
+  cur = i; const f = F[i]; const box = document.getElementById("feature"); box.replaceChildren();
+  box.appendChild(el("h2", "#" + f.id + "  " + f.name));
+  box.appendChild(el("div", "frequency " + f.freq.toPrecision(3) + " · q50 " + f.quantiles.q50.toPrecision(3) + " · q90 " +
+    f.quantiles.q90.toPrecision(3) + " · q99 " + f.quantiles.q99.toPrecision(3) + " · q99.9 " + f.quantiles.q999.toPrecision(3), "meta"));
+  if (f.promotes) box.appendChild(el("p", "promotes through the unembedding: " + f.promotes.join("  ")));
+  const maxabs = Math.max(1e-12, ...f.top.map(e => Math.max(...e.acts.map(Math.abs))));
+  box.appendChild(el("h3", "Top " + f.top.length + " examples")); f.top.forEach(e => box.appendChild(strip(e, maxabs)));
+  box.appendChild(el("h3", "Random non-zero examples (" + f.random.length + ")")); f.random.forEach(e => box.appendChild(strip(e, maxabs)));
+  document.querySelectorAll(".it").forEach(n => n.classList.toggle("sel", +n.dataset.id === i));
+  if (location.hash !== "#f=" + i) history.replaceState(null, "", "#f=" + i);
+}
+
+function search(q) {
+  q = q.trim().toLowerCase(); const list = document.getElementById("list"); list.replaceChildren();
+  shown = F.filter(f => !q || String(f.id) === q || f.name.toLowerCase().includes(q));
+  for (const f of shown.slice(0, 300)) { const n = el("div", "#" + f.id + " " + f.name, "it"); n.dataset.id = f.id;
+    n.onclick = () => show(f.id); list.appendChild(n); }
+  if (shown.length > 300) list.appendChild(el("div", "… " + (shown.length - 300) + " more: refine the search", "meta"));
+  if (shown.length && !shown.some(f => f.id === cur)) show(shown[0].id);
+}
+
+function step(d) { const j = shown.findIndex(f => f.id === cur); const n = shown[Math.max(0, Math.min(shown.length - 1, j + d))]; if (n) show(n.id); }
+document.addEventListener("keydown", e => {
+  if (e.target.id === "q") { if (e.key === "Escape") e.target.blur(); return; }
+  if (e.key === "j" || e.key === "ArrowDown") step(1); else if (e.key === "k" || e.key === "ArrowUp") step(-1);
+  else if (e.key === "/") { e.preventDefault(); document.getElementById("q").focus(); } });
+document.getElementById("q").addEventListener("input", e => search(e.target.value));
+overview();
+const h = new URLSearchParams(location.hash.slice(1));
+if (h.has("q")) document.getElementById("q").value = h.get("q");
+search(document.getElementById("q").value);
+if (h.has("f")) show(+h.get("f"));
+</script></body></html>
+"""
+
+
+def cmd_dashboard(args):
+    data = json.load(open(args.features))
+    if args.ablations:
+        ab = json.load(open(args.ablations))
+        data["ablation_layers"] = [dict(label=r["label"], mean=r["kl_full_abl_assistant_mean"])
+                                   for r in ab["results"].get("layer", [])]
+    if args.sae and os.path.isfile(os.path.join(args.sae, "cfg.json")):
+        data["sae_metrics"] = {k: v for k, v in (json.load(open(os.path.join(args.sae, "cfg.json"))).get("final") or {}).items()
+                               if not isinstance(v, dict)}
+    if args.model and args.adapter:
+        import eval as ev
+        from data import Tokenizer
+        model, _ = ev.load_model(argparse.Namespace(model=args.model, adapter=args.adapter, dtype=None, merge=False), "cpu")
+        prom = promoted_tokens(model, Tokenizer(args.tokenizer or args.model))
+        for f in data["features"]:
+            if f["name"] in prom:
+                f["promotes"] = prom[f["name"]]
+    html = dashboard_html(data)
+    with open(args.out + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write(html)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"dashboard: {len(data['features'])} features -> {args.out}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -199,6 +440,39 @@ def main(argv=None):
     m.add_argument("--context", type=int, default=24)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_mine)
+    d = sub.add_parser("dashboard", help="one self-contained HTML page")
+    d.add_argument("--features", required=True, help="features.json from `interpret.py mine`")
+    d.add_argument("--out", required=True)
+    d.add_argument("--ablations", help="ablations.json from `eval.py ablate`")
+    d.add_argument("--sae", help="SAE directory (for its metrics)")
+    d.add_argument("--model")
+    d.add_argument("--adapter", help="with --model: tokens promoted by down_proj / o_proj adapters")
+    d.add_argument("--tokenizer")
+    d.set_defaults(func=cmd_dashboard)
+    st = sub.add_parser("steer", help="generate while adding to adapter scalars; measure the effect")
+    st.add_argument("--model", required=True)
+    st.add_argument("--adapter", required=True)
+    st.add_argument("--tokenizer")
+    st.add_argument("--dtype")
+    st.add_argument("--sae")
+    st.add_argument("--feature", type=int, default=0)
+    st.add_argument("--site", help="steer one adapter scalar instead, e.g. L12.gate_proj")
+    st.add_argument("--strengths", default="0,10,30")
+    st.add_argument("--seeds", default="0")
+    st.add_argument("--bench", help="NAME=PATH: measure accuracy on these problems")
+    st.add_argument("--zip-password")
+    st.add_argument("--limit", type=int, default=20)
+    st.add_argument("--prompt", action="append")
+    st.add_argument("--words", default="Wait,Hmm,But")
+    st.add_argument("--out", required=True)
+    st.add_argument("--batch-size", type=int, default=8)
+    st.add_argument("--max-context", type=int, default=4096)
+    st.add_argument("--max-answer-tokens", type=int, default=256)
+    st.add_argument("--thinking-budget", type=int, default=0)
+    st.add_argument("--wait", type=int, default=0)
+    st.add_argument("--temperature", type=float, default=0.7)
+    st.add_argument("--top-p", type=float, default=1.0)
+    st.set_defaults(func=cmd_steer, merge=False)
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -154,20 +154,16 @@ class LoRALinear(nn.Linear):
             return y
         plain = (isinstance(self.dropout, nn.Identity) and self.steer_offset is None
                  and not self.weight.requires_grad and not (self.bias is not None and self.bias.requires_grad))
-        if plain and not torch.is_grad_enabled() and not x.is_cuda:
-            # inference on CPU (decoding): the same math without autograd.Function's per-call overhead
-            y = F.linear(x, self.weight, self.bias)
-            u = x.to(self.lora_A.dtype) @ self.lora_A.t()
-            y = _add_scaled(y.view(-1, y.shape[-1]), u.view(-1, self.rank), self.lora_B.t(), self.scaling).view(y.shape)
-        elif plain:
+        if plain and (torch.is_grad_enabled() or x.is_cuda):
             fused = lora_impl() if x.is_cuda and self.rank == 1 else None
             y, u = (fused or lora_linear_ref)(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
-        else:  # dropout, steering or a trainable base: plain autograd, same math
+        else:  # CPU inference, dropout, steering or a trainable base: plain ops, the same arithmetic
             y = F.linear(x, self.weight, self.bias)
             u = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
             if self.steer_offset is not None:
                 u = self._steer(u)
-            y = (y.to(u.dtype) + self.scaling * (u @ self.lora_B.t())).to(y.dtype)
+            y = _add_scaled(y.reshape(-1, y.shape[-1]), u.reshape(-1, self.rank), self.lora_B.t(),
+                            self.scaling).view(y.shape)
         if self.captured is not None:
             self.captured.append(u.detach())
         return y

@@ -115,3 +115,90 @@ def test_cli_writes_examples_with_context(tmp_path):
     assert e["acts"][e["target"]] == pytest.approx(e["value"]) and len(e["tokens"]) == len(e["acts"]) <= 5
     assert [x["value"] for x in f["top"]] == sorted([x["value"] for x in f["top"]], reverse=True)
     assert set(f["quantiles"]) == {"q50", "q90", "q99", "q999"} and 0 < f["freq"] < 1
+
+
+# --- dashboard in a real headless browser ---------------------------------------------------------
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+EVIL = ["<script>document.title='pwned'</script>", "</textarea>", "\"quoted\" & 'single'", "a<b>c</b>"]
+
+
+def features_json(tmp_path):
+    feats = []
+    for i, name in enumerate(["L0.gate_proj+", "L0.q_proj+", "L1.down_proj+", "L0.gate_proj-", "sae0", "sae1"]):
+        ex = dict(value=1.5 + i, doc=i, source=f"row {i}", pos=3, doc_length=9, target=1, tokens=EVIL[:3], acts=[0.1, 1.5 + i, -0.4])
+        feats.append(dict(id=i, name=name, freq=10 ** -(i + 1), quantiles=dict(q50=0.0, q90=0.1 * i, q99=0.5 * i + 0.1, q999=1.0),
+                          top=[ex], random=[dict(ex, value=0.2)], promotes=EVIL if name == "L1.down_proj+" else None))
+    d = dict(acts="x", tokens=123, features=feats)
+    for f in feats:
+        if f["promotes"] is None:
+            del f["promotes"]
+    (tmp_path / "features.json").write_text(json.dumps(d))
+    return tmp_path / "features.json"
+
+
+def chromium_dom(url):
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom", url],
+                       capture_output=True, text=True, timeout=120)
+    return r.stdout, r.stderr
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_dashboard_renders_navigates_searches_and_escapes(tmp_path):
+    from interpret import main
+    f = features_json(tmp_path)
+    out = tmp_path / "dash.html"
+    main(["dashboard", "--features", str(f), "--out", str(out)])
+    html = out.read_text()
+    assert "http" not in html.replace("http://www.w3.org/2000/svg", "")  # self-contained: nothing fetched
+    assert "<script>document.title" not in html  # the data cannot close its script element
+    dom, log = chromium_dom(out.as_uri() + "#f=2")
+    assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
+    assert "<title>rank1 dashboard</title>" in dom  # no script from the data ran
+    assert "#2  L1.down_proj+" in dom  # navigated to the feature in the hash
+    assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom and "&lt;/textarea&gt;" in dom
+    assert "\"quoted\" &amp; 'single'" in dom
+    assert "promotes through the unembedding" in dom
+    assert "Adapter scalar magnitude" in dom and "SAE feature frequency" in dom
+    dom, _ = chromium_dom(out.as_uri() + "#q=sae")
+    assert dom.count('class="it') == 2 and "#4  sae0" in dom  # the search keeps sae0 and sae1, shows the first
+
+
+# --- steering -------------------------------------------------------------------------------------
+
+
+def test_steer_zero_reproduces_and_offsets_are_exact(tmp_path):
+    from conftest import hf_tiny, save_hf
+    from lora import adapters, apply_lora, capture, sites, steer
+    from model import Qwen2
+    from interpret import sae_offsets
+    m = apply_lora(Qwen2.from_pretrained(save_hf(hf_tiny(), tmp_path / "m")), verbose=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in adapters(m):
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.3)
+    sae = SAE(21, 8, 2)
+    sae.init_weights(generator=g)
+    sae.scale.copy_(torch.rand(21, generator=g) + 0.5)
+    prompt = [[1, 2, 3, 4, 5]]
+    base = m.generate(prompt, 12)
+    with steer(m, sae_offsets(sae, 3, 0.0, sites(m))):
+        assert m.generate(prompt, 12) == base
+    with torch.no_grad(), capture(m) as cap:
+        m(torch.tensor([[1, 2, 3]]))
+        ref = cap.acts.clone()
+        cap.clear()
+        with steer(m, sae_offsets(sae, 3, 2.0, sites(m)), positions=[2]):
+            m(torch.tensor([[1, 2, 3]]))
+    want = 2.0 * sae.W_dec[3].detach() * sae.scale
+    # layer 0's attention sites read the unmodified input: their change is exactly the offset
+    for col, (l, t) in enumerate(sites(m)):
+        if l == 0 and t in ("q_proj", "k_proj", "v_proj"):
+            assert torch.allclose(cap.acts[0, 2, col] - ref[0, 2, col], want[col], atol=1e-5)
+            assert torch.equal(cap.acts[0, :2, col], ref[0, :2, col])
+    with steer(m, sae_offsets(sae, 3, 5.0, sites(m))):
+        assert m.generate(prompt, 12) != base
