@@ -9,7 +9,9 @@ collected activation store (sae.py collect), with random non-zero samples and pe
     python interpret.py steer --model M --adapter A --sae sae/ --feature 638 --strengths 0,10,30 \
         --bench math500=math500.jsonl --limit 20 --out interp/steer.json
 
-Not written yet (issue 8): autointerp and the MLP-neuron baseline.
+    python interpret.py autointerp --features interp/features.json --out interp/ --llm-url https://host/v1
+
+Not written yet (issue 8): the MLP-neuron baseline and the LoRA-vs-MLP comparison table.
 
 Features: every adapter scalar in both polarities (`L{layer}.{target}+` is u, `...-` is -u), and,
 with --sae, every SAE latent (`sae{j}`). An example is a token where the feature is > 0.
@@ -88,12 +90,14 @@ def merge_topk(best_v, best_i, new_v, new_i, k):
 def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0):
     """Top-k examples and a uniform random sample of non-zero activations for every feature.
 
-    Returns (top_v, top_i, rnd_v, rnd_i) as (k or n_random, F) tensors of values and global token
-    indices (-inf / -1 where a feature has fewer examples), plus per-feature counts of tokens > 0."""
+    Returns (top_v, top_i, rnd_v, rnd_i, fired, neg_i): (k or n_random, F) values and global token
+    indices (-inf / -1 where a feature has fewer), per-feature counts of tokens > 0, and the indices
+    of a uniform sample of tokens where each feature is not active."""
     per_doc = per_doc or k
     F = len(feature_names(store.index["sites"], sae))
     top_v, top_i = torch.full((0, F), -torch.inf), torch.zeros((0, F), dtype=torch.long)
-    rnd_k, rnd_i, rnd_v = torch.zeros((0, F)), torch.zeros((0, F), dtype=torch.long), torch.zeros((0, F))
+    empty = (torch.zeros((0, F)), torch.zeros((0, F), dtype=torch.long), torch.zeros((0, F)))
+    rnd, neg = empty, empty
     fired = torch.zeros(F, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     base = 0
@@ -107,16 +111,22 @@ def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0):
             pv, pp = doc_picks(seg, k, dedup, per_doc)
             pi = torch.where(pp >= 0, pp + base + d["start"], torch.full_like(pp, -1))
             top_v, top_i = merge_topk(top_v, top_i, pv, pi, k)
-        # random sample: the n_random smallest uniform keys among a feature's non-zero tokens
-        keys = torch.rand(vals.shape, generator=g).masked_fill(vals <= 0, torch.inf)
+        # uniform samples: the n_random smallest random keys among a feature's non-zero tokens, and
+        # (as negatives for autointerp's detection score) among the tokens where it is not active
+        keys = torch.rand(vals.shape, generator=g)
         idx = torch.arange(len(vals))[:, None].expand_as(vals) + base
-        ck, ci, cv = torch.cat([rnd_k, keys]), torch.cat([rnd_i, idx]), torch.cat([rnd_v, vals])
-        o = ck.argsort(dim=0, stable=True)[:n_random]
-        rnd_k, rnd_i, rnd_v = ck.gather(0, o), ci.gather(0, o), cv.gather(0, o)
+        rnd = _reservoir(rnd, keys.masked_fill(vals <= 0, torch.inf), idx, vals, n_random)
+        neg = _reservoir(neg, keys.masked_fill(vals > 0, torch.inf), idx, vals, n_random)
         base += len(vals)
-    rnd_i = torch.where(torch.isinf(rnd_k), torch.full_like(rnd_i, -1), rnd_i)
     top_i = torch.where(torch.isinf(top_v), torch.full_like(top_i, -1), top_i)
-    return top_v, top_i, rnd_v, rnd_i, fired
+    return top_v, top_i, rnd[2], rnd[1], fired, neg[1]
+
+
+def _reservoir(state, keys, idx, vals, n):
+    k, i, v = (torch.cat([a, b]) for a, b in zip(state, (keys, idx, vals)))
+    o = k.argsort(dim=0, stable=True)[:n]
+    k, i, v = k.gather(0, o), i.gather(0, o), v.gather(0, o)
+    return k, torch.where(torch.isinf(k), torch.full_like(i, -1), i), v
 
 
 def quantiles(store, sae=None, qs=(0.5, 0.9, 0.99, 0.999), block=256):
@@ -168,7 +178,7 @@ def cmd_mine(args):
     sae = SAE.load(args.sae) if args.sae else None
     tok = Tokenizer(args.tokenizer)
     names = feature_names(store.index["sites"], sae)
-    top_v, top_i, rnd_v, rnd_i, fired = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed)
+    top_v, top_i, rnd_v, rnd_i, fired, neg_i = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed)
     qs = quantiles(store, sae)
     n_tok = store.index["shape"][0]
     lookup = locate(store)
@@ -178,7 +188,8 @@ def cmd_mine(args):
                               for v, i in zip(vs[:, f].tolist(), ids[:, f].tolist()) if i >= 0]
         feats.append(dict(id=f, name=name, freq=fired[f].item() / max(1, n_tok),
                           quantiles=dict(zip(("q50", "q90", "q99", "q999"), qs[f].tolist())),
-                          top=ex(top_v, top_i), random=sorted(ex(rnd_v, rnd_i), key=lambda e: -e["value"])))
+                          top=ex(top_v, top_i), random=sorted(ex(rnd_v, rnd_i), key=lambda e: -e["value"]),
+                          inactive=ex(torch.zeros_like(rnd_v), neg_i)))
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "features.json")
     with open(out + ".tmp", "w") as fh:
@@ -425,6 +436,146 @@ def cmd_dashboard(args):
     print(f"dashboard: {len(data['features'])} features -> {args.out}")
 
 
+# -----------------------------------------------------------------------------
+# autointerp
+
+EXPLAIN_SYSTEM = ("You study a feature of a language model that reads reasoning traces. You are shown text snippets "
+                  "where it fires, strongest first; the token it fires on is marked <<like this>> with its activation. "
+                  "Answer with one short sentence: what the feature responds to.")
+DETECT_SYSTEM = ("You are given an explanation of a feature and numbered text snippets. The feature fires on the token "
+                 "marked <<like this>> in some of them. Answer with a JSON list of the numbers of the snippets where "
+                 "you think it fires, and nothing else.")
+RUBRIC_SYSTEM = ("Rate how monosemantic this feature is from its top examples: 0 = one specific meaning, 1 = broad but "
+                 "consistent, 2 = polysemantic. Answer with the digit only.")
+
+
+def snippet(e, window=12):
+    lo, t = max(0, e["target"] - window), e["target"]
+    return "".join(e["tokens"][lo:t]) + "<<" + e["tokens"][t] + ">>" + "".join(e["tokens"][t + 1:t + 1 + window])
+
+
+def explain_messages(f, n=10):
+    """The explanation prompt: the top examples sorted by activation (the official code forgot to
+    sort, PAPER.md G2), then a few random non-zero ones."""
+    top = sorted(f["top"], key=lambda e: -e["value"])[:n]
+    lines = [f"{i + 1}. ({e['value']:.3g}) {snippet(e)}" for i, e in enumerate(top)]
+    lines += [f"r{i + 1}. ({e['value']:.3g}) {snippet(e)}" for i, e in enumerate(f["random"][:3])]
+    return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def detection_set(f, n_explain=10, n=6, seed=0):
+    """Held-out positives (top examples not shown to the explainer, then random non-zero ones) and
+    as many inactive snippets, shuffled with a seed: [(snippet, fires)]."""
+    import random
+    pos = sorted(f["top"], key=lambda e: -e["value"])[n_explain:] + f["random"]
+    pos, neg = pos[:n], f.get("inactive", [])[:n]
+    items = [(snippet(e), True) for e in pos] + [(snippet(e), False) for e in neg]
+    random.Random(seed + f["id"]).shuffle(items)
+    return items
+
+
+def detect_messages(explanation, items):
+    body = "\n".join(f"{i + 1}. {s}" for i, (s, _) in enumerate(items))
+    return [{"role": "system", "content": DETECT_SYSTEM},
+            {"role": "user", "content": f"Explanation: {explanation}\n\n{body}"}]
+
+
+def balanced_accuracy(items, chosen):
+    pos = [i for i, (_, y) in enumerate(items) if y]
+    neg = [i for i, (_, y) in enumerate(items) if not y]
+    tpr = sum(i in chosen for i in pos) / len(pos) if pos else 0.0
+    tnr = sum(i not in chosen for i in neg) / len(neg) if neg else 0.0
+    return (tpr + tnr) / 2 if pos and neg else (tpr if pos else tnr)
+
+
+class LLM:
+    """An OpenAI-compatible chat-completions client: key from the environment only, retries with
+    backoff on 429 and 5xx, a concurrency limit, and an on-disk cache keyed by the request."""
+
+    def __init__(self, url, model, cache_dir, key_env="RANK1_LLM_API_KEY", retries=5, concurrency=8, backoff=1.0):
+        self.url, self.model, self.cache_dir = url.rstrip("/"), model, cache_dir
+        self.key = os.environ.get(key_env, "")
+        self.retries, self.concurrency, self.backoff = retries, concurrency, backoff
+        self.calls = 0
+        os.makedirs(cache_dir, exist_ok=True)
+
+    def __call__(self, messages, max_tokens=256):
+        import hashlib
+        import time
+        import urllib.error
+        import urllib.request
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        f = os.path.join(self.cache_dir, hashlib.sha256(body.encode()).hexdigest() + ".json")
+        if os.path.isfile(f):
+            return json.load(open(f))["content"]
+        req = urllib.request.Request(self.url + "/chat/completions", data=body.encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {self.key}"} if self.key else {})})
+        for attempt in range(self.retries + 1):
+            try:
+                self.calls += 1
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    content = json.load(r)["choices"][0]["message"]["content"]
+                break
+            except urllib.error.HTTPError as e:
+                if (e.code == 429 or e.code >= 500) and attempt < self.retries:
+                    time.sleep(self.backoff * 2 ** attempt)
+                    continue
+                raise RuntimeError(f"{self.url}: HTTP {e.code} after {attempt + 1} attempts") from None
+        with open(f + ".tmp", "w") as fh:
+            json.dump({"content": content}, fh)
+        os.replace(f + ".tmp", f)
+        return content
+
+    def map(self, fn, items):
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.concurrency) as ex:
+            return list(ex.map(fn, items))
+
+
+def autointerp(features, llm=None, rubric=False, n_explain=10):
+    """Explanation prompts for every feature with examples; with an LLM: explanations, detection
+    balanced accuracy on held-out positives and inactive snippets, and optionally the 0/1/2 rubric."""
+    feats = [f for f in features if f["top"]]
+    rows = [dict(id=f["id"], name=f["name"], messages=explain_messages(f, n_explain)) for f in feats]
+    if llm is None:
+        return rows
+
+    def one(pair):
+        f, row = pair
+        row["explanation"] = llm(row["messages"]).strip()
+        items = detection_set(f, n_explain)
+        answer = llm(detect_messages(row["explanation"], items))
+        try:
+            chosen = {int(i) - 1 for i in json.loads(answer[answer.index("["):answer.rindex("]") + 1])}
+        except ValueError:
+            chosen = set()
+        row["detection_balanced_accuracy"] = balanced_accuracy(items, chosen)
+        row["detection_items"] = len(items)
+        if rubric:
+            d = "".join(c for c in llm([{"role": "system", "content": RUBRIC_SYSTEM}] + row["messages"][1:]) if c.isdigit())
+            row["rubric"] = int(d[0]) if d and d[0] in "012" else None
+        return row
+    return llm.map(one, list(zip(feats, rows)))
+
+
+def cmd_autointerp(args):
+    data = json.load(open(args.features))
+    llm = LLM(args.llm_url, args.llm_model, args.cache or os.path.join(args.out, "llm-cache"),
+              concurrency=args.concurrency) if args.llm_url else None
+    rows = autointerp(data["features"][:args.limit or None], llm, args.rubric, args.n_explain)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "autointerp.jsonl.tmp"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(os.path.join(args.out, "autointerp.jsonl.tmp"), os.path.join(args.out, "autointerp.jsonl"))
+    scored = [r["detection_balanced_accuracy"] for r in rows if "detection_balanced_accuracy" in r]
+    if scored:
+        print(f"autointerp: {len(scored)} features, mean detection balanced accuracy {sum(scored) / len(scored):.3f}")
+    else:
+        print(f"autointerp: {len(rows)} explanation prompts written (no --llm-url given)")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -473,6 +624,17 @@ def main(argv=None):
     st.add_argument("--temperature", type=float, default=0.7)
     st.add_argument("--top-p", type=float, default=1.0)
     st.set_defaults(func=cmd_steer, merge=False)
+    a = sub.add_parser("autointerp", help="explanation prompts; with --llm-url explanations and detection scores")
+    a.add_argument("--features", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--llm-url", help="OpenAI-compatible base URL (key from RANK1_LLM_API_KEY)")
+    a.add_argument("--llm-model", default="gpt-4o-mini")
+    a.add_argument("--cache", help="response cache directory (default OUT/llm-cache)")
+    a.add_argument("--concurrency", type=int, default=8)
+    a.add_argument("--rubric", action="store_true", help="also the paper's 0/1/2 monosemanticity rubric")
+    a.add_argument("--n-explain", type=int, default=10)
+    a.add_argument("--limit", type=int, default=0)
+    a.set_defaults(func=cmd_autointerp)
     args = p.parse_args(argv)
     try:
         return args.func(args)

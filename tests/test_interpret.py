@@ -62,7 +62,7 @@ def brute_force(store, sae, k, dedup, per_doc):
 @pytest.mark.parametrize("k,dedup,per_doc", [(5, 0, 5), (4, 2, 4), (6, 1, 2), (3, 0, 1)])
 def test_topk_matches_brute_force(tmp_path, k, dedup, per_doc):
     store = fake_store(tmp_path / "s", [7, 1, 12, 5, 9], seed=k + dedup)
-    top_v, top_i, _, _, fired = mine(store, None, k, dedup, per_doc, n_random=4)
+    top_v, top_i, _, _, fired, _ = mine(store, None, k, dedup, per_doc, n_random=4)
     ref = brute_force(store, None, k, dedup, per_doc)
     for f, want in enumerate(ref):
         got = [(v, i) for v, i in zip(top_v[:, f].tolist(), top_i[:, f].tolist()) if i >= 0]
@@ -76,7 +76,7 @@ def test_topk_with_sae_features(tmp_path):
     sae = SAE(3, 5, 2)
     sae.init_weights(generator=torch.Generator().manual_seed(0))
     assert len(feature_names(store.index["sites"], sae)) == 3 * 2 + 5
-    top_v, top_i, _, _, _ = mine(store, sae, 4, 1, 2)
+    top_v, top_i, _, _, _, _ = mine(store, sae, 4, 1, 2)
     for f, want in enumerate(brute_force(store, sae, 4, 1, 2)):
         got = [(v, i) for v, i in zip(top_v[:, f].tolist(), top_i[:, f].tolist()) if i >= 0]
         assert [i for _, i in got] == [i for _, i in want] and np.allclose([v for v, _ in got], [v for v, _ in want])
@@ -84,9 +84,11 @@ def test_topk_with_sae_features(tmp_path):
 
 def test_random_sample_is_non_zero_and_distinct(tmp_path):
     store = fake_store(tmp_path / "s", [30, 40, 25], seed=5)
-    _, _, rv, ri, fired = mine(store, None, 3, 0, 3, n_random=8)
+    _, _, rv, ri, fired, ni = mine(store, None, 3, 0, 3, n_random=8)
     vals = feature_values(store.load_all()).numpy()
     for f in range(vals.shape[1]):
+        neg = [i for i in ni[:, f].tolist() if i >= 0]
+        assert len(neg) == min(8, len(vals) - int(fired[f])) and all(vals[i, f] <= 0 for i in neg)
         ids = [i for i in ri[:, f].tolist() if i >= 0]
         assert len(ids) == min(8, int(fired[f])) and len(set(ids)) == len(ids)
         assert all(vals[i, f] > 0 for i in ids)
@@ -147,7 +149,7 @@ def chromium_dom(url):
     return r.stdout, r.stderr
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (.ci/run installs it)")
 def test_dashboard_renders_navigates_searches_and_escapes(tmp_path):
     from interpret import main
     f = features_json(tmp_path)
@@ -202,3 +204,76 @@ def test_steer_zero_reproduces_and_offsets_are_exact(tmp_path):
             assert torch.equal(cap.acts[0, :2, col], ref[0, :2, col])
     with steer(m, sae_offsets(sae, 3, 5.0, sites(m))):
         assert m.generate(prompt, 12) != base
+
+
+# --- autointerp against a local fake OpenAI-compatible server -------------------------------------
+import http.server  # noqa: E402
+import threading  # noqa: E402
+
+
+class FakeLLM(http.server.BaseHTTPRequestHandler):
+    """429, then 500, then answers: explanations, and a scripted judge that picks snippets marked <<X>>."""
+    failures = []
+    requests = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeLLM.requests.append(body)
+        if FakeLLM.failures:
+            self.send_response(FakeLLM.failures.pop(0))
+            self.end_headers()
+            return
+        text = body["messages"][-1]["content"]
+        if body["messages"][0]["content"].startswith("You are given an explanation"):
+            lines = [l for l in text.split("\n") if l[:1].isdigit()]
+            content = json.dumps([int(l.split(".")[0]) for l in lines if "<<X>>" in l])
+        else:
+            content = "Fires on the letter X."
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+def feature_with_examples(i):
+    top = [dict(value=float(v), tokens=["a", "X", "b"], acts=[0, v, 0], target=1) for v in (3, 9, 1, 7, 5, 2, 8, 6, 4, 10, 11, 12, 13, 14)]
+    inactive = [dict(value=0.0, tokens=["a", "o", "b"], acts=[0, 0, 0], target=1) for _ in range(6)]
+    return dict(id=i, name=f"L0.gate_proj+{i}", top=top, random=top[:2], inactive=inactive)
+
+
+def test_autointerp_with_fake_server(tmp_path):
+    from interpret import LLM, autointerp, explain_messages
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        f = feature_with_examples(0)
+        msg = explain_messages(f, n=10)[1]["content"].split("\n")
+        values = [float(l.split("(")[1].split(")")[0]) for l in msg if l[0].isdigit()]
+        assert values == sorted(values, reverse=True) == [14, 13, 12, 11, 10, 9, 8, 7, 6, 5]  # activation order
+        FakeLLM.failures[:] = [429, 500]
+        llm = LLM(url, "fake", str(tmp_path / "cache"), backoff=0.01, concurrency=2)
+        rows = autointerp([f, feature_with_examples(1)], llm, rubric=False)
+        assert all(r["explanation"] == "Fires on the letter X." for r in rows)
+        assert all(r["detection_balanced_accuracy"] == 1.0 for r in rows)  # the scripted judge is perfect
+        assert llm.calls == 4 + 2  # 2 features x (explain + detect) + the two retried failures
+        llm2 = LLM(url, "fake", str(tmp_path / "cache"))
+        assert autointerp([f, feature_with_examples(1)], llm2) == rows and llm2.calls == 0  # all from the cache
+        FakeLLM.failures[:] = [404]
+        with pytest.raises(RuntimeError, match="HTTP 404"):
+            LLM(url, "fake", str(tmp_path / "c2"))([{"role": "user", "content": "x"}])
+    finally:
+        srv.shutdown()
+
+
+def test_balanced_accuracy_hand_values():
+    from interpret import balanced_accuracy
+    items = [("a", True), ("b", True), ("c", False), ("d", False)]
+    assert balanced_accuracy(items, {0, 1}) == 1.0
+    assert balanced_accuracy(items, {0, 2}) == 0.5
+    assert balanced_accuracy(items, set()) == 0.5
+    assert balanced_accuracy(items, {2, 3}) == 0.0
