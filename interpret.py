@@ -346,12 +346,13 @@ function overview() {
     const s = svgEl("svg", {width: 500, height: 130}); const m = Math.max(...bins, 1);
     bins.forEach((b, i) => { const h = 100 * b / m; const r = svgEl("rect", {x: 10 + 40 * i, y: 105 - h, width: 36, height: h, fill: "#4a78b5"});
       const ti = svgEl("title", {}); ti.textContent = b + " features with frequency ~1e-" + i; r.appendChild(ti); s.appendChild(r);
-      const lab = svgEl("text", {x: 14 + 40 * i, y: 122}); lab.textContent = "1e-" + i; s.appendChild(lab); });
+      const lab = svgEl("text", {x: 14 + 40 * i, y: 122}); lab.textContent = i === 11 ? "never" : "1e-" + i; s.appendChild(lab); });
     o.appendChild(el("h2", "SAE feature frequency (fraction of tokens > 0)")); o.appendChild(s);
   }
   if (D.sae_metrics) {
     const t = el("table"); for (const k of ["fvu", "fvu_raw", "l0", "dead_fraction", "tokens"]) if (k in D.sae_metrics) {
-      const r = el("tr"); r.appendChild(el("th", k)); r.appendChild(el("td", String(D.sae_metrics[k]))); t.appendChild(r); }
+      const v = D.sae_metrics[k]; const r = el("tr"); r.appendChild(el("th", k));
+      r.appendChild(el("td", Number.isInteger(v) ? String(v) : Number(v).toPrecision(4))); t.appendChild(r); }
     o.appendChild(el("h2", "SAE (held out)")); o.appendChild(t);
   }
   if (D.ablation_layers) {
