@@ -11,10 +11,13 @@ collected activation store (sae.py collect), with random non-zero samples and pe
 
     python interpret.py autointerp --features interp/features.json --out interp/ --llm-url https://host/v1
 
-Not written yet (issue 8): the MLP-neuron baseline and the LoRA-vs-MLP comparison table.
+    # the MLP-neuron baseline: collect with `sae.py collect --mlp-neurons 6`, mine with
+    # --population mlp, autointerp both, then
+    python interpret.py compare --lora interp/autointerp.jsonl --mlp interp_mlp/autointerp.jsonl --out interp/compare.json
 
 Features: every adapter scalar in both polarities (`L{layer}.{target}+` is u, `...-` is -u), and,
-with --sae, every SAE latent (`sae{j}`). An example is a token where the feature is > 0.
+with --sae, every SAE latent (`sae{j}`); or (--population mlp) the sampled SwiGLU neurons of the
+baseline, both polarities (`N{layer}.{index}+/-`). An example is a token where the feature is > 0.
 
 Top-k, exact and deterministic: per document, a greedy pick of the largest value (the earliest
 token on ties), then the next, each pick hiding its +-dedup neighbours, at most per_doc picks; the
@@ -36,11 +39,23 @@ from sae import SAE, ActivationStore
 # features
 
 
-def feature_names(sites, sae=None):
+def feature_names(sites, sae=None, population="lora"):
+    if population == "mlp":  # sites are (layer, neuron) pairs of the MLP-neuron baseline
+        return [f"N{l}.{i}+" for l, i in sites] + [f"N{l}.{i}-" for l, i in sites]
     names = [f"L{l}.{t}+" for l, t in sites] + [f"L{l}.{t}-" for l, t in sites]
     if sae is not None:
         names += [f"sae{j}" for j in range(sae.n_latents)]
     return names
+
+
+def population_sites(store, population):
+    return store.index["mlp_neurons"] if population == "mlp" else store.index["sites"]
+
+
+def raw_shard(store, s, population, check=True):
+    """The stored values a population's features are made of: adapter scalars or MLP neurons."""
+    arr = store.mlp(s) if population == "mlp" else store.shard(s, check=check)
+    return torch.from_numpy(np.array(arr, dtype=np.float32))
 
 
 @torch.no_grad()
@@ -87,14 +102,14 @@ def merge_topk(best_v, best_i, new_v, new_i, k):
     return v.gather(0, o)[:k], i.gather(0, o)[:k]
 
 
-def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0):
+def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, population="lora"):
     """Top-k examples and a uniform random sample of non-zero activations for every feature.
 
     Returns (top_v, top_i, rnd_v, rnd_i, fired, neg_i): (k or n_random, F) values and global token
     indices (-inf / -1 where a feature has fewer), per-feature counts of tokens > 0, and the indices
     of a uniform sample of tokens where each feature is not active."""
     per_doc = per_doc or k
-    F = len(feature_names(store.index["sites"], sae))
+    F = len(feature_names(population_sites(store, population), sae, population))
     top_v, top_i = torch.full((0, F), -torch.inf), torch.zeros((0, F), dtype=torch.long)
     empty = (torch.zeros((0, F)), torch.zeros((0, F), dtype=torch.long), torch.zeros((0, F)))
     rnd, neg = empty, empty
@@ -103,8 +118,7 @@ def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0):
     base = 0
     from tqdm import tqdm
     for s in tqdm(range(len(store.index["shards"])), desc="mine", file=sys.stderr):
-        acts = torch.from_numpy(np.array(store.shard(s), dtype=np.float32))
-        vals = feature_values(acts, sae)
+        vals = feature_values(raw_shard(store, s, population), sae)
         fired += (vals > 0).sum(0)
         for d in store.index["shards"][s]["docs"]:
             seg = vals[d["start"]:d["start"] + d["length"]]
@@ -129,16 +143,15 @@ def _reservoir(state, keys, idx, vals, n):
     return k, torch.where(torch.isinf(k), torch.full_like(i, -1), i), v
 
 
-def quantiles(store, sae=None, qs=(0.5, 0.9, 0.99, 0.999), block=256):
+def quantiles(store, sae=None, qs=(0.5, 0.9, 0.99, 0.999), block=256, population="lora"):
     """Exact per-feature quantiles over every token (numpy's linear interpolation), computed a block
     of features at a time so memory stays at tokens x block."""
-    F = len(feature_names(store.index["sites"], sae))
+    F = len(feature_names(population_sites(store, population), sae, population))
     out = np.zeros((F, len(qs)))
     for f0 in range(0, F, block):
         cols = []
         for s in range(len(store.index["shards"])):
-            acts = torch.from_numpy(np.array(store.shard(s, check=False), dtype=np.float32))
-            cols.append(feature_values(acts, sae)[:, f0:f0 + block].numpy())
+            cols.append(feature_values(raw_shard(store, s, population, check=False), sae)[:, f0:f0 + block].numpy())
         out[f0:f0 + block] = np.quantile(np.concatenate(cols), qs, axis=0).T
     return out
 
@@ -159,14 +172,14 @@ def locate(store):
     return np.array(starts), docs
 
 
-def example(store, tok, lookup, token_index, value, feature_col, sae, context):
+def example(store, tok, lookup, token_index, value, feature_col, sae, context, population="lora"):
     starts, docs = lookup
     j = int(np.searchsorted(starts, token_index, side="right") - 1)
     s, d = docs[j]
     pos = token_index - starts[j]
     lo, hi = max(0, pos - context), min(d["length"], pos + context + 1)
     ids = np.asarray(store.tokens(s)[d["start"] + lo:d["start"] + hi]).tolist()
-    acts = torch.from_numpy(np.array(store.shard(s, check=False)[d["start"] + lo:d["start"] + hi], dtype=np.float32))
+    acts = raw_shard(store, s, population, check=False)[d["start"] + lo:d["start"] + hi]
     vals = feature_values(acts, sae)[:, feature_col].tolist()
     return dict(value=float(value), doc=d["doc"], source=d["source"], pos=int(pos), doc_length=d["length"],
                 target=int(pos - lo), tokens=[tok.id_to_token_str(i) for i in ids], acts=[round(v, 5) for v in vals])
@@ -177,14 +190,17 @@ def cmd_mine(args):
     store = ActivationStore(args.acts)
     sae = SAE.load(args.sae) if args.sae else None
     tok = Tokenizer(args.tokenizer)
-    names = feature_names(store.index["sites"], sae)
-    top_v, top_i, rnd_v, rnd_i, fired, neg_i = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed)
-    qs = quantiles(store, sae)
+    pop = args.population
+    if pop == "mlp" and sae is not None:
+        raise SystemExit("interpret.py mine: --sae applies to the lora population only")
+    names = feature_names(population_sites(store, pop), sae, pop)
+    top_v, top_i, rnd_v, rnd_i, fired, neg_i = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed, pop)
+    qs = quantiles(store, sae, population=pop)
     n_tok = store.index["shape"][0]
     lookup = locate(store)
     feats = []
     for f, name in enumerate(names):
-        ex = lambda vs, ids: [example(store, tok, lookup, int(i), v, f, sae, args.context)
+        ex = lambda vs, ids: [example(store, tok, lookup, int(i), v, f, sae, args.context, pop)
                               for v, i in zip(vs[:, f].tolist(), ids[:, f].tolist()) if i >= 0]
         feats.append(dict(id=f, name=name, freq=fired[f].item() / max(1, n_tok),
                           quantiles=dict(zip(("q50", "q90", "q99", "q999"), qs[f].tolist())),
@@ -193,7 +209,7 @@ def cmd_mine(args):
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "features.json")
     with open(out + ".tmp", "w") as fh:
-        json.dump(dict(acts=os.path.abspath(args.acts), sae=args.sae, k=args.k, dedup=args.dedup, per_doc=args.per_doc,
+        json.dump(dict(acts=os.path.abspath(args.acts), population=pop, sae=args.sae, k=args.k, dedup=args.dedup, per_doc=args.per_doc,
                        context=args.context, tokens=n_tok, features=feats), fh)
     os.replace(out + ".tmp", out)
     print(f"mine: {len(feats)} features over {n_tok:,} tokens -> {out}")
@@ -502,6 +518,7 @@ class LLM:
 
     def __call__(self, messages, max_tokens=256):
         import hashlib
+        import threading
         import time
         import urllib.error
         import urllib.request
@@ -523,9 +540,10 @@ class LLM:
                     time.sleep(self.backoff * 2 ** attempt)
                     continue
                 raise RuntimeError(f"{self.url}: HTTP {e.code} after {attempt + 1} attempts") from None
-        with open(f + ".tmp", "w") as fh:
+        tmp = f"{f}.{os.getpid()}.{threading.get_ident()}.tmp"  # threads may race on one key: own temp files
+        with open(tmp, "w") as fh:
             json.dump({"content": content}, fh)
-        os.replace(f + ".tmp", f)
+        os.replace(tmp, f)
         return content
 
     def map(self, fn, items):
@@ -577,6 +595,45 @@ def cmd_autointerp(args):
     return rows
 
 
+def compare_populations(lora_rows, mlp_rows, n=1000, seed=0):
+    """LoRA features vs MLP neurons: mean detection balanced accuracy and (when rated) the 0/1/2
+    rubric shares, each with a bootstrap 95% interval, and the difference of the means."""
+    import random
+    rng = random.Random(seed)
+
+    def boot(xs):
+        if not xs:
+            return None, [None, None]
+        ms = sorted(sum(rng.choice(xs) for _ in xs) / len(xs) for _ in range(n))
+        return sum(xs) / len(xs), [ms[int(0.025 * n)], ms[int(0.975 * n) - 1]]
+    table = {}
+    for key in ("detection_balanced_accuracy", "rubric"):
+        a = [r[key] for r in lora_rows if r.get(key) is not None]
+        b = [r[key] for r in mlp_rows if r.get(key) is not None]
+        if not a or not b:
+            continue
+        diffs = sorted(sum(rng.choice(a) for _ in a) / len(a) - sum(rng.choice(b) for _ in b) / len(b) for _ in range(n))
+        (ma, ca), (mb, cb) = boot(a), boot(b)
+        row = dict(lora=ma, lora_ci95=ca, mlp=mb, mlp_ci95=cb, n_lora=len(a), n_mlp=len(b), diff=ma - mb,
+                   diff_ci95=[diffs[int(0.025 * n)], diffs[int(0.975 * n) - 1]])
+        if key == "rubric":
+            row["shares"] = {p: {c: sum(x == c for x in xs) / len(xs) for c in (0, 1, 2)} for p, xs in (("lora", a), ("mlp", b))}
+        table[key] = row
+    return table
+
+
+def cmd_compare(args):
+    load = lambda f: [json.loads(l) for l in open(f) if l.strip()]
+    table = compare_populations(load(args.lora), load(args.mlp))
+    for k, r in table.items():
+        print(f"{k}: lora {r['lora']:.3f} {r['lora_ci95']} (n={r['n_lora']}) | mlp {r['mlp']:.3f} {r['mlp_ci95']} "
+              f"(n={r['n_mlp']}) | difference {r['diff']:+.3f} {r['diff_ci95']}")
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(table, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -591,6 +648,8 @@ def main(argv=None):
     m.add_argument("--n-random", type=int, default=16)
     m.add_argument("--context", type=int, default=24)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--population", default="lora", choices=["lora", "mlp"],
+                   help="lora: adapter scalars (+ SAE latents); mlp: the MLP-neuron baseline collected with --mlp-neurons")
     m.set_defaults(func=cmd_mine)
     d = sub.add_parser("dashboard", help="one self-contained HTML page")
     d.add_argument("--features", required=True, help="features.json from `interpret.py mine`")
@@ -636,6 +695,11 @@ def main(argv=None):
     a.add_argument("--n-explain", type=int, default=10)
     a.add_argument("--limit", type=int, default=0)
     a.set_defaults(func=cmd_autointerp)
+    c = sub.add_parser("compare", help="LoRA features vs MLP neurons from two autointerp.jsonl files")
+    c.add_argument("--lora", required=True)
+    c.add_argument("--mlp", required=True)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_compare)
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -324,6 +324,17 @@ class ActivationStore:
                 raise ValueError(f"{file}: row {int(np.argmin(finite))} holds NaN or Inf values")
         return arr
 
+    def mlp(self, i):
+        """The MLP-neuron baseline of shard i: (tokens, len(index['mlp_neurons']))."""
+        s = self.index["shards"][i]
+        if "mlp" not in s:
+            raise ValueError(f"{self.path}: no MLP neurons were collected (sae.py collect --mlp-neurons N)")
+        file = os.path.join(self.path, s["mlp"])
+        arr = np.load(file, mmap_mode="r")
+        if arr.shape != (s["tokens"], len(self.index["mlp_neurons"])):
+            raise ValueError(f"{file}: holds {arr.shape}, expected ({s['tokens']}, {len(self.index['mlp_neurons'])})")
+        return arr
+
     def tokens(self, i):
         return np.load(os.path.join(self.path, self.index["shards"][i]["ids"]), mmap_mode="r")
 
@@ -361,23 +372,39 @@ def documents(path, fmt, tok):
 
 
 @torch.no_grad()
-def doc_scalars(model, ids, window):
+def doc_scalars(model, ids, window, mlp_neurons=None):
     """Adapter scalars (T, n_sites * r) of one document, run in windows of `window` tokens with a
-    KV cache, so long documents fit in memory and the result equals one full forward."""
+    KV cache, so long documents fit in memory and the result equals one full forward. With
+    mlp_neurons ([(layer, index)]) also the MLP-neuron baseline: those entries of down_proj's input
+    act(gate(x)) * up(x), captured by forward pre-hooks that are always removed."""
     from lora import capture
     from model import KVCache, _attn_mask
     dev = model.lm_head.weight.device
     T = len(ids)
     cache = KVCache(model.cfg, 1, T, model.lm_head.weight.dtype, dev)
     valid = torch.ones(1, T, dtype=torch.bool, device=dev)
-    with capture(model) as cap:
-        for s in range(0, T, window):
-            x = torch.tensor([ids[s:s + window]], device=dev)
-            n = x.shape[1]
-            mask = None if s == 0 else _attn_mask(valid, s, n)  # the first window takes the plain causal path
-            model.model(x, torch.arange(s, s + n, device=dev)[None], mask, cache)
-            cache.len += n
-    return cap.acts[0]
+    by_layer, got, hooks = {}, {}, []
+    for l, i in mlp_neurons or []:
+        by_layer.setdefault(l, []).append(i)
+    for l, idx in by_layer.items():
+        sel = torch.tensor(idx, device=dev)
+        hook = lambda mod, inp, l=l, sel=sel: got.setdefault(l, []).append(inp[0][0, :, sel].float())
+        hooks.append(model.model.layers[l].mlp.down_proj.register_forward_pre_hook(hook))
+    try:
+        with capture(model) as cap:
+            for s in range(0, T, window):
+                x = torch.tensor([ids[s:s + window]], device=dev)
+                n = x.shape[1]
+                mask = None if s == 0 else _attn_mask(valid, s, n)  # the first window takes the plain causal path
+                model.model(x, torch.arange(s, s + n, device=dev)[None], mask, cache)
+                cache.len += n
+    finally:
+        for h in hooks:
+            h.remove()
+    if mlp_neurons is None:
+        return cap.acts[0]
+    mlp = torch.cat([torch.cat(got[l]) for l in by_layer], dim=1) if by_layer else torch.zeros(T, 0)
+    return cap.acts[0], mlp
 
 
 def cmd_collect(args):
@@ -395,6 +422,9 @@ def cmd_collect(args):
     model = Qwen2.from_pretrained(args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=dev).eval()
     load_adapter(model, args.adapter, verbose=False)
     layout = [list(s) for s in sites(model)]
+    gen = torch.Generator().manual_seed(args.seed)
+    neurons = [[l, int(i)] for l in range(model.cfg.num_hidden_layers)
+               for i in sorted(torch.randperm(model.cfg.intermediate_size, generator=gen)[:args.mlp_neurons].tolist())]
     rank_r = adapters(model)[0].rank
     store_dtype = {"float32": np.float32, "float16": np.float16}[args.store_dtype]
     os.makedirs(args.out, exist_ok=True)
@@ -410,9 +440,11 @@ def cmd_collect(args):
         if os.path.isfile(side):  # finished by an earlier run
             bar.update(sum(len(ids) for _, ids in part))
             continue
-        acts, toks, meta, off = [], [], [], 0
+        acts, toks, mlps, meta, off = [], [], [], [], 0
         for k, (src, ids) in enumerate(part):
-            a = doc_scalars(model, ids, args.window).float().cpu().numpy()
+            a, mlp = doc_scalars(model, ids, args.window, [tuple(n) for n in neurons])
+            a = a.float().cpu().numpy()
+            mlps.append(mlp.cpu().numpy().astype(store_dtype))
             if not np.isfinite(a).all():
                 raise ValueError(f"{src}: non-finite adapter scalars at token {int(np.argmin(np.isfinite(a).all(1)))}")
             acts.append(a.astype(store_dtype))
@@ -422,12 +454,16 @@ def cmd_collect(args):
             n_tok += len(ids)
             bar.update(len(ids))
             bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
-        for name, arr in ((f"acts-{j:05d}.npy", np.concatenate(acts)), (f"tokens-{j:05d}.npy", np.concatenate(toks))):
+        arrays = [(f"acts-{j:05d}.npy", np.concatenate(acts)), (f"tokens-{j:05d}.npy", np.concatenate(toks))]
+        if neurons:
+            arrays.append((f"mlp-{j:05d}.npy", np.concatenate(mlps)))
+        for name, arr in arrays:
             with open(os.path.join(args.out, name + ".tmp"), "wb") as f:
                 np.save(f, arr)
             os.replace(os.path.join(args.out, name + ".tmp"), os.path.join(args.out, name))
         with open(side + ".tmp", "w") as f:
-            json.dump(dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off, docs=meta), f)
+            json.dump(dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off, docs=meta,
+                           **({"mlp": f"mlp-{j:05d}.npy"} if neurons else {})), f)
         os.replace(side + ".tmp", side)
     bar.close()
     if dist:
@@ -438,7 +474,7 @@ def cmd_collect(args):
                      sites=layout, rank=rank_r, order="column = position of (layer, target) sorted by layer, then "
                      "gate, up, down, q, k, v, o (7 * layer + p with all 7 targets)",
                      model=os.path.abspath(args.model), adapter=os.path.abspath(args.adapter), format=args.format,
-                     data=os.path.abspath(args.data), documents=len(docs), shards=shards)
+                     data=os.path.abspath(args.data), documents=len(docs), shards=shards, mlp_neurons=neurons)
         with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
             json.dump(index, f, indent=1)
         os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
@@ -476,6 +512,9 @@ def main(argv=None):
     c.add_argument("--docs-per-shard", type=int, default=64)
     c.add_argument("--window", type=int, default=4096, help="tokens per forward (KV-cached) for long documents")
     c.add_argument("--max-docs", type=int, default=0)
+    c.add_argument("--mlp-neurons", type=int, default=0,
+                   help="also store this many SwiGLU neurons per layer (down_proj's input), a seeded sample: the baseline")
+    c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_collect)
     t = sub.add_parser("train", help="train the BatchTopK SAE on a collected store")
     t.add_argument("--acts", required=True)

@@ -240,8 +240,9 @@ class FakeLLM(http.server.BaseHTTPRequestHandler):
 
 
 def feature_with_examples(i):
-    top = [dict(value=float(v), tokens=["a", "X", "b"], acts=[0, v, 0], target=1) for v in (3, 9, 1, 7, 5, 2, 8, 6, 4, 10, 11, 12, 13, 14)]
-    inactive = [dict(value=0.0, tokens=["a", "o", "b"], acts=[0, 0, 0], target=1) for _ in range(6)]
+    # distinct text per feature, so that no two requests share a cache key (the call count is exact)
+    top = [dict(value=float(v), tokens=["a", "X", f"b{i}"], acts=[0, v, 0], target=1) for v in (3, 9, 1, 7, 5, 2, 8, 6, 4, 10, 11, 12, 13, 14)]
+    inactive = [dict(value=0.0, tokens=["a", "o", f"b{i}"], acts=[0, 0, 0], target=1) for _ in range(6)]
     return dict(id=i, name=f"L0.gate_proj+{i}", top=top, random=top[:2], inactive=inactive)
 
 
@@ -277,3 +278,53 @@ def test_balanced_accuracy_hand_values():
     assert balanced_accuracy(items, {0, 2}) == 0.5
     assert balanced_accuracy(items, set()) == 0.5
     assert balanced_accuracy(items, {2, 3}) == 0.0
+
+
+def test_compare_populations_hand_values():
+    from interpret import compare_populations
+    lora = [{"detection_balanced_accuracy": v, "rubric": r} for v, r in [(0.9, 0), (0.8, 1), (0.7, 1), (0.6, 2)]]
+    mlp = [{"detection_balanced_accuracy": v, "rubric": r} for v, r in [(0.6, 2), (0.5, 2), (0.7, 1), (0.6, 2)]]
+    t = compare_populations(lora, mlp)
+    d = t["detection_balanced_accuracy"]
+    assert d["lora"] == pytest.approx(0.75) and d["mlp"] == pytest.approx(0.6) and d["diff"] == pytest.approx(0.15)
+    assert d["lora_ci95"][0] <= 0.75 <= d["lora_ci95"][1]
+    assert t["rubric"]["shares"]["lora"] == {0: 0.25, 1: 0.5, 2: 0.25} and t["rubric"]["shares"]["mlp"][2] == 0.75
+
+
+def test_mlp_neuron_baseline_collected_and_mined(tmp_path):
+    """sae.py collect --mlp-neurons stores down_proj's input at the sampled neurons (checked against a
+    hook here), and mining reads them as the mlp population."""
+    from conftest import hf_tiny, save_hf
+    from test_data import tiny_tokenizer
+    from lora import apply_lora, load_adapter, save_adapter
+    from model import Qwen2
+    from sae import doc_scalars
+    save_hf(hf_tiny(vocab_size=300), tmp_path / "m")
+    tiny_tokenizer(tmp_path / "m")
+    m = apply_lora(Qwen2.from_pretrained(str(tmp_path / "m")), verbose=False)
+    save_adapter(m, tmp_path / "ad")
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(dict(question=f"q{i}", deepseek_thinking_trajectory="t " * (i + 2),
+                                                                     deepseek_attempt="a")) for i in range(3)) + "\n")
+    from sae import main as sae_main
+    sae_main(["collect", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"), "--data", str(tmp_path / "rows.jsonl"),
+              "--out", str(tmp_path / "acts"), "--mlp-neurons", "4", "--window", "8"])
+    store = ActivationStore(str(tmp_path / "acts"))
+    neurons = store.index["mlp_neurons"]
+    assert len(neurons) == 3 * 4 and all(0 <= i < 37 for _, i in neurons)
+    # against an independent hook on one document
+    m2 = Qwen2.from_pretrained(str(tmp_path / "m"))
+    load_adapter(m2, str(tmp_path / "ad"), verbose=False)
+    seen = {}
+    hs = [m2.model.layers[l].mlp.down_proj.register_forward_pre_hook(lambda mod, inp, l=l: seen.__setitem__(l, inp[0][0]))
+          for l in range(3)]
+    doc = store.index["shards"][0]["docs"][0]
+    ids = np.asarray(store.tokens(0)[doc["start"]:doc["start"] + doc["length"]]).tolist()
+    with torch.no_grad():
+        m2(torch.tensor([ids]))
+    for h in hs:
+        h.remove()
+    want = torch.stack([seen[l][:, i] for l, i in neurons], dim=1)
+    np.testing.assert_allclose(store.mlp(0)[:doc["length"]], want.numpy(), atol=1e-5)
+    top_v, top_i, *_ = mine(store, None, 3, 0, 3, population="mlp")
+    assert top_v.shape == (3, 2 * 12)
+    assert feature_names(neurons, None, "mlp")[0] == f"N{neurons[0][0]}.{neurons[0][1]}+"
