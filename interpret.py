@@ -304,8 +304,13 @@ def dashboard_html(data):
     """One self-contained page. The data sit in a JSON script element (with <, > and & escaped, so
     no dataset text can close it), and the page builds everything with textContent: dataset text is
     never parsed as HTML."""
-    blob = json.dumps(data, ensure_ascii=False).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
-    return DASHBOARD.replace("__DATA__", blob)
+    def safe(obj):
+        return json.dumps(obj, ensure_ascii=False).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    # the page parses a small index at load; each feature's examples sit in their own element and
+    # are parsed only when the feature is shown, so thousands of features stay responsive
+    index = {**data, "features": [{k: f[k] for k in ("id", "name", "freq", "quantiles")} for f in data["features"]]}
+    parts = [f'<script type="application/json" id="f{f["id"]}">{safe(f)}</script>' for f in data["features"]]
+    return DASHBOARD.replace("__DATA__", safe(index)).replace("__FEATURES__", "\n".join(parts))
 
 
 DASHBOARD = r"""<!doctype html>
@@ -323,6 +328,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 6px}
 <div id="side"><input id="q" placeholder="search id or name  ( / )"><div id="list"></div></div>
 <div id="main"><div id="overview"></div><div id="feature"></div></div>
 <script type="application/json" id="data">__DATA__</script>
+__FEATURES__
 <script>
 "use strict";
 const D = JSON.parse(document.getElementById("data").textContent);
@@ -391,9 +397,12 @@ function strip(ex, maxabs) {
   return d;
 }
 
+const cache = {};
+function feature(i) { if (!(i in cache)) cache[i] = JSON.parse(document.getElementById("f" + i).textContent); return cache[i]; }
+
 function show(i) {
   if (i < 0 || i >= F.length) return;
-  cur = i; const f = F[i]; const box = document.getElementById("feature"); box.replaceChildren();
+  cur = i; const f = feature(i); const box = document.getElementById("feature"); box.replaceChildren();
   box.appendChild(el("h2", "#" + f.id + "  " + f.name));
   box.appendChild(el("div", "frequency " + f.freq.toPrecision(3) + " · q50 " + f.quantiles.q50.toPrecision(3) + " · q90 " +
     f.quantiles.q90.toPrecision(3) + " · q99 " + f.quantiles.q99.toPrecision(3) + " · q99.9 " + f.quantiles.q999.toPrecision(3), "meta"));

@@ -328,3 +328,27 @@ def test_mlp_neuron_baseline_collected_and_mined(tmp_path):
     top_v, top_i, *_ = mine(store, None, 3, 0, 3, population="mlp")
     assert top_v.shape == (3, 2 * 12)
     assert feature_names(neurons, None, "mlp")[0] == f"N{neurons[0][0]}.{neurons[0][1]}+"
+
+
+def test_steer_cli_measures(tmp_path):
+    from conftest import hf_tiny, save_hf
+    from test_data import tiny_tokenizer
+    from lora import adapters, apply_lora, save_adapter
+    from model import Qwen2
+    from interpret import main
+    save_hf(hf_tiny(vocab_size=300), tmp_path / "m")
+    tiny_tokenizer(tmp_path / "m")
+    m = apply_lora(Qwen2.from_pretrained(str(tmp_path / "m")), verbose=False)
+    with torch.no_grad():
+        for a in adapters(m):
+            a.lora_B.normal_(0, 0.3)
+    save_adapter(m, tmp_path / "ad")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"problem": "What is 2+2?", "answer": "4"}) + "\n")
+    out = main(["steer", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"), "--site", "L1.gate_proj",
+                "--strengths", "0,50", "--seeds", "0,1", "--bench", f"math500={tmp_path / 'p.jsonl'}", "--out", str(tmp_path / "s.json"),
+                "--thinking-budget", "12", "--max-answer-tokens", "4", "--temperature", "0", "--words", "Wait,the"])
+    r = out["results"]
+    assert [(x["strength"], x["seed"]) for x in r] == [(0, 0), (0, 1), (50, 0), (50, 1)]
+    assert all(set(x["word_counts"]) == {"Wait", "the"} and x["accuracy"] in (0.0, 1.0) for x in r)
+    assert r[0]["examples"] == r[1]["examples"] and r[0]["examples"] != r[2]["examples"]  # greedy: seeds agree; steering changes it
+    assert json.load(open(tmp_path / "s.json"))["site"] == "L1.gate_proj"
