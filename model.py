@@ -20,7 +20,6 @@ Notable choices:
   handles batches of prompts of different lengths by left padding.
 """
 import json
-import math
 import os
 import shutil
 import tempfile

@@ -351,7 +351,7 @@ PAPER_SYSTEM = "You are a helpful mathematics assistant."
 def documents(path, fmt, tok):
     """[(source, ids)]: s1 rows in the training format (default) or the paper's collection format,
     or eval.py generations (samples.jsonl: prompt + generation)."""
-    from data import read_rows, render_chat, s1_assistant, s1_example
+    from data import read_rows, render_chat, s1_example
     rows, where = read_rows(path)
     docs = []
     for r, w in zip(rows, where):

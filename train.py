@@ -37,7 +37,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -322,7 +322,6 @@ def _move_files(src, dst, meta):
 
 def load_checkpoint(cfg, model, opt, rank, world):
     """Restore out/ckpt; returns (next step, losses so far). Refuses a checkpoint of another config."""
-    from torch.distributed.tensor import DTensor
     path = os.path.join(cfg.out, "ckpt")
     meta_file = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_file):

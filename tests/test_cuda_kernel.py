@@ -109,7 +109,7 @@ def test_fused_is_deterministic():
 
 @gpu
 def test_opcheck():
-    import lora_cuda  # noqa: F401
+    import lora_cuda  # noqa: F401  (registers the ops)
     x, W, bias, A, B, gy = _case(33, 96, 40, torch.bfloat16)
     torch.library.opcheck(torch.ops.rank1.lora1_linear, (x.detach(), W, bias, A.detach().view(-1), B.detach().view(-1), 16.0))
     u = torch.ops.rank1.lora1_linear(x.detach(), W, bias, A.detach().view(-1), B.detach().view(-1), 16.0)[1]

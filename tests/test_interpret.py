@@ -298,7 +298,6 @@ def test_mlp_neuron_baseline_collected_and_mined(tmp_path):
     from test_data import tiny_tokenizer
     from lora import apply_lora, load_adapter, save_adapter
     from model import Qwen2
-    from sae import doc_scalars
     save_hf(hf_tiny(vocab_size=300), tmp_path / "m")
     tiny_tokenizer(tmp_path / "m")
     m = apply_lora(Qwen2.from_pretrained(str(tmp_path / "m")), verbose=False)

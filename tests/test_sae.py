@@ -134,7 +134,7 @@ def collect(env, out, *extra, nproc=1):
 
 
 def test_collection_equals_capture_resumes_and_matches_two_processes(model_env, tmp_path):
-    from data import Tokenizer, load_s1
+    from data import Tokenizer
     from lora import capture, load_adapter, sites
     from model import Qwen2
     collect(model_env, tmp_path / "a")
