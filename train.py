@@ -469,6 +469,7 @@ def train(cfg, rank, world, device):
         total_run = total
     start, losses = (load_checkpoint(cfg, model, opt, rank, world) if cfg.resume else (0, []))
     lora_params = [p for _, p in trainable(model)] if cfg.mode == "lora" else []
+    trained = [sum(t != -100 for t in tg) for _, tg in examples]  # trained-on tokens per sequence
 
     stop = {"term": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("term", True))
@@ -479,7 +480,7 @@ def train(cfg, rank, world, device):
     for step in range(start, total_run):
         t0 = time.time()
         rows = step_batch(cfg, step, len(examples), spe)
-        n_tok = sum(sum(t != -100 for t in examples[i][1]) for i in rows)
+        n_tok = sum(trained[i] for i in rows)
         mine = rows[rank::world]
         n_micro = math.ceil(len(rows) / world)  # every rank runs the same number of micro-steps (FSDP collectives)
         local_loss = torch.zeros((), device=device)
