@@ -75,6 +75,11 @@ def doc_picks(vals, k, dedup, per_doc):
     """Greedy picks of one document, for all features at once. vals (T, F) -> (values, positions),
     each (P, F) with P <= min(per_doc, k); -inf / -1 where a feature has nothing left above 0."""
     T, F = vals.shape
+    if dedup == 0:  # no neighbours to hide: the greedy picks are the sorted values (stable: earliest first)
+        v, p = vals.sort(dim=0, descending=True, stable=True)
+        v, p = v[:min(per_doc, k)], p[:min(per_doc, k)]
+        ok = v > 0
+        return v.masked_fill(~ok, -torch.inf), p.masked_fill(~ok, -1)
     v = vals.clone()
     pos = torch.arange(T, device=v.device)[:, None]
     out_v, out_p = [], []
@@ -102,7 +107,7 @@ def merge_topk(best_v, best_i, new_v, new_i, k):
     return v.gather(0, o)[:k], i.gather(0, o)[:k]
 
 
-def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, population="lora"):
+def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, population="lora", device="cpu"):
     """Top-k examples and a uniform random sample of non-zero activations for every feature.
 
     Returns (top_v, top_i, rnd_v, rnd_i, fired, neg_i): (k or n_random, F) values and global token
@@ -118,15 +123,16 @@ def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, popu
     base = 0
     from tqdm import tqdm
     for s in tqdm(range(len(store.index["shards"])), desc="mine", file=sys.stderr):
-        vals = feature_values(raw_shard(store, s, population), sae)
-        fired += (vals > 0).sum(0)
+        vals = feature_values(raw_shard(store, s, population).to(device), sae)
+        fired += (vals > 0).sum(0).cpu()
         for d in store.index["shards"][s]["docs"]:
             seg = vals[d["start"]:d["start"] + d["length"]]
-            pv, pp = doc_picks(seg, k, dedup, per_doc)
+            pv, pp = (t.cpu() for t in doc_picks(seg, k, dedup, per_doc))
             pi = torch.where(pp >= 0, pp + base + d["start"], torch.full_like(pp, -1))
             top_v, top_i = merge_topk(top_v, top_i, pv, pi, k)
         # uniform samples: the n_random smallest random keys among a feature's non-zero tokens, and
         # (as negatives for autointerp's detection score) among the tokens where it is not active
+        vals = vals.cpu()
         keys = torch.rand(vals.shape, generator=g)
         idx = torch.arange(len(vals))[:, None].expand_as(vals) + base
         rnd = _reservoir(rnd, keys.masked_fill(vals <= 0, torch.inf), idx, vals, n_random)
@@ -194,7 +200,11 @@ def cmd_mine(args):
     if pop == "mlp" and sae is not None:
         raise SystemExit("interpret.py mine: --sae applies to the lora population only")
     names = feature_names(population_sites(store, pop), sae, pop)
-    top_v, top_i, rnd_v, rnd_i, fired, neg_i = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed, pop)
+    if sae is not None:
+        sae = sae.to(args.device)
+    top_v, top_i, rnd_v, rnd_i, fired, neg_i = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed,
+                                                    pop, args.device)
+    sae = sae.cpu() if sae is not None else None
     qs = quantiles(store, sae, population=pop)
     n_tok = store.index["shape"][0]
     lookup = locate(store)
@@ -657,6 +667,7 @@ def main(argv=None):
     m.add_argument("--n-random", type=int, default=16)
     m.add_argument("--context", type=int, default=24)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the features are computed")
     m.add_argument("--population", default="lora", choices=["lora", "mlp"],
                    help="lora: adapter scalars (+ SAE latents); mlp: the MLP-neuron baseline collected with --mlp-neurons")
     m.set_defaults(func=cmd_mine)
