@@ -35,7 +35,7 @@ import torch
 from data import Tokenizer, read_rows, render_chat, s1_example
 from grading import BENCHMARKS, extract_answer, extract_letter, grade  # noqa: F401  (library use: from eval import grade)
 from lora import ATTN, MLP, SITE_ORDER, ablate, adapters, load_adapter, merge, sites
-from model import DTYPES, Qwen2, atomic_dir
+from model import DTYPES, Qwen2, atomic_dir, write_atomic
 
 # -----------------------------------------------------------------------------
 # benchmark files
@@ -233,9 +233,7 @@ def cmd_run(args):
     bar.close()
     os.makedirs(args.out, exist_ok=True)
     part = os.path.join(args.out, f".part-rank{rank:05d}.jsonl")
-    with open(part + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(part + ".tmp", part)
+    write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
     if dist:
         dist.barrier()
     if rank == 0:
@@ -280,12 +278,6 @@ def write_results(args, benches, records, identity, world):
         print(f"{name}: accuracy {r['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] on {r['problems']} problems | unparseable "
               f"{r['unparseable']} | thinking truncated {r['thinking_truncated']} | mean thinking "
               f"{r['mean_thinking_tokens']:.0f} tokens")
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # -----------------------------------------------------------------------------

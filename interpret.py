@@ -33,6 +33,7 @@ import sys
 import numpy as np
 import torch
 
+from model import write_atomic
 from sae import SAE, ActivationStore
 
 # -----------------------------------------------------------------------------
@@ -218,10 +219,8 @@ def cmd_mine(args):
                           inactive=ex(torch.zeros_like(rnd_v), neg_i)))
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "features.json")
-    with open(out + ".tmp", "w") as fh:
-        json.dump(dict(acts=os.path.abspath(args.acts), population=pop, sae=args.sae, k=args.k, dedup=args.dedup, per_doc=args.per_doc,
-                       context=args.context, tokens=n_tok, features=feats), fh)
-    os.replace(out + ".tmp", out)
+    write_atomic(out, json.dumps(dict(acts=os.path.abspath(args.acts), population=pop, sae=args.sae, k=args.k, dedup=args.dedup,
+                                      per_doc=args.per_doc, context=args.context, tokens=n_tok, features=feats)))
     print(f"mine: {len(feats)} features over {n_tok:,} tokens -> {out}")
 
 
@@ -285,7 +284,7 @@ def cmd_steer(args):
                   + " ".join(f"{w} {v:.2f}" for w, v in r["word_counts"].items())
                   + (f" | accuracy {r['accuracy']:.3f}" if r["accuracy"] is not None else ""))
     out = dict(identity=identity, sae=args.sae, feature=args.feature, site=args.site, results=results)
-    ev.write_atomic(args.out, json.dumps(out, indent=1))
+    write_atomic(args.out, json.dumps(out, indent=1))
     return out
 
 
@@ -466,9 +465,7 @@ def cmd_dashboard(args):
             if f["name"] in prom:
                 f["promotes"] = prom[f["name"]]
     html = dashboard_html(data)
-    with open(args.out + ".tmp", "w", encoding="utf-8") as fh:
-        fh.write(html)
-    os.replace(args.out + ".tmp", args.out)
+    write_atomic(args.out, html)
     print(f"dashboard: {len(data['features'])} features -> {args.out}")
 
 
@@ -537,7 +534,6 @@ class LLM:
 
     def __call__(self, messages, max_tokens=256):
         import hashlib
-        import threading
         import time
         import urllib.error
         import urllib.request
@@ -559,10 +555,7 @@ class LLM:
                     time.sleep(self.backoff * 2 ** attempt)
                     continue
                 raise RuntimeError(f"{self.url}: HTTP {e.code} after {attempt + 1} attempts") from None
-        tmp = f"{f}.{os.getpid()}.{threading.get_ident()}.tmp"  # threads may race on one key: own temp files
-        with open(tmp, "w") as fh:
-            json.dump({"content": content}, fh)
-        os.replace(tmp, f)
+        write_atomic(f, json.dumps({"content": content}))
         return content
 
     def map(self, fn, items):
@@ -603,9 +596,7 @@ def cmd_autointerp(args):
               concurrency=args.concurrency) if args.llm_url else None
     rows = autointerp(data["features"][:args.limit or None], llm, args.rubric, args.n_explain)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "autointerp.jsonl.tmp"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(os.path.join(args.out, "autointerp.jsonl.tmp"), os.path.join(args.out, "autointerp.jsonl"))
+    write_atomic(os.path.join(args.out, "autointerp.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     scored = [r["detection_balanced_accuracy"] for r in rows if "detection_balanced_accuracy" in r]
     if scored:
         print(f"autointerp: {len(scored)} features, mean detection balanced accuracy {sum(scored) / len(scored):.3f}")
@@ -647,9 +638,7 @@ def cmd_compare(args):
     for k, r in table.items():
         print(f"{k}: lora {r['lora']:.3f} {r['lora_ci95']} (n={r['n_lora']}) | mlp {r['mlp']:.3f} {r['mlp_ci95']} "
               f"(n={r['n_mlp']}) | difference {r['diff']:+.3f} {r['diff_ci95']}")
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(table, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    write_atomic(args.out, json.dumps(table, indent=1))
     return table
 
 

@@ -547,6 +547,15 @@ def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30
     atomic_dir(out_dir, write)
 
 
+def write_atomic(path, text):
+    """Write a text file through a temp file and a rename: readers never see half of it."""
+    import threading
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # own temp file per writer (threads may race)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def atomic_dir(out_dir, write):
     """Call write(tmp_dir) and then move tmp_dir to out_dir (replacing it): no half-written output."""
     out_dir = os.path.abspath(out_dir)

@@ -410,7 +410,7 @@ def doc_scalars(model, ids, window, mlp_neurons=None):
 def cmd_collect(args):
     from data import Tokenizer
     from lora import adapters, load_adapter, sites
-    from model import DTYPES, Qwen2
+    from model import DTYPES, Qwen2, write_atomic
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dist = None
     if world > 1:
@@ -461,10 +461,8 @@ def cmd_collect(args):
             with open(os.path.join(args.out, name + ".tmp"), "wb") as f:
                 np.save(f, arr)
             os.replace(os.path.join(args.out, name + ".tmp"), os.path.join(args.out, name))
-        with open(side + ".tmp", "w") as f:
-            json.dump(dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off, docs=meta,
-                           **({"mlp": f"mlp-{j:05d}.npy"} if neurons else {})), f)
-        os.replace(side + ".tmp", side)
+        write_atomic(side, json.dumps(dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off, docs=meta,
+                                           **({"mlp": f"mlp-{j:05d}.npy"} if neurons else {}))))
     bar.close()
     if dist:
         dist.barrier()
@@ -475,9 +473,7 @@ def cmd_collect(args):
                      "gate, up, down, q, k, v, o (7 * layer + p with all 7 targets)",
                      model=os.path.abspath(args.model), adapter=os.path.abspath(args.adapter), format=args.format,
                      data=os.path.abspath(args.data), documents=len(docs), shards=shards, mlp_neurons=neurons)
-        with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
+        write_atomic(os.path.join(args.out, "index.json"), json.dumps(index, indent=1))
         print(f"collect: {index['shape'][0]:,} tokens x {index['shape'][1]} scalars in {n_shards} shards -> {args.out}")
     if dist:
         dist.barrier()
