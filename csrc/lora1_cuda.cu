@@ -74,6 +74,26 @@ __global__ void fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const flo
 // Column tile of C = 32 * V * ITERS columns x a chunk of R rows; lane owns V-wide vectors at
 // columns c0 + (it * 32 + lane) * V, so each warp load is contiguous.
 //
+// The end of both backward kernels: add each column's per-warp accumulators over the block's warps
+// (through shared memory, in warp order) and write the chunk's partial row part[c0 .. c0 + C).
+template <int V>
+__device__ __forceinline__ void write_chunk_partial(float (&acc)[ITERS][V], float* sm, int c0, int width, float* part) {
+  constexpr int C = 32 * V * ITERS;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it)
+#pragma unroll
+    for (int k = 0; k < V; ++k) sm[warp * C + (it * 32 + lane) * V + k] = acc[it][k];
+  __syncthreads();
+  for (int c = threadIdx.x; c < C && c0 + c < width; c += THREADS) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += sm[w * C + c];
+    part[c0 + c] = sum;
+  }
+}
+
+//
 // bwd_g_kernel: gb_part[tile, t] = g_t[tile] . b[tile];  dB_part[chunk, cols] = sum_t u_t g_t[cols].
 template <typename T, int V>
 __global__ void bwd_g_kernel(const T* __restrict__ g, const float* __restrict__ b, const float* __restrict__ u,
@@ -114,17 +134,7 @@ __global__ void bwd_g_kernel(const T* __restrict__ g, const float* __restrict__ 
     dot = warp_sum(dot);
     if (lane == 0) gb_part[blockIdx.x * N + t] = dot;
   }
-#pragma unroll
-  for (int it = 0; it < ITERS; ++it)
-#pragma unroll
-    for (int k = 0; k < V; ++k) sm[warp * C + (it * 32 + lane) * V + k] = acc[it][k];
-  __syncthreads();
-  for (int c = threadIdx.x; c < C && c0 + c < out; c += THREADS) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += sm[w * C + c];
-    dB_part[blockIdx.y * (int64_t)out + c0 + c] = sum;
-  }
+  write_chunk_partial<V>(acc, sm, c0, out, dB_part + blockIdx.y * (int64_t)out);
 }
 
 // bwd_x_kernel: gb_t = sum over g-tiles of gb_part;  dx_t[cols] += s gb_t a[cols] (when dx is given);
@@ -169,17 +179,7 @@ __global__ void bwd_x_kernel(const T* __restrict__ x, T* __restrict__ dx, const 
       }
     }
   }
-#pragma unroll
-  for (int it = 0; it < ITERS; ++it)
-#pragma unroll
-    for (int k = 0; k < V; ++k) sm[warp * C + (it * 32 + lane) * V + k] = acc[it][k];
-  __syncthreads();
-  for (int c = threadIdx.x; c < C && c0 + c < in; c += THREADS) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += sm[w * C + c];
-    dA_part[blockIdx.y * (int64_t)in + c0 + c] = sum;
-  }
+  write_chunk_partial<V>(acc, sm, c0, in, dA_part + blockIdx.y * (int64_t)in);
 }
 
 // out[c] = s * sum_chunk part[chunk, c], chunks added in order.
