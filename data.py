@@ -164,3 +164,32 @@ def load_s1(path, tok, block_size=None):
                  tokens=sum(len(i) for i, _ in examples),
                  target_tokens=sum(sum(t != -100 for t in ts) for _, ts in examples))
     return examples, stats
+
+
+def load_text(path, tok, block_size):
+    """A pretraining corpus (rows with a "text" field) -> (examples, stats) in load_s1's shape: the
+    documents, each followed by <|endoftext|>, are concatenated and cut into blocks of block_size
+    next-token pairs, every token trained on (the tail shorter than a block is dropped, and counted)."""
+    rows, where = read_rows(path, required=("text",))
+    for row, w in zip(rows, where):
+        if not isinstance(row["text"], str):
+            raise ValueError(f"{w}: field 'text' must be a string")
+    stream = []
+    for ids in tok.encode_batch([row["text"] for row in rows]):
+        stream += ids + [tok.eot]
+    n = (len(stream) - 1) // block_size
+    if n == 0:
+        raise ValueError(f"{path}: {len(stream)} tokens do not fill one block of {block_size}")
+    examples = [(stream[i * block_size:(i + 1) * block_size], stream[i * block_size + 1:(i + 1) * block_size + 1])
+                for i in range(n)]
+    stats = dict(rows=n, documents=len(rows), truncated=0, target_tokens_lost=len(stream) - 1 - n * block_size,
+                 tokens=n * block_size, target_tokens=n * block_size)
+    return examples, stats
+
+
+def load_examples(path, tok, block_size):
+    """load_text for a corpus of {"text"} rows, load_s1 otherwise (decided by the first row)."""
+    rows, _ = read_rows(path)
+    if rows and "text" in rows[0] and "question" not in rows[0]:
+        return load_text(path, tok, block_size)
+    return load_s1(path, tok, block_size)

@@ -351,7 +351,8 @@ def math_equal(pred, gold):
 # -----------------------------------------------------------------------------
 # per benchmark
 
-BENCHMARKS = ("aime24", "aime25", "math500", "gpqa")
+# "math": any other problem/answer set (jsonl or parquet), graded like MATH500
+BENCHMARKS = ("aime24", "aime25", "math500", "gpqa", "math")
 
 
 def extract_letter(generation):

@@ -13,7 +13,7 @@ Train a rank-1 LoRA (or a full finetune) of Qwen2 on s1K-1.1 with the paper's re
     python train.py --preset s1.1-rank1-32b --model /models/Qwen2.5-32B-Instruct --data s1K-1.1.parquet --dry-run
 
 Recipe details (PAPER.md section B) and our choices:
-- Global batch = micro-batch 1 x world x accumulation. The sequences of step k are positions
+- Global batch = micro-batch (1 in the paper) x world x accumulation. The sequences of step k are positions
   [k*G, (k+1)*G) of the epoch's permutation (seeded by seed + epoch); sequence i of a step goes to
   rank i % world. So 1 process and N processes see the same batches and, up to float rounding,
   produce the same losses and adapters.
@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.distributed as dist
 
-from data import Tokenizer, load_s1
+from data import Tokenizer, load_examples
 from lora import SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
 from model import DTYPES, Qwen2, Qwen2Config, atomic_dir, checkpoint_files, read_safetensors, save_hf_checkpoint
 
@@ -53,7 +53,7 @@ from model import DTYPES, Qwen2, Qwen2Config, atomic_dir, checkpoint_files, read
 @dataclass
 class TrainConfig:
     model: str = ""             # HF model directory (config.json + safetensors)
-    data: str = ""              # s1K-1.1 rows, .jsonl or .parquet
+    data: str = ""              # s1K-1.1 rows (.jsonl or .parquet), or a corpus of {"text"} rows packed into blocks
     out: str = "runs/default"   # output directory: adapter/ or model/, ckpt/, metrics.jsonl, config.json
     tokenizer: str = ""         # directory with tokenizer.json (default: --model)
     mode: str = "lora"          # lora | full
@@ -65,7 +65,8 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_ratio: float = 0.05
     epochs: int = 5
-    global_batch: int = 16      # sequences per optimizer step (micro-batch is 1 sequence)
+    global_batch: int = 16      # sequences per optimizer step
+    micro_batch: int = 1        # sequences per forward (the paper: 1; more are right-padded, loss-masked)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -90,7 +91,7 @@ class TrainConfig:
         bad = [t for t in self.target_list if t not in SITE_ORDER]
         if bad:
             raise ValueError(f"--targets: unknown {bad}; expected names among {list(SITE_ORDER)}")
-        for k in ("rank", "epochs", "global_batch", "block_size", "loss_chunk"):
+        for k in ("rank", "epochs", "global_batch", "micro_batch", "block_size", "loss_chunk"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
 
@@ -120,6 +121,18 @@ PRESETS = {
                           eps=1e-8, weight_decay=1e-4, grad_clip=1.0, block_size=20000, dtype="bfloat16",
                           activation_checkpointing=True),
 }
+# demo.py's miniature (a 0.9M-parameter Qwen2 on CPU): the same recipe shape with small-model learning
+# rates, fp32, micro-batches of 16-32 sequences and no activation checkpointing; pretraining is a full
+# finetune of a random checkpoint on a packed {"text"} corpus
+_DEMO = dict(dtype="float32", activation_checkpointing=False, warmup_ratio=0.05, beta1=0.9, beta2=0.95, eps=1e-8,
+             grad_clip=1.0, block_size=512)
+PRESETS.update({
+    "demo-pretrain": dict(_DEMO, mode="full", lr=3e-3, weight_decay=0.1, epochs=1, global_batch=8, micro_batch=8,
+                          block_size=256),
+    "demo-rank1": dict(_DEMO, mode="lora", rank=1, alpha=16.0, rslora=True, targets=",".join(SITE_ORDER), lr=5e-3,
+                       weight_decay=1e-4, epochs=5, global_batch=16, micro_batch=16),
+    "demo-full": dict(_DEMO, mode="full", lr=1e-3, weight_decay=1e-4, epochs=5, global_batch=16, micro_batch=16),
+})
 # settings that must agree between a checkpoint and the run resuming it
 RESUME_KEYS = ("mode", "rank", "alpha", "rslora", "targets", "layers", "lr", "warmup_ratio", "epochs", "global_batch",
                "beta1", "beta2", "eps", "weight_decay", "grad_clip", "block_size", "seed", "data", "model")
@@ -413,7 +426,8 @@ def dry_run(cfg, mcfg, stats, world):
                                  weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip),
                   scheduler=dict(name="cosine", warmup_ratio=cfg.warmup_ratio, warmup_steps=warmup, min_lr=0.0),
                   epochs=cfg.epochs, global_batch=cfg.global_batch, steps_per_epoch=spe, total_steps=total,
-                  accumulation_per_rank=math.ceil(cfg.global_batch / world), data=stats,
+                  micro_batch=cfg.micro_batch,
+                  accumulation_per_rank=math.ceil(math.ceil(cfg.global_batch / world) / cfg.micro_batch), data=stats,
                   memory_per_gpu_gb=dict(weights_and_optimizer=round(weights / 1e9, 2),
                                          activations_at_block_size=round(acts / 1e9, 2)))
     print0(json.dumps(plan_d, indent=1))
@@ -436,7 +450,7 @@ def train(cfg, rank, world, device):
     stats, examples = None, None
     if cfg.data:
         tok = Tokenizer(cfg.tokenizer or cfg.model)
-        examples, stats = load_s1(cfg.data, tok, cfg.block_size)
+        examples, stats = load_examples(cfg.data, tok, cfg.block_size)
     if cfg.dry_run:
         return dry_run(cfg, mcfg, stats, world)
     if not examples:
@@ -481,14 +495,17 @@ def train(cfg, rank, world, device):
         t0 = time.time()
         rows = step_batch(cfg, step, len(examples), spe)
         n_tok = sum(trained[i] for i in rows)
-        mine = rows[rank::world]
-        n_micro = math.ceil(len(rows) / world)  # every rank runs the same number of micro-steps (FSDP collectives)
+        mine, mb = rows[rank::world], cfg.micro_batch
+        n_micro = math.ceil(math.ceil(len(rows) / world) / mb)  # the same on every rank (FSDP collectives)
         local_loss = torch.zeros((), device=device)
         for j in range(n_micro):
-            i = mine[j] if j < len(mine) else rows[0]
-            weight = 1.0 if j < len(mine) else 0.0  # a padding micro-step contributes nothing
-            ids = torch.tensor([examples[i][0]], device=device)
-            tgt = torch.tensor([examples[i][1]], device=device)
+            chunk = mine[j * mb:(j + 1) * mb]
+            weight = 1.0 if chunk else 0.0  # a padding micro-step contributes nothing
+            chunk = chunk or rows[:1]
+            # right padding is exact for a causal model: real tokens never attend to later positions
+            n = max(len(examples[i][0]) for i in chunk)
+            ids = torch.tensor([examples[i][0] + [0] * (n - len(examples[i][0])) for i in chunk], device=device)
+            tgt = torch.tensor([examples[i][1] + [-100] * (n - len(examples[i][1])) for i in chunk], device=device)
             loss_sum = model(ids, tgt, chunk_size=cfg.loss_chunk)
             (loss_sum * (weight * world / max(n_tok, 1))).backward()
             local_loss += loss_sum.detach() * weight

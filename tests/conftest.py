@@ -1,5 +1,7 @@
 """Shared helpers: tiny random Qwen2 checkpoints written by HF transformers, and ../shared paths."""
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -45,3 +47,16 @@ def tiny_dir(tmp_path):
     """(HF model, directory it was saved to) for the default tiny config."""
     m = hf_tiny()
     return m, save_hf(m, tmp_path / "tiny")
+
+
+# a real headless browser for the dashboard tests (.ci/run installs Debian's chromium)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium_dom(url):
+    """(DOM after scripts ran, browser log) of a page in headless Chromium."""
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom", url],
+                       capture_output=True, text=True, timeout=120)
+    return r.stdout, r.stderr

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CHROMIUM, chromium_dom
 from interpret import feature_names, feature_values, mine, quantiles
 from sae import SAE, ActivationStore
 
@@ -120,10 +121,6 @@ def test_cli_writes_examples_with_context(tmp_path):
 
 
 # --- dashboard in a real headless browser ---------------------------------------------------------
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EVIL = ["<script>document.title='pwned'</script>", "</textarea>", "\"quoted\" & 'single'", "a<b>c</b>"]
 
 
@@ -139,14 +136,6 @@ def features_json(tmp_path):
             del f["promotes"]
     (tmp_path / "features.json").write_text(json.dumps(d))
     return tmp_path / "features.json"
-
-
-def chromium_dom(url):
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom", url],
-                       capture_output=True, text=True, timeout=120)
-    return r.stdout, r.stderr
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (.ci/run installs it)")

@@ -1,0 +1,112 @@
+"""End to end: `demo.py --fast`, the CI variant of the default run, through every script."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CHROMIUM, ROOT, chromium_dom
+
+STAGES = ("data", "base", "rank1", "full", "eval", "interpret")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "demo.py"), "--fast", "--out", str(out)]
+    env = {**os.environ, "RANK1_DEMO_QUIET": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    return out, r.stdout, again.stdout
+
+
+def test_every_stage_finished_and_second_run_is_cached(demo_run):
+    out, first, second = demo_run
+    for s in STAGES:
+        assert json.load(open(out / s / "stage.json"))["key"]
+        assert f"[{s}] running" in first and f"[{s}] cached" in second
+    assert "rank-1 LoRA recovers" in first and (out / "summary.txt").read_text().strip() in second
+
+
+def test_training_artifacts(demo_run):
+    out, _, _ = demo_run
+    for run in ("base", "rank1", "full"):
+        res = json.load(open(out / run / "result.json"))
+        assert res["steps"] > 0 and math.isfinite(res["final_loss"])
+        lines = [json.loads(l) for l in open(out / run / "metrics.jsonl")]
+        assert [l["step"] for l in lines] == list(range(1, res["steps"] + 1))
+    # pretraining learned something: the loss fell well below its start
+    base = json.load(open(out / "base" / "result.json"))["losses"]
+    assert base[-1] < 0.5 * base[0]
+
+
+def test_adapter_loads_in_peft_and_matches_ours(demo_run):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lora import load_adapter
+    from model import Qwen2
+    out, _, _ = demo_run
+    base, adapter = out / "base" / "model", out / "rank1" / "adapter"
+    hf = peft.PeftModel.from_pretrained(transformers.Qwen2ForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+    ours = Qwen2.from_pretrained(str(base))
+    load_adapter(ours, str(adapter), verbose=False)
+    idx = torch.randint(0, ours.cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got = ours.eval()(idx)
+        plain = Qwen2.from_pretrained(str(base)).eval()(idx)
+    assert (got - ref).abs().max() < 1e-4
+    assert (got - plain).abs().max() > 1e-3  # the trained adapter changes the model
+
+
+def test_eval_results_schema(demo_run):
+    out, _, _ = demo_run
+    n = len(open(out / "data" / "heldout.jsonl").readlines())
+    for run in ("base", "full", "rank1"):
+        r = json.load(open(out / "eval" / run / "results.json"))["results"]["math"]
+        assert r["problems"] == n == len(r["per_problem"]) and 0 <= r["accuracy"] <= 1
+        lo, hi = r["ci95"]
+        assert lo <= r["accuracy"] <= hi
+        assert sum(1 for _ in open(out / "eval" / run / "samples.jsonl")) == n
+    t = json.load(open(out / "eval" / "recovery.json"))["table"]["math"]
+    assert t["problems"] == n
+    s = json.load(open(out / "summary.json"))
+    assert s["accuracy"]["full"]["accuracy"] == t["full"]
+
+
+def test_sae_and_ablation_artifacts(demo_run):
+    out, _, _ = demo_run
+    m = json.load(open(out / "interpret" / "sae" / "metrics.json"))["heldout"]
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+    assert 0 <= m["fvu"] < 1
+    acts = json.load(open(out / "interpret" / "acts" / "index.json"))
+    assert acts["shape"][1] == 7 * 4
+    a = json.load(open(out / "interpret" / "ablate" / "ablations.json"))
+    none = a["results"]["none"][0]["kl_full_abl_assistant_mean"]
+    assert none == 0 and all(r["kl_full_abl_assistant_mean"] > 0 for r in a["results"]["layer"])
+    carry = json.load(open(out / "summary.json"))["carry"]
+    assert carry["lines"] > carry["carries"] > 0 and 0.5 <= carry["scalar"]["auroc"] <= 1
+
+
+def test_auroc_hand_values():
+    from demo import auroc
+    y = np.array([False, False, True, True])
+    assert auroc(np.array([0.1, 0.2, 0.3, 0.4]), y) == 1.0
+    assert auroc(np.array([0.4, 0.3, 0.2, 0.1]), y) == 0.0
+    assert auroc(np.array([0.1, 0.3, 0.2, 0.4]), y) == 0.75
+    assert auroc(np.array([1.0, 1.0, 1.0, 1.0]), y) == 0.5  # ties count one half
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (.ci/run installs it)")
+def test_dashboard_opens_without_console_errors(demo_run):
+    out, _, _ = demo_run
+    page = out / "interpret" / "interp" / "dashboard.html"
+    dom, log = chromium_dom(page.as_uri())
+    assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
+    assert "<title>rank1 dashboard</title>" in dom and "L0.gate_proj+" in dom
