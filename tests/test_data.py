@@ -115,3 +115,20 @@ def test_read_rows_errors(tmp_path):
     assert len(rows) == 2 and where[1].endswith("line 2")
     with pytest.raises(FileNotFoundError, match="no such data file"):
         read_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_load_text_packs_documents_with_endoftext(tmp_path):
+    from data import load_examples, load_text
+    tok = tiny_tokenizer(tmp_path)
+    docs = ["What is 12*3?", "The product is 36.", "Check answer"]
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    stream = [t for d in docs for t in tok.encode(d) + [tok.eot]]
+    examples, stats = load_text(str(f), tok, 4)
+    n = (len(stream) - 1) // 4
+    assert examples == [(stream[4 * i:4 * i + 4], stream[4 * i + 1:4 * i + 5]) for i in range(n)]
+    assert stats["rows"] == n and stats["target_tokens_lost"] == len(stream) - 1 - 4 * n
+    assert load_examples(str(f), tok, 4)[0] == examples  # {"text"} rows are a corpus, s1 rows are not
+    f.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(ValueError, match=r"corpus.jsonl line 2: missing field 'text'"):
+        load_text(str(f), tok, 4)

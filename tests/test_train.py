@@ -73,6 +73,27 @@ def test_one_process_equals_two(setup, tmp_path, mode):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=k)
 
 
+def test_micro_batches_equal_single_sequences(setup, tmp_path):
+    """Right-padded micro-batches of unequal sequences (3 + 1 of a global batch of 4) train exactly
+    like the paper's micro-batch 1."""
+    run(setup, tmp_path / "a", "--mode", "lora")
+    run(setup, tmp_path / "b", "--mode", "lora", "--micro-batch", "3")
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_pretraining_corpus_is_packed(setup, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"What is {i}*3? The product is {3 * i}."}) + "\n" for i in range(40)))
+    r = run(setup, tmp_path / "p", "--mode", "full", "--data", str(corpus), "--block-size", "32", "--micro-batch", "4")
+    cfg = json.load(open(tmp_path / "p" / "config.json"))
+    stats = cfg["data_stats"]
+    assert stats["documents"] == 40 and stats["tokens"] == stats["target_tokens"] == 32 * stats["rows"]
+    assert len(losses(tmp_path / "p")) == 2 * -(-stats["rows"] // 4), r.stdout[-500:]
+
+
 def test_resume_after_sigkill_and_across_world_sizes(setup, tmp_path):
     run(setup, tmp_path / "ref")
     ref, ref_ad = losses(tmp_path / "ref"), adapter(tmp_path / "ref")
