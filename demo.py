@@ -52,20 +52,19 @@ DEMO_MODEL = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden
 # the synthetic world
 
 
-def problem(rng, steps, digits=(2, 9)):
-    """One problem: (question, worked lines, answer, carry flags). Add or subtract a digit in
-    `digits` `steps` times, staying in 0..99; a carry/borrow is a step whose tens digit changes."""
-    d, op = rng.randint(*digits), rng.choice("+-")
+def problem(rng, steps):
+    """One problem: (question, worked lines, answer). Add or subtract a digit 2-9 `steps` times,
+    staying in 0..99."""
+    d, op = rng.randint(2, 9), rng.choice("+-")
     v = rng.randint(steps * d, 99) if op == "-" else rng.randint(0, 99 - steps * d)
     verb = "add" if op == "+" else "subtract"
     q = f"Start at {v} and {verb} {d}, {steps} times. What do you get?"
-    lines, carries = [], []
+    lines = []
     for k in range(steps):
         w = v + d if op == "+" else v - d
         lines.append(f"{v} {op} {d} = {w} ({steps - k - 1} left)")
-        carries.append(w // 10 != v // 10)
         v = w
-    return q, lines, v, carries
+    return q, lines, v
 
 
 def drill(rng, n=16):
@@ -122,10 +121,10 @@ def train_tokenizer(texts, out_dir, vocab_size):
 
 PROFILES = {
     "default": dict(seed=0, corpus_docs=26000, tokenizer_docs=5000, vocab=512, s1k_rows=1000, s1k_steps=[2, 8],
-                    heldout=500, heldout_steps=[7, 8], pretrain_epochs=1, ft_epochs=5, eval_batch=125, sae_steps=3000,
+                    heldout=500, heldout_steps=[7, 8], ft_epochs=5, eval_batch=125, sae_steps=3000,
                     ablate_sequences=32),
     "fast": dict(seed=0, corpus_docs=3000, tokenizer_docs=1000, vocab=512, s1k_rows=160, s1k_steps=[2, 8],
-                 heldout=64, heldout_steps=[7, 8], pretrain_epochs=1, ft_epochs=2, eval_batch=64, sae_steps=300,
+                 heldout=64, heldout_steps=[7, 8], ft_epochs=2, eval_batch=64, sae_steps=300,
                  ablate_sequences=8),
 }
 
@@ -192,12 +191,12 @@ def make_data(d, p):
     rng = random.Random(p["seed"])
     heldout = {}  # drawn first; the corpus and the mini s1K never contain these questions
     while len(heldout) < p["heldout"]:
-        q, lines, ans, _ = problem(rng, rng.randint(*p["heldout_steps"]))
+        q, lines, ans = problem(rng, rng.randint(*p["heldout_steps"]))
         heldout.setdefault(q, dict(id=f"count-{len(heldout):04d}", problem=q, answer=str(ans), steps=len(lines)))
 
     def fresh(steps):
         while True:
-            q, lines, ans, _ = problem(rng, steps)
+            q, lines, ans = problem(rng, steps)
             if q not in heldout:
                 return q, lines, ans
     corpus = []
@@ -236,7 +235,7 @@ def make_base(d, p, data):
     save_hf_checkpoint(init, ((k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"), cfg.to_hf_dict())
     copy_tokenizer(tok_dir, init)
     run_script("train.py", ["--preset", "demo-pretrain", "--model", init, "--data", os.path.join(data, "pretrain.jsonl"),
-                            "--out", d, "--epochs", p["pretrain_epochs"]], os.path.join(d, "log.txt"))
+                            "--out", d], os.path.join(d, "log.txt"))
     copy_tokenizer(tok_dir, os.path.join(d, "model"))
     shutil.rmtree(init)
 
