@@ -422,11 +422,12 @@ def main(argv=None):
     data = os.path.join(out, "data")
     code = inspect_hash(problem, drill, textbook, chat_turn, s1_row, train_tokenizer, make_data)
     k_data = stage(out, "data", dict(p=p, model=DEMO_MODEL, code=code), lambda d: make_data(d, p))
-    k_base = stage(out, "base", dict(data=k_data, p=p, preset="demo-pretrain"), lambda d: make_base(d, p, data))
+    from train import PRESETS  # the presets' values are part of each training stage's key
+    k_base = stage(out, "base", dict(data=k_data, p=p, preset=PRESETS["demo-pretrain"]), lambda d: make_base(d, p, data))
     base = os.path.join(out, "base", "model")
-    k_r1 = stage(out, "rank1", dict(base=k_base, p=p, preset="demo-rank1"),
+    k_r1 = stage(out, "rank1", dict(base=k_base, p=p, preset=PRESETS["demo-rank1"]),
                  lambda d: make_finetune(d, p, data, base, "demo-rank1"))
-    k_full = stage(out, "full", dict(base=k_base, p=p, preset="demo-full"),
+    k_full = stage(out, "full", dict(base=k_base, p=p, preset=PRESETS["demo-full"]),
                    lambda d: make_finetune(d, p, data, base, "demo-full"))
     adapter = os.path.join(out, "rank1", "adapter")
     models = dict(base=(base, None), full=(os.path.join(out, "full", "model"), None), rank1=(base, adapter))
