@@ -417,7 +417,8 @@ def dry_run(cfg, mcfg, stats, world):
         weights = n_base * bpe / world + n_train * 4 * 4
     else:  # fp32 master + fp32 grads + 2 Adam moments, all sharded; bf16 layer all-gathered on the fly
         weights = n_base * 16 / world
-    T, D, I, V = cfg.block_size, mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size
+    T = cfg.block_size * cfg.micro_batch  # tokens per forward
+    D, I, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size
     acts = (T * D * 2 * mcfg.num_hidden_layers          # checkpointed layer inputs (bf16)
             + T * (12 * D + 4 * I) * 2                  # one layer recomputed in backward
             + min(T, cfg.loss_chunk) * V * 4 * 3)       # one chunk of fp32 logits and its grads
