@@ -217,10 +217,9 @@ def evaluate(sae, x, batch=8192):
                 freq_hist_log10=dict(counts=hist.tolist(), edges=edges.tolist()))
 
 
-def update(sae, opt, xn, cfg, state):
-    """train_step, backward, and an optimizer step that keeps the decoder rows at unit norm: the
-    gradient's component along each row is removed before the step, the rows renormalised after."""
-    loss, m = train_step(sae, xn, cfg, state)
+def unit_norm_step(sae, opt, loss):
+    """Backward and an optimizer step that keeps the decoder rows at unit norm: the gradient's
+    component along each row is removed before the step, the rows renormalised after."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     w, g = sae.W_dec.data, sae.W_dec.grad
@@ -228,6 +227,12 @@ def update(sae, opt, xn, cfg, state):
     opt.step()
     with torch.no_grad():
         sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+
+
+def update(sae, opt, xn, cfg, state):
+    """train_step, then unit_norm_step."""
+    loss, m = train_step(sae, xn, cfg, state)
+    unit_norm_step(sae, opt, loss)
     return m
 
 

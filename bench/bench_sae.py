@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import header, interleaved  # noqa: E402
-from sae import SAE, SAEConfig, update  # noqa: E402
+from sae import SAE, SAEConfig, unit_norm_step, update  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--repeats", type=int, default=10)
@@ -54,13 +54,7 @@ def step_dense():
         za = raw * (dead & (raw >= kth))
         e = (xn - x_hat).detach()
         loss = loss + cfg.aux_coeff * ((za @ dense.W_dec - e) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean()
-    opt_d.zero_grad(set_to_none=True)
-    loss.backward()
-    w, g = dense.W_dec.data, dense.W_dec.grad
-    g -= (g * w).sum(1, keepdim=True) * w
-    opt_d.step()
-    with torch.no_grad():
-        dense.W_dec /= dense.W_dec.norm(dim=1, keepdim=True)
+    unit_norm_step(dense, opt_d, loss)
 
 
 t = interleaved({"ours": step_ours, "dense": step_dense}, args.repeats)

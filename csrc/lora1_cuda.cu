@@ -74,6 +74,23 @@ __global__ void fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const flo
 // Column tile of C = 32 * V * ITERS columns x a chunk of R rows; lane owns V-wide vectors at
 // columns c0 + (it * 32 + lane) * V, so each warp load is contiguous.
 //
+// The start of both backward kernels: zero the accumulators and load this lane's columns of a
+// vector (times scale; 0 past width).
+template <int V>
+__device__ __forceinline__ void load_tile(float (&acc)[ITERS][V], float (&w)[ITERS][V], const float* vec, float scale,
+                                          int c0, int width) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int j = c0 + (it * 32 + lane) * V;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      acc[it][k] = 0.f;
+      w[it][k] = j < width ? scale * vec[j + k] : 0.f;
+    }
+  }
+}
+
 // The end of both backward kernels: add each column's per-warp accumulators over the block's warps
 // (through shared memory, in warp order) and write the chunk's partial row part[c0 .. c0 + C).
 template <int V>
@@ -105,15 +122,7 @@ __global__ void bwd_g_kernel(const T* __restrict__ g, const float* __restrict__ 
   const int c0 = blockIdx.x * C;
   const int64_t r0 = (int64_t)blockIdx.y * R, r1 = min(N, r0 + R);
   float acc[ITERS][V], bb[ITERS][V];
-#pragma unroll
-  for (int it = 0; it < ITERS; ++it) {
-    const int j = c0 + (it * 32 + lane) * V;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      acc[it][k] = 0.f;
-      bb[it][k] = j < out ? b[j + k] : 0.f;
-    }
-  }
+  load_tile<V>(acc, bb, b, 1.f, c0, out);
   for (int64_t t = r0 + warp; t < r1; t += WARPS) {
     const T* gr = g + t * out;
     const float ut = u[t];
@@ -149,15 +158,7 @@ __global__ void bwd_x_kernel(const T* __restrict__ x, T* __restrict__ dx, const 
   const int c0 = blockIdx.x * C;
   const int64_t r0 = (int64_t)blockIdx.y * R, r1 = min(N, r0 + R);
   float acc[ITERS][V], aa[ITERS][V];
-#pragma unroll
-  for (int it = 0; it < ITERS; ++it) {
-    const int j = c0 + (it * 32 + lane) * V;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      acc[it][k] = 0.f;
-      aa[it][k] = j < in ? s * a[j + k] : 0.f;
-    }
-  }
+  load_tile<V>(acc, aa, a, s, c0, in);
   for (int64_t t = r0 + warp; t < r1; t += WARPS) {
     float gbt = 0.f;
     for (int k = 0; k < n_gtiles; ++k) gbt += gb_part[k * N + t];  // fixed order: deterministic

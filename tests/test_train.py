@@ -50,6 +50,13 @@ def losses(out):
     return [json.loads(l)["loss"] for l in open(out / "metrics.jsonl")]
 
 
+def wait_for_steps(out, n, timeout=120):
+    """Block until a running train.py has logged n steps to out/metrics.jsonl (or timeout passes)."""
+    f, t0 = out / "metrics.jsonl", time.time()
+    while time.time() - t0 < timeout and not (f.exists() and len(f.read_text().splitlines()) >= n):
+        time.sleep(0.02)
+
+
 def adapter(out):
     from safetensors.torch import load_file
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -99,12 +106,7 @@ def test_resume_after_sigkill_and_across_world_sizes(setup, tmp_path):
     ref, ref_ad = losses(tmp_path / "ref"), adapter(tmp_path / "ref")
     # SIGKILL after step 2 has been logged, then resume
     p = run(setup, tmp_path / "k", "--save-every", "1", wait=False)
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        f = tmp_path / "k" / "metrics.jsonl"
-        if f.exists() and len(f.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.02)
+    wait_for_steps(tmp_path / "k", 2)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (tmp_path / "k" / "adapter").exists()
@@ -127,12 +129,7 @@ def test_resume_after_sigkill_and_across_world_sizes(setup, tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
     p = run(setup, tmp_path / "t", "--epochs", "50", wait=False)
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        f = tmp_path / "t" / "metrics.jsonl"
-        if f.exists() and len(f.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.02)
+    wait_for_steps(tmp_path / "t", 1)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-2000:]
