@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import decode_fns, header, interleaved, tiny_pair  # noqa: E402
+from bench.common import compare_decode, decode_fns, header, interleaved, tiny_pair  # noqa: E402
 from lora import adapters, apply_lora, merge  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -25,9 +25,7 @@ ours.eval(), hf.eval()
 header("bench_eval: greedy generate, hidden 256, 4 layers, vocab 2048, fp32 CPU")
 n = args.new_tokens
 for B in (1, 8):
-    t = interleaved(decode_fns(ours, hf, B, n), args.repeats)
-    print(f"batch {B} | ours {B * n / t['ours']:.0f} tok/s | hf generate {B * n / t['hf']:.0f} tok/s | "
-          f"speedup {t['hf'] / t['ours']:.2f}x (target >= 2)")
+    print(compare_decode(ours, hf, B, n, args.repeats))
 
 unmerged = apply_lora(copy.deepcopy(ours), verbose=False)
 for a in adapters(unmerged):

@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import decode_fns, header, interleaved, tiny_pair  # noqa: E402
+from bench.common import compare_decode, header, interleaved, tiny_pair  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--repeats", type=int, default=5)
@@ -43,6 +43,4 @@ print(f"train fwd+bwd B=2 T={args.seq} | ours {t['ours'] * 1e3:.1f} ms | hf {t['
 hf.eval(), ours.eval()
 n = args.new_tokens
 for B in (1, 8):
-    t = interleaved(decode_fns(ours, hf, B, n), args.repeats)
-    print(f"greedy decode B={B} {n} tokens | ours {B * n / t['ours']:.0f} tok/s | hf {B * n / t['hf']:.0f} tok/s "
-          f"| speedup {t['hf'] / t['ours']:.2f}x (target >= 2)")
+    print(compare_decode(ours, hf, B, n, args.repeats))

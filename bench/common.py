@@ -3,6 +3,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 
 def timeit(fn, sync=None):
@@ -54,9 +55,13 @@ def tiny_pair(vocab=2048, hidden=256, layers=4):
 
 
 def decode_fns(ours, hf, B, n, prompt_len=32):
-    """Greedy decoding of n tokens for B prompts: {ours, hf} closures over the same prompts."""
+    """Greedy decoding of n tokens for B prompts: {ours, hf} closures over the same prompts, and
+    `matmuls`: only the matrix products of n decode steps (every linear layer and the LM head, which
+    any decoder runs), the floor that no removal of overhead goes below."""
     prompts = torch.randint(0, ours.cfg.vocab_size, (B, prompt_len))
     am = torch.ones_like(prompts)
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(B, m.in_features) for m in linears]
 
     def dec_ours():
         ours.generate(prompts, n)
@@ -65,4 +70,18 @@ def decode_fns(ours, hf, B, n, prompt_len=32):
         with torch.no_grad():
             hf.generate(prompts, attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                         pad_token_id=0, eos_token_id=None)
-    return {"ours": dec_ours, "hf": dec_hf}
+
+    @torch.no_grad()
+    def matmuls():
+        for _ in range(n):
+            for m, x in zip(linears, xs):
+                F.linear(x, m.weight, m.bias)
+    return {"ours": dec_ours, "hf": dec_hf, "matmuls": matmuls}
+
+
+def compare_decode(ours, hf, B, n, repeats):
+    """One printed line: our greedy tokens/s against HF generate's, and the bound the matmuls set."""
+    t = interleaved(decode_fns(ours, hf, B, n), repeats)
+    return (f"greedy decode B={B} {n} tokens | ours {B * n / t['ours']:.0f} tok/s | hf {B * n / t['hf']:.0f} tok/s "
+            f"| speedup {t['hf'] / t['ours']:.2f}x (target >= 2) | matmuls alone {t['matmuls'] / n * 1e3:.2f} ms/step "
+            f"= {t['matmuls'] / t['hf']:.0%} of hf's time: at most {t['hf'] / t['matmuls']:.2f}x if all else were free")
