@@ -1,31 +1,43 @@
 """
-Tokenizer, Qwen2.5 chat format, and the s1K-1.1 training sequence, shared by train/eval/sae/interpret.
+The data: the tokenizer, Qwen2.5's chat format, and the s1 format (the one home of its markers),
+with the files they come from.
 
-    from data import Tokenizer, render_chat, s1_example
+    from data import Tokenizer, render_chat, s1_example, s1_prompt
     tok = Tokenizer("/models/Qwen2.5-32B-Instruct")          # a directory with tokenizer.json
     ids, mask = s1_example(row, tok)                          # row: one s1K-1.1 record (a dict)
+    prompt = tok.encode(s1_prompt("What is 2 + 2?"))          # what eval.py generates from
 
 The chat format is Qwen2.5's ChatML, rendered in plain Python (no jinja): each turn is
 `<|im_start|>{role}\\n{content}<|im_end|>\\n`, and when the first message is not a system message
 Qwen's default system prompt is inserted. Tool calls are not supported.
+
+The s1 format (PAPER.md sections B-D): the assistant turn is `<|im_start|>think\\n{trace}\\n
+<|im_start|>answer\\n{attempt}`. Training sequences (s1_example) wrap it in the chat template;
+generation (s1_prompt) stops after the think marker; when the thinking budget runs out, the answer
+phase starts with FINAL_ANSWER; grading reads what follows the last ANSWER marker. The paper's
+activation corpus used a variant without the chat template (paper_collection_text).
 """
 import json
 import os
 
+from tokenizers import Tokenizer as HFTokenizer
+
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 ASSISTANT_HEADER = IM_START + "assistant\n"
-THINK, ANSWER = IM_START + "think", IM_START + "answer"  # s1's markers; "think"/"answer" are plain text tokens
+# s1's markers ("think" and "answer" are plain text tokens after a special one)
+THINK, ANSWER = IM_START + "think", IM_START + "answer"
+FINAL_ANSWER = ANSWER + "\nFinal Answer:"  # the answer head after the thinking budget ran out (s1)
+PAPER_SYSTEM = "You are a helpful mathematics assistant."  # the paper's activation corpus (D)
 
 # s1K-1.1 fields the training sequence is built from
 S1_FIELDS = ("question", "deepseek_thinking_trajectory", "deepseek_attempt")
 
 
 class Tokenizer:
-    """A `tokenizers` BPE tokenizer with the ChatML special tokens. No BOS is added (Qwen adds none)."""
+    """A `tokenizers` BPE tokenizer with the ChatML special tokens; no BOS (Qwen adds none)."""
 
     def __init__(self, path):
-        from tokenizers import Tokenizer as HFTokenizer
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{path}: no tokenizer.json")
@@ -34,7 +46,8 @@ class Tokenizer:
         for s in (IM_START, IM_END, ENDOFTEXT):
             if self.tk.token_to_id(s) is None:
                 raise ValueError(f"{file}: the special token {s} is missing")
-        self.im_start, self.im_end, self.eot = (self.tk.token_to_id(s) for s in (IM_START, IM_END, ENDOFTEXT))
+        self.im_start, self.im_end, self.eot = (self.tk.token_to_id(s)
+                                                for s in (IM_START, IM_END, ENDOFTEXT))
 
     @property
     def vocab_size(self):
@@ -88,6 +101,19 @@ def s1_assistant(row):
     return f"{THINK}\n{trace.strip()}\n{ANSWER}\n{attempt}"
 
 
+def s1_prompt(question):
+    """The s1 generation prompt: one user turn in the chat template, then the think marker."""
+    return render_chat([{"role": "user", "content": question}], add_generation_prompt=True) + THINK
+
+
+def paper_collection_text(row):
+    """The official code's activation corpus format (PAPER.md section D): no chat template, no
+    <|im_end|> between turns, its own system prompt, the trace and attempt as they are."""
+    return (f"{IM_START}system\n{PAPER_SYSTEM}\n{IM_START}user\n{row['question']}\n"
+            f"{ASSISTANT_HEADER}{THINK}\n{row['deepseek_thinking_trajectory']}\n"
+            f"{ANSWER}\n{row['deepseek_attempt']}{IM_END}")
+
+
 def s1_example(row, tok, source="row"):
     """One s1K-1.1 row -> (ids, mask): mask is 1 on every token after the `<|im_start|>assistant\\n`
     header (the thinking, the answer, the closing <|im_end|> and its trailing newline, exactly the
@@ -98,7 +124,7 @@ def s1_example(row, tok, source="row"):
                         {"role": "assistant", "content": s1_assistant(row)}])
     ids, head = tok.encode(text), tok.encode(prompt)
     # the header ends in a special token boundary, so the whole text tokenises to prompt + rest
-    assert ids[:len(head)] == head, f"{source}: the prompt does not tokenise as a prefix of the sequence"
+    assert ids[:len(head)] == head, f"{source}: the prompt is not a token prefix of the text"
     return ids, [0] * len(head) + [1] * (len(ids) - len(head))
 
 
@@ -107,10 +133,12 @@ def check_s1_row(row, source="row"):
         raise ValueError(f"{source}: expected a JSON object, got {type(row).__name__}")
     for f in S1_FIELDS:
         v = row.get(f)
-        if f == "deepseek_thinking_trajectory" and isinstance(v, list) and all(isinstance(s, str) for s in v):
+        if (f == "deepseek_thinking_trajectory" and isinstance(v, list)
+                and all(isinstance(s, str) for s in v)):
             continue
         if not isinstance(v, str):
-            raise ValueError(f"{source}: field {f!r} must be a string, got {type(v).__name__ if f in row else 'nothing'}")
+            got = type(v).__name__ if f in row else "nothing"
+            raise ValueError(f"{source}: field {f!r} must be a string, got {got}")
 
 
 def read_rows(path, required=()):
@@ -169,7 +197,8 @@ def load_s1(path, tok, block_size=None):
 def load_text(path, tok, block_size):
     """A pretraining corpus (rows with a "text" field) -> (examples, stats) in load_s1's shape: the
     documents, each followed by <|endoftext|>, are concatenated and cut into blocks of block_size
-    next-token pairs, every token trained on (the tail shorter than a block is dropped, and counted)."""
+    next-token pairs, every token trained on (the tail shorter than a block is dropped, and
+    counted)."""
     rows, where = read_rows(path, required=("text",))
     for row, w in zip(rows, where):
         if not isinstance(row["text"], str):
@@ -180,9 +209,11 @@ def load_text(path, tok, block_size):
     n = (len(stream) - 1) // block_size
     if n == 0:
         raise ValueError(f"{path}: {len(stream)} tokens do not fill one block of {block_size}")
-    examples = [(stream[i * block_size:(i + 1) * block_size], stream[i * block_size + 1:(i + 1) * block_size + 1])
+    examples = [(stream[i * block_size:(i + 1) * block_size],
+                 stream[i * block_size + 1:(i + 1) * block_size + 1])
                 for i in range(n)]
-    stats = dict(rows=n, documents=len(rows), truncated=0, target_tokens_lost=len(stream) - 1 - n * block_size,
+    stats = dict(rows=n, documents=len(rows), truncated=0,
+                 target_tokens_lost=len(stream) - 1 - n * block_size,
                  tokens=n * block_size, target_tokens=n * block_size)
     return examples, stats
 

@@ -6,8 +6,8 @@ A synthetic world stands in for Qwen2.5-32B-Instruct and s1K-1.1. Problems are r
     Start at 91 and subtract 7, 6 times. What do you get?
 
 easy when worked one line at a time ("91 - 7 = 84 (5 left)", ...) and out of reach of a small model
-that must answer at once. Stages, each cached in --out/<stage> (a second run reuses what is finished;
-a changed setting or generator reruns that stage and the ones after it):
+that must answer at once. Stages, each cached in --out/<stage> (a second run reuses what is
+finished; a changed setting or generator reruns that stage and the ones after it):
 
  data       a byte-level BPE tokenizer trained with the `tokenizers` library (Qwen's special tokens,
             one token per digit); a pretraining corpus of "textbook" pages that work problems line
@@ -17,36 +17,77 @@ a changed setting or generator reruns that stage and the ones after it):
             works the problem in the textbook's own words, 2-8 steps); and 500 held-out problems of
             the hardest level (7-8 steps) in MATH500's jsonl layout, drawn first and kept out of
             every training set.
- base       a random Qwen2 checkpoint (DEMO_MODEL), pretrained by `train.py --preset demo-pretrain`
-            (--mode full on the packed corpus): the "instruct" base.
- rank1      `train.py --preset demo-rank1`: rank-1 LoRA on all 7 projections, the paper's recipe shape.
- full       `train.py --preset demo-full`: the full-finetune baseline.
+ base       a random Qwen2 checkpoint (DEMO_MODEL), pretrained by `train.py` (PRESETS["pretrain"]:
+            --mode full on the packed corpus): the "instruct" base.
+ rank1      `train.py` (PRESETS["rank1"]): rank-1 LoRA on all 7 projections, the paper's recipe.
+ full       `train.py` (PRESETS["full"]): the full-finetune baseline.
  eval       `eval.py run` (s1 protocol, greedy) of base, full and rank-1; `eval.py compare`.
- interpret  `sae.py collect` on the mini-s1K traces, `sae.py train`, `eval.py ablate`,
-            `interpret.py mine` and `interpret.py dashboard`.
+ interpret  `collect.py` on the mini-s1K traces, `sae.py train`, `eval.py ablate`,
+            `interpret.py mine` and `dashboard.py`.
 
 The summary (printed, and saved as summary.txt / summary.json) holds the recovery table, ablation
-highlights, and the adapter scalar and SAE latent that best separate carry/borrow steps from the rest.
+highlights, and the adapter scalar and SAE latent that best separate carry/borrow steps from the
+rest.
 Every stage runs the same scripts and code paths a 32B run uses; only this data generator, the model
 size and the step counts are small. `--fast` is the CI variant (fewer steps and problems).
 """
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from collect import ActivationStore
+from common import save_hf_checkpoint, write_atomic
+from data import ENDOFTEXT, IM_END, IM_START, Tokenizer, render_chat, s1_assistant
+from model import Qwen2, Qwen2Config
+from sae import SAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # the model: Qwen2 architecture (GQA, q/k/v biases, tied embeddings as in the small Qwen2.5 models)
-DEMO_MODEL = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=128, intermediate_size=384,
-                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+DEMO_MODEL = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=128,
+                  intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
                   torch_dtype="float32")
+
+# train.py settings of the three training stages: the paper's recipe shape (warm-up + cosine, AdamW
+# 0.9/0.95, clip 1.0, rank-1 LoRA with alpha 16 on all 7 projections) with small-model learning
+# rates, fp32, micro-batches of 8-16 sequences and no activation checkpointing. Pretraining is a
+# full finetune of a random checkpoint on a packed {"text"} corpus.
+_TRAIN = dict(dtype="float32", activation_checkpointing=False, warmup_ratio=0.05, beta1=0.9,
+              beta2=0.95, eps=1e-8, grad_clip=1.0, block_size=512)
+PRESETS = {
+    "pretrain": dict(_TRAIN, mode="full", lr=3e-3, weight_decay=0.1, epochs=1, global_batch=8,
+                     micro_batch=8, block_size=256),
+    "rank1": dict(_TRAIN, mode="lora", rank=1, alpha=16.0, rslora=True,
+                  targets="gate_proj,up_proj,down_proj,q_proj,k_proj,v_proj,o_proj", lr=5e-3,
+                  weight_decay=1e-4, epochs=5, global_batch=16, micro_batch=16),
+    "full": dict(_TRAIN, mode="full", lr=1e-3, weight_decay=1e-4, epochs=5, global_batch=16,
+                 micro_batch=16),
+}
+
+
+def flags(settings):
+    """A dict of train.py settings as its command-line flags."""
+    out = []
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, v]
+    return out
 
 # -----------------------------------------------------------------------------
 # the synthetic world
@@ -83,36 +124,40 @@ def textbook(question, lines, answer):
 
 
 def chat_turn(question, answer):
-    from data import render_chat
-    return render_chat([{"role": "user", "content": question}, {"role": "assistant", "content": f"Answer: {answer}"}])
+    return render_chat([{"role": "user", "content": question},
+                        {"role": "assistant", "content": f"Answer: {answer}"}])
 
 
 def s1_row(question, lines, answer, idx):
     """A row in s1K-1.1's schema; the trace works the problem line by line."""
-    trace = "\n".join(lines)  # the textbook's own lines: finetuning elicits the skill, it adds no new text
+    trace = "\n".join(lines)  # the textbook's lines: finetuning elicits the skill, adds no text
     attempt = f"Answer: {answer}"
-    return dict(solution=str(answer), question=question, cot_type="math", source_type="rank1/demo-steps",
-                metadata=json.dumps({"id": idx, "steps": len(lines)}), gemini_thinking_trajectory=trace,
-                gemini_attempt=attempt, deepseek_thinking_trajectory=trace, deepseek_attempt=attempt,
-                gemini_grade="Yes", gemini_grade_reason="", deepseek_grade="Yes", deepseek_grade_reason="")
+    return dict(solution=str(answer), question=question, cot_type="math",
+                source_type="rank1/demo-steps",
+                metadata=json.dumps({"id": idx, "steps": len(lines)}),
+                gemini_thinking_trajectory=trace, gemini_attempt=attempt,
+                deepseek_thinking_trajectory=trace,
+                deepseek_attempt=attempt, gemini_grade="Yes", gemini_grade_reason="",
+                deepseek_grade="Yes", deepseek_grade_reason="")
 
 
 def train_tokenizer(texts, out_dir, vocab_size):
     """Byte-level BPE with one token per digit (as Qwen2.5's tokenizer splits digits) and Qwen's
     special tokens, so data.py's chat code runs unchanged."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from data import ENDOFTEXT, IM_END, IM_START
-    tk = Tokenizer(models.BPE())
+    tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=[ENDOFTEXT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tk.train_from_iterator(texts, trainer)
     os.makedirs(out_dir, exist_ok=True)
     tk.save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(eos_token=IM_END, pad_token=ENDOFTEXT, bos_token=None, model_max_length=DEMO_MODEL["max_position_embeddings"],
+        json.dump(dict(eos_token=IM_END, pad_token=ENDOFTEXT, bos_token=None,
+                       model_max_length=DEMO_MODEL["max_position_embeddings"],
                        tokenizer_class="PreTrainedTokenizerFast"), f, indent=1)
 
 
@@ -120,10 +165,12 @@ def train_tokenizer(texts, out_dir, vocab_size):
 # settings: the default run and the CI variant
 
 PROFILES = {
-    "default": dict(seed=0, corpus_docs=26000, tokenizer_docs=5000, vocab=512, s1k_rows=1000, s1k_steps=[2, 8],
+    "default": dict(seed=0, corpus_docs=26000, tokenizer_docs=5000, vocab=512, s1k_rows=1000,
+                    s1k_steps=[2, 8],
                     heldout=500, heldout_steps=[7, 8], ft_epochs=5, eval_batch=125, sae_steps=3000,
                     ablate_sequences=32),
-    "fast": dict(seed=0, corpus_docs=3000, tokenizer_docs=1000, vocab=512, s1k_rows=160, s1k_steps=[2, 8],
+    "fast": dict(seed=0, corpus_docs=3000, tokenizer_docs=1000, vocab=512, s1k_rows=160,
+                 s1k_steps=[2, 8],
                  heldout=64, heldout_steps=[7, 8], ft_epochs=2, eval_batch=64, sae_steps=300,
                  ablate_sequences=8),
 }
@@ -131,7 +178,6 @@ PROFILES = {
 
 def inspect_hash(*fns):
     """A digest of the data generator's source, so that editing it invalidates the cached stages."""
-    import inspect
     return hashlib.sha256("".join(inspect.getsource(f) for f in fns).encode()).hexdigest()[:16]
 
 
@@ -142,17 +188,18 @@ def run_script(script, args, log):
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT if os.environ.get("RANK1_DEMO_QUIET") else None,
+        quiet = os.environ.get("RANK1_DEMO_QUIET")
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT if quiet else None,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     if rc:
         tail = open(log).read().splitlines()[-25:]
-        raise SystemExit(f"demo: `{script} {' '.join(map(str, args))}` failed (exit {rc}); end of {log}:\n" + "\n".join(tail))
+        raise SystemExit(f"demo: `{script} {' '.join(map(str, args))}` failed (exit {rc}); end of "
+                         f"{log}:\n" + "\n".join(tail))
 
 
 def stage(out, name, key, fn):
-    """Run fn(dir) unless out/name holds a finished run with the same key (settings + the keys of the
+    """Run fn(dir) unless out/name holds a finished run with the same key (settings + the keys of
     stages it reads); a stage is finished when its stage.json exists, written last."""
-    from model import write_atomic
     d = os.path.join(out, name)
     marker = os.path.join(d, "stage.json")
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -168,7 +215,8 @@ def stage(out, name, key, fn):
     print(f"[{name}] running -> {d}", flush=True)
     t0 = time.time()
     fn(d)
-    write_atomic(marker, json.dumps(dict(key=h, settings=key, seconds=round(time.time() - t0, 1)), indent=1))
+    write_atomic(marker, json.dumps(dict(key=h, settings=key, seconds=round(time.time() - t0, 1)),
+                                    indent=1))
     print(f"[{name}] done in {time.time() - t0:.0f} s", flush=True)
     return h
 
@@ -187,12 +235,12 @@ def write_jsonl(path, rows):
 def make_data(d, p):
     """Tokenizer, pretraining corpus, mini s1K and held-out problems (no held-out question occurs in
     the corpus or the mini s1K)."""
-    from data import s1_assistant
     rng = random.Random(p["seed"])
     heldout = {}  # drawn first; the corpus and the mini s1K never contain these questions
     while len(heldout) < p["heldout"]:
         q, lines, ans = problem(rng, rng.randint(*p["heldout_steps"]))
-        heldout.setdefault(q, dict(id=f"count-{len(heldout):04d}", problem=q, answer=str(ans), steps=len(lines)))
+        heldout.setdefault(q, dict(id=f"count-{len(heldout):04d}", problem=q, answer=str(ans),
+                                   steps=len(lines)))
 
     def fresh(steps):
         while True:
@@ -208,7 +256,8 @@ def make_data(d, p):
         q, lines, ans = fresh(rng.randint(2, 8))
         corpus.append(textbook(q, lines, ans) if u < 0.7 else chat_turn(q, ans))
     s1k = [s1_row(*fresh(rng.randint(*p["s1k_steps"])), i) for i in range(p["s1k_rows"])]
-    sample = corpus[:p["tokenizer_docs"]] + [r["question"] + "\n" + s1_assistant(r) for r in s1k[:200]]
+    sample = (corpus[:p["tokenizer_docs"]]
+              + [r["question"] + "\n" + s1_assistant(r) for r in s1k[:200]])
     train_tokenizer(sample, os.path.join(d, "tokenizer"), p["vocab"])
     write_jsonl(os.path.join(d, "pretrain.jsonl"), [dict(text=t) for t in corpus])
     write_jsonl(os.path.join(d, "s1k.jsonl"), s1k)
@@ -221,10 +270,7 @@ def copy_tokenizer(src, dst):
 
 
 def make_base(d, p, data):
-    """A random Qwen2 checkpoint, then `train.py --preset demo-pretrain --mode full` from it."""
-    import torch
-    from data import Tokenizer
-    from model import Qwen2, Qwen2Config, save_hf_checkpoint
+    """A random Qwen2 checkpoint, then train.py (full mode, PRESETS["pretrain"]) from it."""
     tok_dir = os.path.join(data, "tokenizer")
     vocab = -(-Tokenizer(tok_dir).vocab_size // 64) * 64
     cfg = Qwen2Config.from_dict({**DEMO_MODEL, "vocab_size": vocab})
@@ -232,18 +278,20 @@ def make_base(d, p, data):
     model = Qwen2(cfg)
     model.init_weights()
     init = os.path.join(d, "init")
-    save_hf_checkpoint(init, ((k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"), cfg.to_hf_dict())
+    save_hf_checkpoint(init, model.hf_tensors(), cfg.to_hf_dict())
     copy_tokenizer(tok_dir, init)
-    run_script("train.py", ["--preset", "demo-pretrain", "--model", init, "--data", os.path.join(data, "pretrain.jsonl"),
-                            "--out", d], os.path.join(d, "log.txt"))
+    run_script("train.py", [*flags(PRESETS["pretrain"]), "--model", init,
+                            "--data", os.path.join(data, "pretrain.jsonl"), "--out", d],
+               os.path.join(d, "log.txt"))
     copy_tokenizer(tok_dir, os.path.join(d, "model"))
     shutil.rmtree(init)
 
 
 def make_finetune(d, p, data, base, preset):
-    run_script("train.py", ["--preset", preset, "--model", base, "--data", os.path.join(data, "s1k.jsonl"),
-                            "--out", d, "--epochs", p["ft_epochs"]], os.path.join(d, "log.txt"))
-    if preset == "demo-full":
+    run_script("train.py", [*flags({**PRESETS[preset], "epochs": p["ft_epochs"]}), "--model", base,
+                            "--data", os.path.join(data, "s1k.jsonl"), "--out", d],
+               os.path.join(d, "log.txt"))
+    if preset == "full":
         copy_tokenizer(base, os.path.join(d, "model"))
 
 
@@ -254,28 +302,31 @@ def make_eval(d, p, data, models):
     """eval.py run for each model on the held-out problems, then eval.py compare."""
     bench = "math=" + os.path.join(data, "heldout.jsonl")
     for name, (model, adapter) in models.items():
-        run_script("eval.py", ["run", "--model", model, "--out", os.path.join(d, name), "--bench", bench,
-                               "--batch-size", p["eval_batch"], *EVAL_ARGS] + (["--adapter", adapter] if adapter else []),
-                   os.path.join(d, "log.txt"))
+        run_script("eval.py", ["run", "--model", model, "--out", os.path.join(d, name),
+                               "--bench", bench, "--batch-size", p["eval_batch"], *EVAL_ARGS]
+                   + (["--adapter", adapter] if adapter else []), os.path.join(d, "log.txt"))
     run_script("eval.py", ["compare", *(os.path.join(d, n) for n in ("base", "full", "rank1")),
                            "--out", os.path.join(d, "recovery.json")], os.path.join(d, "log.txt"))
 
 
 def make_interpret(d, p, data, base, adapter, samples):
-    """Collect the adapter scalars on the mini-s1K traces, train the SAE, ablate, mine, dashboard."""
+    """Collect the adapter scalars of the mini-s1K traces; SAE, ablations, mining, dashboard."""
     log = os.path.join(d, "log.txt")
     acts, sae, abl, interp = (os.path.join(d, n) for n in ("acts", "sae", "ablate", "interp"))
-    run_script("sae.py", ["collect", "--model", base, "--adapter", adapter, "--data", os.path.join(data, "s1k.jsonl"),
-                          "--out", acts, "--docs-per-shard", 256], log)
-    run_script("sae.py", ["train", "--acts", acts, "--out", sae, "--k", 4, "--steps", p["sae_steps"], "--warmup", 50,
-                          "--batch-size", 1024, "--lr", 2e-3, "--dead-tokens", 200_000], log)
+    run_script("collect.py", ["--model", base, "--adapter", adapter,
+                              "--data", os.path.join(data, "s1k.jsonl"), "--out", acts,
+                              "--docs-per-shard", 256], log)
+    run_script("sae.py", ["train", "--acts", acts, "--out", sae, "--k", 4,
+                          "--steps", p["sae_steps"], "--warmup", 50, "--batch-size", 1024,
+                          "--lr", 2e-3, "--dead-tokens", 200_000], log)
     run_script("eval.py", ["ablate", "--model", base, "--adapter", adapter, "--samples", samples,
                            "--bench", "math=" + os.path.join(data, "heldout.jsonl"), "--block", 2,
                            "--max-sequences", p["ablate_sequences"], "--out", abl], log)
-    run_script("interpret.py", ["mine", "--acts", acts, "--sae", sae, "--tokenizer", base, "--out", interp,
-                                "--k", 24, "--dedup", 2], log)
-    run_script("interpret.py", ["dashboard", "--features", os.path.join(interp, "features.json"), "--sae", sae,
-                                "--ablations", os.path.join(abl, "ablations.json"), "--model", base, "--adapter", adapter,
+    run_script("interpret.py", ["mine", "--acts", acts, "--sae", sae, "--tokenizer", base,
+                                "--out", interp, "--k", 24, "--dedup", 2], log)
+    run_script("dashboard.py", ["--features", os.path.join(interp, "features.json"), "--sae", sae,
+                                "--ablations", os.path.join(abl, "ablations.json"),
+                                "--model", base, "--adapter", adapter,
                                 "--out", os.path.join(interp, "dashboard.html")], log)
 
 
@@ -288,7 +339,6 @@ STEP_LINE = r"(?m)^(\d+) [+-] \d = (\d+) \(\d+ left\)$"
 
 def auroc(x, y):
     """Area under the ROC curve of scores x for labels y (ties count one half)."""
-    import numpy as np
     order = np.argsort(x, kind="mergesort")
     xs = x[order]
     ranks = np.empty(len(x))
@@ -304,12 +354,7 @@ def carry_features(acts_dir, sae_dir, tok_dir):
     """Each worked line "84 - 7 = 77 (4 left)" of the collected traces is labelled by whether its
     result's tens digit differs from the input's (a carry or borrow). At the token just before the
     result (where the model must already know the carry), which adapter scalar and which SAE latent
-    separate the two classes best? AUROC, with each scalar's sign chosen for the better direction."""
-    import re
-    import numpy as np
-    import torch
-    from data import Tokenizer
-    from sae import SAE, ActivationStore
+    separate the two classes best? AUROC, each scalar's sign chosen for the better direction."""
     tok, store = Tokenizer(tok_dir), ActivationStore(acts_dir)
     rows, labels = [], []
     for i, shard in enumerate(store.index["shards"]):
@@ -320,7 +365,8 @@ def carry_features(acts_dir, sae_dir, tok_dir):
             ends = np.cumsum([len(x) for x in pieces])
             text = "".join(pieces)
             for m in re.finditer(STEP_LINE, text):
-                j = int(np.searchsorted(ends, m.start(2), side="left"))  # token that ends where the result starts
+                # the token that ends where the result starts
+                j = int(np.searchsorted(ends, m.start(2), side="left"))
                 if j < n and ends[j] == m.start(2):
                     rows.append(np.asarray(acts[s + j], dtype=np.float32))
                     labels.append(int(m.group(1)) // 10 != int(m.group(2)) // 10)
@@ -329,7 +375,8 @@ def carry_features(acts_dir, sae_dir, tok_dir):
     aucs = [auroc(x[:, c], y) for c in range(x.shape[1])]
     best = int(np.nanargmax([abs(a - 0.5) for a in aucs]))
     out = dict(lines=len(y), carries=int(y.sum()),
-               scalar=dict(name=site_names[best], column=best, auroc=max(aucs[best], 1 - aucs[best]),
+               scalar=dict(name=site_names[best], column=best,
+                           auroc=max(aucs[best], 1 - aucs[best]),
                            sign="+" if aucs[best] >= 0.5 else "-"))
     sae = SAE.load(sae_dir)
     with torch.no_grad():
@@ -343,8 +390,8 @@ def carry_features(acts_dir, sae_dir, tok_dir):
 
 
 def token_labels(features_json, n=5, min_top=10):
-    """The SAE latents whose top examples sit most consistently on one token: [(name, token, share)]."""
-    from collections import Counter
+    """The SAE latents whose top examples sit most consistently on one token:
+    [(name, token, share, frequency)]."""
     out = []
     for f in json.load(open(features_json))["features"]:
         if not f["name"].startswith("sae") or len(f["top"]) < min_top:
@@ -360,7 +407,6 @@ def token_labels(features_json, n=5, min_top=10):
 
 
 def summarize(out, p):
-    from model import write_atomic
     load = lambda *a: json.load(open(os.path.join(out, *a)))
     res = {n: load("eval", n, "results.json")["results"]["math"] for n in ("base", "full", "rank1")}
     rec = load("eval", "recovery.json")["table"]["math"]
@@ -368,40 +414,50 @@ def summarize(out, p):
     key = "kl_full_abl_assistant_mean"
     top_layer = max(abl["layer"], key=lambda r: r[key])
     types = sorted(abl["type"], key=lambda r: -r[key])
-    carry = carry_features(os.path.join(out, "interpret", "acts"), os.path.join(out, "interpret", "sae"),
-                           os.path.join(out, "base", "model"))
+    run_dir = lambda *a: os.path.join(out, "interpret", *a)
+    carry = carry_features(run_dir("acts"), run_dir("sae"), os.path.join(out, "base", "model"))
     sae_m = load("interpret", "sae", "metrics.json")["heldout"]
-    labels = token_labels(os.path.join(out, "interpret", "interp", "features.json"))
+    labels = token_labels(run_dir("interp", "features.json"))
     n_adapter = load("rank1", "result.json")["trainable_params"]
     n_full = load("full", "result.json")["trainable_params"]
     summary = dict(profile=p, heldout_problems=rec["problems"],
-                   accuracy={n: dict(accuracy=r["accuracy"], ci95=r["ci95"], mean_thinking_tokens=r["mean_thinking_tokens"],
+                   accuracy={n: dict(accuracy=r["accuracy"], ci95=r["ci95"],
+                                     mean_thinking_tokens=r["mean_thinking_tokens"],
                                      unparseable=r["unparseable"]) for n, r in res.items()},
                    recovery=dict(recovery=rec["recovery"], ci95=rec["recovery_ci95"]),
                    trainable_params=dict(rank1=n_adapter, full=n_full),
                    ablation=dict(top_layer=top_layer["label"], top_layer_kl=top_layer[key],
                                  by_type=[(r["label"], r[key]) for r in types]),
-                   carry=carry, token_labels=labels, sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction")},
-                   dashboard=os.path.abspath(os.path.join(out, "interpret", "interp", "dashboard.html")))
+                   carry=carry, token_labels=labels,
+                   sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction")},
+                   dashboard=os.path.abspath(run_dir("interp", "dashboard.html")))
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
-    lines = [f"rank1 demo: {rec['problems']} held-out problems of {p['heldout_steps'][0]}-{p['heldout_steps'][1]} steps "
-             f"(the mini s1K has {p['s1k_steps'][0]}-{p['s1k_steps'][1]}), s1 protocol, greedy",
+    steps, s1k_steps = p["heldout_steps"], p["s1k_steps"]
+    lines = [f"rank1 demo: {rec['problems']} held-out problems of {steps[0]}-{steps[1]} steps "
+             f"(the mini s1K has {s1k_steps[0]}-{s1k_steps[1]}), s1 protocol, greedy",
              f"  {'model':8s} {'accuracy':>9s}  95% CI            thinking tokens"]
     for n, r in res.items():
         lo, hi = r["ci95"]
-        lines.append(f"  {n:8s} {pct(r['accuracy']):>9s}  [{pct(lo)}, {pct(hi)}]  {r['mean_thinking_tokens']:.0f}")
+        lines.append(f"  {n:8s} {pct(r['accuracy']):>9s}  [{pct(lo)}, {pct(hi)}]  "
+                     f"{r['mean_thinking_tokens']:.0f}")
     lo, hi = rec["recovery_ci95"]
-    lines += [f"  rank-1 LoRA recovers {pct(rec['recovery'])} of the full finetune's gain (paired bootstrap 95% CI "
-              f"[{pct(lo)}, {pct(hi)}]) with {n_adapter:,} trainable parameters vs {n_full:,}",
-              f"ablations (KL(full || ablated) on assistant tokens): {top_layer['label']} matters most "
-              f"({top_layer[key]:.3g}); by type: " + ", ".join(f"{l} {v:.3g}" for l, v in summary["ablation"]["by_type"]),
-              f"carries: of {carry['lines']} worked lines ({carry['carries']} with a carry or borrow), the adapter scalar "
-              f"{carry['scalar']['name']} ({carry['scalar']['sign']}) separates them with AUROC {carry['scalar']['auroc']:.3f}; "
-              f"SAE latent {carry['sae_latent']['latent']} with AUROC {carry['sae_latent']['auroc']:.3f} (fires on "
-              f"{pct(carry['sae_latent']['fires_on_carry'])} of carries, {pct(carry['sae_latent']['fires_on_other'])} of the rest)",
-              "SAE latents that sit on one token: " + ", ".join(f"{n} {t!r} ({100 * sh:.0f}% of top examples, "
-                                                                 f"fires on {100 * fr:.1f}% of tokens)" for n, t, sh, fr in labels),
-              f"SAE: held-out FVU {sae_m.get('fvu', float('nan')):.3f}, L0 {sae_m.get('l0', float('nan')):.2f}",
+    sc, lat = carry["scalar"], carry["sae_latent"]
+    lines += [f"  rank-1 LoRA recovers {pct(rec['recovery'])} of the full finetune's gain (paired "
+              f"bootstrap 95% CI [{pct(lo)}, {pct(hi)}]) with {n_adapter:,} trainable parameters "
+              f"vs {n_full:,}",
+              f"ablations (KL(full || ablated) on assistant tokens): {top_layer['label']} matters "
+              f"most ({top_layer[key]:.3g}); by type: "
+              + ", ".join(f"{l} {v:.3g}" for l, v in summary["ablation"]["by_type"]),
+              f"carries: of {carry['lines']} worked lines ({carry['carries']} with a carry or "
+              f"borrow), the adapter scalar {sc['name']} ({sc['sign']}) separates them with AUROC "
+              f"{sc['auroc']:.3f}; SAE latent {lat['latent']} with AUROC {lat['auroc']:.3f} (fires "
+              f"on {pct(lat['fires_on_carry'])} of carries, {pct(lat['fires_on_other'])} of the "
+              "rest)",
+              "SAE latents that sit on one token: "
+              + ", ".join(f"{n} {t!r} ({100 * sh:.0f}% of top examples, fires on "
+                          f"{100 * fr:.1f}% of tokens)" for n, t, sh, fr in labels),
+              f"SAE: held-out FVU {sae_m.get('fvu', float('nan')):.3f}, "
+              f"L0 {sae_m.get('l0', float('nan')):.2f}",
               f"dashboard: {summary['dashboard']}"]
     text = "\n".join(lines)
     write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
@@ -422,21 +478,24 @@ def main(argv=None):
     data = os.path.join(out, "data")
     code = inspect_hash(problem, drill, textbook, chat_turn, s1_row, train_tokenizer, make_data)
     k_data = stage(out, "data", dict(p=p, model=DEMO_MODEL, code=code), lambda d: make_data(d, p))
-    from train import PRESETS  # the presets' values are part of each training stage's key
-    k_base = stage(out, "base", dict(data=k_data, p=p, preset=PRESETS["demo-pretrain"]), lambda d: make_base(d, p, data))
+    # the presets' values are part of each training stage's key
+    k_base = stage(out, "base", dict(data=k_data, p=p, preset=PRESETS["pretrain"]),
+                   lambda d: make_base(d, p, data))
     base = os.path.join(out, "base", "model")
-    k_r1 = stage(out, "rank1", dict(base=k_base, p=p, preset=PRESETS["demo-rank1"]),
-                 lambda d: make_finetune(d, p, data, base, "demo-rank1"))
-    k_full = stage(out, "full", dict(base=k_base, p=p, preset=PRESETS["demo-full"]),
-                   lambda d: make_finetune(d, p, data, base, "demo-full"))
+    k_r1 = stage(out, "rank1", dict(base=k_base, p=p, preset=PRESETS["rank1"]),
+                 lambda d: make_finetune(d, p, data, base, "rank1"))
+    k_full = stage(out, "full", dict(base=k_base, p=p, preset=PRESETS["full"]),
+                   lambda d: make_finetune(d, p, data, base, "full"))
     adapter = os.path.join(out, "rank1", "adapter")
-    models = dict(base=(base, None), full=(os.path.join(out, "full", "model"), None), rank1=(base, adapter))
+    models = dict(base=(base, None), full=(os.path.join(out, "full", "model"), None),
+                  rank1=(base, adapter))
     k_eval = stage(out, "eval", dict(models=[k_base, k_full, k_r1], p=p, args=EVAL_ARGS),
                    lambda d: make_eval(d, p, data, models))
     stage(out, "interpret", dict(eval=k_eval, p=p), lambda d: make_interpret(
         d, p, data, base, adapter, os.path.join(out, "eval", "rank1", "samples.jsonl")))
     summary = summarize(out, p)
-    print(f"demo: finished in {(time.time() - t0) / 60:.1f} min; summary in {os.path.join(out, 'summary.txt')}")
+    print(f"demo: finished in {(time.time() - t0) / 60:.1f} min; summary in "
+          f"{os.path.join(out, 'summary.txt')}")
     return summary
 
 

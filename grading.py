@@ -21,7 +21,7 @@ import re
 
 
 def last_boxed(text):
-    """Content of the last \\boxed{...} (nested braces), \\boxed x or \\fbox{...}; None if absent."""
+    """Content of the last \\boxed{...} (nested braces), \\boxed x or \\fbox{...}; None if none."""
     best, best_pos = None, -1
     for cmd in ("\\boxed", "\\fbox"):
         pos = text.rfind(cmd)
@@ -71,10 +71,11 @@ def extract_answer(generation):
 # -----------------------------------------------------------------------------
 # normalisation
 
-UNITS = ["square units", "sq units", "units", "unit", "inches", "inch", "feet", "foot", "ft", "meters", "meter",
-         "cm", "mm", "km", "m", "miles", "mile", "mph", "hours", "hour", "minutes", "minute", "seconds", "second",
-         "days", "day", "degrees", "degree", "dollars", "dollar", "cents", "cent", "pounds", "cups", "people",
-         "students", "ways", "points", "years", "inches^2", "cm^2", "m^2", "ft^2"]
+UNITS = ["square units", "sq units", "units", "unit", "inches", "inch", "feet", "foot", "ft",
+         "meters", "meter", "cm", "mm", "km", "m", "miles", "mile", "mph", "hours", "hour",
+         "minutes", "minute", "seconds", "second", "days", "day", "degrees", "degree", "dollars",
+         "dollar", "cents", "cent", "pounds", "cups", "people", "students", "ways", "points",
+         "years", "inches^2", "cm^2", "m^2", "ft^2"]
 
 
 def _strip_text_commands(s):
@@ -82,14 +83,17 @@ def _strip_text_commands(s):
     prev = None
     while prev != s:
         prev = s
-        s = re.sub(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", s)
+        s = re.sub(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}",
+                   r"\1", s)
     return s
 
 
 def normalize(s):
     """Canonical string form of a MATH-style answer."""
     s = s.strip()
-    s = s.replace("\n", " ").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
+    s = s.replace("\n", " ")
+    for spacing in ("\\!", "\\,", "\\;", "\\:"):
+        s = s.replace(spacing, "")
     s = re.sub(r"(?<!\\)\\ ", " ", s).replace("~", " ")  # "\ " is a space, "\\ " a matrix row break
     s = s.replace("\\left", "").replace("\\right", "").replace("\\bigl", "").replace("\\bigr", "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -120,7 +124,8 @@ def normalize(s):
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
     # numbers: trailing zeros, leading dot, leading plus
-    s = re.sub(r"(?<![\d.])(\d+)\.(\d*?)0+(?![\d])", lambda m: m.group(1) + ("." + m.group(2) if m.group(2) else ""), s)
+    s = re.sub(r"(?<![\d.])(\d+)\.(\d*?)0+(?![\d])",
+               lambda m: m.group(1) + ("." + m.group(2) if m.group(2) else ""), s)
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
     s = re.sub(r"^\+", "", s)
     return s
@@ -135,7 +140,8 @@ class _Parser:
     \\sqrt, \\pi, \\cdot, \\times, parentheses and braces, single-letter variables."""
 
     # known commands match as prefixes, since spaces are gone by now ("\\cdot y" became "\\cdoty")
-    TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\(?:frac|sqrt|pi|cdot|times)|\\[a-zA-Z]+|[a-zA-Z]|[-+*/^(){}\[\]]|_\{?\d+\}?")
+    TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\(?:frac|sqrt|pi|cdot|times)|\\[a-zA-Z]+|[a-zA-Z]"
+                       r"|[-+*/^(){}\[\]]|_\{?\d+\}?")
 
     def __init__(self, s):
         pos, self.toks = 0, []
@@ -173,7 +179,8 @@ class _Parser:
         return e
 
     def starts_atom(self, t):
-        return t is not None and (t[0].isdigit() or t[0] == "." or t in ("(", "{", "\\pi", "\\sqrt", "\\frac")
+        return t is not None and (t[0].isdigit() or t[0] == "."
+                                  or t in ("(", "{", "\\pi", "\\sqrt", "\\frac")
                                   or (len(t) == 1 and t.isalpha()))
 
     def term(self):
@@ -364,7 +371,8 @@ def extract_letter(generation):
         m = re.fullmatch(r"(?i)(?:option|choice)?\s*\(?([a-d])\)?(?:[).:].*)?", a)
         if m:
             return m.group(1).upper()
-    m = list(re.finditer(r"(?i)(?:answer|choice|option)\s*(?:is|:)?\s*\(?\b([A-D])\b\)?", generation))
+    m = list(re.finditer(r"(?i)(?:answer|choice|option)\s*(?:is|:)?\s*\(?\b([A-D])\b\)?",
+                         generation))
     return m[-1].group(1).upper() if m else None
 
 

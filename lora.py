@@ -1,11 +1,15 @@
 """
 Rank-1 LoRA (any rank on the reference path) for model.Qwen2: the adapter the paper studies.
 
-    from lora import apply_lora, capture, ablate, steer, save_adapter, load_adapter
+    from lora import apply_lora, capture, ablate, steer, save_adapter, load_adapter, load_model
     apply_lora(model, rank=1, alpha=16.0)            # all 7 projections of every layer; base frozen
     with capture(model) as cap:
         model(idx)
     cap.acts                                          # (B, T, 448) float32 for Qwen2.5-32B
+    model, identity = load_model("/models/Qwen2.5-32B-Instruct", adapter="runs/rank1/adapter")
+    # merge an adapter into its base and write an HF checkpoint (transformers, vLLM)
+    python lora.py export --model /models/Qwen2.5-32B-Instruct --adapter runs/rank1/adapter \\
+        --out merged/
 
 An adapted linear computes y = W x + b + s * B (A x) with A (r, in), B (out, r), s = alpha / r
 (alpha / sqrt(r) with rsLoRA; the same at r = 1, where the paper's s = 16). A gets PEFT's
@@ -23,8 +27,9 @@ Implementations of the adapted linear (chosen once; LORA_IMPL=ref|cuda|auto over
 - `ref`: a torch.autograd.Function that does the frozen matmul and the rank-r update without
   materialising (T, out) intermediates; the CPU path, the fallback, and the test oracle's twin.
 - `cuda`: the fused kernels of csrc/ (rank 1, CUDA tensors; see lora_cuda.py).
-Dropout, steering and trainable base weights take a plain autograd composition instead.
+Dropout and trainable base weights take plain autograd ops instead (lora_linear decides).
 """
+import argparse
 import json
 import math
 import os
@@ -34,10 +39,15 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from common import (DTYPES, atomic_dir, read_json, read_safetensors, save_hf_checkpoint,
+                    user_errors)
+from model import Qwen2
 
 SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
-PARENT = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-          "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+PARENT = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "q_proj": "self_attn",
+          "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 
 # -----------------------------------------------------------------------------
@@ -82,7 +92,7 @@ class LoRAFunction(torch.autograd.Function):
 
 
 def _add_scaled(y, a, b, s):
-    """y + s * (a @ b), accumulated in a's dtype, returned in y's dtype (in place when they agree)."""
+    """y + s * (a @ b), accumulated in a's dtype, returned in y's dtype (in place if they agree)."""
     if y.dtype == a.dtype:
         return y.addmm_(a, b, alpha=s)
     return y.to(a.dtype).addmm_(a, b, alpha=s).to(y.dtype)
@@ -110,72 +120,87 @@ def lora_impl():
             except Exception as e:  # the build failing is the one case we fall back on
                 if want == "cuda":
                     raise
-                warnings.warn(f"rank-1 CUDA extension unavailable ({e}); using the PyTorch reference path")
+                warnings.warn(f"rank-1 CUDA extension unavailable ({e}); using the PyTorch "
+                              "reference path")
         print(f"lora: {'fused CUDA rank-1 kernels' if _IMPL else 'PyTorch reference path'}")
     return _IMPL or None
 
 
+def lora_linear(x, W, bias, A, B, s, dropout=None):
+    """(y, u) = (x W^T + b + s (x A^T) B^T, x A^T): the one place that picks an implementation.
+
+    The fused CUDA kernels for rank 1 on a GPU, else the reference autograd function; plain
+    autograd ops for CPU inference, dropout, or a base weight that trains (full finetunes).
+    """
+    frozen = not W.requires_grad and not (bias is not None and bias.requires_grad)
+    plain = dropout is None and frozen
+    if plain and (torch.is_grad_enabled() or x.is_cuda):
+        fused = lora_impl() if x.is_cuda and A.shape[0] == 1 else None
+        return (fused or lora_linear_ref)(x, W, bias, A, B, s)
+    y = F.linear(x, W, bias)
+    u = (x if dropout is None else dropout(x)).to(A.dtype) @ A.t()
+    y = _add_scaled(y.reshape(-1, y.shape[-1]), u.reshape(-1, A.shape[0]), B.t(), s).view(y.shape)
+    return y, u
+
+
 class LoRALinear(nn.Linear):
     """An nn.Linear (same `weight`/`bias` names, so base checkpoints load unchanged) plus
-    `lora_A` (r, in) and `lora_B` (out, r) in fp32 (PEFT's names and shapes)."""
+    `lora_A` (r, in) and `lora_B` (out, r) in fp32 (PEFT's names and shapes):
+
+        y = W x + b + s * B u,   u = A x   (the adapter's scalar; r of them at rank r)
+
+    `active` False switches the adapter off (u reads 0), `merged` True means s * B A has been
+    added into W. Each function in `u_hooks` maps u to u on every forward, in order: steer()
+    edits it (the edit reaches the output through B), capture() records it (see hooked()).
+    """
 
     def __init__(self, base, rank=1, alpha=16.0, rslora=True, dropout=0.0, layer=None, target=None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
+        f32 = dict(device=dev, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **f32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **f32))
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.layer, self.target = layer, target
-        self.active = True      # False: this adapter contributes nothing (ablation / base model)
-        self.merged = False     # True: s * B A has been added into weight
-        self.steer_offset = None  # (r,) added to u, see steer()
-        self.steer_mask = None    # callable (n_seen, T, device) -> (T,) bool, or None for every position
-        self.captured = None      # a list while capture() is on
-        self._seen = 0            # tokens that passed through forward while steering (position counter)
+        self.active, self.merged, self.u_hooks = True, False, []
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # = U(-1/sqrt(in), 1/sqrt(in)), PEFT's init
-        nn.init.zeros_(self.lora_B)
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator=None):
+        """PEFT's init: A ~ kaiming_uniform(a=sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the
+        adapted model starts equal to the base. Drawn on the CPU: the same values on any device
+        (on the meta device there is nothing to draw; train.py initialises after materialising)."""
+        if self.lora_A.is_meta:
+            return
+        bound = 1 / math.sqrt(self.in_features)
+        A = torch.empty(self.lora_A.shape).uniform_(-bound, bound, generator=generator)
+        self.lora_A.copy_(A)
+        self.lora_B.zero_()
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+        return (f"{self.in_features}, {self.out_features}, rank={self.rank}, "
+                f"scaling={self.scaling:g}")
 
     def forward(self, x):
-        if self.merged or not self.active:
+        if self.active and not self.merged:
+            y, u = lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                               self.dropout)
+        else:  # switched off, or merged: the base matmul does it all
             y = F.linear(x, self.weight, self.bias)
-            if self.captured is not None:  # the effective scalar: x.a when merged, 0 when switched off
-                self.captured.append((x.to(torch.float32) @ self.lora_A.t()).detach() if self.active
-                                     else x.new_zeros(*x.shape[:-1], self.rank, dtype=torch.float32))
-            return y
-        plain = (isinstance(self.dropout, nn.Identity) and self.steer_offset is None
-                 and not self.weight.requires_grad and not (self.bias is not None and self.bias.requires_grad))
-        if plain and (torch.is_grad_enabled() or x.is_cuda):
-            fused = lora_impl() if x.is_cuda and self.rank == 1 else None
-            y, u = (fused or lora_linear_ref)(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
-        else:  # CPU inference, dropout, steering or a trainable base: plain ops, the same arithmetic
-            y = F.linear(x, self.weight, self.bias)
-            u = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
-            if self.steer_offset is not None:
-                u = self._steer(u)
-            y = _add_scaled(y.reshape(-1, y.shape[-1]), u.reshape(-1, self.rank), self.lora_B.t(),
-                            self.scaling).view(y.shape)
-        if self.captured is not None:
-            self.captured.append(u.detach())
+            if not self.u_hooks:
+                return y
+            u = (x.to(self.lora_A.dtype) @ self.lora_A.t() if self.active
+                 else x.new_zeros(*x.shape[:-1], self.rank, dtype=torch.float32))
+        v = u
+        for hook in self.u_hooks:
+            v = hook(v)
+        if v is not u and self.active:  # u edited by v - u: y moves by s * B (v - u)
+            y = y + (self.scaling * (v - u) @ self.lora_B.t()).to(y.dtype)
         return y
-
-    def _steer(self, u):
-        T = u.shape[-2]
-        off = self.steer_offset.to(u.dtype)
-        if self.steer_mask is not None:
-            m = self.steer_mask(self._seen, T, u.device).to(u.dtype)  # (T,)
-            off = m[:, None] * off
-        self._seen += T
-        return u + off
 
     # -- merge / unmerge ------------------------------------------------------
 
@@ -189,7 +214,7 @@ class LoRALinear(nn.Linear):
             return
         new = self.weight.float() + self.delta_weight()
         if not torch.isfinite(new).all():
-            raise ValueError(f"{self.name}: merging gives non-finite weights; adapter left unmerged")
+            raise ValueError(f"{self.name}: merging gives non-finite weights; left unmerged")
         self.weight.copy_(new.to(self.weight.dtype))
         self.merged = True
 
@@ -252,8 +277,8 @@ def apply_lora(model, rank=1, alpha=16.0, rslora=True, targets=SITE_ORDER, layer
     if verbose:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = model.num_params()
-        print(f"lora: rank {rank}, {len(adapters(model))} adapters, {n_train:,} trainable parameters "
-              f"({100 * n_train / n_all:.4f}% of {n_all:,})")
+        print(f"lora: rank {rank}, {len(adapters(model))} adapters, {n_train:,} trainable "
+              f"parameters ({100 * n_train / n_all:.4f}% of {n_all:,})")
     return model
 
 
@@ -283,12 +308,25 @@ def lora_config(model):
 # capture and interventions
 
 
+@contextmanager
+def hooked(mods, make_hook, first=False):
+    """Put make_hook(module) into each module's u_hooks for the context (at the front with first:
+    edits run before observers), and take exactly those hooks out again on exit."""
+    hooks = [make_hook(m) for m in mods]
+    for m, h in zip(mods, hooks):
+        m.u_hooks.insert(0, h) if first else m.u_hooks.append(h)
+    try:
+        yield
+    finally:
+        for m, h in zip(mods, hooks):
+            m.u_hooks.remove(h)
+
+
 class Capture:
     """What capture() yields; `acts` stays readable after the context has closed."""
 
     def __init__(self, mods):
-        self.mods = mods
-        self.lists = [[] for _ in mods]  # the modules append into these while the context is open
+        self.lists = [[] for _ in mods]  # one list of u tensors per adapter, in capture order
 
     @property
     def acts(self):
@@ -309,13 +347,15 @@ def capture(model):
     if not mods:
         raise ValueError("capture: the model has no LoRA adapters")
     cap = Capture(mods)
-    for m, l in zip(mods, cap.lists):
-        m.captured = l
-    try:
+
+    def record(into):
+        def hook(u):
+            into.append(u.detach())
+            return u
+        return hook
+    lists = iter(cap.lists)
+    with hooked(mods, lambda m: record(next(lists))):
         yield cap
-    finally:
-        for m in mods:
-            m.captured = None
 
 
 def _match(mods, layers=None, types=None, sites_=None):
@@ -326,7 +366,8 @@ def _match(mods, layers=None, types=None, sites_=None):
     for t in types or ():
         if t not in PARENT:
             raise ValueError(f"unknown adapter type {t!r}")
-    return [m for m in mods if (layers is None or m.layer in layers) and (types is None or m.target in types)
+    return [m for m in mods if (layers is None or m.layer in layers)
+            and (types is None or m.target in types)
             and (sites_ is None or (m.layer, m.target) in sites_)]
 
 
@@ -336,7 +377,8 @@ def ablate(model, layers=None, types=None, sites=None):
     ablate(model) with no selection switches off every adapter: the base model."""
     chosen = _match(adapters(model), layers, types, sites)
     if any(m.merged for m in chosen):
-        raise ValueError("ablate: unmerge the adapters first (a merged adapter cannot be switched off)")
+        raise ValueError("ablate: unmerge the adapters first (a merged adapter cannot be "
+                         "switched off)")
     before = [m.active for m in chosen]
     for m in chosen:
         m.active = False
@@ -361,7 +403,8 @@ def steer(model, offsets, positions=None):
     first, then one per generated token), or a callable (n_seen, T, device) -> (T,) bool.
     """
     mods = {(m.layer, m.target): m for m in adapters(model)}
-    missing = [k for k in offsets if tuple(k) not in mods]
+    offsets = {tuple(k): v for k, v in offsets.items()}
+    missing = [k for k in offsets if k not in mods]
     if missing:
         raise ValueError(f"steer: no adapter at {missing[:5]}")
     if positions is not None and not callable(positions):
@@ -369,19 +412,23 @@ def steer(model, offsets, positions=None):
 
         def positions(n_seen, T, device, pos=pos):
             return torch.isin(torch.arange(n_seen, n_seen + T, device=device), pos.to(device))
-    chosen = []
-    for k, off in offsets.items():
-        m = mods[tuple(k)]
-        if m.merged:
-            raise ValueError("steer: unmerge the adapters first")
-        m.steer_offset = torch.as_tensor(off, dtype=torch.float32, device=m.lora_A.device).reshape(-1).expand(m.rank)
-        m.steer_mask, m._seen = positions, 0
-        chosen.append(m)
-    try:
+
+    def add_offset(m):
+        off = torch.as_tensor(offsets[(m.layer, m.target)], dtype=torch.float32,
+                              device=m.lora_A.device).reshape(-1).expand(m.rank)  # (r,)
+        seen = [0]  # tokens this adapter has seen in the context: the positions counter
+
+        def hook(u):
+            o = off.to(u.dtype)
+            if positions is not None:
+                T = u.shape[-2]
+                o = positions(seen[0], T, u.device).to(u.dtype)[:, None] * o  # (T, r)
+                seen[0] += T
+            return u + o
+        return hook
+    chosen = [mods[k] for k in offsets]
+    with hooked(chosen, add_offset, first=True):
         yield chosen
-    finally:
-        for m in chosen:
-            m.steer_offset, m.steer_mask, m._seen = None, None, 0
 
 
 def merge(model):
@@ -398,6 +445,8 @@ def unmerge(model):
 # files: PEFT adapters and merged HF checkpoints
 
 PEFT_PREFIX = "base_model.model."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "generation_config.json", "special_tokens_map.json")
 
 
 def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None):
@@ -405,8 +454,6 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None):
 
     state_dict: optional {name: tensor} of full adapter tensors (train.py passes the gathered ones).
     """
-    from safetensors.torch import save_file
-    from model import atomic_dir
     cfg = lora_config(model)
     if state_dict is None:
         state_dict = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
@@ -418,27 +465,28 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None):
     all_layers = cfg["layers"] == list(range(model.cfg.num_hidden_layers))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": cfg["alpha"],
-        "use_rslora": cfg["rslora"], "lora_dropout": cfg["dropout"], "target_modules": cfg["targets"],
-        "layers_to_transform": None if all_layers else cfg["layers"], "layers_pattern": None if all_layers else "layers",
-        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+        "use_rslora": cfg["rslora"], "lora_dropout": cfg["dropout"],
+        "target_modules": cfg["targets"],
+        "layers_to_transform": None if all_layers else cfg["layers"],
+        "layers_pattern": None if all_layers else "layers", "bias": "none", "fan_in_fan_out": False,
+        "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
     }
 
     def write(tmp):
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
     atomic_dir(out_dir, write)
 
 
-def load_adapter(model, adapter_dir, verbose=True):
-    """Apply the adapters an adapter_config.json describes to `model` and load their weights strictly."""
-    from model import read_safetensors
+def read_adapter_config(adapter_dir):
+    """adapter_config.json, checked: what apply_lora needs, or an error naming the field."""
     cfg_file = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json")
-    with open(cfg_file) as f:
-        c = json.load(f)
+    c = read_json(cfg_file)
 
     def bad(field, why):
         raise ValueError(f"{cfg_file}: {field}: {why}")
@@ -459,16 +507,24 @@ def load_adapter(model, adapter_dir, verbose=True):
     if isinstance(targets, str):
         targets = [targets]
     if not targets or any(t not in PARENT for t in targets):
-        bad("target_modules", f"{c.get('target_modules')!r}: expected names among {list(SITE_ORDER)} "
-            "(an adapter for another architecture?)")
+        bad("target_modules", f"{c.get('target_modules')!r}: expected names among "
+            f"{list(SITE_ORDER)} (an adapter for another architecture?)")
     layers = c.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
-    apply_lora(model, rank=int(c["r"]), alpha=float(c["lora_alpha"]), rslora=bool(c.get("use_rslora", False)),
-               targets=[t for t in SITE_ORDER if t in targets], layers=layers, verbose=verbose)
+    return c, dict(rank=int(c["r"]), alpha=float(c["lora_alpha"]),
+                   rslora=bool(c.get("use_rslora", False)),
+                   targets=[t for t in SITE_ORDER if t in targets], layers=layers)
+
+
+def load_adapter(model, adapter_dir, verbose=True):
+    """Apply the adapters adapter_config.json describes to `model`; load their weights strictly."""
+    c, kw = read_adapter_config(adapter_dir)
+    apply_lora(model, **kw, verbose=verbose)
     weights_file = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(weights_file):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are read)")
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors "
+                                "adapters are read)")
     sd = read_safetensors(weights_file)
     expected = {}
     for m in adapters(model):
@@ -478,32 +534,45 @@ def load_adapter(model, adapter_dir, verbose=True):
     sd = {k.replace(".default.weight", ".weight"): v for k, v in sd.items()}
     missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing:
-        raise ValueError(f"{weights_file}: missing {len(missing)} adapter tensors, e.g. {missing[:3]}")
+        raise ValueError(f"{weights_file}: missing {len(missing)} adapter tensors, e.g. "
+                         f"{missing[:3]}")
     if extra:
         raise ValueError(f"{weights_file}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
     with torch.no_grad():
         for k, p in expected.items():
             v = sd[k]
             if v.shape != p.shape:
-                raise ValueError(f"{weights_file}: {k} has shape {tuple(v.shape)}, expected {tuple(p.shape)} "
-                                 "(an adapter for a model of another size?)")
+                raise ValueError(f"{weights_file}: {k} has shape {tuple(v.shape)}, expected "
+                                 f"{tuple(p.shape)} (an adapter for a model of another size?)")
             if not torch.isfinite(v).all():
                 raise ValueError(f"{weights_file}: {k} has non-finite values")
             p.copy_(v)
     return c
 
 
+def load_model(path, adapter=None, dtype=None, merge=False, device="cpu"):
+    """An HF model directory, optionally with a PEFT adapter (merged into the weights with merge):
+    (model in eval mode, identity), identity being what results record about the weights."""
+    model = Qwen2.from_pretrained(path, dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype,
+                                  device=device)
+    identity = dict(model=os.path.abspath(path), adapter=None, merged=False)
+    if adapter:
+        load_adapter(model, adapter, verbose=False)
+        identity.update(adapter=os.path.abspath(adapter), merged=bool(merge),
+                        adapter_sites=len(adapters(model)))
+        for m in adapters(model) if merge else ():
+            m.merge()
+    return model.eval(), identity
+
+
 def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes=5 * 2**30):
     """Write an HF checkpoint with the adapters merged (W + s B A) that transformers and vLLM load:
-    sharded safetensors + index + config.json (+ tokenizer files). The model itself is not modified."""
-    from model import save_hf_checkpoint
+    sharded safetensors + index + config.json (+ tokenizer files). `model` is not modified."""
     dtype = dtype or model.lm_head.weight.dtype
     deltas = {m.name + ".weight": m for m in adapters(model)}
 
     def tensors():
-        for k, v in model.state_dict().items():
-            if ".lora_" in k or (model.cfg.tie_word_embeddings and k == "lm_head.weight"):
-                continue
+        for k, v in model.hf_tensors():
             if k in deltas and not deltas[k].merged:
                 v = v.float() + deltas[k].delta_weight().detach()
             v = v.to(dtype) if v.is_floating_point() else v
@@ -511,7 +580,31 @@ def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_byte
                 raise ValueError(f"export_merged: {k} is non-finite after merging")
             yield k, v
     cfg = {**model.cfg.to_hf_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
-             "special_tokens_map.json")
-    files = [os.path.join(tokenizer_dir, n) for n in names if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, n))]
+    files = [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES
+             if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, n))]
     save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files)
+
+
+# -----------------------------------------------------------------------------
+# command line: export a merged checkpoint
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model and write an "
+                                "HF checkpoint (for transformers, vLLM or eval.py without "
+                                "--adapter).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write base + adapter, merged, as an HF checkpoint")
+    e.add_argument("--model", required=True, help="HF model directory (the base)")
+    e.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    e.add_argument("--out", required=True, help="output directory (safetensors, config.json)")
+    e.add_argument("--dtype", choices=sorted(DTYPES), help="default: the base checkpoint's")
+    args = p.parse_args(argv)
+    with user_errors("lora.py"):
+        model, _ = load_model(args.model, args.adapter, args.dtype)
+        export_merged(model, args.out, tokenizer_dir=args.model)
+    print(f"export: {args.model} + {args.adapter} merged -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

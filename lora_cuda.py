@@ -1,7 +1,7 @@
 """
 The fused rank-1 LoRA CUDA ops (csrc/), built on first import and called through torch.ops.
 
-    import lora_cuda                                  # JIT build, cached in ~/.cache/torch_extensions
+    import lora_cuda                                  # JIT build (~/.cache/torch_extensions)
     y, u = lora_cuda.lora_linear(x, W, bias, A, B, s) # same contract as lora.lora_linear_ref
 
 lora.py imports this only when CUDA is available and LORA_IMPL is not `ref`; if the build fails it
@@ -42,7 +42,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, gy, _gu):
     x, W, u, a, b = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, da, db = torch.ops.rank1.lora1_linear_backward(gy.contiguous(), x, W, u, a, b, ctx.s, need_dx)
+    dx, da, db = torch.ops.rank1.lora1_linear_backward(gy.contiguous(), x, W, u, a, b, ctx.s,
+                                                       need_dx)
     return (dx if need_dx else None), None, None, da, db, None
 
 
@@ -50,7 +51,8 @@ torch.library.register_autograd("rank1::lora1_linear", _backward, setup_context=
 
 
 def lora_linear(x, W, bias, A, B, s):
-    """x (..., in), W (out, in) frozen, A (1, in), B (out, 1) fp32 -> (y (..., out), u (..., 1) fp32)."""
+    """x (..., in), W (out, in) frozen, A (1, in), B (out, 1) fp32 -> (y (..., out), u (..., 1)
+    fp32)."""
     shape = x.shape[:-1]
     y, u = torch.ops.rank1.lora1_linear(x.reshape(-1, x.shape[-1]).contiguous(), W, bias,
                                         A.reshape(-1), B.reshape(-1), float(s))

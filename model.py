@@ -2,7 +2,7 @@
 Qwen2 (the architecture of Qwen2.5-*-Instruct), written directly in PyTorch.
 
     from model import Qwen2
-    model = Qwen2.from_pretrained("/models/Qwen2.5-32B-Instruct", dtype=torch.bfloat16, device="cuda")
+    model = Qwen2.from_pretrained("/models/Qwen2.5-32B-Instruct", torch.bfloat16, "cuda")
     logits = model(idx)                                   # (B, T, vocab_size)
     new = model.generate([[151644, 872, 198]], max_new_tokens=32, stop_ids=[151645])
 
@@ -16,23 +16,21 @@ Notable choices:
 - RoPE tables are recomputed from the positions on every forward instead of being buffers: they
   cost O(T * head_dim) and this way there is nothing to re-initialise after building on the meta
   device, and model.to(bfloat16) cannot round the frequencies.
-- The training forward has no cache. generate() owns a preallocated KV cache (gpt-fast style) and
-  handles batches of prompts of different lengths by left padding.
+- The training forward has no cache. forward_cached() runs tokens after those a preallocated KV
+  cache holds (gpt-fast style): generate() uses it for batches of prompts of different lengths
+  (left-padded), collect.py for long documents window by window.
 """
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import DTYPES, read_json, read_safetensors, safetensors_keys
+
 # -----------------------------------------------------------------------------
 # config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -88,12 +86,13 @@ class Qwen2Config:
         d = dict(d)
         if d.get("model_type", "qwen2") != "qwen2":
             raise ValueError(f"{source}: model_type is {d['model_type']!r}, expected 'qwen2'")
-        # transformers >= 5 writes `dtype` and `rope_parameters` instead of `torch_dtype`/`rope_theta`
+        # transformers >= 5 writes `dtype` and `rope_parameters`, not `torch_dtype`/`rope_theta`
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
         rope = d.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
-            raise ValueError(f"{source}: RoPE scaling {rope or d.get('rope_scaling')} is not supported")
+            raise ValueError(f"{source}: RoPE scaling {rope or d.get('rope_scaling')} is not "
+                             "supported")
         if "rope_theta" in rope and "rope_theta" not in d:
             d["rope_theta"] = rope["rope_theta"]
         names = {f.name for f in fields(cls)}
@@ -110,25 +109,23 @@ class Qwen2Config:
     def from_pretrained(cls, path):
         f = os.path.join(path, "config.json")
         if not os.path.isfile(f):
-            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-        with open(f) as fh:
-            try:
-                d = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=f)
+            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model "
+                                    "directory)")
+        return cls.from_dict(read_json(f), source=f)
 
     def to_hf_dict(self):
         """config.json content that transformers (4.x and 5.x) and vLLM load as Qwen2ForCausalLM."""
         d = asdict(self)
-        d.update(architectures=["Qwen2ForCausalLM"], sliding_window=None, max_window_layers=self.num_hidden_layers,
-                 attention_dropout=0.0, initializer_range=0.02, use_cache=True)
+        d.update(architectures=["Qwen2ForCausalLM"], sliding_window=None,
+                 max_window_layers=self.num_hidden_layers, attention_dropout=0.0,
+                 initializer_range=0.02, use_cache=True)
         return d
 
 
 # Qwen2.5-32B-Instruct's config.json (PAPER.md section H), for dry runs and parameter counts.
-QWEN2_5_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                   num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=32768,
+QWEN2_5_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                   num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                   max_position_embeddings=32768,
                    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
                    bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
 
@@ -149,7 +146,8 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
     """positions (..., T) int -> cos, sin (..., T, head_dim) in `dtype`, HF half-split layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    even = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / (theta ** (even / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -164,7 +162,8 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = cfg.head_dim
         D = cfg.hidden_size
         self.q_proj = nn.Linear(D, self.n_head * self.hd, bias=True)
         self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=True)
@@ -177,7 +176,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # without a mask: causal when the queries start at position 0; a one-token decode step sees all keys
+        # without a mask: causal when the queries start at position 0; a decode step sees all keys
         causal = mask is None and (cache is None or cache.len == 0)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, nkv, L, hd): everything cached so far
@@ -205,13 +204,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        self.checkpoint = False  # activation checkpointing (train.py): recompute this layer in backward
+        self.checkpoint = False  # activation checkpointing (train.py): recompute in backward
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
-        # checkpointing inside forward keeps FSDP's hooks on this module outside the recomputed region
+        # checkpointing inside forward keeps FSDP's hooks on this module out of the recomputation
         if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, cache, layer_idx,
-                                                     use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, cache,
+                                                     layer_idx, use_reentrant=False)
         return self._forward(x, cos, sin, mask, cache, layer_idx)
 
     def _forward(self, x, cos, sin, mask, cache, layer_idx):
@@ -297,12 +296,13 @@ class Qwen2(nn.Module):
         """
         h = self.model(idx)
         if targets is not None and chunk_size:
-            return LinearCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index,
-                                            chunk_size)
+            return LinearCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                            ignore_index, chunk_size)
         logits = self.lm_head(h)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=ignore_index)
         return logits, loss
 
     def num_params(self):
@@ -323,40 +323,49 @@ class Qwen2(nn.Module):
             dtype = DTYPES[cfg.torch_dtype]
         with torch.device("meta"):
             model = cls(cfg)
-        sd = {}
-        for file, keys in checkpoint_files(path).items():
-            sd.update(read_safetensors(file, keys, device=device, dtype=dtype))
-        model.load_hf_state_dict(sd, source=path)
+        sd = dict(checkpoint_tensors(path, model.checkpoint_shapes(), dtype, device))
+        if cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
+            model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
-    def load_hf_state_dict(self, sd, source="state dict"):
-        """Strict, assigning load of HF-named tensors with errors that name the offending keys."""
-        sd = dict(sd)
-        if self.cfg.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)  # tied: the embedding is the head (HF drops it on save too)
-        expected = {k: v.shape for k, v in self.state_dict().items()
-                    if not (self.cfg.tie_word_embeddings and k == "lm_head.weight")}
-        missing = sorted(set(expected) - set(sd))
-        extra = sorted(set(sd) - set(expected))
-        if missing:
-            raise ValueError(f"{source}: missing {len(missing)} tensors, e.g. {missing[:5]}")
-        if extra:
-            raise ValueError(f"{source}: {len(extra)} unexpected tensors, e.g. {extra[:5]}")
-        for k, shape in expected.items():
-            if tuple(sd[k].shape) != tuple(shape):
-                raise ValueError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(shape)}")
-        if self.cfg.tie_word_embeddings:
-            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-        self.load_state_dict(sd, strict=True, assign=True)
-        if self.cfg.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
-            self.lm_head.weight = self.model.embed_tokens.weight
+    def hf_tensors(self):
+        """The (name, tensor) pairs an HF checkpoint of this model holds: the state dict, less
+        adapter tensors (lora_*, saved apart) and lm_head.weight when it is tied to the embedding
+        (HF does not save it then)."""
+        for k, v in self.state_dict().items():
+            if ".lora_" not in k and not (self.cfg.tie_word_embeddings and k == "lm_head.weight"):
+                yield k, v
+
+    def checkpoint_shapes(self):
+        return {k: tuple(v.shape) for k, v in self.hf_tensors()}
 
     # -------------------------------------------------------------------------
     # generation
 
+    def forward_cached(self, idx, positions, cache, valid=None, rope=None):
+        """idx (B, T): the next T tokens after the cache.len positions `cache` holds -> final hidden
+        states (B, T, D); appends their keys and values and advances cache.len.
+
+        positions (B, T) or (1, T): RoPE positions. valid (B, L) bool marks the key positions that
+        are real tokens (rows left-padded to one length), None when every position is. rope:
+        optional (cos, sin) tables indexed by position. Long documents run window by window this
+        way and give what one full forward gives.
+        """
+        start, T = cache.len, idx.shape[1]
+        mask = None  # SDPA's causal path for a first window, a decode step sees every cached key
+        if valid is not None or (start > 0 and T > 1):
+            mask = _attn_mask(valid, start, T, idx.device)
+        h = self.model(idx, positions, mask, cache, rope)
+        cache.len += T
+        return h
+
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(), generator=None):
-        """Batched generation with a KV cache; returns the new tokens of each row as a list of lists.
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(),
+                 generator=None):
+        """Batched generation with a KV cache; returns each row's new tokens as a list of lists.
 
         prompts: a list of token-id lists (any lengths; left-padded internally) or a (B, T) tensor.
         Greedy at temperature 0, else temperature + nucleus (top_p) sampling from `generator`.
@@ -370,7 +379,7 @@ class Qwen2(nn.Module):
         B, P = len(prompts), max(len(p) for p in prompts)
         L = P + max_new_tokens
         idx = torch.zeros(B, P, dtype=torch.long, device=device)
-        valid = torch.zeros(B, L, dtype=torch.bool, device=device)  # key positions that are real tokens
+        valid = torch.zeros(B, L, dtype=torch.bool, device=device)  # key positions of real tokens
         for b, p in enumerate(prompts):
             idx[b, P - len(p):] = torch.tensor(p, device=device)
             valid[b, P - len(p):] = True
@@ -378,17 +387,14 @@ class Qwen2(nn.Module):
         positions = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)
         dtype = self.lm_head.weight.dtype
         cache = KVCache(self.cfg, B, L, dtype, device)
-        rope = rope_cos_sin(torch.arange(L, device=device), self.cfg.head_dim, self.cfg.rope_theta, dtype)
-        padded = not valid[:, :P].all()
+        rope = rope_cos_sin(torch.arange(L, device=device), self.cfg.head_dim, self.cfg.rope_theta,
+                            dtype)
+        padded = None if valid[:, :P].all() else valid
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
-            mask = None  # no padding: causal prefill, then decode steps that see every cached key
-            if padded:
-                mask = _attn_mask(valid, 0, P) if step == 0 else valid[:, None, None, :cache.len + 1]
-            h = self.model(idx, positions, mask, cache, rope)
-            cache.len += idx.shape[1]
+            h = self.forward_cached(idx, positions, cache, padded, rope)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
             nxt = _sample(logits, temperature, top_p, generator)
             out.append(nxt)
@@ -423,7 +429,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, tsafe[:, None])[:, 0]) * valid).sum()
             if need_h or need_w:
-                g = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - onehot, on valid rows
+                g = torch.softmax(logits, dim=-1)  # d(loss)/d(logits): softmax - onehot, valid rows
                 g[torch.arange(len(tc), device=g.device), tsafe] -= 1.0
                 g *= valid[:, None]
                 if need_h:
@@ -441,10 +447,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 (dW * grad).to(ctx.w_dtype) if dW is not None else None, None, None, None)
 
 
-def _attn_mask(valid, start, T):
-    """(B, 1, T, start+T) bool: causal, padding keys hidden, and every query sees itself (so pad rows stay finite)."""
-    q = torch.arange(start, start + T, device=valid.device)[:, None]
-    k = torch.arange(start + T, device=valid.device)[None, :]
+def _attn_mask(valid, start, T, device):
+    """(B or 1, 1, T, start+T) bool for queries at start..start+T-1: causal, padding keys hidden
+    (valid None: none), and every query sees itself (so the rows of padding stay finite)."""
+    q = torch.arange(start, start + T, device=device)[:, None]
+    k = torch.arange(start + T, device=device)[None, :]
+    if valid is None:
+        return (k <= q)[None, None]
     return ((k <= q) & (valid[:, None, :start + T] | (k == q))).unsqueeze(1)
 
 
@@ -467,7 +476,7 @@ def _cut_at_stop(row, stops):
 
 
 # -----------------------------------------------------------------------------
-# safetensors checkpoints
+# HF checkpoints
 
 
 def checkpoint_files(path):
@@ -475,105 +484,41 @@ def checkpoint_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: expected JSON with a 'weight_map' object ({e!r})") from None
+        d = read_json(index)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected JSON with a 'weight_map' object")
         files = {}
         for key, shard in weight_map.items():
             files.setdefault(os.path.join(path, shard), []).append(key)
         for file in files:
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"{index} names shard {os.path.basename(file)}, which is missing from {path}")
+                raise FileNotFoundError(f"{index} names shard {os.path.basename(file)}, which is "
+                                        f"missing from {path}")
         return files
     if os.path.isfile(single):
         return {single: None}
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json "
+                            "found")
 
 
-def read_safetensors(file, keys=None, device="cpu", dtype=None):
-    """Read tensors (all, or the given names) from one safetensors file, with errors naming the file."""
-    from safetensors import safe_open
-    try:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            have = set(f.keys())
-            keys = sorted(have) if keys is None else keys
-            absent = [k for k in keys if k not in have]
-            if absent:
-                raise ValueError(f"{file}: the index says it holds {absent[:5]}, but it does not")
-            out = {}
-            for k in keys:
-                t = f.get_tensor(k)
-                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-            return out
-    except ValueError:
-        raise
-    except Exception as e:  # SafetensorError and OS errors from a truncated or corrupt file
-        raise ValueError(f"{file}: not a readable safetensors file, maybe truncated or corrupt ({e})") from None
-
-
-def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=()):
-    """Write (name, tensor) pairs as an HF checkpoint: model-XXXXX-of-YYYYY.safetensors shards (each
-    written as soon as it fills), model.safetensors.index.json and config.json, plus copies of
-    `copy_files`; atomically (see atomic_dir). Shard names are fixed up once their count is known."""
-    from safetensors.torch import save_file
-
-    def write(tmp):
-        files, cur, size, total, weight_map = [], {}, 0, 0, {}
-
-        def flush():
-            name = f"shard-{len(files):05d}.safetensors"
-            save_file(cur, os.path.join(tmp, name), metadata={"format": "pt"})
-            files.append((name, list(cur)))
-        for k, v in named_tensors:
-            v = v.detach().cpu().contiguous()
-            nbytes = v.numel() * v.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                flush()
-                cur, size = {}, 0
-            cur[k], size, total = v, size + nbytes, total + nbytes
-        flush()
-        for i, (name, keys) in enumerate(files):
-            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
-            weight_map.update({k: final for k in keys})
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        for src in copy_files:
-            shutil.copy(src, tmp)
-    atomic_dir(out_dir, write)
-
-
-def write_atomic(path, text):
-    """Write a text file through a temp file and a rename: readers never see half of it."""
-    import threading
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # own temp file per writer (threads may race)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def atomic_dir(out_dir, write):
-    """Call write(tmp_dir) and then move tmp_dir to out_dir (replacing it): no half-written output."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{parent}: not writable")
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
-        write(tmp)
-        if os.path.isdir(out_dir):
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def checkpoint_tensors(path, expected, dtype=None, device="cpu"):
+    """Yield the (name, tensor) pairs of an HF checkpoint one shard at a time, in `dtype`, after
+    checking every name against expected ({name: shape}, e.g. Qwen2.checkpoint_shapes()) and
+    before handing out each tensor its shape. A tied head's lm_head.weight is skipped."""
+    files = checkpoint_files(path)
+    files = {f: keys if keys is not None else safetensors_keys(f) for f, keys in files.items()}
+    names = {k for keys in files.values() for k in keys}
+    if "lm_head.weight" not in expected:  # tied to the embedding
+        names.discard("lm_head.weight")
+    missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:5]}")
+    if extra:
+        raise ValueError(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:5]}")
+    for file, keys in files.items():
+        for k, t in read_safetensors(file, [k for k in keys if k in names], device, dtype).items():
+            if tuple(t.shape) != expected[k]:
+                raise ValueError(f"{file}: tensor {k} has shape {tuple(t.shape)}, expected "
+                                 f"{expected[k]}")
+            yield k, t

@@ -5,18 +5,21 @@ Train a rank-1 LoRA (or a full finetune) of Qwen2 on s1K-1.1 with the paper's re
     torchrun --standalone --nproc_per_node=8 train.py --preset s1.1-rank1-32b \\
         --model /models/Qwen2.5-32B-Instruct --data s1K-1.1.parquet --out runs/rank1
     # the full-finetune baseline (s1.1-32B's recipe)
-    torchrun --standalone --nproc_per_node=8 train.py --preset s1.1-full-32b --model ... --data ... --out runs/full
+    torchrun --standalone --nproc_per_node=8 train.py --preset s1.1-full-32b \\
+        --model ... --data ... --out runs/full
     # CPU smoke run (gloo), one process or two
     python train.py --model tiny/ --data rows.jsonl --out runs/cpu --dtype float32 --global-batch 4
-    torchrun --nproc_per_node=2 train.py --model tiny/ --data rows.jsonl --out runs/cpu2 --dtype float32 --global-batch 4
+    torchrun --nproc_per_node=2 train.py --model tiny/ --data rows.jsonl --out runs/cpu2 \\
+        --dtype float32 --global-batch 4
     # the plan (steps, warm-up, tokens, memory per GPU) without loading weights
-    python train.py --preset s1.1-rank1-32b --model /models/Qwen2.5-32B-Instruct --data s1K-1.1.parquet --dry-run
+    python train.py --preset s1.1-rank1-32b --model /models/Qwen2.5-32B-Instruct \\
+        --data s1K-1.1.parquet --dry-run
 
 Recipe details (PAPER.md section B) and our choices:
-- Global batch = micro-batch (1 in the paper) x world x accumulation. The sequences of step k are positions
-  [k*G, (k+1)*G) of the epoch's permutation (seeded by seed + epoch); sequence i of a step goes to
-  rank i % world. So 1 process and N processes see the same batches and, up to float rounding,
-  produce the same losses and adapters.
+- Global batch = micro-batch (1 in the paper) x world x accumulation. The sequences of step k
+  are positions [k*G, (k+1)*G) of the epoch's permutation (seeded by seed + epoch); sequence i of
+  a step goes to rank i % world. So 1 process and N processes see the same batches and, up to
+  float rounding, produce the same losses and adapters.
 - Loss: summed CE over trained tokens / trained tokens of the whole global batch (every rank knows
   every sequence's count, so no extra collective). FSDP averages gradients over ranks, so each rank
   scales its loss by the world size. Every step of an epoch is full except the last (1000 rows / 16
@@ -37,14 +40,21 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from tqdm import tqdm
 
+from common import (DTYPES, add_config_flags, atomic_dir, cleanup_dist, config_from_flags, print0,
+                    read_safetensors, save_hf_checkpoint, setup_dist)
 from data import Tokenizer, load_examples
 from lora import SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
-from model import DTYPES, Qwen2, Qwen2Config, atomic_dir, checkpoint_files, read_safetensors, save_hf_checkpoint
+from model import Qwen2, Qwen2Config, checkpoint_tensors
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -53,20 +63,20 @@ from model import DTYPES, Qwen2, Qwen2Config, atomic_dir, checkpoint_files, read
 @dataclass
 class TrainConfig:
     model: str = ""             # HF model directory (config.json + safetensors)
-    data: str = ""              # s1K-1.1 rows (.jsonl or .parquet), or a corpus of {"text"} rows packed into blocks
-    out: str = "runs/default"   # output directory: adapter/ or model/, ckpt/, metrics.jsonl, config.json
+    data: str = ""              # s1K-1.1 rows (.jsonl, .parquet), or {"text"} rows packed in blocks
+    out: str = "runs/default"   # adapter/ or model/, ckpt/, metrics.jsonl, config.json
     tokenizer: str = ""         # directory with tokenizer.json (default: --model)
     mode: str = "lora"          # lora | full
     rank: int = 1               # LoRA rank
     alpha: float = 16.0         # LoRA alpha; scale = alpha / sqrt(rank) with rsLoRA
     rslora: bool = True
     targets: str = ",".join(SITE_ORDER)  # comma-separated projections to adapt
-    layers: str = ""            # which layers get adapters: "" (all), "0,5,9", "10-20", "10-40:2", "last_third"
+    layers: str = ""            # "" (all), "0,5,9", "10-20", "10-40:2" (a stride) or "last_third"
     lr: float = 1e-3
     warmup_ratio: float = 0.05
     epochs: int = 5
     global_batch: int = 16      # sequences per optimizer step
-    micro_batch: int = 1        # sequences per forward (the paper: 1; more are right-padded, loss-masked)
+    micro_batch: int = 1        # sequences per forward (paper: 1; more: right-padded, loss-masked)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -77,7 +87,7 @@ class TrainConfig:
     activation_checkpointing: bool = True
     loss_chunk: int = 1024      # rows of logits at a time in the loss
     seed: int = 42
-    save_every: int = 0         # resumable checkpoint every N steps (0: only at the end / on SIGTERM)
+    save_every: int = 0         # checkpoint every N steps (0: only at the end / on SIGTERM)
     max_steps: int = 0          # stop after this many steps (0: the full schedule); for smoke tests
     resume: bool = False
     dry_run: bool = False
@@ -108,78 +118,38 @@ class TrainConfig:
         if "-" in s:
             rng, _, stride = s.partition(":")
             a, b = rng.split("-")
-            return select_layers(n_layers, start=int(a), end=int(b) + 1, stride=int(stride) if stride else None)
+            return select_layers(n_layers, start=int(a), end=int(b) + 1,
+                                 stride=int(stride) if stride else None)
         return select_layers(n_layers, indices=[int(i) for i in s.split(",")])
 
 
-PRESETS = {
-    "s1.1-rank1-32b": dict(mode="lora", rank=1, alpha=16.0, rslora=True, targets=",".join(SITE_ORDER), lr=1e-3,
-                           warmup_ratio=0.05, epochs=5, global_batch=16, beta1=0.9, beta2=0.95, eps=1e-8,
-                           weight_decay=1e-4, grad_clip=1.0, block_size=20000, dtype="bfloat16",
+PRESETS = {  # the paper's two runs (PAPER.md section B)
+    "s1.1-rank1-32b": dict(mode="lora", rank=1, alpha=16.0, rslora=True,
+                           targets=",".join(SITE_ORDER), lr=1e-3, warmup_ratio=0.05, epochs=5,
+                           global_batch=16, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=1e-4,
+                           grad_clip=1.0, block_size=20000, dtype="bfloat16",
                            activation_checkpointing=True),
-    "s1.1-full-32b": dict(mode="full", lr=1e-5, warmup_ratio=0.05, epochs=5, global_batch=16, beta1=0.9, beta2=0.95,
-                          eps=1e-8, weight_decay=1e-4, grad_clip=1.0, block_size=20000, dtype="bfloat16",
-                          activation_checkpointing=True),
+    "s1.1-full-32b": dict(mode="full", lr=1e-5, warmup_ratio=0.05, epochs=5, global_batch=16,
+                          beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip=1.0,
+                          block_size=20000, dtype="bfloat16", activation_checkpointing=True),
 }
-# demo.py's miniature (a 0.9M-parameter Qwen2 on CPU): the same recipe shape with small-model learning
-# rates, fp32, micro-batches of 16-32 sequences and no activation checkpointing; pretraining is a full
-# finetune of a random checkpoint on a packed {"text"} corpus
-_DEMO = dict(dtype="float32", activation_checkpointing=False, warmup_ratio=0.05, beta1=0.9, beta2=0.95, eps=1e-8,
-             grad_clip=1.0, block_size=512)
-PRESETS.update({
-    "demo-pretrain": dict(_DEMO, mode="full", lr=3e-3, weight_decay=0.1, epochs=1, global_batch=8, micro_batch=8,
-                          block_size=256),
-    "demo-rank1": dict(_DEMO, mode="lora", rank=1, alpha=16.0, rslora=True, targets=",".join(SITE_ORDER), lr=5e-3,
-                       weight_decay=1e-4, epochs=5, global_batch=16, micro_batch=16),
-    "demo-full": dict(_DEMO, mode="full", lr=1e-3, weight_decay=1e-4, epochs=5, global_batch=16, micro_batch=16),
-})
 # settings that must agree between a checkpoint and the run resuming it
-RESUME_KEYS = ("mode", "rank", "alpha", "rslora", "targets", "layers", "lr", "warmup_ratio", "epochs", "global_batch",
-               "beta1", "beta2", "eps", "weight_decay", "grad_clip", "block_size", "seed", "data", "model")
+RESUME_KEYS = ("mode", "rank", "alpha", "rslora", "targets", "layers", "lr", "warmup_ratio",
+               "epochs", "global_batch", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
+               "block_size", "seed", "data", "model")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(flag, type=type(f.default), default=None)
-    ns = vars(p.parse_args(argv))
-    preset = ns.get("preset") or ""
-    if preset and preset not in PRESETS:
-        raise SystemExit(f"--preset {preset!r}: expected one of {sorted(PRESETS)}")
-    values = {**PRESETS.get(preset, {}), **{k: v for k, v in ns.items() if v is not None}}
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p, TrainConfig)
+    ns = p.parse_args(argv)
+    if ns.preset and ns.preset not in PRESETS:
+        raise SystemExit(f"--preset {ns.preset!r}: expected one of {sorted(PRESETS)}")
     try:
-        return TrainConfig(**values)
+        return config_from_flags(TrainConfig, ns, PRESETS.get(ns.preset or ""))
     except ValueError as e:
         raise SystemExit(f"train.py: {e}") from None
-
-
-# -----------------------------------------------------------------------------
-# distributed
-
-
-def setup_dist():
-    """(rank, world, device). torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of 1.
-    NCCL on GPUs, gloo on CPU. FSDP2 is used in both cases, so one code path serves every world size."""
-    use_cuda = torch.cuda.is_available()
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    backend = "nccl" if use_cuda else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device if use_cuda else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return rank, world, device
-
-
-def print0(*a, **k):
-    if dist.get_rank() == 0:
-        print(*a, **k, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -187,20 +157,21 @@ def print0(*a, **k):
 
 
 def build_model(cfg, mcfg, device, world):
-    """Meta-device model -> adapters -> FSDP2 groups -> materialise -> load the checkpoint shard by shard."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """Meta-device model -> adapters -> FSDP2 groups -> materialise -> load the checkpoint tensor by
+    tensor."""
     dtype = DTYPES[cfg.dtype]
     with torch.device("meta"):
         model = Qwen2(mcfg)
     if cfg.mode == "lora":
-        apply_lora(model, rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, targets=cfg.target_list,
-                   layers=cfg.layer_list(mcfg.num_hidden_layers), verbose=False)
+        apply_lora(model, rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora,
+                   targets=cfg.target_list, layers=cfg.layer_list(mcfg.num_hidden_layers),
+                   verbose=False)
         ignored = {p for m in adapters(model) for p in (m.lora_A, m.lora_B)}
         mp = MixedPrecisionPolicy()  # base stored in `dtype`, adapters fp32 outside FSDP
     else:
         ignored = set()
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)  # fp32 master weights
+        # fp32 master weights
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         layer.checkpoint = cfg.activation_checkpointing
     mesh = init_device_mesh(device.type, (world,))
@@ -212,40 +183,23 @@ def build_model(cfg, mcfg, device, world):
     store = dtype if cfg.mode == "lora" else torch.float32
     load_sharded(model, cfg.model, store)
     if cfg.mode == "lora":
-        gen = torch.Generator().manual_seed(cfg.seed)  # same init on every rank and every world size
-        with torch.no_grad():
-            for m in adapters(model):
-                bound = 1 / math.sqrt(m.in_features)  # PEFT's kaiming_uniform(a=sqrt 5)
-                m.lora_A.copy_(torch.empty(m.lora_A.shape).uniform_(-bound, bound, generator=gen))
-                m.lora_B.zero_()
+        gen = torch.Generator().manual_seed(cfg.seed)  # the same init on every rank, any world size
+        for m in adapters(model):
+            m.reset_lora_parameters(generator=gen)
     return model
 
 
 def load_sharded(model, path, dtype):
-    """Copy an HF checkpoint into FSDP2-sharded parameters one tensor at a time: each rank keeps only
-    its shard, and holds at most one full tensor (the largest: the embedding) at a moment."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Copy an HF checkpoint into FSDP2-sharded parameters one tensor at a time: each rank keeps
+    only its shard, and holds at most one full tensor (the largest: the embedding) at a moment."""
     params = dict(model.named_parameters())
-    tied = model.cfg.tie_word_embeddings
-    expected = {k for k in params if ".lora_" not in k and not (tied and k == "lm_head.weight")}
-    seen = set()
     with torch.no_grad():
-        for file, keys in checkpoint_files(path).items():
-            for k, t in read_safetensors(file, keys, dtype=dtype).items():
-                if tied and k == "lm_head.weight":
-                    continue
-                if k not in expected:
-                    raise ValueError(f"{file}: unexpected tensor {k} for this model config")
-                p = params[k]
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"{file}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-                if isinstance(p, DTensor):
-                    t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                p.copy_(t)
-                seen.add(k)
-    missing = sorted(expected - seen)
-    if missing:
-        raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:5]}")
+        for k, t in checkpoint_tensors(path, model.checkpoint_shapes(), dtype):
+            p = params[k]
+            if isinstance(p, DTensor):
+                t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements,
+                                      src_data_rank=None)
+            p.copy_(t)
 
 
 def trainable(model):
@@ -258,11 +212,12 @@ def make_optimizer(cfg, model):
         (no_decay if n.endswith(".bias") or "norm" in n else decay).append(p)  # HF's rule
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             foreach=False)
 
 
 def lr_at(cfg, step, total, warmup):
-    """HF's get_cosine_schedule_with_warmup at 0-based optimizer step `step` (step 0 runs at lr 0)."""
+    """HF's get_cosine_schedule_with_warmup at 0-based optimizer step `step` (step 0: lr 0)."""
     if step < warmup:
         return cfg.lr * step / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
@@ -282,7 +237,8 @@ def plan(cfg, n_rows):
 def step_batch(cfg, step, n_rows, steps_per_epoch):
     """Row indices of optimizer step `step` (0-based), the same for every world size."""
     epoch, k = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    perm = torch.randperm(n_rows, generator=g).tolist()
     return perm[k * cfg.global_batch:(k + 1) * cfg.global_batch]
 
 
@@ -291,9 +247,7 @@ def step_batch(cfg, step, n_rows, steps_per_epoch):
 
 
 def save_checkpoint(cfg, model, opt, step, losses, rank, world):
-    """out/ckpt: trainable weights, AdamW state, step, losses, RNG. Written to a temp dir, then renamed."""
-    from safetensors.torch import save_file
-    from torch.distributed.tensor import DTensor
+    """out/ckpt: trainable weights, AdamW state, step, losses, RNG; a temp dir, then renamed."""
     names = [n for n, _ in trainable(model)]
     tensors = {}
     for i, (n, p) in enumerate(trainable(model)):
@@ -301,11 +255,13 @@ def save_checkpoint(cfg, model, opt, step, losses, rank, world):
         for k, v in opt.state.get(p, {}).items():
             tensors[f"state.{n}.{k}"] = v.detach()
     if cfg.mode == "full":  # per-rank shards
-        local = {k: (v.to_local() if isinstance(v, DTensor) else v).cpu().contiguous() for k, v in tensors.items()}
+        local = {k: (v.to_local() if isinstance(v, DTensor) else v).cpu().contiguous()
+                 for k, v in tensors.items()}
     else:  # replicated: rank 0 writes one file
         local = {k: v.cpu().contiguous() for k, v in tensors.items()}
     local["rng.torch"] = torch.get_rng_state()
-    meta = dict(step=step, world=world, mode=cfg.mode, losses=losses, names=names, config=asdict(cfg))
+    meta = dict(step=step, world=world, mode=cfg.mode, losses=losses, names=names,
+                config=asdict(cfg))
     path = os.path.join(cfg.out, "ckpt")
     if cfg.mode == "full":
         tmp = path + ".partial"
@@ -334,19 +290,22 @@ def _move_files(src, dst, meta):
 
 
 def load_checkpoint(cfg, model, opt, rank, world):
-    """Restore out/ckpt; returns (next step, losses so far). Refuses a checkpoint of another config."""
+    """Restore out/ckpt: (next step, losses so far). Refuses a checkpoint of another config."""
     path = os.path.join(cfg.out, "ckpt")
     meta_file = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_file):
         raise SystemExit(f"--resume: no checkpoint at {path}")
     meta = json.load(open(meta_file))
-    diff = {k: (meta["config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS if meta["config"].get(k) != getattr(cfg, k)}
+    diff = {k: (meta["config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
+            if meta["config"].get(k) != getattr(cfg, k)}
     if diff:
         raise SystemExit(f"--resume: {path} is from another run's config; differing settings "
-                         + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+                         + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}"
+                                     for k, (a, b) in diff.items()))
     if cfg.mode == "full" and meta["world"] != world:
-        raise SystemExit(f"--resume: {path} holds full-model shards for {meta['world']} ranks; run with "
-                         f"--nproc_per_node={meta['world']} (adapter checkpoints resume on any world size)")
+        raise SystemExit(f"--resume: {path} holds full-model shards for {meta['world']} ranks; run "
+                         f"with --nproc_per_node={meta['world']} (adapter checkpoints resume on "
+                         "any world size)")
     file = (os.path.join(path, f"rank{rank:05d}-of-{world:05d}.safetensors") if cfg.mode == "full"
             else os.path.join(path, "state.safetensors"))
     sd = read_safetensors(file)
@@ -356,43 +315,42 @@ def load_checkpoint(cfg, model, opt, rank, world):
     with torch.no_grad():
         for n, p in params.items():
             _copy_into(p, sd[f"param.{n}"])
-            st = {k.split(".")[-1]: v for k, v in sd.items() if k.startswith(f"state.{n}.") and k.count(".") == n.count(".") + 2}
+            st = {k.split(".")[-1]: v for k, v in sd.items()
+                  if k.startswith(f"state.{n}.") and k.count(".") == n.count(".") + 2}
             if st:
-                opt.state[p] = {k: (_like(p, v) if k != "step" else v.clone()) for k, v in st.items()}
+                opt.state[p] = {k: (_like(p, v) if k != "step" else v.clone())
+                                for k, v in st.items()}
     torch.set_rng_state(sd["rng.torch"])
     return meta["step"] + 1, meta["losses"]
 
 
 def _like(p, v):
-    from torch.distributed.tensor import DTensor
     if isinstance(p, DTensor):
         return DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False)
     return v.to(p.device)
 
 
 def _copy_into(p, v):
-    from torch.distributed.tensor import DTensor
     (p.to_local() if isinstance(p, DTensor) else p).copy_(v)
 
 
 def save_final(cfg, model, rank):
     """LoRA: a PEFT adapter in out/adapter. Full: an HF checkpoint in out/model, gathered tensor by
     tensor (every rank takes part in each gather; rank 0 writes the shards as they fill)."""
-    from torch.distributed.tensor import DTensor
 
     def full(t):
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
     if cfg.mode == "lora":
         sd = {n: full(p) for n, p in model.named_parameters() if ".lora_" in n}
         if rank == 0:
-            save_adapter(model, os.path.join(cfg.out, "adapter"), base_model_name_or_path=cfg.model, state_dict=sd)
+            save_adapter(model, os.path.join(cfg.out, "adapter"),
+                         base_model_name_or_path=cfg.model, state_dict=sd)
         return
     dtype = DTYPES[cfg.dtype]
-    sd = model.state_dict()
-    names = [n for n in sd if not (model.cfg.tie_word_embeddings and n == "lm_head.weight")]
-    gathered = ((n, full(sd[n]).to(dtype)) for n in names)  # every rank must run each gather
+    gathered = ((n, full(t).to(dtype)) for n, t in model.hf_tensors())  # all ranks gather each
     if rank == 0:
-        save_hf_checkpoint(os.path.join(cfg.out, "model"), gathered, {**model.cfg.to_hf_dict(), "torch_dtype": cfg.dtype})
+        save_hf_checkpoint(os.path.join(cfg.out, "model"), gathered,
+                           {**model.cfg.to_hf_dict(), "torch_dtype": cfg.dtype})
     else:
         for _ in gathered:
             pass
@@ -413,9 +371,9 @@ def dry_run(cfg, mcfg, stats, world):
     n = stats["rows"] if stats else None
     spe, total, warmup = plan(cfg, n) if n else (None, None, None)
     bpe = DTYPES[cfg.dtype].itemsize
-    if cfg.mode == "lora":  # sharded frozen base + replicated fp32 adapter, its grad and Adam moments
+    if cfg.mode == "lora":  # sharded frozen base; replicated fp32 adapter, grad, Adam moments
         weights = n_base * bpe / world + n_train * 4 * 4
-    else:  # fp32 master + fp32 grads + 2 Adam moments, all sharded; bf16 layer all-gathered on the fly
+    else:  # fp32 master, grads and 2 Adam moments, all sharded; bf16 layers gathered on the fly
         weights = n_base * 16 / world
     T = cfg.block_size * cfg.micro_batch  # tokens per forward
     D, I, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size
@@ -425,10 +383,12 @@ def dry_run(cfg, mcfg, stats, world):
     plan_d = dict(mode=cfg.mode, world=world, trainable_params=n_train, base_params=n_base,
                   optimizer=dict(name="AdamW", lr=cfg.lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip),
-                  scheduler=dict(name="cosine", warmup_ratio=cfg.warmup_ratio, warmup_steps=warmup, min_lr=0.0),
-                  epochs=cfg.epochs, global_batch=cfg.global_batch, steps_per_epoch=spe, total_steps=total,
-                  micro_batch=cfg.micro_batch,
-                  accumulation_per_rank=math.ceil(math.ceil(cfg.global_batch / world) / cfg.micro_batch), data=stats,
+                  scheduler=dict(name="cosine", warmup_ratio=cfg.warmup_ratio, warmup_steps=warmup,
+                                 min_lr=0.0),
+                  epochs=cfg.epochs, global_batch=cfg.global_batch, steps_per_epoch=spe,
+                  total_steps=total, micro_batch=cfg.micro_batch,
+                  accumulation_per_rank=math.ceil(math.ceil(cfg.global_batch / world)
+                                                  / cfg.micro_batch), data=stats,
                   memory_per_gpu_gb=dict(weights_and_optimizer=round(weights / 1e9, 2),
                                          activations_at_block_size=round(acts / 1e9, 2)))
     print0(json.dumps(plan_d, indent=1))
@@ -441,7 +401,7 @@ def main(argv=None):
     try:
         return train(cfg, rank, world, device)
     finally:
-        dist.destroy_process_group()
+        cleanup_dist()
 
 
 def train(cfg, rank, world, device):
@@ -460,22 +420,27 @@ def train(cfg, rank, world, device):
         try:
             os.makedirs(cfg.out, exist_ok=True)
         except OSError as e:
-            raise SystemExit(f"train.py: cannot create the output directory {cfg.out}: {e.strerror}") from None
+            raise SystemExit(f"train.py: cannot create the output directory {cfg.out}: "
+                             f"{e.strerror}") from None
         if not os.access(cfg.out, os.W_OK):
             raise SystemExit(f"train.py: the output directory {cfg.out} is not writable")
         if cfg.resume or not os.path.exists(os.path.join(cfg.out, "ckpt")):
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump({**asdict(cfg), "world": world, "model_config": asdict(mcfg), "data_stats": stats}, f, indent=1)
+                json.dump({**asdict(cfg), "world": world, "model_config": asdict(mcfg),
+                           "data_stats": stats}, f, indent=1)
         elif not cfg.resume:
-            raise SystemExit(f"train.py: {cfg.out} already holds a checkpoint; pass --resume or choose another --out")
+            raise SystemExit(f"train.py: {cfg.out} already holds a checkpoint; pass --resume or "
+                             "choose another --out")
     dist.barrier()
-    print0(f"data: {stats['rows']} rows, {stats['tokens']:,} tokens, {stats['target_tokens']:,} trained-on; "
-           f"{stats['truncated']} truncated at {cfg.block_size} tokens, losing {stats['target_tokens_lost']:,} trained-on tokens")
+    print0(f"data: {stats['rows']} rows, {stats['tokens']:,} tokens, {stats['target_tokens']:,} "
+           f"trained-on; {stats['truncated']} truncated at {cfg.block_size} tokens, losing "
+           f"{stats['target_tokens_lost']:,} trained-on tokens")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, mcfg, device, world)
     model.train()
     n_train = sum(p.numel() for _, p in trainable(model))
-    print0(f"model: {cfg.mode}, {n_train:,} trainable parameters, world {world}, device {device.type}")
+    print0(f"model: {cfg.mode}, {n_train:,} trainable parameters, world {world}, device "
+           f"{device.type}")
     opt = make_optimizer(cfg, model)
     spe, total, warmup = plan(cfg, len(examples))
     if cfg.max_steps:
@@ -489,7 +454,6 @@ def train(cfg, rank, world, device):
     stop = {"term": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("term", True))
     metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
-    from tqdm import tqdm
     bar = tqdm(total=total_run, initial=start, disable=rank != 0, desc="train", file=sys.stderr)
     t_start = time.time()
     for step in range(start, total_run):
@@ -497,7 +461,7 @@ def train(cfg, rank, world, device):
         rows = step_batch(cfg, step, len(examples), spe)
         n_tok = sum(trained[i] for i in rows)
         mine, mb = rows[rank::world], cfg.micro_batch
-        n_micro = math.ceil(math.ceil(len(rows) / world) / mb)  # the same on every rank (FSDP collectives)
+        n_micro = math.ceil(math.ceil(len(rows) / world) / mb)  # equal on all ranks (collectives)
         local_loss = torch.zeros((), device=device)
         for j in range(n_micro):
             chunk = mine[j * mb:(j + 1) * mb]
@@ -505,12 +469,14 @@ def train(cfg, rank, world, device):
             chunk = chunk or rows[:1]
             # right padding is exact for a causal model: real tokens never attend to later positions
             n = max(len(examples[i][0]) for i in chunk)
-            ids = torch.tensor([examples[i][0] + [0] * (n - len(examples[i][0])) for i in chunk], device=device)
-            tgt = torch.tensor([examples[i][1] + [-100] * (n - len(examples[i][1])) for i in chunk], device=device)
+            ids = torch.tensor([examples[i][0] + [0] * (n - len(examples[i][0])) for i in chunk],
+                               device=device)
+            tgt = torch.tensor([examples[i][1] + [-100] * (n - len(examples[i][1])) for i in chunk],
+                               device=device)
             loss_sum = model(ids, tgt, chunk_size=cfg.loss_chunk)
             (loss_sum * (weight * world / max(n_tok, 1))).backward()
             local_loss += loss_sum.detach() * weight
-        for p in lora_params:  # replicated adapters: average their gradients as FSDP does for its own
+        for p in lora_params:  # replicated adapters: average their gradients as FSDP does
             if p.grad is not None and world > 1:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         dist.all_reduce(local_loss)
@@ -518,9 +484,10 @@ def train(cfg, rank, world, device):
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable(model)], cfg.grad_clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            raise SystemExit(f"train.py: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-                             f"{step + 1} (loss {loss}, grad-norm {gnorm}); stopping, the last good checkpoint "
-                             f"in {cfg.out}/ckpt is kept")
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            raise SystemExit(f"train.py: non-finite {what} at step {step + 1} (loss {loss}, "
+                             f"grad-norm {gnorm}); stopping, the last good checkpoint in "
+                             f"{cfg.out}/ckpt is kept")
         lr = lr_at(cfg, step, total, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -531,11 +498,12 @@ def train(cfg, rank, world, device):
         n_all = sum(len(examples[i][0]) for i in rows)
         mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
         eta = (time.time() - t_start) / (step + 1 - start) * (total_run - step - 1) / 60
-        rec = dict(step=step + 1, total=total_run, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=n_all / dt,
-                   peak_mem_gb=mem, eta_min=eta)
+        rec = dict(step=step + 1, total=total_run, loss=loss, lr=lr, grad_norm=gnorm,
+                   tokens_per_s=n_all / dt, peak_mem_gb=mem, eta_min=eta)
         if rank == 0:
-            bar.write(f"step {step + 1:05d}/{total_run:05d} | loss {loss:.6f} | lr {lr:.3e} | grad-norm {gnorm:.4f} | "
-                      f"tok/s {n_all / dt:.0f} | mem {mem:.2f}GB | eta {eta:.1f}m")
+            bar.write(f"step {step + 1:05d}/{total_run:05d} | loss {loss:.6f} | lr {lr:.3e} | "
+                      f"grad-norm {gnorm:.4f} | tok/s {n_all / dt:.0f} | mem {mem:.2f}GB | "
+                      f"eta {eta:.1f}m")
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
         bar.update(1)
@@ -543,16 +511,19 @@ def train(cfg, rank, world, device):
         if stop["term"] or last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             save_checkpoint(cfg, model, opt, step, losses, rank, world)
         if stop["term"]:
-            print0(f"SIGTERM: saved the checkpoint after step {step + 1} to {cfg.out}/ckpt; exiting")
+            print0(f"SIGTERM: saved the checkpoint after step {step + 1} to {cfg.out}/ckpt; "
+                   "exiting")
             return losses
     bar.close()
     save_final(cfg, model, rank)
     if rank == 0:
         with open(os.path.join(cfg.out, "result.json"), "w") as f:
-            json.dump(dict(steps=total_run, final_loss=losses[-1] if losses else None, losses=losses,
-                           trainable_params=n_train, world=world, data_stats=stats), f, indent=1)
+            json.dump(dict(steps=total_run, final_loss=losses[-1] if losses else None,
+                           losses=losses, trainable_params=n_train, world=world, data_stats=stats),
+                      f, indent=1)
+        result = "adapter" if cfg.mode == "lora" else "model"
         print0(f"done: {total_run} steps, final loss {losses[-1]:.4f}; "
-               f"{'adapter' if cfg.mode == 'lora' else 'model'} in {os.path.join(cfg.out, 'adapter' if cfg.mode == 'lora' else 'model')}")
+               f"{result} in {os.path.join(cfg.out, result)}")
     return losses
 
 

@@ -35,5 +35,6 @@ merge(merged)
 for B in (1, 8):
     fu, fm = decode_fns(unmerged, hf, B, n)["ours"], decode_fns(merged, hf, B, n)["ours"]
     t = interleaved({"unmerged": fu, "merged": fm}, args.repeats)
-    print(f"batch {B} | adapter unmerged {B * n / t['unmerged']:.0f} tok/s | merged {B * n / t['merged']:.0f} tok/s | "
-          f"unmerged costs {100 * (t['unmerged'] / t['merged'] - 1):+.1f}%")
+    print(f"batch {B} | adapter unmerged {B * n / t['unmerged']:.0f} tok/s | merged "
+          f"{B * n / t['merged']:.0f} tok/s | unmerged costs "
+          f"{100 * (t['unmerged'] / t['merged'] - 1):+.1f}%")

@@ -3,8 +3,8 @@ Cost of a rank-1 adapter on top of its frozen linear: forward + backward (dx, dA
 relative to the frozen linear alone (forward + dx), for our implementation and a PEFT-style eager
 one (y = base(x) + lora_B(lora_A(x)) * s), measured in the same run; plus the cost of capture().
 
-    python bench/bench_lora.py                        # CPU proxy: Qwen2.5-32B shapes / 5, T = 2048, fp32
-    python bench/bench_lora.py --device cuda          # GPU: the 7 real 32B shapes, T in {4096, 16384, 32768}, bf16
+    python bench/bench_lora.py                # CPU proxy: Qwen2.5-32B shapes / 5, T = 2048, fp32
+    python bench/bench_lora.py --device cuda  # GPU: the 7 32B shapes, T 4096 / 16384 / 32768, bf16
 
 On CUDA our path is the fused kernel when it builds (LORA_IMPL=ref forces the reference path).
 """
@@ -29,7 +29,8 @@ dev = torch.device(args.device)
 cuda = dev.type == "cuda"
 dtype = torch.bfloat16 if cuda else torch.float32
 # (in, out): q, k, v, o, gate, up, down
-SHAPES_32B = [(5120, 5120), (5120, 1024), (5120, 1024), (5120, 5120), (5120, 27648), (5120, 27648), (27648, 5120)]
+SHAPES_32B = [(5120, 5120), (5120, 1024), (5120, 1024), (5120, 5120), (5120, 27648), (5120, 27648),
+              (27648, 5120)]
 SHAPES_CPU = [(1024, 1024), (1024, 256), (1024, 5504), (5504, 1024)]
 shapes = SHAPES_32B if cuda else SHAPES_CPU
 Ts = args.T or ([4096, 16384, 32768] if cuda else [2048])
@@ -74,26 +75,31 @@ for T in Ts:
                     prm.grad = None
             return f
 
-        t = interleaved({"plain": run(base), "ours": run(ours), "peft": run(peft)}, args.repeats, sync=sync)
+        t = interleaved({"plain": run(base), "ours": run(ours), "peft": run(peft)}, args.repeats,
+                        sync=sync)
         for k in total:
             total[k] += t[k]
         ro, rp = t["ours"] / t["plain"], t["peft"] / t["plain"]
         overheads_ours.append(ro), overheads_peft.append(rp)
-        # the rank-1 part moves: fwd reads x (u) and r/w y; bwd reads g twice (dx update, dB), r/w dx, reads x (dA)
+        # the rank-1 part moves: fwd reads x (u) and r/w y; bwd reads g twice (dx update, dB),
+        # r/w dx, reads x (dA)
         nbytes = (din + 2 * dout + 2 * dout + 2 * din + din) * T * x.element_size()
         extra = t["ours"] - t["plain"]
         bw = f"{nbytes / extra / 1e9:7.1f} GB/s" if extra > 0 else "within noise"
-        print(f"T {T:6d} in {din:5d} out {dout:5d} | plain {t['plain'] * 1e3:8.2f} ms | ours {t['ours'] * 1e3:8.2f} ms "
-              f"({ro:.3f}x) | peft-style {t['peft'] * 1e3:8.2f} ms ({rp:.3f}x) | rank-1 part {bw}")
-print(f"median overhead: ours {statistics.median(overheads_ours):.3f}x, peft-style {statistics.median(overheads_peft):.3f}x "
-      f"(target <= 1.10 and below peft-style on every shape: "
-      f"{'met' if statistics.median(overheads_ours) <= 1.10 and all(o < p for o, p in zip(overheads_ours, overheads_peft)) else 'NOT met'})")
+        print(f"T {T:6d} in {din:5d} out {dout:5d} | plain {t['plain'] * 1e3:8.2f} ms | ours "
+              f"{t['ours'] * 1e3:8.2f} ms ({ro:.3f}x) | peft-style {t['peft'] * 1e3:8.2f} ms "
+              f"({rp:.3f}x) | rank-1 part {bw}")
+met = (statistics.median(overheads_ours) <= 1.10
+       and all(o < p for o, p in zip(overheads_ours, overheads_peft)))
+print(f"median overhead: ours {statistics.median(overheads_ours):.3f}x, peft-style "
+      f"{statistics.median(overheads_peft):.3f}x (target <= 1.10 and below peft-style on every "
+      f"shape: {'met' if met else 'NOT met'})")
 print(f"time-weighted overhead: ours {100 * (total['ours'] / total['plain'] - 1):+.1f}%, "
       f"peft-style {100 * (total['peft'] / total['plain'] - 1):+.1f}%")
 
 # capture(): forward of a small adapted model with and without recording the scalars
-from model import Qwen2, Qwen2Config  # noqa: E402
 from lora import apply_lora  # noqa: E402
+from model import Qwen2, Qwen2Config  # noqa: E402
 
 torch.manual_seed(0)
 m = Qwen2(Qwen2Config(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -117,6 +123,7 @@ def fwd_capture():
 # the capture cost is a few small appends, far below this machine's noise: many interleaved rounds,
 # and the best-of as well as the median, since a noisy neighbour only ever adds time
 from bench.common import timeit  # noqa: E402
+
 times = {"plain": [], "capture": []}
 for _ in range(2):
     fwd(), fwd_capture()
@@ -125,5 +132,6 @@ for _ in range(max(30, args.repeats * 3)):
         times[k].append(timeit(f, sync))
 med = {k: statistics.median(v) for k, v in times.items()}
 best = {k: min(v) for k, v in times.items()}
-print(f"capture overhead on a forward (4 layers, B 2 x T 1024): median {100 * (med['capture'] / med['plain'] - 1):+.1f}%, "
-      f"best-of {100 * (best['capture'] / best['plain'] - 1):+.1f}% (target <= 3%)")
+print(f"capture overhead on a forward (4 layers, B 2 x T 1024): median "
+      f"{100 * (med['capture'] / med['plain'] - 1):+.1f}%, best-of "
+      f"{100 * (best['capture'] / best['plain'] - 1):+.1f}% (target <= 3%)")

@@ -22,7 +22,8 @@ args = p.parse_args()
 ours, hf = tiny_pair()
 cfg = ours.cfg
 hf.train(), ours.train()
-header(f"bench_model: hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size}, fp32 CPU")
+header(f"bench_model: hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, vocab "
+       f"{cfg.vocab_size}, fp32 CPU")
 
 idx = torch.randint(0, cfg.vocab_size, (2, args.seq))
 

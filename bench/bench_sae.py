@@ -14,6 +14,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import header, interleaved  # noqa: E402
+from collect import doc_scalars  # noqa: E402
+from lora import adapters, apply_lora  # noqa: E402
+from model import Qwen2, Qwen2Config  # noqa: E402
 from sae import SAE, SAEConfig, unit_norm_step, update  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -28,7 +31,8 @@ ours = SAE(d, n, k)
 ours.init_weights()
 dense = SAE(d, n, k)
 dense.load_state_dict(ours.state_dict())
-opt_o, opt_d = torch.optim.Adam(ours.parameters(), lr=5e-4), torch.optim.Adam(dense.parameters(), lr=5e-4)
+opt_o = torch.optim.Adam(ours.parameters(), lr=5e-4)
+opt_d = torch.optim.Adam(dense.parameters(), lr=5e-4)
 state = dict(since=torch.zeros(n, dtype=torch.long), threshold_steps=0)
 dense_state = dict(since=torch.zeros(n, dtype=torch.long))
 xn = x / x.std(0)
@@ -39,7 +43,8 @@ def step_ours():
 
 
 def step_dense():
-    """The straightforward version of the same step (AuxK included): dense masks, dense products, autograd."""
+    """The straightforward version of the same step (AuxK included): dense masks, dense products,
+    autograd."""
     raw = (xn - dense.b_dec) @ dense.W_enc + dense.b_enc
     pre = torch.relu(raw)
     thr = pre.flatten().topk(k * B).values[-1]
@@ -50,22 +55,21 @@ def step_dense():
     dense_state["since"] = torch.where(fired, 0, dense_state["since"] + B)
     dead = dense_state["since"] >= cfg.dead_tokens
     if dead.any():  # AuxK on dead latents, dense as well
-        kth = raw.detach().masked_fill(~dead, -torch.inf).topk(min(d // 2, int(dead.sum())), dim=1).values[:, -1:]
+        k_aux = min(d // 2, int(dead.sum()))
+        kth = raw.detach().masked_fill(~dead, -torch.inf).topk(k_aux, dim=1).values[:, -1:]
         za = raw * (dead & (raw >= kth))
         e = (xn - x_hat).detach()
-        loss = loss + cfg.aux_coeff * ((za @ dense.W_dec - e) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean()
+        aux = ((za @ dense.W_dec - e) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean()
+        loss = loss + cfg.aux_coeff * aux
     unit_norm_step(dense, opt_d, loss)
 
 
 t = interleaved({"ours": step_ours, "dense": step_dense}, args.repeats)
-print(f"SAE step | ours {B / t['ours']:.0f} tok/s ({t['ours'] * 1e3:.1f} ms) | straightforward dense "
-      f"{B / t['dense']:.0f} tok/s ({t['dense'] * 1e3:.1f} ms) | speedup {t['dense'] / t['ours']:.2f}x "
-      f"(target >= 2000 tok/s and faster than dense)")
+print(f"SAE step | ours {B / t['ours']:.0f} tok/s ({t['ours'] * 1e3:.1f} ms) | straightforward "
+      f"dense {B / t['dense']:.0f} tok/s ({t['dense'] * 1e3:.1f} ms) | speedup "
+      f"{t['dense'] / t['ours']:.2f}x (target >= 2000 tok/s and faster than dense)")
 
 # collection overhead: doc_scalars (capture, KV-cached windows) vs a plain no-grad forward
-from lora import apply_lora, adapters  # noqa: E402
-from model import Qwen2, Qwen2Config  # noqa: E402
-from sae import doc_scalars  # noqa: E402
 m = Qwen2(Qwen2Config(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2))
 apply_lora(m, verbose=False)
@@ -81,6 +85,7 @@ def plain():
 
 t = interleaved({"plain": plain, "collect": lambda: doc_scalars(m, ids, 2048),
                  "collect_windows": lambda: doc_scalars(m, ids, 512)}, args.repeats)
-print(f"collection of 2048 tokens | plain forward {t['plain'] * 1e3:.1f} ms | collect {t['collect'] * 1e3:.1f} ms "
-      f"({100 * (t['collect'] / t['plain'] - 1):+.1f}%) | in windows of 512 {t['collect_windows'] * 1e3:.1f} ms "
-      f"({100 * (t['collect_windows'] / t['plain'] - 1):+.1f}%)")
+pct = lambda k: f"{100 * (t[k] / t['plain'] - 1):+.1f}%"
+print(f"collection of 2048 tokens | plain forward {t['plain'] * 1e3:.1f} ms | collect "
+      f"{t['collect'] * 1e3:.1f} ms ({pct('collect')}) | in windows of 512 "
+      f"{t['collect_windows'] * 1e3:.1f} ms ({pct('collect_windows')})")

@@ -30,7 +30,8 @@ def models(vocab):
     ours, hf = tiny_pair(vocab)
     base = copy.deepcopy(ours).train()
     apply_lora(ours, verbose=False).train()
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=1, lora_alpha=16, use_rslora=True, target_modules=TARGETS)).train()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=1, lora_alpha=16, use_rslora=True,
+                                                 target_modules=TARGETS)).train()
     return base, ours, pm
 
 
@@ -41,7 +42,7 @@ def step_fns(base, ours, pm, B, T, vocab):
         ours(idx, idx, chunk_size=1024).backward()
         ours.zero_grad(set_to_none=True)
 
-    def base_step():  # frozen base: gradients flow to the activations only (the floor for a LoRA step)
+    def base_step():  # frozen base: gradients reach the activations only (a LoRA step's floor)
         for p in base.parameters():
             p.requires_grad_(False)
         base.model.embed_tokens.weight.requires_grad_(True)  # so backward runs through every layer
@@ -55,7 +56,8 @@ def step_fns(base, ours, pm, B, T, vocab):
 
 
 def memory_child(which, T):
-    """Peak RSS of one step above the RSS after loading (Linux: clear_refs 5 resets the high-water mark)."""
+    """Peak RSS of one step above the RSS after loading (Linux: clear_refs 5 resets the high-water
+    mark)."""
     import ctypes
     import gc
     base, ours, pm = models(151665)
@@ -65,7 +67,8 @@ def memory_child(which, T):
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     def rss(key):
-        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
+        return int(next(l for l in open("/proc/self/status")
+                        if l.startswith(key)).split()[1]) / 1024
     open("/proc/self/clear_refs", "w").write("5")
     before = rss("VmRSS:")
     fn()
@@ -84,12 +87,15 @@ if __name__ == "__main__":
     for vocab in (2048, 151665):
         fns = step_fns(*models(vocab), 2, 1024, vocab)
         t = interleaved(fns, args.repeats)
-        print(f"vocab {vocab:6d} | ours {t['ours'] * 1e3:7.1f} ms | frozen-base {t['frozen'] * 1e3:7.1f} ms | "
-              f"hf+peft {t['hf+peft'] * 1e3:7.1f} ms | ours/frozen {t['ours'] / t['frozen']:.3f} (target <= 1.12) | "
-              f"hf+peft/ours {t['hf+peft'] / t['ours']:.2f}x")
+        print(f"vocab {vocab:6d} | ours {t['ours'] * 1e3:7.1f} ms | frozen-base "
+              f"{t['frozen'] * 1e3:7.1f} ms | hf+peft {t['hf+peft'] * 1e3:7.1f} ms | ours/frozen "
+              f"{t['ours'] / t['frozen']:.3f} (target <= 1.12) | hf+peft/ours "
+              f"{t['hf+peft'] / t['ours']:.2f}x")
     mem = {}
     for which in ("ours", "hf+peft"):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", which, "4096"], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--memory-child", which, "4096"],
+                             capture_output=True, text=True)
         mem[which] = float(out.stdout.strip().splitlines()[-1])
-    print(f"peak memory of one step, T 4096, vocab 151665 (MB above the loaded model) | ours {mem['ours']:.0f} | "
+    print(f"peak memory of one step, T 4096, vocab 151665 (MB above the loaded model) | ours "
+          f"{mem['ours']:.0f} | "
           f"hf+peft {mem['hf+peft']:.0f} | ratio {mem['ours'] / mem['hf+peft']:.2f}")

@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: interleaved runs, medians, one printed line per figure."""
+"""Timing helpers shared by the benchmarks: interleaved runs, medians, one printed line per
+figure."""
 import statistics
 import time
 
@@ -43,8 +44,10 @@ def tiny_pair(vocab=2048, hidden=256, layers=4):
     import transformers
 
     from model import Qwen2
-    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=688, num_hidden_layers=layers,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=688,
+                                   num_hidden_layers=layers,
+                                   num_attention_heads=8, num_key_value_heads=2,
+                                   max_position_embeddings=8192,
                                    rope_theta=1e6, tie_word_embeddings=False)
     torch.manual_seed(0)
     hf = transformers.Qwen2ForCausalLM(cfg)
@@ -68,7 +71,8 @@ def decode_fns(ours, hf, B, n, prompt_len=32):
 
     def dec_hf():
         with torch.no_grad():
-            hf.generate(prompts, attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            hf.generate(prompts, attention_mask=am, max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False,
                         pad_token_id=0, eos_token_id=None)
 
     @torch.no_grad()
@@ -80,8 +84,10 @@ def decode_fns(ours, hf, B, n, prompt_len=32):
 
 
 def compare_decode(ours, hf, B, n, repeats):
-    """One printed line: our greedy tokens/s against HF generate's, and the bound the matmuls set."""
+    """One printed line: our greedy tokens/s against HF generate's, and the bound the matmuls
+    set."""
     t = interleaved(decode_fns(ours, hf, B, n), repeats)
-    return (f"greedy decode B={B} {n} tokens | ours {B * n / t['ours']:.0f} tok/s | hf {B * n / t['hf']:.0f} tok/s "
-            f"| speedup {t['hf'] / t['ours']:.2f}x (target >= 2) | matmuls alone {t['matmuls'] / n * 1e3:.2f} ms/step "
-            f"= {t['matmuls'] / t['hf']:.0%} of hf's time: at most {t['hf'] / t['matmuls']:.2f}x if all else were free")
+    return (f"greedy decode B={B} {n} tokens | ours {B * n / t['ours']:.0f} tok/s | hf "
+            f"{B * n / t['hf']:.0f} tok/s | speedup {t['hf'] / t['ours']:.2f}x (target >= 2) | "
+            f"matmuls alone {t['matmuls'] / n * 1e3:.2f} ms/step = {t['matmuls'] / t['hf']:.0%} of "
+            f"hf's time: at most {t['hf'] / t['matmuls']:.2f}x if all else were free")

@@ -2,21 +2,29 @@
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from data import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 QWEN_TOK = os.path.join(SHARED_DATA, "qwen2.5-tokenizer")
 
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is not beside the checkout")
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED_DATA),
+                                  reason="../shared/data is not beside the checkout")
 
-QWEN2_5_32B_JSON = """{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
- "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
- "num_key_value_heads": 8, "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
- "tie_word_embeddings": false, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
- "sliding_window": 131072, "use_sliding_window": false, "max_window_layers": 70, "hidden_act": "silu"}"""
+QWEN2_5_32B_JSON = """{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+ "vocab_size": 152064, "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
+ "num_attention_heads": 40, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+ "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "tie_word_embeddings": false,
+ "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+ "sliding_window": 131072, "use_sliding_window": false, "max_window_layers": 70,
+ "hidden_act": "silu"}"""
 
 TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=37, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -24,8 +32,9 @@ TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=37, num_hidden_laye
 
 
 def hf_tiny(seed=0, **overrides):
-    """A random HF Qwen2ForCausalLM with non-trivial biases and norm weights (so they are tested)."""
-    transformers = pytest.importorskip("transformers", reason="transformers (test-only oracle) is not installed")
+    """A random HF Qwen2ForCausalLM with non-trivial biases and norm weights (tested too)."""
+    transformers = pytest.importorskip("transformers",
+                                       reason="transformers (test-only oracle) is not installed")
     torch.manual_seed(seed)
     cfg = transformers.Qwen2Config(**{**TINY, **overrides})
     m = transformers.Qwen2ForCausalLM(cfg).eval()
@@ -42,6 +51,41 @@ def save_hf(m, path, max_shard_size=None):
     return str(path)
 
 
+def tiny_tokenizer(path):
+    """A small BPE tokenizer trained in code, with the ChatML special tokens (no ../shared needed),
+    saved as path/tokenizer.json."""
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                  "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["What is 12*3? The product is 36. Check answer think user assistant "
+                            "system"] * 50,
+                           trainer)
+    tk.save(str(path / "tokenizer.json"))
+    return Tokenizer(str(path))
+
+
+def script_cmd(script, args, nproc=1):
+    """The command that runs one of the project's scripts: python, or torchrun with nproc
+    processes (on a port of this test process's own)."""
+    path = os.path.join(ROOT, script)
+    if nproc == 1:
+        return [sys.executable, path, *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master-port", str(29100 + os.getpid() % 800), path, *map(str, args)]
+
+
+def run_script(script, args, nproc=1, check=True):
+    """Run a project script to the end; with check, fail the test (showing its output) unless it
+    succeeded."""
+    r = subprocess.run(script_cmd(script, args, nproc), capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
     """(HF model, directory it was saved to) for the default tiny config."""
@@ -55,8 +99,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def chromium_dom(url):
     """(DOM after scripts ran, browser log) of a page in headless Chromium."""
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom", url],
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--disable-dev-shm-usage", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", "--enable-logging=stderr", "--v=0",
+                        "--virtual-time-budget=3000", "--dump-dom", url],
                        capture_output=True, text=True, timeout=120)
     return r.stdout, r.stderr

@@ -18,15 +18,19 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 def nvcc_compile(archs=(80, 90), out="/tmp/rank1_lora1_check.o"):
-    """Compile csrc/lora1_cuda.cu with nvcc against the installed torch headers; returns nvcc's stderr.
+    """Compile csrc/lora1_cuda.cu with nvcc against the installed torch headers; returns nvcc's
+    stderr.
 
     C10_CUDA_NO_CMAKE_CONFIGURE_FILE: the CPU wheel ships c10/cuda headers without their generated
     cmake macro file (it only defines Windows export macros), so the check supplies none.
     """
     tdir = os.path.dirname(torch.__file__)
-    cmd = ["nvcc", "-c", os.path.join(ROOT, "csrc", "lora1_cuda.cu"), "-o", out, "-std=c++20", "-O3",
-           "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", f"-I{tdir}/include", f"-I{tdir}/include/torch/csrc/api/include",
+    cmd = ["nvcc", "-c", os.path.join(ROOT, "csrc", "lora1_cuda.cu"), "-o", out, "-std=c++20",
+           "-O3",
+           "-Xcompiler", "-fPIC",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", f"-I{tdir}/include",
+           f"-I{tdir}/include/torch/csrc/api/include",
            f"-I{sysconfig.get_paths()['include']}", "--threads", "2"]
     for a in archs:
         cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
@@ -40,7 +44,8 @@ def test_nvcc_compiles_for_sm80_and_sm90():
     err = nvcc_compile()
     ours = [l for l in err.splitlines() if "lora1_cuda.cu" in l and "warning" in l.lower()]
     assert not ours, "warnings in our kernel:\n" + "\n".join(ours)
-    r = subprocess.run(["g++", "-fsyntax-only", "-std=c++20", f"-I{os.path.dirname(torch.__file__)}/include",
+    r = subprocess.run(["g++", "-fsyntax-only", "-std=c++20",
+                        f"-I{os.path.dirname(torch.__file__)}/include",
                         os.path.join(ROOT, "csrc", "lora1.cpp")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -84,7 +89,9 @@ def _run(fn, x, W, bias, A, B, gy):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,din,dout", [(64, 128, 256), (37, 5120, 1024), (129, 1000, 77), (3, 27, 2053), (1, 8, 8)])
+@pytest.mark.parametrize("T,din,dout",
+                         [(64, 128, 256), (37, 5120, 1024), (129, 1000, 77), (3, 27, 2053),
+                          (1, 8, 8)])
 def test_fused_matches_reference(dtype, T, din, dout):
     import lora_cuda
     from lora import lora_linear_ref
@@ -94,7 +101,8 @@ def test_fused_matches_reference(dtype, T, din, dout):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for name, r, o in zip(("y", "u", "dx", "dA", "dB"), ref, got):
         scale = r.float().abs().max().item() or 1.0
-        torch.testing.assert_close(o.float() / scale, r.float() / scale, **tol, msg=f"{name} differs")
+        torch.testing.assert_close(o.float() / scale, r.float() / scale, **tol,
+                                   msg=f"{name} differs")
 
 
 @gpu
@@ -111,10 +119,13 @@ def test_fused_is_deterministic():
 def test_opcheck():
     import lora_cuda  # noqa: F401  (registers the ops)
     x, W, bias, A, B, gy = _case(33, 96, 40, torch.bfloat16)
-    torch.library.opcheck(torch.ops.rank1.lora1_linear, (x.detach(), W, bias, A.detach().view(-1), B.detach().view(-1), 16.0))
-    u = torch.ops.rank1.lora1_linear(x.detach(), W, bias, A.detach().view(-1), B.detach().view(-1), 16.0)[1]
+    torch.library.opcheck(torch.ops.rank1.lora1_linear, (x.detach(), W, bias, A.detach().view(-1),
+                                                         B.detach().view(-1), 16.0))
+    u = torch.ops.rank1.lora1_linear(x.detach(), W, bias, A.detach().view(-1), B.detach().view(-1),
+                                     16.0)[1]
     torch.library.opcheck(torch.ops.rank1.lora1_linear_backward,
-                          (gy, x.detach(), W, u, A.detach().view(-1), B.detach().view(-1), 16.0, True))
+                          (gy, x.detach(), W, u, A.detach().view(-1), B.detach().view(-1), 16.0,
+                           True))
 
 
 @gpu
@@ -133,7 +144,8 @@ def test_training_step_same_with_either_path(monkeypatch):
         lora.apply_lora(m, verbose=False)
         for a in lora.adapters(m):
             torch.nn.init.normal_(a.lora_B, std=0.05)
-        idx = torch.randint(0, 300, (2, 45), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        idx = torch.randint(0, 300, (2, 45), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(1))
         _, loss = m(idx, idx)
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in m.parameters() if p.requires_grad]))
@@ -143,10 +155,13 @@ def test_training_step_same_with_either_path(monkeypatch):
 
 
 @gpu
-@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not installed")
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None,
+                    reason="compute-sanitizer is not installed")
 def test_compute_sanitizer_finds_nothing():
-    code = ("import sys; sys.path.insert(0, %r); import torch, lora_cuda; from tests.test_cuda_kernel import _case, _run;"
-            "[_run(lora_cuda.lora_linear, *_case(T, i, o, torch.bfloat16)) for T, i, o in [(37, 5120, 1024), (3, 27, 2053)]];"
+    code = ("import sys; sys.path.insert(0, %r); import torch, lora_cuda; from "
+            "tests.test_cuda_kernel import _case, _run;"
+            "[_run(lora_cuda.lora_linear, *_case(T, i, o, torch.bfloat16))"
+            " for T, i, o in [(37, 5120, 1024), (3, 27, 2053)]];"
             "torch.cuda.synchronize()") % ROOT
     r = subprocess.run(["compute-sanitizer", "--error-exitcode", "1", sys.executable, "-c", code],
                        capture_output=True, text=True)

@@ -4,24 +4,12 @@ import os
 
 import pytest
 
-from conftest import QWEN_TOK, needs_shared
+from conftest import QWEN_TOK, needs_shared, tiny_tokenizer
 from data import DEFAULT_SYSTEM, Tokenizer, read_rows, render_chat, s1_assistant, s1_example
 
-ROW = {"question": "What is 12*3?", "deepseek_thinking_trajectory": "  12*3 = 36.\nCheck: 36/3 = 12.  ",
+ROW = {"question": "What is 12*3?",
+       "deepseek_thinking_trajectory": "  12*3 = 36.\nCheck: 36/3 = 12.  ",
        "deepseek_attempt": "The product is $\\boxed{36}$."}
-
-
-def tiny_tokenizer(tmp_path):
-    """A small BPE tokenizer trained in code, with the ChatML special tokens (no ../shared needed)."""
-    from tokenizers import Tokenizer as T, decoders, models, pre_tokenizers, trainers
-    tk = T(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(["What is 12*3? The product is 36. Check answer think user assistant system"] * 50, trainer)
-    tk.save(str(tmp_path / "tokenizer.json"))
-    return Tokenizer(str(tmp_path))
 
 
 @needs_shared
@@ -33,17 +21,21 @@ def test_qwen_tokenization_cases():
         assert tok.encode(c["text"]) == c["ids"], c["text"]
         assert tok.decode(tok.encode(c["text"])) == c["text"]
     assert tok.encode("Hello world<|im_end|>") == [9707, 1879, 151645]
-    assert (tok.eot, tok.im_start, tok.im_end, tok.token_id("<|fim_pad|>")) == (151643, 151644, 151645, 151662)
+    assert (tok.eot, tok.im_start, tok.im_end, tok.token_id("<|fim_pad|>")) == (151643, 151644,
+                                                                                151645, 151662)
     assert tok.vocab_size == 151665
 
 
 def test_chat_rendering_matches_qwen_template():
     q = "What is $1+1$?"
     assert render_chat([{"role": "user", "content": q}], add_generation_prompt=True) == (
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n"
         f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
-    assert render_chat(msgs) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A"}]
+    assert render_chat(msgs) == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+                                 "<|im_start|>assistant\nA<|im_end|>\n")
     with pytest.raises(ValueError, match="role 'tool'"):
         render_chat([{"role": "tool", "content": "x"}])
 
@@ -56,11 +48,13 @@ def test_chat_rendering_matches_hf_jinja_template():
                  [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                   {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]):
         for gen in (False, True):
-            assert render_chat(msgs, gen) == ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert render_chat(msgs, gen) == ht.apply_chat_template(msgs, tokenize=False,
+                                                                    add_generation_prompt=gen)
 
 
 def test_s1_assistant_text():
-    assert s1_assistant(ROW) == ("<|im_start|>think\n12*3 = 36.\nCheck: 36/3 = 12.\n<|im_start|>answer\n"
+    assert s1_assistant(ROW) == ("<|im_start|>think\n12*3 = 36.\nCheck: 36/3 = "
+                                 "12.\n<|im_start|>answer\n"
                                  "Answer: The product is $\\boxed{36}$.")
     assert s1_assistant({**ROW, "deepseek_attempt": "Answer: 36"}).endswith("answer\nAnswer: 36")
     assert "think\na\nb\n" in s1_assistant({**ROW, "deepseek_thinking_trajectory": ["a", "b"]})
@@ -80,7 +74,8 @@ def test_s1_sequence_and_mask_token_by_token():
     assert ids == system + user + header + body
     assert mask == [0] * len(system + user + header) + [1] * len(body)
     assert tok.decode([i for i, m in zip(ids, mask) if m]).startswith("<|im_start|>think\n12*3")
-    assert (tok.id_to_token_str(8948), tok.id_to_token_str(26865), tok.id_to_token_str(9217)) == ("system", "think", "answer")
+    assert (tok.id_to_token_str(8948), tok.id_to_token_str(26865),
+            tok.id_to_token_str(9217)) == ("system", "think", "answer")
 
 
 def test_s1_mask_with_a_tiny_tokenizer(tmp_path):
@@ -97,7 +92,8 @@ def test_s1_mask_with_a_tiny_tokenizer(tmp_path):
 
 def test_s1_row_errors(tmp_path):
     tok = tiny_tokenizer(tmp_path)
-    with pytest.raises(ValueError, match="row 3: field 'deepseek_thinking_trajectory' must be a string, got nothing"):
+    msg = "row 3: field 'deepseek_thinking_trajectory' must be a string, got nothing"
+    with pytest.raises(ValueError, match=msg):
         s1_example({"question": "q", "deepseek_attempt": "a"}, tok, source="row 3")
     with pytest.raises(ValueError, match="field 'question' must be a string, got int"):
         s1_example({**ROW, "question": 5}, tok)
@@ -128,7 +124,8 @@ def test_load_text_packs_documents_with_endoftext(tmp_path):
     n = (len(stream) - 1) // 4
     assert examples == [(stream[4 * i:4 * i + 4], stream[4 * i + 1:4 * i + 5]) for i in range(n)]
     assert stats["rows"] == n and stats["target_tokens_lost"] == len(stream) - 1 - 4 * n
-    assert load_examples(str(f), tok, 4)[0] == examples  # {"text"} rows are a corpus, s1 rows are not
+    assert load_examples(str(f), tok,
+                         4)[0] == examples  # {"text"} rows are a corpus, s1 rows are not
     f.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(ValueError, match=r"corpus.jsonl line 2: missing field 'text'"):
         load_text(str(f), tok, 4)

@@ -53,7 +53,8 @@ def test_adapter_loads_in_peft_and_matches_ours(demo_run):
     from model import Qwen2
     out, _, _ = demo_run
     base, adapter = out / "base" / "model", out / "rank1" / "adapter"
-    hf = peft.PeftModel.from_pretrained(transformers.Qwen2ForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+    hf = peft.PeftModel.from_pretrained(transformers.Qwen2ForCausalLM.from_pretrained(str(base)),
+                                        str(adapter)).eval()
     ours = Qwen2.from_pretrained(str(base))
     load_adapter(ours, str(adapter), verbose=False)
     idx = torch.randint(0, ours.cfg.vocab_size, (2, 40))
@@ -103,7 +104,8 @@ def test_auroc_hand_values():
     assert auroc(np.array([1.0, 1.0, 1.0, 1.0]), y) == 0.5  # ties count one half
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="chromium is not installed (.ci/run installs it)")
 def test_dashboard_opens_without_console_errors(demo_run):
     out, _, _ = demo_run
     page = out / "interpret" / "interp" / "dashboard.html"

@@ -2,17 +2,16 @@
 ablations, and bad input."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA, hf_tiny, save_hf
-from test_data import tiny_tokenizer
+from conftest import SHARED_DATA, hf_tiny, run_script, save_hf, tiny_tokenizer
 
 PY = sys.executable
-MATH = [dict(problem=f"What is {a} + {b}?", answer=str(a + b), id=f"p{a}") for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9)]]
+MATH = [dict(problem=f"What is {a} + {b}?", answer=str(a + b), id=f"p{a}") for a,
+        b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9)]]
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +40,10 @@ def env(tmp_path_factory):
 
 
 def run_eval(env, out, *extra, nproc=1):
-    args = ["run", "--model", str(env / "model"), "--out", str(out), "--bench", f"math500={env / 'math.jsonl'}",
-            "--max-context", "4096", "--thinking-budget", "20", "--max-answer-tokens", "8", "--batch-size", "2", *extra]
-    cmd = ([PY, os.path.join(ROOT, "eval.py")] if nproc == 1 else
-           [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master-port", str(29100 + os.getpid() % 300),
-            os.path.join(ROOT, "eval.py")])
-    r = subprocess.run(cmd + args, capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return run_script("eval.py", ["run", "--model", env / "model", "--out", out,
+                                  "--bench", f"math500={env / 'math.jsonl'}", "--max-context", 4096,
+                                  "--thinking-budget", 20, "--max-answer-tokens", 8,
+                                  "--batch-size", 2, *extra], nproc)
 
 
 @pytest.mark.slow
@@ -56,16 +51,20 @@ def test_run_writes_files_same_for_two_processes_and_two_runs(env, tmp_path):
     run_eval(env, tmp_path / "a", "--adapter", str(env / "adapter"))
     res = json.load(open(tmp_path / "a" / "results.json"))
     m = res["results"]["math500"]
-    assert m["problems"] == 5 and m["samples"] == 5 and 0.0 <= m["accuracy"] <= 1.0 and len(m["ci95"]) == 2
+    assert (m["problems"] == 5 and m["samples"] == 5 and 0.0 <= m["accuracy"] <= 1.0
+            and len(m["ci95"]) == 2)
     assert res["identity"]["adapter"].endswith("adapter") and res["config"]["max_context"] == 4096
     samples = [json.loads(l) for l in open(tmp_path / "a" / "samples.jsonl")]
     assert len(samples) == 5
-    assert {"id", "generation", "extracted", "gold", "correct", "thinking_tokens"} <= set(samples[0])
-    assert all(s["generation"].startswith("<|im_start|>think") and "<|im_start|>answer" in s["generation"] for s in samples)
+    assert {"id", "generation", "extracted", "gold", "correct",
+            "thinking_tokens"} <= set(samples[0])
+    assert all(s["generation"].startswith("<|im_start|>think")
+               and "<|im_start|>answer" in s["generation"] for s in samples)
     run_eval(env, tmp_path / "b", "--adapter", str(env / "adapter"))
     run_eval(env, tmp_path / "c", "--adapter", str(env / "adapter"), nproc=2)
     a = open(tmp_path / "a" / "samples.jsonl").read()
-    assert a == open(tmp_path / "b" / "samples.jsonl").read() == open(tmp_path / "c" / "samples.jsonl").read()
+    assert (a == open(tmp_path / "b" / "samples.jsonl").read()
+            == open(tmp_path / "c" / "samples.jsonl").read())
     ra, rc = (json.load(open(tmp_path / d / "results.json"))["results"] for d in ("a", "c"))
     assert ra == rc
     # merged and unmerged adapters decode the same tokens
@@ -74,11 +73,11 @@ def test_run_writes_files_same_for_two_processes_and_two_runs(env, tmp_path):
 
 
 def test_s1_protocol_budget_and_answer_phase(env):
-    """A scripted model: thinking that hits its budget gets 'Final Answer:', a natural stop does not,
+    """A scripted model: thinking that hits its budget gets 'Final Answer:', a natural stop does
+    not,
     and --wait replaces the first natural stop by 'Wait'."""
-    import argparse
     from data import Tokenizer
-    from eval import s1_generate
+    from eval import GenConfig, s1_generate
     tok = Tokenizer(str(env / "model"))
 
     class Scripted:
@@ -88,7 +87,7 @@ def test_s1_protocol_budget_and_answer_phase(env):
         def generate(self, prompts, max_new, **kw):
             self.calls.append((prompts, max_new, kw["stop_ids"]))
             return [self.script.pop(0)[:max_new] for _ in prompts]
-    args = argparse.Namespace(thinking_budget=5, max_context=10**6, max_answer_tokens=4, wait=0, temperature=0.0, top_p=1.0)
+    args = GenConfig(thinking_budget=5, max_context=10**6, max_answer_tokens=4)
     a, b = tok.encode("ab"), tok.encode("7")
     m = Scripted([a * 10, b + [tok.im_end]])  # thinking runs past the budget
     out = s1_generate(m, tok, ["q"], args)[0]
@@ -96,12 +95,14 @@ def test_s1_protocol_budget_and_answer_phase(env):
     assert out["generation"].endswith("<|im_start|>answer\nFinal Answer:7")
     m = Scripted([a + [tok.im_start], b + [tok.im_end]])  # natural stop
     out = s1_generate(m, tok, ["q"], args)[0]
-    assert not out["thinking_truncated"] and out["generation"].endswith(tok.decode(a) + "<|im_start|>answer7")
+    assert not out["thinking_truncated"] and out["generation"].endswith(tok.decode(a)
+                                                                        + "<|im_start|>answer7")
     args.wait, args.thinking_budget = 1, 50
     m = Scripted([a + [tok.im_start], a + [tok.im_start], b + [tok.im_end]])
     out = s1_generate(m, tok, ["q"], args)[0]
     assert tok.decode(a) + "Wait" + tok.decode(a) + "<|im_start|>answer" in out["generation"]
-    assert m.calls[0][0][0][-len(tok.encode("<|im_start|>think")):] == tok.encode("<|im_start|>think")
+    assert (m.calls[0][0][0][-len(tok.encode("<|im_start|>think")):]
+            == tok.encode("<|im_start|>think"))
 
 
 def test_recovery_table_hand_computed():
@@ -122,12 +123,16 @@ def test_recovery_table_hand_computed():
 
 def test_ablation_kl(env, tmp_path):
     from eval import main
-    (tmp_path / "s.jsonl").write_text(json.dumps({"benchmark": "math500", "id": "x", "question": "What is 2+2?",
-                                                  "generation": "<|im_start|>think\nfour\n<|im_start|>answer\n4"}) + "\n")
-    out = main(["ablate", "--model", str(env / "model"), "--adapter", str(env / "adapter"), "--samples", str(tmp_path / "s.jsonl"),
+    gen = "<|im_start|>think\nfour\n<|im_start|>answer\n4"
+    (tmp_path / "s.jsonl").write_text(json.dumps({"benchmark": "math500", "id": "x",
+                                                  "question": "What is 2+2?", "generation": gen})
+                                      + "\n")
+    out = main(["ablate", "--model", str(env / "model"), "--adapter", str(env / "adapter"),
+                "--samples", str(tmp_path / "s.jsonl"),
                 "--out", str(tmp_path / "abl"), "--block", "2"])
     r = out["results"]
-    assert r["none"][0]["kl_full_abl_assistant_mean"] == 0.0 and r["none"][0]["kl_abl_full_all_mean"] == 0.0
+    assert (r["none"][0]["kl_full_abl_assistant_mean"] == 0.0
+            and r["none"][0]["kl_abl_full_all_mean"] == 0.0)
     for row in r["single"]:
         layer = int(row["label"][1:].split(".")[0])
         if layer == 1:  # zeroed adapters: ablating them changes nothing
@@ -135,13 +140,15 @@ def test_ablation_kl(env, tmp_path):
         else:
             assert row["kl_full_abl_assistant_mean"] > 0 and row["kl_abl_full_assistant_mean"] > 0
     layers = {row["label"]: row for row in r["layer"]}
-    assert layers["L1"]["kl_full_abl_all_mean"] == 0.0 and layers["L1"]["kl_abl_full_all_mean"] == 0.0
+    assert (layers["L1"]["kl_full_abl_all_mean"] == 0.0 and layers["L1"]["kl_abl_full_all_mean"]
+            == 0.0)
     assert layers["L0"]["kl_full_abl_all_mean"] > 0
     assert [row["label"] for row in r["block"]] == ["L0-1", "L2-2"]
     assert {row["label"] for row in r["mlp_vs_attn"]} == {"mlp", "attn"}
     html = open(tmp_path / "abl" / "ablations.html").read()
     assert html.count("<svg") == 2 and "<script" not in html
-    assert json.load(open(tmp_path / "abl" / "ablations.json"))["results"]["single"][0]["label"] == "L0.gate_proj"
+    assert (json.load(open(tmp_path / "abl" / "ablations.json"))["results"]["single"][0]["label"]
+            == "L0.gate_proj")
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -152,13 +159,15 @@ def test_error_unknown_benchmark(env, tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark 'mmlu'"):
         load_benchmark("mmlu", str(env / "math.jsonl"))
     with pytest.raises(SystemExit, match="unknown benchmark 'mmlu'"):
-        main(["run", "--model", str(env / "model"), "--out", str(tmp_path), "--bench", f"mmlu={env / 'math.jsonl'}"])
+        main(["run", "--model", str(env / "model"), "--out", str(tmp_path), "--bench",
+              f"mmlu={env / 'math.jsonl'}"])
 
 
 def test_error_missing_fields(tmp_path):
     from eval import load_benchmark
     f = tmp_path / "b.jsonl"
-    f.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n" + json.dumps({"problem": "2+2"}) + "\n")
+    f.write_text(json.dumps({"problem": "1+1",
+                             "answer": "2"}) + "\n" + json.dumps({"problem": "2+2"}) + "\n")
     with pytest.raises(ValueError, match=r"b.jsonl line 2: missing field 'answer'"):
         load_benchmark("math500", str(f))
     f.write_text(json.dumps({"answer": "2"}) + "\n")
@@ -173,7 +182,8 @@ def test_error_missing_fields(tmp_path):
 def test_gpqa_csv_layout_shuffles_with_a_seed(tmp_path):
     from eval import load_benchmark
     c = tmp_path / "g.csv"
-    c.write_text("Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3\n"
+    c.write_text("Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer "
+                 "3\n"
                  + "".join(f"Q{i},right{i},w1,w2,w3\n" for i in range(8)))
     items = load_benchmark("gpqa", str(c), seed=0)
     assert len(items) == 8 and len({it["gold"] for it in items}) > 1
@@ -183,14 +193,16 @@ def test_gpqa_csv_layout_shuffles_with_a_seed(tmp_path):
     assert items == load_benchmark("gpqa", str(c), seed=0) != load_benchmark("gpqa", str(c), seed=1)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_DATA, "gpqa-diamond", "gpqa_diamond_mcq.zip")),
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_DATA, "gpqa-diamond",
+                                                    "gpqa_diamond_mcq.zip")),
                     reason="../shared/data is not beside the checkout")
 def test_gpqa_zip_counts_and_wrong_password():
     from eval import load_benchmark
     z = os.path.join(SHARED_DATA, "gpqa-diamond", "gpqa_diamond_mcq.zip")
     pw = open(os.path.join(SHARED_DATA, "README.md")).read().split('pwd=b"')[1].split('"')[0]
     items = load_benchmark("gpqa", z, password=pw)
-    assert len(items) == 198 and {it["gold"] for it in items} <= set("ABCD")  # counts and formats only
+    assert len(items) == 198 and {it["gold"]
+                                  for it in items} <= set("ABCD")  # counts and formats only
     with pytest.raises(ValueError, match="wrong or missing --zip-password"):
         load_benchmark("gpqa", z, password="not-it")
 
@@ -201,5 +213,6 @@ def test_error_adapter_for_another_base(env, tmp_path):
     save_hf(hf_tiny(vocab_size=300, hidden_size=64, num_attention_heads=4), other)
     tiny_tokenizer(other)
     with pytest.raises(SystemExit, match=r"has shape \(1, 48\), expected \(1, 64\).*another size"):
-        main(["run", "--model", str(other), "--adapter", str(env / "adapter"), "--out", str(tmp_path / "o"),
+        main(["run", "--model", str(other), "--adapter", str(env / "adapter"), "--out",
+              str(tmp_path / "o"),
               "--bench", f"math500={env / 'math.jsonl'}"])

@@ -1,19 +1,28 @@
 """interpret.py mining against brute force on random activation stores (ties, negative polarity,
 per-document cap, de-duplication), quantiles against numpy, and the CLI output."""
+import http.server
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CHROMIUM, chromium_dom
-from interpret import feature_names, feature_values, mine, quantiles
-from sae import SAE, ActivationStore
+from autointerp import autointerp, balanced_accuracy, explain_messages
+from collect import ActivationStore
+from collect import main as collect_main
+from conftest import hf_tiny, save_hf, tiny_tokenizer
+from interpret import (compare_populations, feature_names, feature_values, main, mine, quantiles,
+                       sae_offsets)
+from llm import LLM
+from lora import adapters, apply_lora, capture, load_adapter, save_adapter, sites, steer
+from model import Qwen2
+from sae import SAE
 
 
 def fake_store(path, doc_lengths, d=3, docs_per_shard=2, seed=0, ties=True):
-    """A store in sae.py's layout with random scalars (rounded so that ties are common)."""
+    """A store in collect.py's layout with random scalars (rounded so that ties are common)."""
     rng = np.random.default_rng(seed)
     os.makedirs(path, exist_ok=True)
     shards, doc = [], 0
@@ -24,20 +33,24 @@ def fake_store(path, doc_lengths, d=3, docs_per_shard=2, seed=0, ties=True):
             acts = np.round(acts * 2) / 2
         j = len(shards)
         np.save(os.path.join(path, f"acts-{j:05d}.npy"), acts)
-        np.save(os.path.join(path, f"tokens-{j:05d}.npy"), rng.integers(0, 50, sum(lens)).astype(np.int32))
+        np.save(os.path.join(path, f"tokens-{j:05d}.npy"), rng.integers(0, 50,
+                                                                        sum(lens)).astype(np.int32))
         docs, off = [], 0
         for n in lens:
             docs.append(dict(doc=doc, source=f"row {doc}", start=off, length=n))
             off, doc = off + n, doc + 1
-        shards.append(dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off, docs=docs))
+        shards.append(dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off,
+                           docs=docs))
     sites = [[0, "gate_proj"], [0, "q_proj"], [1, "down_proj"]][:d]
-    idx = dict(shape=[sum(doc_lengths), d], dtype="float32", sites=sites, rank=1, shards=shards, documents=doc)
+    idx = dict(shape=[sum(doc_lengths), d], dtype="float32", sites=sites, rank=1, shards=shards,
+               documents=doc)
     json.dump(idx, open(os.path.join(path, "index.json"), "w"))
     return ActivationStore(str(path))
 
 
 def brute_force(store, sae, k, dedup, per_doc):
-    """Per feature and document: greedy picks in plain Python; then the global (value desc, index asc) top k."""
+    """Per feature and document: greedy picks in plain Python; then the global (value desc, index
+    asc) top k."""
     vals = feature_values(store.load_all(), sae).numpy()
     starts = []
     base = 0
@@ -80,7 +93,8 @@ def test_topk_with_sae_features(tmp_path):
     top_v, top_i, _, _, _, _ = mine(store, sae, 4, 1, 2)
     for f, want in enumerate(brute_force(store, sae, 4, 1, 2)):
         got = [(v, i) for v, i in zip(top_v[:, f].tolist(), top_i[:, f].tolist()) if i >= 0]
-        assert [i for _, i in got] == [i for _, i in want] and np.allclose([v for v, _ in got], [v for v, _ in want])
+        assert [i for _, i in got] == [i for _, i in want] and np.allclose([v for v, _ in got],
+                                                                           [v for v, _ in want])
 
 
 def test_random_sample_is_non_zero_and_distinct(tmp_path):
@@ -93,7 +107,8 @@ def test_random_sample_is_non_zero_and_distinct(tmp_path):
         ids = [i for i in ri[:, f].tolist() if i >= 0]
         assert len(ids) == min(8, int(fired[f])) and len(set(ids)) == len(ids)
         assert all(vals[i, f] > 0 for i in ids)
-        assert np.allclose([vals[i, f] for i in ids], [v for v, i in zip(rv[:, f].tolist(), ri[:, f].tolist()) if i >= 0])
+        assert np.allclose([vals[i, f] for i in ids],
+                           [v for v, i in zip(rv[:, f].tolist(), ri[:, f].tolist()) if i >= 0])
 
 
 def test_quantiles_match_numpy(tmp_path):
@@ -104,69 +119,26 @@ def test_quantiles_match_numpy(tmp_path):
 
 
 def test_cli_writes_examples_with_context(tmp_path):
-    from test_data import tiny_tokenizer
-    from interpret import main
     fake_store(tmp_path / "s", [7, 1, 12, 5, 9])
     tiny_tokenizer(tmp_path)
-    main(["mine", "--acts", str(tmp_path / "s"), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o"),
+    main(["mine", "--acts", str(tmp_path / "s"), "--tokenizer", str(tmp_path), "--out",
+          str(tmp_path / "o"),
           "--k", "3", "--context", "2", "--dedup", "1"])
     out = json.load(open(tmp_path / "o" / "features.json"))
     assert [f["name"] for f in out["features"]][:2] == ["L0.gate_proj+", "L0.q_proj+"]
     f = out["features"][3]  # L0.gate_proj-
     assert f["name"] == "L0.gate_proj-" and len(f["top"]) == 3
     e = f["top"][0]
-    assert e["acts"][e["target"]] == pytest.approx(e["value"]) and len(e["tokens"]) == len(e["acts"]) <= 5
+    assert (e["acts"][e["target"]] == pytest.approx(e["value"]) and len(e["tokens"])
+            == len(e["acts"]) <= 5)
     assert [x["value"] for x in f["top"]] == sorted([x["value"] for x in f["top"]], reverse=True)
     assert set(f["quantiles"]) == {"q50", "q90", "q99", "q999"} and 0 < f["freq"] < 1
-
-
-# --- dashboard in a real headless browser ---------------------------------------------------------
-EVIL = ["<script>document.title='pwned'</script>", "</textarea>", "\"quoted\" & 'single'", "a<b>c</b>"]
-
-
-def features_json(tmp_path):
-    feats = []
-    for i, name in enumerate(["L0.gate_proj+", "L0.q_proj+", "L1.down_proj+", "L0.gate_proj-", "sae0", "sae1"]):
-        ex = dict(value=1.5 + i, doc=i, source=f"row {i}", pos=3, doc_length=9, target=1, tokens=EVIL[:3], acts=[0.1, 1.5 + i, -0.4])
-        feats.append(dict(id=i, name=name, freq=10 ** -(i + 1), quantiles=dict(q50=0.0, q90=0.1 * i, q99=0.5 * i + 0.1, q999=1.0),
-                          top=[ex], random=[dict(ex, value=0.2)], promotes=EVIL if name == "L1.down_proj+" else None))
-    d = dict(acts="x", tokens=123, features=feats)
-    for f in feats:
-        if f["promotes"] is None:
-            del f["promotes"]
-    (tmp_path / "features.json").write_text(json.dumps(d))
-    return tmp_path / "features.json"
-
-
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (.ci/run installs it)")
-def test_dashboard_renders_navigates_searches_and_escapes(tmp_path):
-    from interpret import main
-    f = features_json(tmp_path)
-    out = tmp_path / "dash.html"
-    main(["dashboard", "--features", str(f), "--out", str(out)])
-    html = out.read_text()
-    assert "http" not in html.replace("http://www.w3.org/2000/svg", "")  # self-contained: nothing fetched
-    assert "<script>document.title" not in html  # the data cannot close its script element
-    dom, log = chromium_dom(out.as_uri() + "#f=2")
-    assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
-    assert "<title>rank1 dashboard</title>" in dom  # no script from the data ran
-    assert "#2  L1.down_proj+" in dom  # navigated to the feature in the hash
-    assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom and "&lt;/textarea&gt;" in dom
-    assert "\"quoted\" &amp; 'single'" in dom
-    assert "promotes through the unembedding" in dom
-    assert "Adapter scalar magnitude" in dom and "SAE feature frequency" in dom
-    dom, _ = chromium_dom(out.as_uri() + "#q=sae")
-    assert dom.count('class="it') == 2 and "#4  sae0" in dom  # the search keeps sae0 and sae1, shows the first
 
 
 # --- steering -------------------------------------------------------------------------------------
 
 
 def test_steer_zero_reproduces_and_offsets_are_exact(tmp_path):
-    from conftest import hf_tiny, save_hf
-    from lora import adapters, apply_lora, capture, sites, steer
-    from model import Qwen2
-    from interpret import sae_offsets
     m = apply_lora(Qwen2.from_pretrained(save_hf(hf_tiny(), tmp_path / "m")), verbose=False)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -196,12 +168,11 @@ def test_steer_zero_reproduces_and_offsets_are_exact(tmp_path):
 
 
 # --- autointerp against a local fake OpenAI-compatible server -------------------------------------
-import http.server  # noqa: E402
-import threading  # noqa: E402
 
 
 class FakeLLM(http.server.BaseHTTPRequestHandler):
-    """429, then 500, then answers: explanations, and a scripted judge that picks snippets marked <<X>>."""
+    """429, then 500, then answers: explanations, and a scripted judge that picks the snippets
+    marked <<X>>."""
     failures = []
     requests = []
 
@@ -218,7 +189,8 @@ class FakeLLM(http.server.BaseHTTPRequestHandler):
             content = json.dumps([int(l.split(".")[0]) for l in lines if "<<X>>" in l])
         else:
             content = "Fires on the letter X."
-        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        out = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                   "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -230,13 +202,26 @@ class FakeLLM(http.server.BaseHTTPRequestHandler):
 
 def feature_with_examples(i):
     # distinct text per feature, so that no two requests share a cache key (the call count is exact)
-    top = [dict(value=float(v), tokens=["a", "X", f"b{i}"], acts=[0, v, 0], target=1) for v in (3, 9, 1, 7, 5, 2, 8, 6, 4, 10, 11, 12, 13, 14)]
-    inactive = [dict(value=0.0, tokens=["a", "o", f"b{i}"], acts=[0, 0, 0], target=1) for _ in range(6)]
+    top = [dict(value=float(v), tokens=["a", "X", f"b{i}"], acts=[0, v, 0], target=1) for v in (3,
+                                                                                                9,
+                                                                                                1,
+                                                                                                7,
+                                                                                                5,
+                                                                                                2,
+                                                                                                8,
+                                                                                                6,
+                                                                                                4,
+                                                                                                10,
+                                                                                                11,
+                                                                                                12,
+                                                                                                13,
+                                                                                                14)]
+    inactive = [dict(value=0.0, tokens=["a", "o", f"b{i}"], acts=[0, 0, 0],
+                     target=1) for _ in range(6)]
     return dict(id=i, name=f"L0.gate_proj+{i}", top=top, random=top[:2], inactive=inactive)
 
 
 def test_autointerp_with_fake_server(tmp_path):
-    from interpret import LLM, autointerp, explain_messages
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
@@ -244,15 +229,18 @@ def test_autointerp_with_fake_server(tmp_path):
         f = feature_with_examples(0)
         msg = explain_messages(f, n=10)[1]["content"].split("\n")
         values = [float(l.split("(")[1].split(")")[0]) for l in msg if l[0].isdigit()]
-        assert values == sorted(values, reverse=True) == [14, 13, 12, 11, 10, 9, 8, 7, 6, 5]  # activation order
+        assert values == sorted(values, reverse=True) == [14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                          5]  # activation order
         FakeLLM.failures[:] = [429, 500]
         llm = LLM(url, "fake", str(tmp_path / "cache"), backoff=0.01, concurrency=2)
         rows = autointerp([f, feature_with_examples(1)], llm, rubric=False)
         assert all(r["explanation"] == "Fires on the letter X." for r in rows)
-        assert all(r["detection_balanced_accuracy"] == 1.0 for r in rows)  # the scripted judge is perfect
+        assert all(r["detection_balanced_accuracy"] == 1.0
+                   for r in rows)  # the scripted judge is perfect
         assert llm.calls == 4 + 2  # 2 features x (explain + detect) + the two retried failures
         llm2 = LLM(url, "fake", str(tmp_path / "cache"))
-        assert autointerp([f, feature_with_examples(1)], llm2) == rows and llm2.calls == 0  # all from the cache
+        assert autointerp([f, feature_with_examples(1)],
+                          llm2) == rows and llm2.calls == 0  # all from the cache
         FakeLLM.failures[:] = [404]
         with pytest.raises(RuntimeError, match="HTTP 404"):
             LLM(url, "fake", str(tmp_path / "c2"))([{"role": "user", "content": "x"}])
@@ -261,7 +249,6 @@ def test_autointerp_with_fake_server(tmp_path):
 
 
 def test_balanced_accuracy_hand_values():
-    from interpret import balanced_accuracy
     items = [("a", True), ("b", True), ("c", False), ("d", False)]
     assert balanced_accuracy(items, {0, 1}) == 1.0
     assert balanced_accuracy(items, {0, 2}) == 0.5
@@ -270,31 +257,35 @@ def test_balanced_accuracy_hand_values():
 
 
 def test_compare_populations_hand_values():
-    from interpret import compare_populations
-    lora = [{"detection_balanced_accuracy": v, "rubric": r} for v, r in [(0.9, 0), (0.8, 1), (0.7, 1), (0.6, 2)]]
-    mlp = [{"detection_balanced_accuracy": v, "rubric": r} for v, r in [(0.6, 2), (0.5, 2), (0.7, 1), (0.6, 2)]]
+    lora = [{"detection_balanced_accuracy": v, "rubric": r} for v, r in [(0.9, 0), (0.8, 1), (0.7,
+                                                                                              1),
+                                                                                              (0.6,
+                                                                                               2)]]
+    mlp = [{"detection_balanced_accuracy": v, "rubric": r} for v, r in [(0.6, 2), (0.5, 2), (0.7,
+                                                                                             1),
+                                                                                             (0.6,
+                                                                                              2)]]
     t = compare_populations(lora, mlp)
     d = t["detection_balanced_accuracy"]
-    assert d["lora"] == pytest.approx(0.75) and d["mlp"] == pytest.approx(0.6) and d["diff"] == pytest.approx(0.15)
+    assert (d["lora"] == pytest.approx(0.75) and d["mlp"] == pytest.approx(0.6) and d["diff"]
+            == pytest.approx(0.15))
     assert d["lora_ci95"][0] <= 0.75 <= d["lora_ci95"][1]
-    assert t["rubric"]["shares"]["lora"] == {0: 0.25, 1: 0.5, 2: 0.25} and t["rubric"]["shares"]["mlp"][2] == 0.75
+    assert t["rubric"]["shares"]["lora"] == {0: 0.25, 1: 0.5,
+                                             2: 0.25} and t["rubric"]["shares"]["mlp"][2] == 0.75
 
 
 def test_mlp_neuron_baseline_collected_and_mined(tmp_path):
-    """sae.py collect --mlp-neurons stores down_proj's input at the sampled neurons (checked against a
+    """collect.py --mlp-neurons stores down_proj's input at the sampled neurons (checked against a
     hook here), and mining reads them as the mlp population."""
-    from conftest import hf_tiny, save_hf
-    from test_data import tiny_tokenizer
-    from lora import apply_lora, load_adapter, save_adapter
-    from model import Qwen2
     save_hf(hf_tiny(vocab_size=300), tmp_path / "m")
     tiny_tokenizer(tmp_path / "m")
     m = apply_lora(Qwen2.from_pretrained(str(tmp_path / "m")), verbose=False)
     save_adapter(m, tmp_path / "ad")
-    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(dict(question=f"q{i}", deepseek_thinking_trajectory="t " * (i + 2),
-                                                                     deepseek_attempt="a")) for i in range(3)) + "\n")
-    from sae import main as sae_main
-    sae_main(["collect", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"), "--data", str(tmp_path / "rows.jsonl"),
+    rows = [dict(question=f"q{i}", deepseek_thinking_trajectory="t " * (i + 2),
+                 deepseek_attempt="a") for i in range(3)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    collect_main(["--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"), "--data",
+                  str(tmp_path / "rows.jsonl"),
               "--out", str(tmp_path / "acts"), "--mlp-neurons", "4", "--window", "8"])
     store = ActivationStore(str(tmp_path / "acts"))
     neurons = store.index["mlp_neurons"]
@@ -303,8 +294,8 @@ def test_mlp_neuron_baseline_collected_and_mined(tmp_path):
     m2 = Qwen2.from_pretrained(str(tmp_path / "m"))
     load_adapter(m2, str(tmp_path / "ad"), verbose=False)
     seen = {}
-    hs = [m2.model.layers[l].mlp.down_proj.register_forward_pre_hook(lambda mod, inp, l=l: seen.__setitem__(l, inp[0][0]))
-          for l in range(3)]
+    hook = lambda l: (lambda mod, inp: seen.__setitem__(l, inp[0][0]))
+    hs = [m2.model.layers[l].mlp.down_proj.register_forward_pre_hook(hook(l)) for l in range(3)]
     doc = store.index["shards"][0]["docs"][0]
     ids = np.asarray(store.tokens(0)[doc["start"]:doc["start"] + doc["length"]]).tolist()
     with torch.no_grad():
@@ -319,11 +310,6 @@ def test_mlp_neuron_baseline_collected_and_mined(tmp_path):
 
 
 def test_steer_cli_measures(tmp_path):
-    from conftest import hf_tiny, save_hf
-    from test_data import tiny_tokenizer
-    from lora import adapters, apply_lora, save_adapter
-    from model import Qwen2
-    from interpret import main
     save_hf(hf_tiny(vocab_size=300), tmp_path / "m")
     tiny_tokenizer(tmp_path / "m")
     m = apply_lora(Qwen2.from_pretrained(str(tmp_path / "m")), verbose=False)
@@ -332,11 +318,15 @@ def test_steer_cli_measures(tmp_path):
             a.lora_B.normal_(0, 0.3)
     save_adapter(m, tmp_path / "ad")
     (tmp_path / "p.jsonl").write_text(json.dumps({"problem": "What is 2+2?", "answer": "4"}) + "\n")
-    out = main(["steer", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"), "--site", "L1.gate_proj",
-                "--strengths", "0,50", "--seeds", "0,1", "--bench", f"math500={tmp_path / 'p.jsonl'}", "--out", str(tmp_path / "s.json"),
-                "--thinking-budget", "12", "--max-answer-tokens", "4", "--temperature", "0", "--words", "Wait,the"])
+    out = main(["steer", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"),
+                "--site", "L1.gate_proj",
+                "--strengths", "0,50", "--seeds", "0,1", "--bench",
+                f"math500={tmp_path / 'p.jsonl'}", "--out", str(tmp_path / "s.json"),
+                "--thinking-budget", "12", "--max-answer-tokens", "4", "--temperature", "0",
+                "--words", "Wait,the"])
     r = out["results"]
     assert [(x["strength"], x["seed"]) for x in r] == [(0, 0), (0, 1), (50, 0), (50, 1)]
     assert all(set(x["word_counts"]) == {"Wait", "the"} and x["accuracy"] in (0.0, 1.0) for x in r)
-    assert r[0]["examples"] == r[1]["examples"] and r[0]["examples"] != r[2]["examples"]  # greedy: seeds agree; steering changes it
+    # greedy: the seeds agree; steering changes it
+    assert r[0]["examples"] == r[1]["examples"] and r[0]["examples"] != r[2]["examples"]
     assert json.load(open(tmp_path / "s.json"))["site"] == "L1.gate_proj"

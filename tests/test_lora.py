@@ -1,4 +1,5 @@
-"""lora.py against PEFT (the oracle), gradcheck, capture vs hooks, interventions, files and their errors."""
+"""lora.py against PEFT (the oracle), gradcheck, capture vs hooks, interventions, files and their
+errors."""
 import json
 import os
 
@@ -6,16 +7,18 @@ import pytest
 import torch
 
 from conftest import hf_tiny, save_hf
-from lora import (SITE_ORDER, LoRAFunction, LoRALinear, ablate, adapters, apply_lora, capture, disabled,
-                  export_merged, load_adapter, merge, save_adapter, select_layers, sites, steer, unmerge)
-from model import Qwen2, Qwen2Config, QWEN2_5_32B
+from lora import (SITE_ORDER, LoRAFunction, LoRALinear, ablate, adapters, apply_lora, capture,
+                  disabled, export_merged, load_adapter, merge, save_adapter, select_layers, sites,
+                  steer, unmerge)
+from model import QWEN2_5_32B, Qwen2, Qwen2Config
 
 ALL7 = list(SITE_ORDER)
 
 
 def peft_model(hf, layers=None, seed=1):
     peft = pytest.importorskip("peft", reason="peft (test-only oracle) is not installed")
-    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=1, lora_alpha=16, use_rslora=True, lora_dropout=0.0,
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=1, lora_alpha=16, use_rslora=True,
+                          lora_dropout=0.0,
                           target_modules=ALL7, layers_to_transform=layers)
     pm = peft.get_peft_model(hf, cfg)
     g = torch.Generator().manual_seed(seed)
@@ -77,7 +80,8 @@ def test_zero_init_equals_base_and_ablating_everything_equals_base(tiny_dir):
     torch.testing.assert_close(m(idx), ref, atol=0, rtol=0)  # B = 0 at init
     bound = 1 / (48 ** 0.5)
     A = adapters(m)[0].lora_A
-    assert A.abs().max() <= bound and A.abs().max() > 0.5 * bound  # kaiming-uniform(a=sqrt 5) = U(+-1/sqrt(in))
+    # kaiming-uniform(a=sqrt 5) = U(+-1/sqrt(in))
+    assert A.abs().max() <= bound and A.abs().max() > 0.5 * bound
     randomize(m)
     assert not torch.allclose(m(idx), ref)
     with ablate(m):
@@ -141,7 +145,9 @@ def test_capture_equals_hooks_in_paper_order(tiny_dir):
     m = randomize(apply_lora(Qwen2.from_pretrained(path)))
     assert sites(m)[:8] == [(0, t) for t in SITE_ORDER] + [(1, "gate_proj")]
     inputs = {}
-    hooks = [a.register_forward_hook(lambda mod, args, out: inputs.__setitem__((mod.layer, mod.target), args[0]))
+    hooks = [a.register_forward_hook(lambda mod, args, out: inputs.__setitem__((mod.layer,
+                                                                                mod.target),
+                                                                                args[0]))
              for a in adapters(m)]
     idx = torch.randint(0, 97, (2, 11))
     with capture(m) as cap:
@@ -153,14 +159,16 @@ def test_capture_equals_hooks_in_paper_order(tiny_dir):
     for l in range(3):
         for p, t in enumerate(SITE_ORDER):
             a = adapters(m)[7 * l + p]
-            torch.testing.assert_close(acts[..., 7 * l + p], (inputs[(l, t)] @ a.lora_A[0]).detach())
+            torch.testing.assert_close(acts[..., 7 * l + p], (inputs[(l,
+                                                                      t)] @ a.lora_A[0]).detach())
     # down_proj's input is the LoRA-modified SwiGLU product; o_proj's the concatenated heads
-    assert all(a.captured is None for a in adapters(m))  # nothing stored outside the context
+    assert all(a.u_hooks == [] for a in adapters(m))  # nothing recorded outside the context
 
 
 def test_capture_layer_subset_and_generation(tiny_dir):
     _, path = tiny_dir
-    m = randomize(apply_lora(Qwen2.from_pretrained(path), targets=["o_proj", "up_proj"], layers=[0, 2]))
+    m = randomize(apply_lora(Qwen2.from_pretrained(path), targets=["o_proj", "up_proj"],
+                             layers=[0, 2]))
     assert sites(m) == [(0, "up_proj"), (0, "o_proj"), (2, "up_proj"), (2, "o_proj")]
     with capture(m) as cap:
         out = m.generate([[1, 2, 3, 4]], max_new_tokens=5)
@@ -207,13 +215,15 @@ def test_steer_changes_scalars_exactly(tiny_dir):
         col = 3  # layer 0, q_proj
         assert torch.allclose(d[:, [1, 4], col], torch.full((2, 2), 2.5))
         d[:, [1, 4], col] = 0
-        assert d[..., [col + 1, col + 2]].abs().max() == 0  # k, v read the same input as q: unchanged
+        assert d[..., [col + 1,
+                       col + 2]].abs().max() == 0  # k, v read the same input as q: unchanged
         others = [t for t in range(6) if t not in (1, 4)]
         assert d[:, others, :7].abs().max() == 0  # layer 0 elsewhere: q only feeds its own position
         assert d[:, [1, 4], :3].abs().max() > 0  # layer 0's MLP (after attention) sees the change
     with steer(m, {(0, "gate_proj"): 1.0}):
-        torch.testing.assert_close(m.generate([[1, 2]], 4), m.generate([[1, 2]], 4))  # reversible, deterministic
-    assert all(a.steer_offset is None for a in adapters(m))
+        torch.testing.assert_close(m.generate([[1, 2]], 4),
+                                   m.generate([[1, 2]], 4))  # reversible, deterministic
+    assert all(a.u_hooks == [] for a in adapters(m))
 
 
 def test_trainable_count_32b_on_meta():
@@ -270,7 +280,8 @@ def test_merged_export_loads_in_transformers(pair, tmp_path):
     pm, ours, _ = pair
     export_merged(ours, tmp_path / "merged", max_shard_bytes=20_000)
     files = os.listdir(tmp_path / "merged")
-    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors")
+                                                           for f in files) > 1
     hf = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "merged"))
     idx = torch.randint(0, 97, (1, 13))
     torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
@@ -319,14 +330,16 @@ def _edit_weights(ad, fn):
 
 def test_error_missing_key(saved):
     ad, base_dir = saved
-    _edit_weights(ad, lambda sd: sd.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"))
+    _edit_weights(ad,
+                  lambda sd: sd.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"))
     with pytest.raises(ValueError, match=r"missing 1 adapter tensors.*layers.1.mlp.up_proj.lora_B"):
         load_adapter(Qwen2.from_pretrained(base_dir), ad)
 
 
 def test_error_unexpected_key(saved):
     ad, base_dir = saved
-    _edit_weights(ad, lambda sd: sd.update({"base_model.model.model.layers.7.mlp.up_proj.lora_B.weight": torch.zeros(1)}))
+    k = "base_model.model.model.layers.7.mlp.up_proj.lora_B.weight"
+    _edit_weights(ad, lambda sd: sd.update({k: torch.zeros(1)}))
     with pytest.raises(ValueError, match=r"1 unexpected tensors.*layers.7.mlp.up_proj"):
         load_adapter(Qwen2.from_pretrained(base_dir), ad)
 
@@ -335,7 +348,8 @@ def test_error_wrong_shape_other_hidden_size(saved):
     ad, base_dir = saved
     k = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     _edit_weights(ad, lambda sd: sd.update({k: torch.zeros(1, 64)}))
-    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \(1, 64\), expected \(1, 48\).*another size"):
+    msg = r"q_proj.lora_A.weight has shape \(1, 64\), expected \(1, 48\).*another size"
+    with pytest.raises(ValueError, match=msg):
         load_adapter(Qwen2.from_pretrained(base_dir), ad)
 
 
@@ -343,7 +357,8 @@ def test_error_non_finite(saved):
     ad, base_dir = saved
     k = "base_model.model.model.layers.2.mlp.down_proj.lora_B.weight"
     _edit_weights(ad, lambda sd: sd[k].fill_(float("nan")))
-    with pytest.raises(ValueError, match=r"layers.2.mlp.down_proj.lora_B.weight has non-finite values"):
+    with pytest.raises(ValueError,
+                       match=r"layers.2.mlp.down_proj.lora_B.weight has non-finite values"):
         load_adapter(Qwen2.from_pretrained(base_dir), ad)
 
 

@@ -1,4 +1,5 @@
-"""model.py against HF transformers' Qwen2 (the oracle), plus loss, generation and loading errors."""
+"""model.py against HF transformers' Qwen2 (the oracle), plus loss, generation and loading
+errors."""
 import json
 import os
 
@@ -7,12 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, hf_tiny, save_hf
-from model import Qwen2, Qwen2Config, QWEN2_5_32B
+from model import QWEN2_5_32B, Qwen2, Qwen2Config
 
 CONFIGS = {
     "gqa2-untied": dict(),
-    "gqa4-tied": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, tie_word_embeddings=True),
-    "mha-odd": dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=6, intermediate_size=53, vocab_size=61),
+    "gqa4-tied": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
+                      tie_word_embeddings=True),
+    "mha-odd": dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=6,
+                    intermediate_size=53, vocab_size=61),
 }
 
 
@@ -76,8 +79,10 @@ def test_generate_stops_per_row_and_samples_reproducibly(tiny_dir):
     first = full[0].index(stop)
     assert out[0] == full[0][:first + 1]
     assert out[1] == (full[1][:full[1].index(stop) + 1] if stop in full[1] else full[1])
-    s1 = m.generate(prompts, 10, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    s2 = m.generate(prompts, 10, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    s1 = m.generate(prompts, 10, temperature=1.0, top_p=0.9,
+                    generator=torch.Generator().manual_seed(3))
+    s2 = m.generate(prompts, 10, temperature=1.0, top_p=0.9,
+                    generator=torch.Generator().manual_seed(3))
     assert s1 == s2 and all(len(r) == 10 for r in s1)
 
 
@@ -98,14 +103,16 @@ def test_loss_with_ignore_index_and_chunked_loss(tiny_dir):
     tgt[1, 9:] = -100
     logits, loss = m(idx, tgt)
     keep = tgt != -100
-    manual = -torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0][keep].mean()
+    manual = -torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None])[...,
+                                                                                    0][keep].mean()
     torch.testing.assert_close(loss, manual)
     # the chunked sum (training path) equals the plain sum, in value and in gradient
     s = m(idx, tgt, chunk_size=7)
     torch.testing.assert_close(s, loss * keep.sum())
     ws = [m.model.layers[1].mlp.up_proj.weight, m.lm_head.weight]
     g1 = torch.autograd.grad(s * 0.5, ws)
-    g2 = torch.autograd.grad(F.cross_entropy(m(idx).flatten(0, 1), tgt.flatten(), reduction="sum") * 0.5, ws)
+    g2 = torch.autograd.grad(F.cross_entropy(m(idx).flatten(0, 1), tgt.flatten(),
+                                             reduction="sum") * 0.5, ws)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
 
@@ -120,8 +127,10 @@ def test_param_count_32b_on_meta():
 
 def test_config_reads_old_and_new_hf_keys():
     old = Qwen2Config.from_dict({**TINY, "torch_dtype": "bfloat16", "rope_theta": 5.0})
-    new = Qwen2Config.from_dict({**{k: v for k, v in TINY.items() if k != "rope_theta"}, "dtype": "bfloat16",
-                                 "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}, "extra": 1})
+    new = Qwen2Config.from_dict({**{k: v for k, v in TINY.items() if k != "rope_theta"},
+                                 "dtype": "bfloat16",
+                                 "rope_parameters": {"rope_type": "default",
+                                                     "rope_theta": 5.0}, "extra": 1})
     assert old == new and old.rope_theta == 5.0 and old.torch_dtype == "bfloat16"
 
 
@@ -145,7 +154,8 @@ def test_error_wrong_model_type(tiny_dir):
 
 
 def test_error_bad_config_values():
-    with pytest.raises(ValueError, match="num_attention_heads 4 is not a multiple of num_key_value_heads 3"):
+    with pytest.raises(ValueError,
+                       match="num_attention_heads 4 is not a multiple of num_key_value_heads 3"):
         Qwen2Config.from_dict({**TINY, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match=r"missing required keys \['hidden_size'\]"):
         Qwen2Config.from_dict({k: v for k, v in TINY.items() if k != "hidden_size"})
@@ -204,5 +214,6 @@ def test_error_index_names_missing_shard(tmp_path):
 def test_error_no_weights(tmp_path):
     Qwen2Config(**TINY)  # valid
     (tmp_path / "config.json").write_text(json.dumps({**TINY, "model_type": "qwen2"}))
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+    with pytest.raises(FileNotFoundError,
+                       match="neither model.safetensors nor model.safetensors.index.json"):
         Qwen2.from_pretrained(str(tmp_path))

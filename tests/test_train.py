@@ -1,5 +1,7 @@
-"""train.py on CPU: 1 process vs torchrun 2 processes, resume after SIGKILL, loss normalisation, dry run, errors."""
+"""train.py on CPU: 1 process vs torchrun 2 processes, resume after SIGKILL, loss normalisation,
+dry run, errors."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,15 +11,16 @@ import time
 import pytest
 import torch
 
-from conftest import QWEN2_5_32B_JSON, ROOT, hf_tiny, save_hf
-from test_data import tiny_tokenizer
+from conftest import (QWEN2_5_32B_JSON, ROOT, hf_tiny, run_script, save_hf, script_cmd,
+                      tiny_tokenizer)
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
 
 
 def rows(n=6):
-    return [dict(question=f"What is {i}*3?", deepseek_thinking_trajectory=f"{i}*3 is {3 * i}. " * (1 + 3 * (i % 3)),
+    return [dict(question=f"What is {i}*3?",
+                 deepseek_thinking_trajectory=f"{i}*3 is {3 * i}. " * (1 + 3 * (i % 3)),
                  deepseek_attempt=f"{3 * i}") for i in range(n)]
 
 
@@ -31,19 +34,12 @@ def setup(tmp_path_factory):
 
 
 def run(setup, out, *extra, nproc=1, check=True, wait=True):
-    args = ["--model", str(setup / "model"), "--data", str(setup / "rows.jsonl"), "--out", str(out), "--dtype", "float32",
-            "--global-batch", "4", "--epochs", "2", "--lr", "1e-2", *extra]
-    if nproc == 1:
-        cmd = [PY, os.path.join(ROOT, "train.py"), *args]
-    else:
-        cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master-port", str(29500 + os.getpid() % 400),
-               os.path.join(ROOT, "train.py"), *args]
+    args = ["--model", setup / "model", "--data", setup / "rows.jsonl", "--out", out,
+            "--dtype", "float32", "--global-batch", 4, "--epochs", 2, "--lr", "1e-2", *extra]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+        return subprocess.Popen(script_cmd("train.py", args, nproc), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    return run_script("train.py", args, nproc, check)
 
 
 def losses(out):
@@ -51,7 +47,7 @@ def losses(out):
 
 
 def wait_for_steps(out, n, timeout=120):
-    """Block until a running train.py has logged n steps to out/metrics.jsonl (or timeout passes)."""
+    """Block until a running train.py has logged n steps to out/metrics.jsonl (or time runs out)."""
     f, t0 = out / "metrics.jsonl", time.time()
     while time.time() - t0 < timeout and not (f.exists() and len(f.read_text().splitlines()) >= n):
         time.sleep(0.02)
@@ -75,7 +71,7 @@ def test_one_process_equals_two(setup, tmp_path, mode):
         assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
     else:
         from model import Qwen2
-        ma, mb = Qwen2.from_pretrained(str(tmp_path / "a" / "model")), Qwen2.from_pretrained(str(tmp_path / "b" / "model"))
+        ma, mb = (Qwen2.from_pretrained(str(tmp_path / d / "model")) for d in ("a", "b"))
         for (k, x), y in zip(ma.state_dict().items(), mb.state_dict().values()):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=k)
 
@@ -93,11 +89,14 @@ def test_micro_batches_equal_single_sequences(setup, tmp_path):
 
 def test_pretraining_corpus_is_packed(setup, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"What is {i}*3? The product is {3 * i}."}) + "\n" for i in range(40)))
-    r = run(setup, tmp_path / "p", "--mode", "full", "--data", str(corpus), "--block-size", "32", "--micro-batch", "4")
+    corpus.write_text("".join(json.dumps({"text": f"What is {i}*3? The product is {3 * i}."})
+                              + "\n" for i in range(40)))
+    r = run(setup, tmp_path / "p", "--mode", "full", "--data", str(corpus), "--block-size", "32",
+            "--micro-batch", "4")
     cfg = json.load(open(tmp_path / "p" / "config.json"))
     stats = cfg["data_stats"]
-    assert stats["documents"] == 40 and stats["tokens"] == stats["target_tokens"] == 32 * stats["rows"]
+    assert (stats["documents"] == 40 and stats["tokens"] == stats["target_tokens"]
+            == 32 * stats["rows"])
     assert len(losses(tmp_path / "p")) == 2 * -(-stats["rows"] // 4), r.stdout[-500:]
 
 
@@ -139,15 +138,17 @@ def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
 
 
 def test_loss_normalised_by_tokens_of_the_global_batch(setup, tmp_path):
-    """Step 1 on 2 ranks x accumulation 2, sequences of very different trained lengths: the logged loss
-    is sum CE / trained tokens of all 4 sequences (not a mean of per-sequence means), and the gradient
-    norm is that of this loss; both recomputed here by hand from the saved initial adapter."""
+    """Step 1 on 2 ranks x accumulation 2, sequences of very different trained lengths: the logged
+    loss is sum CE / trained tokens of all 4 sequences (not a mean of per-sequence means), and the
+    gradient norm is that of this loss; both recomputed here by hand from the saved initial
+    adapter."""
     sys.path.insert(0, ROOT)
     import train
     from data import Tokenizer, load_s1
     from lora import adapters, load_adapter
     from model import Qwen2
-    run(setup, tmp_path / "n", "--max-steps", "1", "--grad-clip", "1e9", nproc=2)  # lr is 0 at step 1
+    run(setup, tmp_path / "n", "--max-steps", "1", "--grad-clip", "1e9",
+        nproc=2)  # lr is 0 at step 1
     rec = json.loads(open(tmp_path / "n" / "metrics.jsonl").readline())
     ex, _ = load_s1(str(setup / "rows.jsonl"), Tokenizer(str(setup / "model")), 20000)
     cfg = train.TrainConfig(global_batch=4, epochs=2)
@@ -162,7 +163,8 @@ def test_loss_normalised_by_tokens_of_the_global_batch(setup, tmp_path):
     mean_of_means = sum(s / c for s, c in zip(sums, counts)) / 4
     assert abs(mean_of_means.item() - rec["loss"]) > 1e-4  # the test can tell the two apart
     loss.backward()
-    gn = torch.sqrt(sum((p.grad ** 2).sum() for a in adapters(m) for p in (a.lora_A, a.lora_B))).item()
+    gn = torch.sqrt(sum((p.grad ** 2).sum() for a in adapters(m) for p in (a.lora_A,
+                                                                           a.lora_B))).item()
     assert abs(gn - rec["grad_norm"]) < 1e-5 * max(1, gn)
 
 
@@ -175,12 +177,14 @@ def test_lr_schedule_and_plan_match_hf():
     assert train.lr_at(cfg, 0, total, warm) == 0.0
     assert train.lr_at(cfg, 8, total, warm) == pytest.approx(5e-4)
     assert train.lr_at(cfg, 16, total, warm) == pytest.approx(1e-3)
-    assert train.lr_at(cfg, 314, total, warm) == pytest.approx(1e-3 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 298 / 299)))
+    assert train.lr_at(cfg, 314, total, warm) == pytest.approx(
+        1e-3 * 0.5 * (1 + math.cos(math.pi * 298 / 299)))
     transformers = pytest.importorskip("transformers")
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
     sch = transformers.get_cosine_schedule_with_warmup(opt, warm, total)
     for s in range(total):
-        assert train.lr_at(cfg, s, total, warm) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        assert train.lr_at(cfg, s, total, warm) == pytest.approx(opt.param_groups[0]["lr"],
+                                                                 abs=1e-12)
         opt.step()
         sch.step()
 
@@ -188,14 +192,18 @@ def test_lr_schedule_and_plan_match_hf():
 def test_dry_run_paper_preset_on_32b_config(tmp_path, setup):
     (tmp_path / "config.json").write_text(QWEN2_5_32B_JSON)
     (tmp_path / "s1k.jsonl").write_text("\n".join(json.dumps(r) for r in rows(1000)) + "\n")
-    r = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--preset", "s1.1-rank1-32b", "--model", str(tmp_path),
-                        "--tokenizer", str(setup / "model"), "--data", str(tmp_path / "s1k.jsonl"), "--dry-run"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "WORLD_SIZE": "1"})
+    r = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--preset", "s1.1-rank1-32b",
+                        "--model", str(tmp_path), "--tokenizer", str(setup / "model"),
+                        "--data", str(tmp_path / "s1k.jsonl"), "--dry-run"],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "WORLD_SIZE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads(r.stdout[r.stdout.index("{"):])
     assert plan["trainable_params"] == 8_388_608 and plan["base_params"] == 32_763_876_352
-    assert plan["optimizer"] == dict(name="AdamW", lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=1e-4, grad_clip=1.0)
-    assert (plan["steps_per_epoch"], plan["total_steps"], plan["scheduler"]["warmup_steps"]) == (63, 315, 16)
+    assert plan["optimizer"] == dict(name="AdamW", lr=1e-3, betas=[0.9, 0.95], eps=1e-8,
+                                     weight_decay=1e-4, grad_clip=1.0)
+    assert (plan["steps_per_epoch"], plan["total_steps"],
+            plan["scheduler"]["warmup_steps"]) == (63, 315, 16)
     assert plan["epochs"] == 5 and plan["global_batch"] == 16
 
 
@@ -206,14 +214,19 @@ def test_dry_run_paper_preset_on_32b_config(tmp_path, setup):
 def test_error_malformed_data(setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows(1)[0]) + "\n{not json\n")
-    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data", str(bad), "--out", str(tmp_path / "o")],
+    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data", str(bad),
+                        "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "bad.jsonl line 2: not valid JSON" in r.stderr
-    bad.write_text(json.dumps({k: v for k, v in rows(1)[0].items() if k != "deepseek_thinking_trajectory"}) + "\n")
-    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data", str(bad), "--out", str(tmp_path / "o")],
+    bad.write_text(json.dumps({k: v for k, v in rows(1)[0].items()
+                               if k != "deepseek_thinking_trajectory"}) + "\n")
+    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data", str(bad),
+                        "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT)
-    assert "bad.jsonl line 1: field 'deepseek_thinking_trajectory' must be a string, got nothing" in r.stderr
-    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data", str(tmp_path / "nope.jsonl")],
+    want = "bad.jsonl line 1: field 'deepseek_thinking_trajectory' must be a string, got nothing"
+    assert want in r.stderr
+    r = subprocess.run([PY, "train.py", "--model", str(setup / "model"), "--data",
+                        str(tmp_path / "nope.jsonl")],
                        capture_output=True, text=True, cwd=ROOT)
     assert "nope.jsonl: no such data file" in r.stderr
     assert not (tmp_path / "o" / "ckpt").exists()
@@ -222,7 +235,8 @@ def test_error_malformed_data(setup, tmp_path):
 def test_error_checkpoint_from_another_config(setup, tmp_path):
     run(setup, tmp_path / "c", "--max-steps", "1")
     r = run(setup, tmp_path / "c", "--resume", "--lr", "5e-3", check=False)
-    assert r.returncode != 0 and "is from another run's config" in r.stderr and "lr: checkpoint 0.01 vs now 0.005" in r.stderr
+    assert (r.returncode != 0 and "is from another run's config" in r.stderr
+            and "lr: checkpoint 0.01 vs now 0.005" in r.stderr)
     r = run(setup, tmp_path / "c", check=False)
     assert r.returncode != 0 and "already holds a checkpoint; pass --resume" in r.stderr
 

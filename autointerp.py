@@ -1,0 +1,95 @@
+"""
+Autointerp: LLM explanations of features from their examples (features.json, interpret.py mine),
+scored by detection, and the paper's 0/1/2 monosemanticity rubric. interpret.py autointerp runs it;
+llm.py talks to the server.
+
+    rows = autointerp(features, llm=None)            # the explanation prompts only
+    rows = autointerp(features, LLM(url, model, cache_dir), rubric=True)
+
+Explanation: the top examples sorted by activation (the official code forgot to sort, PAPER.md
+G2) and a few random non-zero ones, each a snippet with the firing token marked <<like this>>.
+Detection (the official code had no score): the explanation must pick, among held-out positives
+and as many inactive snippets, those where the feature fires; balanced accuracy.
+"""
+import json
+import random
+
+EXPLAIN_SYSTEM = ("You study a feature of a language model that reads reasoning traces. You are "
+                  "shown text snippets where it fires, strongest first; the token it fires on is "
+                  "marked <<like this>> with its activation. Answer with one short sentence: what "
+                  "the feature responds to.")
+DETECT_SYSTEM = ("You are given an explanation of a feature and numbered text snippets. The "
+                 "feature fires on the token marked <<like this>> in some of them. Answer with a "
+                 "JSON list of the numbers of the snippets where you think it fires, and nothing "
+                 "else.")
+RUBRIC_SYSTEM = ("Rate how monosemantic this feature is from its top examples: 0 = one specific "
+                 "meaning, 1 = broad but consistent, 2 = polysemantic. Answer with the digit only.")
+
+
+def snippet(e, window=12):
+    lo, t = max(0, e["target"] - window), e["target"]
+    toks = e["tokens"]
+    return "".join(toks[lo:t]) + "<<" + toks[t] + ">>" + "".join(toks[t + 1:t + 1 + window])
+
+
+def explain_messages(f, n=10):
+    """The explanation prompt: the top examples sorted by activation (the official code forgot to
+    sort, PAPER.md G2), then a few random non-zero ones."""
+    top = sorted(f["top"], key=lambda e: -e["value"])[:n]
+    lines = [f"{i + 1}. ({e['value']:.3g}) {snippet(e)}" for i, e in enumerate(top)]
+    lines += [f"r{i + 1}. ({e['value']:.3g}) {snippet(e)}" for i, e in enumerate(f["random"][:3])]
+    return [{"role": "system", "content": EXPLAIN_SYSTEM},
+            {"role": "user", "content": "\n".join(lines)}]
+
+
+def detection_set(f, n_explain=10, n=6, seed=0):
+    """Held-out positives (top examples not shown to the explainer, then random non-zero ones) and
+    as many inactive snippets, shuffled with a seed: [(snippet, fires)]."""
+    pos = sorted(f["top"], key=lambda e: -e["value"])[n_explain:] + f["random"]
+    pos, neg = pos[:n], f.get("inactive", [])[:n]
+    items = [(snippet(e), True) for e in pos] + [(snippet(e), False) for e in neg]
+    random.Random(seed + f["id"]).shuffle(items)
+    return items
+
+
+def detect_messages(explanation, items):
+    body = "\n".join(f"{i + 1}. {s}" for i, (s, _) in enumerate(items))
+    return [{"role": "system", "content": DETECT_SYSTEM},
+            {"role": "user", "content": f"Explanation: {explanation}\n\n{body}"}]
+
+
+def balanced_accuracy(items, chosen):
+    pos = [i for i, (_, y) in enumerate(items) if y]
+    neg = [i for i, (_, y) in enumerate(items) if not y]
+    tpr = sum(i in chosen for i in pos) / len(pos) if pos else 0.0
+    tnr = sum(i not in chosen for i in neg) / len(neg) if neg else 0.0
+    return (tpr + tnr) / 2 if pos and neg else (tpr if pos else tnr)
+
+
+def autointerp(features, llm=None, rubric=False, n_explain=10):
+    """Explanation prompts for every feature with examples; with an LLM: explanations, detection
+    balanced accuracy on held-out positives and inactive snippets, optionally the 0/1/2 rubric."""
+    feats = [f for f in features if f["top"]]
+    rows = [dict(id=f["id"], name=f["name"], messages=explain_messages(f, n_explain))
+            for f in feats]
+    if llm is None:
+        return rows
+
+    def one(pair):
+        f, row = pair
+        row["explanation"] = llm(row["messages"]).strip()
+        items = detection_set(f, n_explain)
+        answer = llm(detect_messages(row["explanation"], items))
+        try:
+            chosen = {int(i) - 1
+                      for i in json.loads(answer[answer.index("["):answer.rindex("]") + 1])}
+        except ValueError:
+            chosen = set()
+        row["detection_balanced_accuracy"] = balanced_accuracy(items, chosen)
+        row["detection_items"] = len(items)
+        if rubric:
+            reply = llm([{"role": "system", "content": RUBRIC_SYSTEM}] + row["messages"][1:])
+            d = "".join(c for c in reply if c.isdigit())
+            row["rubric"] = int(d[0]) if d and d[0] in "012" else None
+        return row
+    return llm.map(one, list(zip(feats, rows)))

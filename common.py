@@ -1,0 +1,224 @@
+"""
+Shared mechanics of the scripts, none of them about the paper: files (safetensors, JSON, writes
+that readers never see half of), starting torch.distributed, the bootstrap interval, and run
+configurations (dataclasses) as command-line flags.
+
+    from common import setup_dist, print0, write_atomic, read_json, bootstrap_ci
+    rank, world, device = setup_dist()          # torchrun or a plain `python x.py`
+    lo, hi = bootstrap_ci(lambda i: mean(x[j] for j in i), [len(x)])
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def read_json(path):
+    """A JSON file's content; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_atomic(path, text):
+    """Write a text file through a temp file and a rename: readers never see half of it."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # one temp file per writer thread
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_dir(out_dir, write):
+    """Call write(tmp_dir), then move tmp_dir to out_dir (replacing it): no half-written output."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{parent}: not writable")
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(out_dir):
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def safetensors_keys(file):
+    """The tensor names in a safetensors file's header (no data is read)."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # SafetensorError and OS errors from a truncated or corrupt file
+        raise ValueError(f"{file}: not a readable safetensors file, maybe truncated or corrupt "
+                         f"({e})") from None
+
+
+def read_safetensors(file, keys=None, device="cpu", dtype=None):
+    """Tensors (all, or the given names) of one safetensors file; errors name the file. Floating
+    tensors are cast to `dtype` when one is given."""
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            have = set(f.keys())
+            keys = sorted(have) if keys is None else keys
+            absent = [k for k in keys if k not in have]
+            if absent:
+                raise ValueError(f"{file}: the index says it holds {absent[:5]}, but it does not")
+            out = {}
+            for k in keys:
+                t = f.get_tensor(k)
+                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            return out
+    except ValueError:
+        raise
+    except Exception as e:  # SafetensorError and OS errors from a truncated or corrupt file
+        raise ValueError(f"{file}: not a readable safetensors file, maybe truncated or corrupt "
+                         f"({e})") from None
+
+
+def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=()):
+    """Write (name, tensor) pairs as an HF checkpoint: model-XXXXX-of-YYYYY.safetensors shards
+    (each written as soon as it fills), model.safetensors.index.json and config.json, plus copies
+    of `copy_files`; atomically (see atomic_dir). Shards are renamed once their count is known."""
+
+    def write(tmp):
+        files, cur, size, total, weight_map = [], {}, 0, 0, {}
+
+        def flush():
+            name = f"shard-{len(files):05d}.safetensors"
+            save_file(cur, os.path.join(tmp, name), metadata={"format": "pt"})
+            files.append((name, list(cur)))
+        for k, v in named_tensors:
+            v = v.detach().cpu().contiguous()
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                flush()
+                cur, size = {}, 0
+            cur[k], size, total = v, size + nbytes, total + nbytes
+        flush()
+        for i, (name, keys) in enumerate(files):
+            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
+            weight_map.update({k: final for k in keys})
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        for src in copy_files:
+            shutil.copy(src, tmp)
+    atomic_dir(out_dir, write)
+
+
+# -----------------------------------------------------------------------------
+# torch.distributed
+
+
+def setup_dist():
+    """(rank, world, device). Under torchrun (RANK is set): one process group over all ranks, NCCL
+    on GPUs, gloo on CPUs, each rank on its LOCAL_RANK GPU. A plain `python x.py` is a group of one
+    (an in-memory store), so one code path serves every world size. Later calls reuse the group."""
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK",
+                                                     0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if use_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_dist():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*a, **k):
+    """print on rank 0 only (or when no process group runs)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# statistics
+
+
+def bootstrap_ci(stat, sizes, n=1000, seed=0, min_kept=1):
+    """95% percentile bootstrap interval [lo, hi] of a statistic.
+
+    sizes: the length of each sample (one for a mean, one shared by paired samples, two for a
+    difference of independent samples). Each replicate draws, for each sample in turn, as many
+    indices with replacement as it has items and calls stat(*index_lists); a replicate where stat
+    returns None (undefined) is dropped. [None, None] when fewer than min_kept replicates remain.
+    """
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(n):
+        v = stat(*([rng.randrange(k) for _ in range(k)] for k in sizes))
+        if v is not None:
+            vals.append(v)
+    if not vals or len(vals) < min_kept:
+        return [None, None]
+    vals.sort()
+    return [vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]]
+
+
+# -----------------------------------------------------------------------------
+# command lines
+
+
+@contextmanager
+def user_errors(script):
+    """Bad input (a ValueError or a missing file, whose messages name the file and what is wrong)
+    ends the command with that one line instead of a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{script}: {e}") from None
+
+
+def add_config_flags(parser, cls):
+    """One --dashed-flag per field of the dataclass `cls`, default None so that config_from_flags
+    can tell what was given; booleans take --flag / --no-flag."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None)
+
+
+def config_from_flags(cls, ns, base=None):
+    """cls(**base, overridden by every flag given in the argparse namespace ns)."""
+    given = {f.name: getattr(ns, f.name) for f in fields(cls) if getattr(ns, f.name,
+                                                                         None) is not None}
+    return cls(**{**(base or {}), **given})

@@ -1,0 +1,171 @@
+"""
+What the project shows people: the feature dashboard (one self-contained HTML page, no network)
+and the figures (inline SVG, drawn here, so no plotting dependency).
+
+    python dashboard.py --features interp/features.json --out interp/dashboard.html \\
+        [--ablations results/ablate/ablations.json] [--sae sae/] [--model M --adapter A]
+
+Safety: dataset text reaches a page only as escaped SVG/HTML text or inside JSON script elements
+(with <, > and & escaped, so no text can close them) that the page reads with textContent.
+"""
+import argparse
+import json
+import os
+from html import escape
+
+import torch
+
+from common import read_json, write_atomic
+from data import Tokenizer
+from lora import SITE_ORDER, adapters, load_model
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dashboard.html")
+
+# -----------------------------------------------------------------------------
+# figures (SVG strings)
+
+
+def bar_chart(rows, width=800, height=240):
+    """Bars with error bars: rows [(label, mean, std)], one bar each, first and last labelled."""
+    n = len(rows)
+    vmax = max((m + s for _, m, s in rows), default=1) or 1
+    bw = width / n
+    svg = [f'<svg width="{width + 60}" height="{height + 40}"><g transform="translate(50,10)">']
+    for i, (label, m, s) in enumerate(rows):
+        h, x = height * m / vmax, i * bw
+        svg.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" '
+                   f'height="{h:.1f}" fill="#4a78b5">'
+                   f'<title>{escape(label)}: {m:.4g} ± {s:.2g}</title></rect>')
+        y1, y2 = height - height * (m + s) / vmax, height - height * max(m - s, 0) / vmax
+        svg.append(f'<line x1="{x + bw / 2:.1f}" x2="{x + bw / 2:.1f}" y1="{y1:.1f}" y2="{y2:.1f}" '
+                   'stroke="#222"/>')
+    svg.append(f'<line x1="0" x2="{width}" y1="{height}" y2="{height}" stroke="#000"/>'
+               f'<text x="-45" y="10">{vmax:.2g}</text>'
+               f'<text x="0" y="{height + 18}">{escape(rows[0][0])}</text>'
+               f'<text x="{width - 60}" y="{height + 18}">{escape(rows[-1][0])}</text></g></svg>')
+    return "".join(svg)
+
+
+def heatmap(cells, rows, cols, title=lambda r, c, v: f"{r} {c}: {v:.4g}"):
+    """A rows x cols grid of cells {(row, col): value} on one colour scale 0 ... max (white to
+    blue); missing cells stay empty."""
+    vmax = max(cells.values(), default=1) or 1
+    cw, ch = max(6, 800 // max(1, len(cols))), 18
+    svg = [f'<svg width="{80 + cw * len(cols)}" height="{20 + ch * len(rows)}">']
+    for j, r in enumerate(rows):
+        svg.append(f'<text x="0" y="{ch * j + 13}">{escape(str(r))}</text>')
+        for i, c in enumerate(cols):
+            if (r, c) not in cells:
+                continue
+            v = cells[(r, c)] / vmax
+            col = f"rgb({255 - int(200 * v)},{255 - int(150 * v)},255)"
+            svg.append(f'<rect x="{80 + cw * i}" y="{ch * j}" width="{cw - 1}" height="{ch - 1}" '
+                       f'fill="{col}"><title>{escape(title(r, c, cells[(r, c)]))}</title></rect>')
+    svg.append("</svg>")
+    return "".join(svg)
+
+
+def ablation_html(out):
+    """eval.py ablate's page: per-layer bars with std error bars, the layer x type heatmap, and
+    the tables of the other experiments."""
+    key = "kl_full_abl_assistant"
+    parts = ["<!doctype html><meta charset=utf-8><title>rank1 ablations</title>",
+             "<style>body{font:14px sans-serif;margin:24px}svg{background:#fafafa}</style>",
+             "<h1>Adapter ablations</h1><p>KL(full adapter || ablated), mean over assistant "
+             f"tokens of {len(out['sequences'])} sequences ({out['tokens']} tokens). Adapter: "
+             f"{escape(str(out['identity'].get('adapter')))}</p>"]
+    layers = out["results"].get("layer", [])
+    if layers:
+        rows = [(r["label"], r[f"{key}_mean"], r[f"{key}_std"]) for r in layers]
+        parts.append("<h2>Leave one layer out</h2>" + bar_chart(rows))
+    single = out["results"].get("single", [])
+    if single:
+        cells = {(t, l): r[f"{key}_mean"] for (l, t), r in zip(out["sites"], single)}
+        ls = sorted({l for l, _ in out["sites"]})
+        ts = [t for t in SITE_ORDER if any(t == s for _, s in out["sites"])]
+        vmax = max(cells.values(), default=1) or 1
+        parts.append(f"<h2>Single adapters (layer × type), colour scale 0 … {vmax:.3g}</h2>"
+                     + heatmap(cells, ts, ls, lambda t, l, v: f"layer {l} {t}: {v:.4g}"))
+    for e in ("type", "mlp_vs_attn", "block"):
+        if out["results"].get(e):
+            rows = "".join(f"<tr><td>{escape(r['label'])}</td><td>{r[f'{key}_mean']:.4g}</td>"
+                           f"<td>{r[f'{key}_std']:.3g}</td>"
+                           f"<td>{r['kl_abl_full_assistant_mean']:.4g}</td>"
+                           f"<td>{r['kl_full_abl_all_mean']:.4g}</td></tr>"
+                           for r in out["results"][e])
+            parts.append(f"<h2>{escape(e)}</h2><table border=1 cellpadding=3><tr><th>ablated</th>"
+                         "<th>KL(full||abl)</th><th>std</th><th>KL(abl||full)</th>"
+                         f"<th>KL(full||abl), all tokens</th></tr>{rows}</table>")
+    return "\n".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# the dashboard
+
+
+def promoted_tokens(model, tok, n=8):
+    """For adapters that write to the residual stream (down_proj, o_proj): the tokens whose logits
+    s * u * b raises most (u > 0) and lowers most (through the final norm's weight and the head)."""
+    out = {}
+    with torch.no_grad():
+        W = model.lm_head.weight.float()
+        g = model.model.norm.weight.float()
+        for a in adapters(model):
+            if a.target in ("down_proj", "o_proj"):
+                logit = W @ (g * a.lora_B[:, 0].float())
+                name = f"L{a.layer}.{a.target}"
+                for sign, v in (("+", logit), ("-", -logit)):
+                    out[name + sign] = [tok.id_to_token_str(i) for i in v.topk(n).indices.tolist()]
+    return out
+
+
+def safe_json(obj):
+    """JSON that can sit inside a <script> element: no text in it can close the element."""
+    return (json.dumps(obj, ensure_ascii=False)
+            .replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))
+
+
+def dashboard_html(data):
+    """One self-contained page. The data sit in JSON script elements and the page builds everything
+    with textContent: dataset text is never parsed as HTML. The page parses a small index at load;
+    each feature's examples sit in their own element, parsed when the feature is shown, so
+    thousands of features stay responsive."""
+    index = {**data, "features": [{k: f[k] for k in ("id", "name", "freq", "quantiles")}
+                                  for f in data["features"]]}
+    parts = [f'<script type="application/json" id="f{f["id"]}">{safe_json(f)}</script>'
+             for f in data["features"]]
+    with open(TEMPLATE, encoding="utf-8") as f:
+        page = f.read()
+    return page.replace("__DATA__", safe_json(index)).replace("__FEATURES__", "\n".join(parts))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    p.add_argument("--features", required=True, help="features.json from `interpret.py mine`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ablations", help="ablations.json from `eval.py ablate`")
+    p.add_argument("--sae", help="SAE directory (for its metrics)")
+    p.add_argument("--model")
+    p.add_argument("--adapter", help="with --model: tokens promoted by down_proj / o_proj adapters")
+    p.add_argument("--tokenizer")
+    args = p.parse_args(argv)
+    data = read_json(args.features)
+    if args.ablations:
+        ab = read_json(args.ablations)
+        data["ablation_layers"] = [dict(label=r["label"], mean=r["kl_full_abl_assistant_mean"])
+                                   for r in ab["results"].get("layer", [])]
+    if args.sae and os.path.isfile(os.path.join(args.sae, "cfg.json")):
+        final = read_json(os.path.join(args.sae, "cfg.json")).get("final") or {}
+        data["sae_metrics"] = {k: v for k, v in final.items() if not isinstance(v, dict)}
+    if args.model and args.adapter:
+        model, _ = load_model(args.model, args.adapter)
+        prom = promoted_tokens(model, Tokenizer(args.tokenizer or args.model))
+        for f in data["features"]:
+            if f["name"] in prom:
+                f["promotes"] = prom[f["name"]]
+    write_atomic(args.out, dashboard_html(data))
+    print(f"dashboard: {len(data['features'])} features -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

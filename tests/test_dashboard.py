@@ -1,0 +1,55 @@
+"""dashboard.py: the feature page in a real headless browser (rendering, navigation, search,
+escaping of every dataset text)."""
+import json
+import os
+
+import pytest
+
+from conftest import CHROMIUM, chromium_dom
+from dashboard import main
+
+# --- dashboard in a real headless browser ---------------------------------------------------------
+EVIL = ["<script>document.title='pwned'</script>", "</textarea>", "\"quoted\" & 'single'",
+        "a<b>c</b>"]
+
+
+def features_json(tmp_path):
+    feats = []
+    for i, name in enumerate(["L0.gate_proj+", "L0.q_proj+", "L1.down_proj+", "L0.gate_proj-",
+                              "sae0", "sae1"]):
+        ex = dict(value=1.5 + i, doc=i, source=f"row {i}", pos=3, doc_length=9, target=1,
+                  tokens=EVIL[:3], acts=[0.1, 1.5 + i, -0.4])
+        q = dict(q50=0.0, q90=0.1 * i, q99=0.5 * i + 0.1, q999=1.0)
+        feats.append(dict(id=i, name=name, freq=10 ** -(i + 1), quantiles=q, top=[ex],
+                          random=[dict(ex, value=0.2)],
+                          promotes=EVIL if name == "L1.down_proj+" else None))
+    d = dict(acts="x", tokens=123, features=feats)
+    for f in feats:
+        if f["promotes"] is None:
+            del f["promotes"]
+    (tmp_path / "features.json").write_text(json.dumps(d))
+    return tmp_path / "features.json"
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="chromium is not installed (.ci/run installs it)")
+def test_dashboard_renders_navigates_searches_and_escapes(tmp_path):
+    f = features_json(tmp_path)
+    out = tmp_path / "dash.html"
+    main(["--features", str(f), "--out", str(out)])
+    html = out.read_text()
+    assert "http" not in html.replace("http://www.w3.org/2000/svg",
+                                      "")  # self-contained: nothing fetched
+    assert "<script>document.title" not in html  # the data cannot close its script element
+    dom, log = chromium_dom(out.as_uri() + "#f=2")
+    assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
+    assert "<title>rank1 dashboard</title>" in dom  # no script from the data ran
+    assert "#2  L1.down_proj+" in dom  # navigated to the feature in the hash
+    assert ("&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom
+            and "&lt;/textarea&gt;" in dom)
+    assert "\"quoted\" &amp; 'single'" in dom
+    assert "promotes through the unembedding" in dom
+    assert "Adapter scalar magnitude" in dom and "SAE feature frequency" in dom
+    dom, _ = chromium_dom(out.as_uri() + "#q=sae")
+    # the search keeps sae0 and sae1, and shows the first
+    assert dom.count('class="it') == 2 and "#4  sae0" in dom
