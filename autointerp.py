@@ -14,6 +14,8 @@ and as many inactive snippets, those where the feature fires; balanced accuracy.
 import json
 import random
 
+from llm import LLMError
+
 EXPLAIN_SYSTEM = ("You study a feature of a language model that reads reasoning traces. You are "
                   "shown text snippets where it fires, strongest first; the token it fires on is "
                   "marked <<like this>> with its activation. Answer with one short sentence: what "
@@ -77,19 +79,28 @@ def autointerp(features, llm=None, rubric=False, n_explain=10):
 
     def one(pair):
         f, row = pair
-        row["explanation"] = llm(row["messages"]).strip()
-        items = detection_set(f, n_explain)
-        answer = llm(detect_messages(row["explanation"], items))
         try:
-            chosen = {int(i) - 1
-                      for i in json.loads(answer[answer.index("["):answer.rindex("]") + 1])}
-        except ValueError:
-            chosen = set()
-        row["detection_balanced_accuracy"] = balanced_accuracy(items, chosen)
-        row["detection_items"] = len(items)
-        if rubric:
-            reply = llm([{"role": "system", "content": RUBRIC_SYSTEM}] + row["messages"][1:])
-            d = "".join(c for c in reply if c.isdigit())
-            row["rubric"] = int(d[0]) if d and d[0] in "012" else None
+            row["explanation"] = llm(row["messages"]).strip()
+            items = detection_set(f, n_explain)
+            answer = llm(detect_messages(row["explanation"], items))
+            chosen = parse_choice(answer)
+            row["detection_balanced_accuracy"] = (None if chosen is None
+                                                  else balanced_accuracy(items, chosen))
+            row["detection_items"] = len(items)
+            if rubric:
+                reply = llm([{"role": "system", "content": RUBRIC_SYSTEM}] + row["messages"][1:])
+                d = "".join(c for c in reply if c.isdigit())
+                row["rubric"] = int(d[0]) if d and d[0] in "012" else None
+        except LLMError as e:  # one feature's failure leaves the others' results standing
+            row["error"] = f"feature {f['id']} ({f['name']}): {e}"
         return row
     return llm.map(one, list(zip(feats, rows)))
+
+
+def parse_choice(answer):
+    """The snippet indices (0-based) in a judge's reply "[2, 5]", or None when it holds no list of
+    numbers (an unparseable reply is no score, not a score of nothing chosen)."""
+    try:
+        return {int(i) - 1 for i in json.loads(answer[answer.index("["):answer.rindex("]") + 1])}
+    except (ValueError, TypeError):
+        return None

@@ -16,15 +16,19 @@ in memory and gives what one full forward gives.
 
 Store layout: documents are grouped into shards of --docs-per-shard; shard j is written by rank
 j % world as acts-XXXXX.npy (N_j, n_sites) + tokens-XXXXX.npy (N_j,) int32 and a shard-XXXXX.json
-sidecar written last (atomically). index.json describes the whole store: shape, dtype, the column
-layout (sites in lora.py's capture order: column 7 * layer + p, p in gate, up, down, q, k, v, o),
-and every document's shard and offsets. With --mlp-neurons N, also N sampled SwiGLU neurons per
-layer (down_proj's input) as mlp-XXXXX.npy: the MLP-neuron baseline.
+sidecar with their sha256, written last: a rerun keeps finished shards, provided collect.json
+(model, adapter, data, settings) matches. index.json describes the whole store: shape, dtype, the
+column layout (sites in lora.py's capture order: column 7 * layer + p, p in gate, up, down, q, k,
+v, o), what it was collected from, and every document's shard and offsets. With --mlp-neurons N,
+also N sampled SwiGLU neurons per layer (down_proj's input) as mlp-XXXXX.npy: the MLP-neuron
+baseline.
 """
 import argparse
-import json
+import hashlib
+import io
 import math
 import os
+import re
 import sys
 import time
 
@@ -32,23 +36,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import cleanup_dist, read_json, setup_dist, user_errors, write_atomic
-from data import Tokenizer, paper_collection_text, read_rows, render_chat, s1_example
-from lora import adapters, capture, load_model, sites
-from model import KVCache
+from common import (check_out, cleanup_dist, file_identity, read_json, same_origin, setup_dist,
+                    sha256_file, user_errors, write_atomic, write_json)
+from data import (Tokenizer, data_identity, paper_collection_text, read_rows, render_chat,
+                  s1_example)
+from lora import adapter_identity, adapters, capture, load_model, sites
+from model import KVCache, model_identity
 
 # -----------------------------------------------------------------------------
 # the activation store
 
 
 class ActivationStore:
-    """Reads a collected store (index.json + shards), checking sizes, layout and values."""
+    """Reads a collected store (index.json + shards), checking sizes, layout and values; each
+    file's checksum is verified the first time it is read (verify=False skips that)."""
 
-    def __init__(self, path):
+    def __init__(self, path, verify=True):
         f = os.path.join(path, "index.json")
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{path}: no index.json (run `collect.py` first)")
-        self.path, self.index = path, read_json(f)
+        self.path, self.index, self.verify, self.verified = path, read_json(f), verify, set()
         idx = self.index
         for k in ("shape", "dtype", "sites", "shards"):
             if k not in idx:
@@ -58,39 +65,56 @@ class ActivationStore:
             raise ValueError(f"{f}: layout of {len(idx['sites'])} sites x rank "
                              f"{idx.get('rank', 1)} does not match the stored width {self.d}")
 
-    def shard(self, i, check=True):
+    def _load(self, i, key, shape):
+        """One array file of shard i (memory-mapped), its size and checksum checked."""
         s = self.index["shards"][i]
-        file = os.path.join(self.path, s["acts"])
-        arr = np.load(file, mmap_mode="r")
-        if arr.shape != (s["tokens"], self.d):
-            raise ValueError(f"{file}: holds {arr.shape}, but index.json says ({s['tokens']}, "
-                             f"{self.d}) "
-                             "(truncated or from another layout)")
+        file = os.path.join(self.path, s[key])
+        if self.verify and file not in self.verified:
+            want = s.get("sha256", {}).get(key)
+            if want is None or sha256_file(file) != want:
+                raise ValueError(f"{file}: its checksum does not match shard-{i:05d}.json "
+                                 "(changed or damaged since collection)")
+            self.verified.add(file)
+        try:
+            arr = np.load(file, mmap_mode="r")
+        except (ValueError, OSError) as e:  # e.g. "mmap length is greater than file size"
+            raise ValueError(f"{file}: not a readable .npy array, maybe truncated ({e})") from None
+        if arr.shape != shape:
+            raise ValueError(f"{file}: holds {arr.shape}, but index.json says {shape} (truncated "
+                             "or from another layout)")
+        return arr
+
+    def shard(self, i, check=True):
+        arr = self._load(i, "acts", (self.index["shards"][i]["tokens"], self.d))
         if check:
             finite = np.isfinite(np.asarray(arr, dtype=np.float32)).all(1)
             if not finite.all():
-                raise ValueError(f"{file}: row {int(np.argmin(finite))} holds NaN or Inf values")
+                raise ValueError(f"{os.path.join(self.path, self.index['shards'][i]['acts'])}: "
+                                 f"row {int(np.argmin(finite))} holds NaN or Inf values")
         return arr
 
     def mlp(self, i):
         """The MLP-neuron baseline of shard i: (tokens, len(index['mlp_neurons']))."""
-        s = self.index["shards"][i]
-        if "mlp" not in s:
+        if "mlp" not in self.index["shards"][i]:
             raise ValueError(f"{self.path}: no MLP neurons were collected (collect.py "
-                             f"--mlp-neurons N)")
-        file = os.path.join(self.path, s["mlp"])
-        arr = np.load(file, mmap_mode="r")
+                             "--mlp-neurons N)")
         n = len(self.index["mlp_neurons"])
-        if arr.shape != (s["tokens"], n):
-            raise ValueError(f"{file}: holds {arr.shape}, expected ({s['tokens']}, {n})")
-        return arr
+        return self._load(i, "mlp", (self.index["shards"][i]["tokens"], n))
 
     def tokens(self, i):
-        return np.load(os.path.join(self.path, self.index["shards"][i]["ids"]), mmap_mode="r")
+        return self._load(i, "ids", (self.index["shards"][i]["tokens"],))
 
     def load_all(self):
         return torch.cat([torch.from_numpy(np.array(self.shard(i), dtype=np.float32))
                           for i in range(len(self.index["shards"]))])
+
+    def identity(self):
+        """What the store holds: its shape, what it was collected from, and a digest of every
+        file's checksum (the SAE and features.json record it; mine compares)."""
+        sums = [v for s in self.index["shards"] for _, v in sorted(s.get("sha256", {}).items())]
+        return dict(path=os.path.abspath(self.path), shape=self.index["shape"],
+                    made_from=self.index.get("made_from"),
+                    digest=hashlib.sha256("".join(sums).encode()).hexdigest())
 
 
 # -----------------------------------------------------------------------------
@@ -148,10 +172,57 @@ def doc_scalars(model, ids, window, mlp_neurons=None):
     return cap.acts[0], mlp
 
 
+STORE_FILE = re.compile(r"(acts|tokens|mlp)-\d{5}\.npy|shard-\d{5}\.json|index\.json|collect\.json"
+                        r"|.*\.tmp")
+
+
+def start_store(out, settings, overwrite):
+    """Rank 0: a new store gets collect.json (what it is collected from); an existing one is
+    continued when that matches, or (--overwrite) cleared of this command's files only."""
+    os.makedirs(out, exist_ok=True)
+    own = [n for n in os.listdir(out) if STORE_FILE.fullmatch(n)]
+    run_file = os.path.join(out, "collect.json")
+    if own and overwrite:
+        for n in own:
+            os.remove(os.path.join(out, n))
+    elif own:
+        if not os.path.isfile(run_file):
+            raise ValueError(f"{out}: holds a store without collect.json (an older version's?); "
+                             "pass --overwrite or choose another --out")
+        same_origin(read_json(run_file), settings, run_file)
+        return
+    write_json(run_file, settings)
+
+
+def save_shard(out, j, arrays, sidecar):
+    """The arrays of shard j, each written whole, then its sidecar with their checksums: a shard
+    without its sidecar is unfinished, and a rerun redoes it."""
+    sidecar["sha256"] = {}
+    for key, arr in arrays.items():
+        name = f"{dict(acts='acts', ids='tokens', mlp='mlp')[key]}-{j:05d}.npy"
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        write_atomic(os.path.join(out, name), buf.getvalue())
+        sidecar[key] = name
+        sidecar["sha256"][key] = hashlib.sha256(buf.getvalue()).hexdigest()
+    write_json(os.path.join(out, f"shard-{j:05d}.json"), sidecar, indent=None)
+
+
 def collect(args):
     rank, world, dev = setup_dist()
     tok = Tokenizer(args.tokenizer or args.model)
+    check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--data": args.data,
+                         "--tokenizer": args.tokenizer})
     docs = documents(args.data, args.format, tok)[:args.max_docs or None]
+    settings = dict(model=model_identity(args.model), adapter=adapter_identity(args.adapter),
+                    data=data_identity(args.data), format=args.format,
+                    tokenizer=file_identity(tok.path), dtype=args.dtype,
+                    store_dtype=args.store_dtype, window=args.window,
+                    docs_per_shard=args.docs_per_shard, max_docs=args.max_docs,
+                    mlp_neurons=args.mlp_neurons, seed=args.seed)
+    if rank == 0:
+        start_store(args.out, settings, args.overwrite)
+    torch.distributed.barrier()
     model, _ = load_model(args.model, args.adapter, args.dtype, device=dev)
     layout = [list(s) for s in sites(model)]
     gen = torch.Generator().manual_seed(args.seed)
@@ -160,7 +231,6 @@ def collect(args):
                                               generator=gen)[:args.mlp_neurons].tolist())]
     rank_r = adapters(model)[0].rank
     store_dtype = {"float32": np.float32, "float16": np.float16}[args.store_dtype]
-    os.makedirs(args.out, exist_ok=True)
     n_shards = math.ceil(len(docs) / args.docs_per_shard)
     mine = [j for j in range(n_shards) if j % world == rank]
     shard_docs = lambda j: docs[j * args.docs_per_shard:(j + 1) * args.docs_per_shard]
@@ -168,9 +238,8 @@ def collect(args):
                desc=f"collect rank {rank}", file=sys.stderr, disable=rank != 0)
     t0, n_tok = time.time(), 0
     for j in mine:
-        side = os.path.join(args.out, f"shard-{j:05d}.json")
         part = shard_docs(j)
-        if os.path.isfile(side):  # finished by an earlier run
+        if os.path.isfile(os.path.join(args.out, f"shard-{j:05d}.json")):  # finished earlier
             bar.update(sum(len(ids) for _, ids in part))
             continue
         acts, toks, mlps, meta, off = [], [], [], [], 0
@@ -189,31 +258,20 @@ def collect(args):
             n_tok += len(ids)
             bar.update(len(ids))
             bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
-        arrays = [(f"acts-{j:05d}.npy", np.concatenate(acts)), (f"tokens-{j:05d}.npy",
-                                                                np.concatenate(toks))]
+        arrays = dict(acts=np.concatenate(acts), ids=np.concatenate(toks))
         if neurons:
-            arrays.append((f"mlp-{j:05d}.npy", np.concatenate(mlps)))
-        for name, arr in arrays:
-            with open(os.path.join(args.out, name + ".tmp"), "wb") as f:
-                np.save(f, arr)
-            os.replace(os.path.join(args.out, name + ".tmp"), os.path.join(args.out, name))
-        sidecar = dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off, docs=meta)
-        if neurons:
-            sidecar["mlp"] = f"mlp-{j:05d}.npy"
-        write_atomic(side, json.dumps(sidecar))
+            arrays["mlp"] = np.concatenate(mlps)
+        save_shard(args.out, j, arrays, dict(tokens=off, docs=meta))
     bar.close()
     torch.distributed.barrier()
     if rank == 0:
         shards = [read_json(os.path.join(args.out, f"shard-{j:05d}.json")) for j in range(n_shards)]
         index = dict(shape=[sum(s["tokens"] for s in shards), len(layout) * rank_r],
-                     dtype=args.store_dtype,
-                     sites=layout, rank=rank_r, order="column = position of (layer, target) "
-                     "sorted by layer, then gate, up, down, q, k, v, o (7 * layer + p with all 7 "
-                     "targets)",
-                     model=os.path.abspath(args.model), adapter=os.path.abspath(args.adapter),
-                     format=args.format, data=os.path.abspath(args.data), documents=len(docs),
-                     shards=shards, mlp_neurons=neurons)
-        write_atomic(os.path.join(args.out, "index.json"), json.dumps(index, indent=1))
+                     dtype=args.store_dtype, sites=layout, rank=rank_r,
+                     order="column = position of (layer, target) sorted by layer, then gate, up, "
+                     "down, q, k, v, o (7 * layer + p with all 7 targets)",
+                     made_from=settings, documents=len(docs), shards=shards, mlp_neurons=neurons)
+        write_json(os.path.join(args.out, "index.json"), index)
         print(f"collect: {index['shape'][0]:,} tokens x {index['shape'][1]} scalars in {n_shards} "
               f"shards -> {args.out}")
     torch.distributed.barrier()
@@ -239,6 +297,8 @@ def main(argv=None):
                    help="also store this many SwiGLU neurons per layer (down_proj's input), a "
                    "seeded sample: the baseline")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a store collected otherwise")
     args = p.parse_args(argv)
     with user_errors("collect.py"):
         return collect(args)

@@ -1,16 +1,26 @@
 """
 Shared mechanics of the scripts, none of them about the paper: files (safetensors, JSON, writes
-that readers never see half of), starting torch.distributed, the bootstrap interval, and run
-configurations (dataclasses) as command-line flags.
+that readers never see half of), what an artifact was made from, starting torch.distributed, the
+bootstrap interval, and run configurations (dataclasses) as command-line flags.
 
     from common import setup_dist, print0, write_atomic, read_json, bootstrap_ci
     rank, world, device = setup_dist()          # torchrun or a plain `python x.py`
     lo, hi = bootstrap_ci(lambda i: mean(x[j] for j in i), [len(x)])
+
+Outputs lose nothing (the README's "Outputs and resuming" states it for users):
+- files are written whole (temp file, fsync, rename), directories are published by a rename;
+- a command writes only its own files: an --out that is, holds or lies inside one of its inputs
+  is refused (check_out), and an existing output is replaced only when asked (--overwrite), and
+  only when it holds nothing but what that command writes (publish_dir);
+- every artifact records what it was made from (file_identity and the identities built on it),
+  and its consumers compare (differences) before they resume or combine.
 """
+import hashlib
 import argparse
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -39,35 +49,113 @@ def read_json(path):
             raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def write_atomic(path, text):
-    """Write a text file through a temp file and a rename: readers never see half of it."""
+def write_atomic(path, data):
+    """Write a file (str or bytes) through a temp file, fsync and a rename: readers never see half
+    of it, and after a crash it is either the old file or the new one."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # one temp file per writer thread
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def atomic_dir(out_dir, write):
-    """Call write(tmp_dir), then move tmp_dir to out_dir (replacing it): no half-written output."""
+def write_json(path, obj, indent=1):
+    write_atomic(path, json.dumps(obj, indent=indent))
+
+
+def publish_dir(out_dir, write, owned, overwrite=False, flag="--overwrite"):
+    """Call write(tmp) on a fresh directory beside out_dir, then rename it to out_dir: there is
+    never a half-written out_dir. An existing out_dir is replaced only with overwrite, and only
+    when every file in it is one that owned(name) says this writer writes: nothing else is lost."""
     out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        if not os.path.isdir(out_dir):
+            raise ValueError(f"{out_dir}: exists and is not a directory")
+        foreign = sorted(n for n in os.listdir(out_dir) if not owned(n))
+        if foreign:
+            raise ValueError(f"{out_dir}: holds files this command did not write ({foreign[:3]}); "
+                             "choose another output directory")
+        if not overwrite:
+            raise ValueError(f"{out_dir}: exists; pass {flag} to replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{parent}: not writable")
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
     try:
         write(tmp)
-        if os.path.isdir(out_dir):
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
+        if os.path.isdir(out_dir):  # only files it owns: move aside, publish, then delete
+            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "d"))
             os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fresh_outputs(paths, overwrite, flag="--overwrite"):
+    """Stop before writing when an output file exists, unless overwrite: one line naming it."""
+    there = [p for p in paths if os.path.exists(p)]
+    if there and not overwrite:
+        raise ValueError(f"{there[0]}: exists; pass {flag} to replace it")
+
+
+def check_out(out, inputs, flag="--out"):
+    """Refuse an output path that is, holds, or lies inside an input: inputs {what: path or None}.
+    Writing there could replace or delete the input."""
+    within = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # a is b or inside b
+    o = os.path.realpath(out)
+    for what, path in inputs.items():
+        if not path:
+            continue
+        i = os.path.realpath(path)
+        if within(o, i) or within(i, o):
+            raise ValueError(f"{flag} {out}: is, holds or lies inside the input {what} {path}; "
+                             f"choose another {flag}")
+
+
+# -----------------------------------------------------------------------------
+# what an artifact was made from
+
+
+def sha256_file(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def file_identity(path):
+    """{path, sha256, bytes} of one file: enough to tell whether it changed."""
+    return dict(path=os.path.abspath(path), sha256=sha256_file(path), bytes=os.path.getsize(path))
+
+
+def differences(recorded, now, prefix=""):
+    """The items on which two records of what something was made from differ, as lines
+    "key: recorded ... vs now ...". Paths are left out: moving a file does not change it."""
+    out = []
+    for k in sorted(set(recorded) | set(now), key=str):
+        if k == "path":
+            continue
+        a, b = recorded.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: recorded {a!r} vs now {b!r}")
+    return out
+
+
+def same_origin(recorded, now, what, flag="--overwrite"):
+    """Raise one line naming what differs when an output was made from other inputs or settings
+    than the command now has."""
+    diff = differences(recorded, now)
+    if diff:
+        raise ValueError(f"{what} was made from other inputs or settings ({'; '.join(diff[:3])}"
+                         f"{'; ...' if len(diff) > 3 else ''}); pass {flag} or choose another "
+                         "output")
 
 
 def safetensors_keys(file):
@@ -78,6 +166,15 @@ def safetensors_keys(file):
     except Exception as e:  # SafetensorError and OS errors from a truncated or corrupt file
         raise ValueError(f"{file}: not a readable safetensors file, maybe truncated or corrupt "
                          f"({e})") from None
+
+
+def safetensors_metadata(file):
+    """The string metadata of a safetensors file's header."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def read_safetensors(file, keys=None, device="cpu", dtype=None):
@@ -102,10 +199,16 @@ def read_safetensors(file, keys=None, device="cpu", dtype=None):
                          f"({e})") from None
 
 
-def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=()):
+def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=(),
+                       extra=None, overwrite=False):
     """Write (name, tensor) pairs as an HF checkpoint: model-XXXXX-of-YYYYY.safetensors shards
-    (each written as soon as it fills), model.safetensors.index.json and config.json, plus copies
-    of `copy_files`; atomically (see atomic_dir). Shards are renamed once their count is known."""
+    (each written as soon as it fills), model.safetensors.index.json and config.json, copies of
+    `copy_files`, and rank1.json with `extra` (what it was made from); published whole (see
+    publish_dir). Shards are renamed once their count is known."""
+    copied = {os.path.basename(f) for f in copy_files}
+    owned = lambda n: (n in copied or n in ("config.json", "model.safetensors.index.json",
+                                             "rank1.json", "model.safetensors")
+                       or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n) is not None)
 
     def write(tmp):
         files, cur, size, total, weight_map = [], {}, 0, 0, {}
@@ -132,7 +235,10 @@ def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30
             json.dump(config, f, indent=1)
         for src in copy_files:
             shutil.copy(src, tmp)
-    atomic_dir(out_dir, write)
+        if extra is not None:
+            with open(os.path.join(tmp, "rank1.json"), "w") as f:
+                json.dump(extra, f, indent=1)
+    publish_dir(out_dir, write, owned, overwrite)
 
 
 # -----------------------------------------------------------------------------

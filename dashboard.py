@@ -15,9 +15,9 @@ from html import escape
 
 import torch
 
-from common import read_json, write_atomic
+from common import check_out, differences, fresh_outputs, read_json, user_errors, write_atomic
 from data import Tokenizer
-from lora import SITE_ORDER, adapters, load_model
+from lora import SITE_ORDER, adapter_identity, adapters, load_model
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dashboard.html")
 
@@ -148,23 +148,68 @@ def main(argv=None):
     p.add_argument("--model")
     p.add_argument("--adapter", help="with --model: tokens promoted by down_proj / o_proj adapters")
     p.add_argument("--tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file")
     args = p.parse_args(argv)
+    with user_errors("dashboard.py"):
+        build(args)
+
+
+def build(args):
+    """Gather the page's data; every extra input must describe the store the features were mined
+    from (same adapter), or the page would label one adapter's features with another's."""
+    check_out(args.out, {"--features": args.features, "--sae": args.sae,
+                         "--ablations": args.ablations})
+    fresh_outputs([args.out], args.overwrite)
     data = read_json(args.features)
+    store = (data.get("made_from") or {}).get("store") or {}
+    adapter = (store.get("made_from") or {}).get("adapter")
+
+    def same_adapter(other, what):
+        diff = differences(adapter, other) if adapter and other else []
+        if diff:
+            raise ValueError(f"{what}: made with another adapter than the features "
+                             f"({'; '.join(diff[:2])})")
     if args.ablations:
         ab = read_json(args.ablations)
+        same_adapter((ab.get("identity") or {}).get("adapter"), args.ablations)
         data["ablation_layers"] = [dict(label=r["label"], mean=r["kl_full_abl_assistant_mean"])
                                    for r in ab["results"].get("layer", [])]
-    if args.sae and os.path.isfile(os.path.join(args.sae, "cfg.json")):
-        final = read_json(os.path.join(args.sae, "cfg.json")).get("final") or {}
-        data["sae_metrics"] = {k: v for k, v in final.items() if not isinstance(v, dict)}
+    if args.sae:
+        cfg = read_json(os.path.join(args.sae, "cfg.json"))
+        trained_on = (cfg.get("made_from") or {}).get("store")
+        diff = differences(trained_on, store) if trained_on and store else []
+        if diff:
+            raise ValueError(f"{args.sae}: trained on another store than the features were mined "
+                             f"from ({'; '.join(diff[:2])})")
+        data["sae_metrics"] = {k: v for k, v in (cfg.get("final") or {}).items()
+                               if not isinstance(v, dict)}
     if args.model and args.adapter:
+        same_adapter(adapter_identity(args.adapter), args.adapter)
         model, _ = load_model(args.model, args.adapter)
         prom = promoted_tokens(model, Tokenizer(args.tokenizer or args.model))
         for f in data["features"]:
             if f["name"] in prom:
                 f["promotes"] = prom[f["name"]]
+    data["provenance"] = provenance_lines(data.get("made_from") or {})
     write_atomic(args.out, dashboard_html(data))
     print(f"dashboard: {len(data['features'])} features -> {args.out}")
+
+
+def provenance_lines(made_from, prefix=""):
+    """[[name, value]] lines of a made_from record, for the page: paths with the start of their
+    checksum, settings as they are."""
+    out = []
+    for k, v in made_from.items():
+        if isinstance(v, dict) and "path" in v:
+            sums = [f"{n} {h[:12]}" for n, h in v.items() if "sha256" in n and isinstance(h, str)]
+            out.append([prefix + k, v["path"] + (f" ({', '.join(sums)})" if sums else "")])
+            if isinstance(v.get("made_from"), dict):
+                out += provenance_lines(v["made_from"], prefix + k + ".")
+        elif isinstance(v, dict):
+            out += provenance_lines(v, prefix + k + ".")
+        elif v is not None:
+            out.append([prefix + k, str(v)])
+    return out
 
 
 if __name__ == "__main__":

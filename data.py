@@ -22,6 +22,8 @@ import os
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from common import file_identity
+
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 ASSISTANT_HEADER = IM_START + "assistant\n"
@@ -155,8 +157,13 @@ def read_rows(path, required=()):
         where = [f"{path} row {i}" for i in range(len(rows))]
     else:
         rows, where = [], []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not UTF-8 text (byte {e.start + 1} of the "
+                                     "line)") from None
                 if not line.strip():
                     continue
                 try:
@@ -164,6 +171,8 @@ def read_rows(path, required=()):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
                 where.append(f"{path} line {n}")
+    if not rows:
+        raise ValueError(f"{path}: no rows (the file is empty)")
     for row, w in zip(rows, where):
         if not isinstance(row, dict):
             raise ValueError(f"{w}: expected a JSON object")
@@ -171,6 +180,11 @@ def read_rows(path, required=()):
             if f not in row:
                 raise ValueError(f"{w}: missing field {f!r}")
     return rows, where
+
+
+def data_identity(path, rows=None):
+    """What a data file is: {path, sha256, bytes, rows} (rows: its count, when already read)."""
+    return dict(file_identity(path), rows=len(read_rows(path)[0]) if rows is None else rows)
 
 
 def load_s1(path, tok, block_size=None):

@@ -197,6 +197,17 @@ def run_script(script, args, log):
                          f"{log}:\n" + "\n".join(tail))
 
 
+def claim(out):
+    """The demo deletes and rewrites its stage directories, so it runs only in a directory that
+    is new, empty, or one of its own (marked by demo.json)."""
+    marker = os.path.join(out, "demo.json")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(marker):
+        raise SystemExit(f"demo: {out} holds files the demo did not write; choose another --out")
+    os.makedirs(out, exist_ok=True)
+    if not os.path.isfile(marker):
+        write_atomic(marker, json.dumps({"written_by": "rank1 demo.py"}))
+
+
 def stage(out, name, key, fn):
     """Run fn(dir) unless out/name holds a finished run with the same key (settings + the keys of
     stages it reads); a stage is finished when its stage.json exists, written last."""
@@ -277,9 +288,10 @@ def make_base(d, p, data):
     torch.manual_seed(p["seed"])
     model = Qwen2(cfg)
     model.init_weights()
-    init = os.path.join(d, "init")
-    save_hf_checkpoint(init, model.hf_tensors(), cfg.to_hf_dict())
-    copy_tokenizer(tok_dir, init)
+    init = d + "-init"  # beside the stage: train.py's --out may not hold its --model
+    tok_files = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json")]
+    save_hf_checkpoint(init, model.hf_tensors(), cfg.to_hf_dict(), copy_files=tok_files,
+                       overwrite=True)
     run_script("train.py", [*flags(PRESETS["pretrain"]), "--model", init,
                             "--data", os.path.join(data, "pretrain.jsonl"), "--out", d],
                os.path.join(d, "log.txt"))
@@ -473,7 +485,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = PROFILES["fast" if args.fast else "default"]
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    claim(out)
     t0 = time.time()
     data = os.path.join(out, "data")
     code = inspect_hash(problem, drill, textbook, chat_turn, s1_row, train_tokenizer, make_data)

@@ -20,30 +20,38 @@ Protocol (PAPER.md section C): chat prompt + `<|im_start|>think`; think until `<
 <|im_end|>. --wait N replaces an early end of thinking by "Wait" up to N times (budget forcing).
 Greedy by default; --temperature > 0 samples --samples-per-problem answers with --seed (pass@1
 averaged). Problems are cut into fixed batches and batch i runs on rank i % world, so results do
-not depend on the number of processes. Grading is local (grading.py); GPQA answers that name no
-letter count as wrong (the official harness defaulted them to "A") and are counted.
+not depend on the number of processes. Each finished batch is appended to its rank's
+samples.rank-NNNNN.jsonl; a rerun into the same --out (same run.json) skips what is done, and the
+end result is what an uninterrupted run writes. Grading is local (grading.py) and never stops a
+run (a failure is an ungradeable answer, listed); GPQA answers that name no letter count as
+wrong (the official harness defaulted them to "A") and are counted.
 """
 import argparse
 import csv
+import glob
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, add_config_flags, atomic_dir, bootstrap_ci, cleanup_dist,
-                    config_from_flags, setup_dist, user_errors, write_atomic)
+from common import (DTYPES, add_config_flags, bootstrap_ci, check_out, cleanup_dist,
+                    config_from_flags, file_identity, fresh_outputs, read_json, same_origin,
+                    setup_dist, user_errors, write_atomic, write_json)
 from dashboard import ablation_html
 from data import (ANSWER, FINAL_ANSWER, THINK, Tokenizer, read_rows, render_chat, s1_example,
                   s1_prompt)
 from grading import BENCHMARKS, extract_answer, extract_letter, grade
-from lora import ATTN, MLP, SITE_ORDER, ablate, load_model, sites
+from lora import ATTN, MLP, SITE_ORDER, ablate, adapter_identity, load_model, sites
+from model import model_identity
 
 # -----------------------------------------------------------------------------
 # benchmark files
@@ -54,17 +62,23 @@ def load_benchmark(name, path, password=None, seed=0):
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
     if name == "gpqa":
-        return _load_gpqa(path, password, seed)
-    rows, where = read_rows(path)
-    items = []
-    for i, (r, w) in enumerate(zip(rows, where)):
-        q = next((r[k] for k in ("problem", "Problem", "question") if k in r), None)
-        a = next((r[k] for k in ("answer", "Answer") if k in r), None)
-        if q is None:
-            raise ValueError(f"{w}: missing field 'problem' (or 'Problem' / 'question')")
-        if a is None:
-            raise ValueError(f"{w}: missing field 'answer'")
-        items.append(dict(id=str(r.get("id", r.get("unique_id", i))), question=q, gold=str(a)))
+        items, where = _load_gpqa(path, password, seed)
+    else:
+        rows, where = read_rows(path)
+        items = []
+        for i, (r, w) in enumerate(zip(rows, where)):
+            q = next((r[k] for k in ("problem", "Problem", "question") if k in r), None)
+            a = next((r[k] for k in ("answer", "Answer") if k in r), None)
+            if q is None:
+                raise ValueError(f"{w}: missing field 'problem' (or 'Problem' / 'question')")
+            if a is None:
+                raise ValueError(f"{w}: missing field 'answer'")
+            items.append(dict(id=str(r.get("id", r.get("unique_id", i))), question=q, gold=str(a)))
+    first = {}
+    for it, w in zip(items, where):
+        if it["id"] in first:
+            raise ValueError(f"{w}: problem id {it['id']!r} is already used at {first[it['id']]}")
+        first[it["id"]] = w
     return items
 
 
@@ -75,15 +89,21 @@ def _load_gpqa(path, password, seed):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such benchmark file")
     if path.endswith(".zip"):
-        with zipfile.ZipFile(path) as z:
+        try:
+            z = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path}: not a readable zip file ({e})") from None
+        with z:
             member = next((n for n in z.namelist() if n.endswith(".jsonl")), None)
             if member is None:
                 raise ValueError(f"{path}: no .jsonl member")
+            # a wrong password fails zipfile's one-byte check ("Bad password"), or, one time in
+            # 256, passes it and yields garbage: a zlib error, a bad CRC or text that is not UTF-8
             try:
                 text = z.read(member, pwd=password.encode() if password else None).decode()
-            except RuntimeError as e:  # zipfile's "Bad password" / "password required"
+            except (RuntimeError, zlib.error, zipfile.BadZipFile, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: cannot decrypt {member}: wrong or missing "
-                                 f"--zip-password ({e})") from None
+                                 f"--zip-password ({type(e).__name__})") from None
         # split at "\n" only: str.splitlines would also split at a \u2028 inside a string
         lines = [(n, l) for n, l in enumerate(text.split("\n"), 1) if l.strip()]
         rows = []
@@ -121,7 +141,7 @@ def _load_gpqa(path, password, seed):
             raise ValueError(f"{w}: field 'answer' must be a letter A-D")
         items.append(dict(id=str(r.get("id", i)), question=r["question"],
                           gold=str(r["answer"]).strip().upper()))
-    return items
+    return items, [w for _, w in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -196,6 +216,76 @@ def accuracy_ci(scores, seed=0):
     return bootstrap_ci(lambda i: sum(scores[j] for j in i) / len(i), [len(scores)], seed=seed)
 
 
+def grade_sample(bench, generation, gold):
+    """(extracted answer, correct, error). Grading never raises: an answer the grader fails on is
+    ungradeable, counted as wrong and reported with its id (results.json)."""
+    try:
+        pred = extract_letter(generation) if bench == "gpqa" else extract_answer(generation)
+        return pred, grade(bench, generation, gold), None
+    except Exception as e:  # e.g. RecursionError on a degenerate answer: never lose the run
+        return None, False, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+SAMPLE_KEYS = ("benchmark", "id", "sample", "question", "gold", "extracted", "correct",
+               "generation", "thinking_tokens", "thinking_truncated", "answer_truncated",
+               "grading_error")
+RUN_FILES = ("run.json", "samples.jsonl", "results.json")
+
+
+def run_settings(args, gen, benches, tok, n_samples):
+    """Everything results depend on (the number of processes aside): run.json records it, and a
+    rerun into the same --out continues only when it is unchanged."""
+    return dict(model=model_identity(args.model),
+                adapter=adapter_identity(args.adapter) if args.adapter else None,
+                merge=bool(args.merge), dtype=args.dtype, tokenizer=file_identity(tok.path),
+                benchmarks=[dict(name=n, file=file_identity(p), problems=len(items))
+                            for n, p, items in benches],
+                generation=asdict(gen), batch_size=args.batch_size, seed=args.seed,
+                samples_per_problem=n_samples)
+
+
+def start_run(out, settings, overwrite):
+    """Rank 0: a new --out gets run.json; an existing one is continued when its run.json matches,
+    or (--overwrite) cleared of this command's files."""
+    os.makedirs(out, exist_ok=True)
+    run_file = os.path.join(out, "run.json")
+    own = [n for n in os.listdir(out)
+           if n in RUN_FILES or re.fullmatch(r"samples\.rank-\d{5}\.jsonl", n)]
+    if own and overwrite:
+        for n in own:
+            os.remove(os.path.join(out, n))
+    elif own:
+        if not os.path.isfile(run_file):
+            raise ValueError(f"{out}: holds eval.py outputs without run.json (an older "
+                             "version's?); pass --overwrite or choose another --out")
+        same_origin(read_json(run_file), settings, run_file)
+        return
+    write_json(run_file, settings)
+
+
+def finished_records(out):
+    """{(benchmark, id, sample): record} of the answers already generated and graded in --out:
+    the per-rank files being appended, and samples.jsonl once a run has finished. A last line cut
+    by a kill is ignored (its problem is simply redone)."""
+    done = {}
+    files = sorted(glob.glob(os.path.join(out, "samples.rank-*.jsonl")))
+    for f in [os.path.join(out, "samples.jsonl")] + files:
+        if not os.path.isfile(f):
+            continue
+        lines = open(f, encoding="utf-8").read().split("\n")
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # the unterminated last line of a killed writer
+                    continue
+                raise ValueError(f"{f} line {n}: not valid JSON") from None
+            done.setdefault((r["benchmark"], r["id"], r["sample"]), r)
+    return done
+
+
 def cmd_run(args):
     rank, world, device = setup_dist()
     gen = config_from_flags(GenConfig, args)
@@ -207,52 +297,56 @@ def cmd_run(args):
                              f"{list(BENCHMARKS)}")
         items = load_benchmark(name, path, args.zip_password, args.seed)
         benches.append((name, path, items[:args.limit] if args.limit else items))
+    check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
+                         **{f"--bench {n}": p for n, p, _ in benches}})
     tok = Tokenizer(args.tokenizer or args.model)
-    model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device)
     n_samples = args.samples_per_problem if gen.temperature > 0 else 1
-    jobs = [(b, it, k) for b, (_, _, items) in enumerate(benches) for it in items
+    settings = run_settings(args, gen, benches, tok, n_samples)
+    if rank == 0:
+        start_run(args.out, settings, args.overwrite)
+    torch.distributed.barrier()
+    model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device)
+    jobs = [(benches[b][0], it, k) for b, (_, _, items) in enumerate(benches) for it in items
             for k in range(n_samples)]
-    jobs = [(j, *job) for j, job in enumerate(jobs)]
+    # fixed batches, batch i on rank i % world, seeded per batch: the same answers for any world
+    # size, and for a run that was killed and continued
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
-    mine = [(bi, batch) for bi, batch in enumerate(batches) if bi % world == rank]
+    done = finished_records(args.out)
+    mine = [(bi, batch) for bi, batch in enumerate(batches) if bi % world == rank
+            and not all((name, it["id"], k) in done for name, it, k in batch)]
     bar = tqdm(total=sum(len(b) for _, b in mine), desc=f"eval rank {rank}", disable=rank != 0,
                file=sys.stderr)
-    records, t0, n_tok = [], time.time(), 0
-    for bi, batch in mine:
-        # seeded per batch: the same samples for any world size
-        g = torch.Generator(device=device).manual_seed(args.seed + bi)
-        outs = s1_generate(model, tok, [it["question"] for _, _, it, _ in batch], gen, generator=g)
-        for (j, b, it, k), o in zip(batch, outs):
-            name = benches[b][0]
-            gen_text = o["generation"]
-            pred = extract_letter(gen_text) if name == "gpqa" else extract_answer(gen_text)
-            records.append(dict(benchmark=name, id=it["id"], sample=k, gold=it["gold"],
-                                extracted=pred, correct=grade(name, gen_text, it["gold"]), **o,
-                                job=j,
-                                # GPQA's authors ask that its questions never be written out
-                                question=None if name == "gpqa" else it["question"]))
-            n_tok += o["thinking_tokens"] + o["answer_tokens"]
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
+    t0, n_tok = time.time(), 0
+    part_file = os.path.join(args.out, f"samples.rank-{rank:05d}.jsonl")
+    with open(part_file, "a", encoding="utf-8") as part:
+        for bi, batch in mine:
+            g = torch.Generator(device=device).manual_seed(args.seed + bi)
+            outs = s1_generate(model, tok, [it["question"] for _, it, _ in batch], gen, g)
+            for (name, it, k), o in zip(batch, outs):
+                pred, correct, error = grade_sample(name, o["generation"], it["gold"])
+                # GPQA's authors ask that its questions never be written out
+                rec = dict(benchmark=name, id=it["id"], sample=k, gold=it["gold"], extracted=pred,
+                           correct=correct, grading_error=error, **o,
+                           question=None if name == "gpqa" else it["question"])
+                part.write(json.dumps(rec) + "\n")
+                n_tok += o["thinking_tokens"] + o["answer_tokens"]
+            part.flush()  # each finished batch reaches the disk before the next starts
+            os.fsync(part.fileno())
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
     bar.close()
-    os.makedirs(args.out, exist_ok=True)
-    part = os.path.join(args.out, f".part-rank{rank:05d}.jsonl")
-    write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
     torch.distributed.barrier()
     if rank == 0:
-        allrec = []
-        for r in range(world):
-            p = os.path.join(args.out, f".part-rank{r:05d}.jsonl")
-            allrec += [json.loads(l) for l in open(p)]
-        allrec.sort(key=lambda r: r.pop("job"))
-        write_results(args, gen, benches, allrec, identity, world)
-        for r in range(world):
-            os.remove(os.path.join(args.out, f".part-rank{r:05d}.jsonl"))
+        done = finished_records(args.out)
+        records = [done[(name, it["id"], k)] for name, it, k in jobs]
+        write_results(args.out, benches, records, settings, identity)
+        for f in glob.glob(os.path.join(args.out, "samples.rank-*.jsonl")):
+            os.remove(f)  # all of it is in samples.jsonl now
     torch.distributed.barrier()
     cleanup_dist()
 
 
-def write_results(args, gen, benches, records, identity, world):
+def write_results(out, benches, records, settings, identity):
     results = {}
     for name, path, items in benches:
         rs = [r for r in records if r["benchmark"] == name]
@@ -260,75 +354,100 @@ def write_results(args, gen, benches, records, identity, world):
         for r in rs:
             per_problem.setdefault(r["id"], []).append(float(r["correct"]))
         scores = [sum(v) / len(v) for v in per_problem.values()]
+        bad = [r["id"] for r in rs if r.get("grading_error")]
         results[name] = dict(
             path=os.path.abspath(path), problems=len(items), samples=len(rs),
             accuracy=sum(scores) / len(scores) if scores else None, ci95=accuracy_ci(scores),
             per_problem={k: sum(v) / len(v) for k, v in per_problem.items()},
             unparseable=sum(r["extracted"] is None for r in rs),
+            ungradeable=len(bad), ungradeable_ids=bad,
             thinking_truncated=sum(r["thinking_truncated"] for r in rs),
             answer_truncated=sum(r["answer_truncated"] for r in rs),
             mean_thinking_tokens=sum(r["thinking_tokens"] for r in rs) / max(1, len(rs)))
-    config = {**{k: v for k, v in vars(args).items() if k not in ("func", "zip_password")},
-              **asdict(gen)}
-
-    keys = ("benchmark", "id", "sample", "question", "gold", "extracted", "correct", "generation",
-            "thinking_tokens", "thinking_truncated", "answer_truncated")
-    write_atomic(os.path.join(args.out, "samples.jsonl"),
-                 "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in records))
-    write_atomic(os.path.join(args.out, "results.json"),
-                 json.dumps(dict(results=results, config=config, identity=identity, world=world),
-                            indent=1))
+    write_atomic(os.path.join(out, "samples.jsonl"),
+                 "".join(json.dumps({k: r.get(k) for k in SAMPLE_KEYS}) + "\n" for r in records))
+    write_json(os.path.join(out, "results.json"),
+               dict(results=results, settings=settings, identity=identity))
     for name, r in results.items():
         lo, hi = r["ci95"]
         print(f"{name}: accuracy {r['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] on {r['problems']} "
-              f"problems | unparseable {r['unparseable']} | thinking truncated "
-              f"{r['thinking_truncated']} | mean thinking {r['mean_thinking_tokens']:.0f} tokens")
+              f"problems | unparseable {r['unparseable']} | ungradeable {r['ungradeable']} | "
+              f"thinking truncated {r['thinking_truncated']} | mean thinking "
+              f"{r['mean_thinking_tokens']:.0f} tokens")
 
 
 # -----------------------------------------------------------------------------
 # compare: the recovery table
 
 
-def recovery_table(base, full, lora, n=1000, seed=0):
+def recovery_table(base, full, lora, n=1000, seed=0, intersect=False):
     """{benchmark: accuracies, recovery = (lora - base) / (full - base), and a paired bootstrap 95%
-    interval over the problems common to the three runs}. Arguments are results.json dicts."""
+    interval}. Arguments are results.json dicts. The three runs must have graded the same
+    problems of the same benchmarks; with intersect, each benchmark the three share is compared on
+    the problems they share, accuracies and interval alike."""
+    runs = dict(base=base, full=full, lora=lora)
+    names = [b for b in base["results"] if all(b in r["results"] for r in runs.values())]
+    others = sorted({b for r in runs.values() for b in r["results"]} - set(names))
+    if others and not intersect:
+        raise ValueError(f"benchmarks {others} are missing from some of the runs; pass --intersect "
+                         "to compare the ones all three have")
     table = {}
-    for name in base["results"]:
-        if name not in full["results"] or name not in lora["results"]:
-            continue
-        b, f, l = (x["results"][name] for x in (base, full, lora))
-        gain = f["accuracy"] - b["accuracy"]
-        rec = (l["accuracy"] - b["accuracy"]) / gain if gain else None
-        ids = sorted(set(b["per_problem"]) & set(f["per_problem"]) & set(l["per_problem"]))
+    for name in names:
+        per = {k: r["results"][name]["per_problem"] for k, r in runs.items()}
+        ids = sorted(set(per["base"]) & set(per["full"]) & set(per["lora"]))
+        if not ids:
+            raise ValueError(f"{name}: the three runs share no problem")
+        if not intersect and any(len(p) != len(ids) for p in per.values()):
+            counts = ", ".join(f"{k} {len(p)}" for k, p in per.items())
+            raise ValueError(f"{name}: the runs graded different problems ({counts}, {len(ids)} in "
+                             "common); pass --intersect to compare on the common ones")
+        acc = {k: sum(p[i] for i in ids) / len(ids) for k, p in per.items()}
+        gain = acc["full"] - acc["base"]
+        rec = (acc["lora"] - acc["base"]) / gain if gain else None
 
         def recovery(pick):  # the same resampled problems for all three runs (paired)
-            sb, sf, sl = (sum(x["per_problem"][ids[i]] for i in pick) / len(pick)
-                          for x in (b, f, l))
+            sb, sf, sl = (sum(per[k][ids[i]] for i in pick) / len(pick)
+                          for k in ("base", "full", "lora"))
             return (sl - sb) / (sf - sb) if sf != sb else None
         ci = bootstrap_ci(recovery, [len(ids)], n, seed, min_kept=20)
-        table[name] = dict(base=b["accuracy"], full=f["accuracy"], lora=l["accuracy"], gain=gain,
+        table[name] = dict(base=acc["base"], full=acc["full"], lora=acc["lora"], gain=gain,
                            recovery=rec, recovery_ci95=ci, problems=len(ids))
     return table
 
 
+def read_results(run_dir):
+    """A run's results.json; a problem id that stands twice in a per_problem table is an error."""
+    f = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f} not found (run `eval.py run --out {run_dir}` first)")
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"{f}: duplicate problem ids {dup[:3]}")
+        return dict(pairs)
+    with open(f, encoding="utf-8") as fh:
+        try:
+            return json.load(fh, object_pairs_hook=unique)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
+
+
 def cmd_compare(args):
-    runs = []
-    for d in (args.base, args.full, args.lora):
-        f = os.path.join(d, "results.json")
-        if not os.path.isfile(f):
-            raise SystemExit(f"compare: {f} not found (run `eval.py run --out {d}` first)")
-        runs.append(json.load(open(f)))
-    table = recovery_table(*runs)
+    runs = [read_results(d) for d in (args.base, args.full, args.lora)]
+    table = recovery_table(*runs, intersect=args.intersect)
     fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}"
     print(f"{'benchmark':10s} {'base':>6s} {'full':>6s} {'lora':>6s} {'recovery %':>11s} "
-          f"{'95% CI':>16s}")
+          f"{'95% CI':>16s} problems")
     for name, r in table.items():
         lo, hi = r["recovery_ci95"]
         print(f"{name:10s} {fmt(r['base']):>6s} {fmt(r['full']):>6s} {fmt(r['lora']):>6s} "
-              f"{fmt(r['recovery']):>11s} {'[' + fmt(lo) + ', ' + fmt(hi) + ']':>16s}")
-    write_atomic(args.out or os.path.join(args.lora, "recovery.json"),
-                 json.dumps(dict(base=args.base, full=args.full, lora=args.lora, table=table),
-                            indent=1))
+              f"{fmt(r['recovery']):>11s} {'[' + fmt(lo) + ', ' + fmt(hi) + ']':>16s} "
+              f"{r['problems']}")
+    out = args.out or os.path.join(args.lora, "recovery.json")
+    write_json(out, dict(base=args.base, full=args.full, lora=args.lora, intersect=args.intersect,
+                         table=table))
     return table
 
 
@@ -353,8 +472,7 @@ def ablation_sequences(args, tok):
                                  "--bench gpqa=PATH")
             prompt = tok.encode(render_chat([{"role": "user", "content": q}],
                                             add_generation_prompt=True))
-            gen = tok.encode(r["generation"])
-            ids = (prompt + gen)[:args.max_tokens]
+            ids = (prompt + tok.encode(r["generation"]))[:args.max_tokens]
             seqs.append((f"{w}", ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))))
     if args.s1:
         rows, where = read_rows(args.s1)
@@ -365,6 +483,10 @@ def ablation_sequences(args, tok):
             seqs.append((where[i], ids[:args.max_tokens], mask[:args.max_tokens]))
     if not seqs:
         raise SystemExit("ablate: give --samples (eval.py generations) and/or --s1 (training rows)")
+    for w, ids, mask in seqs:
+        if sum(mask[1:]) == 0:
+            raise ValueError(f"{w}: no assistant token within --max-tokens {args.max_tokens} (its "
+                             "prompt is at least as long); raise --max-tokens")
     return seqs
 
 
@@ -405,9 +527,17 @@ def cmd_ablate(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.adapter:
         raise SystemExit("ablate: --adapter is required")
+    check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
+                         "--samples": args.samples, "--s1": args.s1})
+    outputs = [os.path.join(args.out, f) for f in ("ablations.json", "ablations.html")]
+    fresh_outputs(outputs, args.overwrite)
     tok = Tokenizer(args.tokenizer or args.model)
     model, identity = load_model(args.model, args.adapter, args.dtype, device=device)
     seqs = ablation_sequences(args, tok)
+    made_from = dict(samples=file_identity(args.samples) if args.samples else None,
+                     s1=file_identity(args.s1) if args.s1 else None, max_tokens=args.max_tokens,
+                     max_sequences=args.max_sequences, s1_rows=args.s1_rows, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
     sets = ablation_sets(model, args.block)
     chosen = [e for e in args.experiments.split(",") if e]
     unknown = [e for e in chosen if e not in sets]
@@ -432,16 +562,11 @@ def cmd_ablate(args):
                 row.update({f"{k}_mean": mean, f"{k}_std": std,
                             f"{k}_max": max(v) if v else float("nan")})
             results[e].append(row)
-    out = dict(identity=identity, sequences=[s[0] for s in seqs],
+    out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
                tokens=sum(len(s[1]) for s in seqs), sites=[list(s) for s in sites(model)],
                results=results)
-
-    def write(d):
-        with open(os.path.join(d, "ablations.json"), "w") as f:
-            json.dump(out, f, indent=1)
-        with open(os.path.join(d, "ablations.html"), "w") as f:
-            f.write(ablation_html(out))
-    atomic_dir(args.out, write)
+    write_json(os.path.join(args.out, "ablations.json"), out)
+    write_atomic(os.path.join(args.out, "ablations.html"), ablation_html(out))
     for e in chosen:
         top = sorted(results[e], key=lambda r: -r["kl_full_abl_assistant_mean"])[:5]
         print(f"{e}: top by KL(full||ablated) on assistant tokens: "
@@ -481,6 +606,8 @@ def main(argv=None):
     r.add_argument("--limit", type=int, default=0, help="first N problems of each benchmark")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--samples-per-problem", type=int, default=1)
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run with other settings")
     add_config_flags(r, GenConfig)
     r.set_defaults(func=cmd_run)
 
@@ -489,6 +616,8 @@ def main(argv=None):
     c.add_argument("full")
     c.add_argument("lora")
     c.add_argument("--out", help="JSON file (default: LORA/recovery.json)")
+    c.add_argument("--intersect", action="store_true",
+                   help="compare on the problems (and benchmarks) all three runs share")
     c.set_defaults(func=cmd_compare)
 
     a = sub.add_parser("ablate", help="KL of ablated vs full adapter")
@@ -502,7 +631,8 @@ def main(argv=None):
     a.add_argument("--max-tokens", type=int, default=4096)
     a.add_argument("--block", type=int, default=8, help="layers per block ablation")
     a.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn")
-    a.add_argument("--out", required=True)
+    a.add_argument("--out", required=True, help="directory for ablations.json and ablations.html")
+    a.add_argument("--overwrite", action="store_true", help="replace ablations.* in --out")
     a.set_defaults(func=cmd_ablate)
     args = p.parse_args(argv)
     with user_errors("eval.py"):

@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from autointerp import autointerp
 from collect import ActivationStore
-from common import (add_config_flags, bootstrap_ci, config_from_flags, read_json, user_errors,
-                    write_atomic)
+from common import (add_config_flags, bootstrap_ci, check_out, config_from_flags, differences,
+                    file_identity, fresh_outputs, read_json, same_origin, user_errors, write_atomic,
+                    write_json)
 from data import Tokenizer
 from eval import GenConfig, add_model_flags, grade, load_benchmark, s1_generate
 from llm import LLM
@@ -199,9 +200,29 @@ def example(store, tok, lookup, token_index, value, feature_col, sae, context, p
                 tokens=[tok.id_to_token_str(i) for i in ids], acts=[round(v, 5) for v in vals])
 
 
+def check_sae(sae, sae_dir, store):
+    """An SAE may read a store only if it was trained on that store (the same adapter, corpus and
+    collection settings: the scalars it decomposes)."""
+    if sae.d_in != store.d:
+        raise ValueError(f"{sae_dir}: an SAE of width {sae.d_in}, but {store.path} stores "
+                         f"{store.d} scalars per token (an SAE of another adapter or layout)")
+    trained_on = (sae.made_from or {}).get("store")
+    if trained_on is None:
+        raise ValueError(f"{sae_dir}: cfg.json does not say which store the SAE was trained on")
+    diff = differences(trained_on, store.identity())
+    if diff:
+        raise ValueError(f"{sae_dir}: trained on another store than {store.path} "
+                         f"({'; '.join(diff[:3])})")
+
+
 def cmd_mine(args):
+    check_out(args.out, {"--acts": args.acts, "--sae": args.sae, "--tokenizer": args.tokenizer})
+    out = os.path.join(args.out, "features.json")
+    fresh_outputs([out], args.overwrite)
     store = ActivationStore(args.acts)
     sae = SAE.load(args.sae) if args.sae else None
+    if sae is not None:
+        check_sae(sae, args.sae, store)
     tok = Tokenizer(args.tokenizer)
     pop = args.population
     if pop == "mlp" and sae is not None:
@@ -225,10 +246,11 @@ def cmd_mine(args):
                           random=sorted(ex(rnd_v, rnd_i), key=lambda e: -e["value"]),
                           inactive=ex(torch.zeros_like(rnd_v), neg_i)))
     os.makedirs(args.out, exist_ok=True)
-    out = os.path.join(args.out, "features.json")
-    write_atomic(out, json.dumps(dict(acts=os.path.abspath(args.acts), population=pop, sae=args.sae,
-                                      k=args.k, dedup=args.dedup, per_doc=args.per_doc,
-                                      context=args.context, tokens=n_tok, features=feats)))
+    made_from = dict(store=store.identity(), sae=file_identity(os.path.join(args.sae, "cfg.json"))
+                     if args.sae else None, tokenizer=file_identity(tok.path))
+    write_atomic(out, json.dumps(dict(made_from=made_from, population=pop, k=args.k,
+                                      dedup=args.dedup, per_doc=args.per_doc, context=args.context,
+                                      tokens=n_tok, features=feats)))
     print(f"mine: {len(feats)} features over {n_tok:,} tokens -> {out}")
 
 
@@ -245,6 +267,8 @@ def sae_offsets(sae, feature, strength, sites):
 def cmd_steer(args):
     """Generate under steering for each strength and seed and measure: thinking length, counts of
     chosen words, accuracy (with --bench)."""
+    check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--sae": args.sae})
+    fresh_outputs([args.out], args.overwrite)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, identity = load_model(args.model, args.adapter, args.dtype, device=device)
     tok = Tokenizer(args.tokenizer or args.model)
@@ -305,19 +329,36 @@ STEER_GEN = dict(max_context=4096, max_answer_tokens=256, temperature=0.7)
 # autointerp
 
 def cmd_autointerp(args):
+    """Explanations and scores for every feature of features.json into OUT/autointerp.jsonl
+    (what they were made from in OUT/autointerp.json). The LLM's replies are cached, so a rerun
+    with the same settings resumes for free; features whose LLM calls failed are reported and the
+    command fails, keeping everything else."""
+    check_out(args.out, {"--features": args.features})
     data = read_json(args.features)
+    made_from = dict(features=file_identity(args.features), llm_url=args.llm_url,
+                     llm_model=args.llm_model if args.llm_url else None, rubric=args.rubric,
+                     n_explain=args.n_explain, limit=args.limit)
+    meta = os.path.join(args.out, "autointerp.json")
+    if os.path.isfile(meta) and not args.overwrite:
+        same_origin(read_json(meta), made_from, meta)
     llm = LLM(args.llm_url, args.llm_model, args.cache or os.path.join(args.out, "llm-cache"),
               concurrency=args.concurrency) if args.llm_url else None
     rows = autointerp(data["features"][:args.limit or None], llm, args.rubric, args.n_explain)
     os.makedirs(args.out, exist_ok=True)
+    write_json(meta, made_from)
     write_atomic(os.path.join(args.out, "autointerp.jsonl"),
                  "".join(json.dumps(r) + "\n" for r in rows))
-    scored = [r["detection_balanced_accuracy"] for r in rows if "detection_balanced_accuracy" in r]
+    scored = [r["detection_balanced_accuracy"] for r in rows
+              if r.get("detection_balanced_accuracy") is not None]
     if scored:
         print(f"autointerp: {len(scored)} features, mean detection balanced accuracy "
               f"{sum(scored) / len(scored):.3f}")
-    else:
+    elif llm is None:
         print(f"autointerp: {len(rows)} explanation prompts written (no --llm-url given)")
+    failed = [r["error"] for r in rows if "error" in r]
+    if failed:
+        raise SystemExit(f"autointerp: {len(failed)} features failed (the others are in "
+                         f"{args.out}/autointerp.jsonl; a rerun retries only these): {failed[0]}")
     return rows
 
 
@@ -345,6 +386,8 @@ def compare_populations(lora_rows, mlp_rows, n=1000, seed=0):
 
 
 def cmd_compare(args):
+    check_out(args.out, {"--lora": args.lora, "--mlp": args.mlp})
+    fresh_outputs([args.out], args.overwrite)
     load = lambda f: [json.loads(l) for l in open(f, encoding="utf-8") if l.strip()]
     table = compare_populations(load(args.lora), load(args.mlp))
     for k, r in table.items():
@@ -376,6 +419,7 @@ def main(argv=None):
     m.add_argument("--population", default="lora", choices=["lora", "mlp"],
                    help="lora: adapter scalars (+ SAE latents); mlp: the MLP-neuron baseline "
                    "(collect.py --mlp-neurons)")
+    m.add_argument("--overwrite", action="store_true", help="replace features.json in --out")
     m.set_defaults(func=cmd_mine)
     st = sub.add_parser("steer", help="generate while adding to adapter scalars; measure it")
     add_model_flags(st, adapter_required=True)
@@ -392,6 +436,7 @@ def main(argv=None):
     st.add_argument("--out", required=True)
     st.add_argument("--batch-size", type=int, default=8)
     add_config_flags(st, GenConfig)
+    st.add_argument("--overwrite", action="store_true", help="replace the --out file")
     st.set_defaults(func=cmd_steer)
     a = sub.add_parser("autointerp", help="prompts; with --llm-url explanations and scores")
     a.add_argument("--features", required=True)
@@ -404,11 +449,14 @@ def main(argv=None):
                    help="also the paper's 0/1/2 monosemanticity rubric")
     a.add_argument("--n-explain", type=int, default=10)
     a.add_argument("--limit", type=int, default=0)
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace autointerp.jsonl made from other features")
     a.set_defaults(func=cmd_autointerp)
     c = sub.add_parser("compare", help="LoRA features vs MLP neurons from two autointerp.jsonl")
     c.add_argument("--lora", required=True)
     c.add_argument("--mlp", required=True)
     c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace the --out file")
     c.set_defaults(func=cmd_compare)
     args = p.parse_args(argv)
     with user_errors("interpret.py"):

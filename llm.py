@@ -5,12 +5,16 @@ A small client for OpenAI-compatible chat-completions servers, for autointerp (i
     text = llm([{"role": "user", "content": "..."}])        # key from RANK1_LLM_API_KEY
     outs = llm.map(fn, items)                                # fn(item) may call llm; threads
 
-The key is read from the environment only. Replies are cached on disk, keyed by the whole request
-(model, messages, settings), so a rerun costs nothing; temperature is 0.
+The key is read from the environment only. Temperature is 0. A reply is cached on disk, keyed by
+the whole request, only when it is a well-formed completion with text, so a rerun costs nothing
+and never replays a failure. Rate limits (429), server errors (5xx), timeouts, refused
+connections and malformed replies are retried with exponential backoff; what still fails raises
+LLMError naming the URL and the last status.
 """
 import hashlib
 import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,15 +23,20 @@ from concurrent.futures import ThreadPoolExecutor
 from common import write_atomic
 
 
+class LLMError(RuntimeError):
+    pass
+
+
 class LLM:
     """An OpenAI-compatible chat-completions client: key from the environment only, retries with
-    backoff on 429 and 5xx, a concurrency limit, and an on-disk cache keyed by the request."""
+    backoff, a concurrency limit, and an on-disk cache of good replies keyed by the request."""
 
     def __init__(self, url, model, cache_dir, key_env="RANK1_LLM_API_KEY", retries=5, concurrency=8,
-                 backoff=1.0):
+                 backoff=1.0, timeout=120):
         self.url, self.model, self.cache_dir = url.rstrip("/"), model, cache_dir
         self.key = os.environ.get(key_env, "")
-        self.retries, self.concurrency, self.backoff = retries, concurrency, backoff
+        self.retries, self.concurrency = retries, concurrency
+        self.backoff, self.timeout = backoff, timeout
         self.calls = 0
         os.makedirs(cache_dir, exist_ok=True)
 
@@ -37,24 +46,34 @@ class LLM:
         f = os.path.join(self.cache_dir, hashlib.sha256(body.encode()).hexdigest() + ".json")
         if os.path.isfile(f):
             with open(f) as fh:
-                return json.load(fh)["content"]
+                content = json.load(fh).get("content")
+            if isinstance(content, str):
+                return content
         headers = {"Content-Type": "application/json",
                    **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
         req = urllib.request.Request(self.url + "/chat/completions", data=body.encode(),
-                                     method="POST",
-                                     headers=headers)
+                                     method="POST", headers=headers)
         for attempt in range(self.retries + 1):
+            self.calls += 1
             try:
-                self.calls += 1
-                with urllib.request.urlopen(req, timeout=120) as r:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     content = json.load(r)["choices"][0]["message"]["content"]
+                if not isinstance(content, str):
+                    raise ValueError(f"content is {type(content).__name__}")
                 break
             except urllib.error.HTTPError as e:
-                if (e.code == 429 or e.code >= 500) and attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
-                    continue
-                raise RuntimeError(f"{self.url}: HTTP {e.code} after {attempt + 1} "
-                                   "attempts") from None
+                status = f"HTTP {e.code}"
+                if e.code != 429 and e.code < 500:  # the request is wrong: retrying cannot help
+                    raise LLMError(f"{self.url}: {status}") from None
+            except urllib.error.URLError as e:  # refused, unreachable, or a timeout inside urllib
+                status = f"connection failed ({e.reason})"
+            except (socket.timeout, TimeoutError):
+                status = f"no reply within {self.timeout} s"
+            except (ValueError, KeyError, IndexError, TypeError) as e:  # JSON, or not a completion
+                status = f"malformed reply ({type(e).__name__}: {e})"
+            if attempt == self.retries:
+                raise LLMError(f"{self.url}: {status} after {attempt + 1} attempts")
+            time.sleep(self.backoff * 2 ** attempt)
         write_atomic(f, json.dumps({"content": content}))
         return content
 

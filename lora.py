@@ -41,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from common import (DTYPES, atomic_dir, read_json, read_safetensors, save_hf_checkpoint,
-                    user_errors)
-from model import Qwen2
+from common import (DTYPES, check_out, publish_dir, read_json, read_safetensors,
+                    save_hf_checkpoint, sha256_file, user_errors)
+from model import Qwen2, model_identity
 
 SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 PARENT = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "q_proj": "self_attn",
@@ -264,6 +264,10 @@ def apply_lora(model, rank=1, alpha=16.0, rslora=True, targets=SITE_ORDER, layer
         raise ValueError(f"rank must be >= 1, got {rank}")
     n = model.cfg.num_hidden_layers
     layers = list(range(n)) if layers is None else select_layers(n, indices=layers)
+    taken = [hf_path(l, t) for l in layers for t in targets
+             if isinstance(model.get_submodule(hf_path(l, t)), LoRALinear)]
+    if taken:  # checked before anything changes
+        raise ValueError(f"{taken[0]} already has a LoRA adapter")
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -271,8 +275,6 @@ def apply_lora(model, rank=1, alpha=16.0, rslora=True, targets=SITE_ORDER, layer
         for t in targets:
             parent = model.get_submodule(f"model.layers.{l}.{PARENT[t]}")
             base = getattr(parent, t)
-            if isinstance(base, LoRALinear):
-                raise ValueError(f"{hf_path(l, t)} already has a LoRA adapter")
             setattr(parent, t, LoRALinear(base, rank, alpha, rslora, dropout, layer=l, target=t))
     if verbose:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -449,8 +451,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "generation_config.json", "special_tokens_map.json")
 
 
-def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None):
-    """Write a PEFT-loadable adapter (adapter_model.safetensors + adapter_config.json), atomically.
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "rank1.json")
+
+
+def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None, provenance=None,
+                 overwrite=False):
+    """Write a PEFT-loadable adapter (adapter_model.safetensors + adapter_config.json) and, with
+    provenance, rank1.json (what it was made from); published whole (common.publish_dir).
 
     state_dict: optional {name: tensor} of full adapter tensors (train.py passes the gathered ones).
     """
@@ -478,7 +485,10 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None):
                   metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
-    atomic_dir(out_dir, write)
+        if provenance is not None:
+            with open(os.path.join(tmp, "rank1.json"), "w") as f:
+                json.dump(provenance, f, indent=1)
+    publish_dir(out_dir, write, lambda n: n in ADAPTER_FILES, overwrite)
 
 
 def read_adapter_config(adapter_dir):
@@ -512,42 +522,68 @@ def read_adapter_config(adapter_dir):
     layers = c.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
+    if layers is not None and not all(isinstance(i, int) for i in layers):
+        bad("layers_to_transform", f"{layers!r}: expected a list of layer indices")
+    for k, kind in (("r", int), ("lora_alpha", (int, float))):
+        if k not in c:
+            bad(k, "missing")
+        if not isinstance(c[k], kind) or isinstance(c[k], bool) or c[k] <= 0:
+            bad(k, f"{c[k]!r}: expected a positive number")
     return c, dict(rank=int(c["r"]), alpha=float(c["lora_alpha"]),
                    rslora=bool(c.get("use_rslora", False)),
                    targets=[t for t in SITE_ORDER if t in targets], layers=layers)
 
 
 def load_adapter(model, adapter_dir, verbose=True):
-    """Apply the adapters adapter_config.json describes to `model`; load their weights strictly."""
+    """Apply the adapters adapter_config.json describes to `model` and load their weights strictly.
+    Everything is checked before the model is touched: on any error the model is unchanged."""
     c, kw = read_adapter_config(adapter_dir)
-    apply_lora(model, **kw, verbose=verbose)
     weights_file = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(weights_file):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors "
                                 "adapters are read)")
-    sd = read_safetensors(weights_file)
-    expected = {}
-    for m in adapters(model):
-        expected[f"{PEFT_PREFIX}{m.name}.lora_A.weight"] = m.lora_A
-        expected[f"{PEFT_PREFIX}{m.name}.lora_B.weight"] = m.lora_B
+    n = model.cfg.num_hidden_layers
+    layers = range(n) if kw["layers"] is None else kw["layers"]
+    if any(not 0 <= l < n for l in layers):
+        raise ValueError(f"{adapter_dir}/adapter_config.json: layers_to_transform {kw['layers']} "
+                         f"is not within 0..{n - 1} (an adapter for another model?)")
+    expected = {}  # PEFT name -> shape, from the base layers the adapters will wrap
+    for l in layers:
+        for t in kw["targets"]:
+            base = model.get_submodule(hf_path(l, t))
+            if isinstance(base, LoRALinear):
+                raise ValueError(f"{hf_path(l, t)} already has a LoRA adapter")
+            name, r = PEFT_PREFIX + hf_path(l, t), kw["rank"]
+            expected[f"{name}.lora_A.weight"] = (r, base.in_features)
+            expected[f"{name}.lora_B.weight"] = (base.out_features, r)
     # PEFT writes ".lora_A.weight"; some tools keep the adapter name (".lora_A.default.weight")
-    sd = {k.replace(".default.weight", ".weight"): v for k, v in sd.items()}
+    sd = {k.replace(".default.weight", ".weight"): v
+          for k, v in read_safetensors(weights_file).items()}
     missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing:
         raise ValueError(f"{weights_file}: missing {len(missing)} adapter tensors, e.g. "
                          f"{missing[:3]}")
     if extra:
         raise ValueError(f"{weights_file}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise ValueError(f"{weights_file}: {k} has shape {tuple(sd[k].shape)}, expected "
+                             f"{shape} (an adapter for a model of another size?)")
+        if not torch.isfinite(sd[k]).all():
+            raise ValueError(f"{weights_file}: {k} has non-finite values")
+    apply_lora(model, **kw, verbose=verbose)
     with torch.no_grad():
-        for k, p in expected.items():
-            v = sd[k]
-            if v.shape != p.shape:
-                raise ValueError(f"{weights_file}: {k} has shape {tuple(v.shape)}, expected "
-                                 f"{tuple(p.shape)} (an adapter for a model of another size?)")
-            if not torch.isfinite(v).all():
-                raise ValueError(f"{weights_file}: {k} has non-finite values")
-            p.copy_(v)
+        for m in adapters(model):
+            m.lora_A.copy_(sd[f"{PEFT_PREFIX}{m.name}.lora_A.weight"])
+            m.lora_B.copy_(sd[f"{PEFT_PREFIX}{m.name}.lora_B.weight"])
     return c
+
+
+def adapter_identity(adapter_dir):
+    """What an adapter is: the hashes of its two files."""
+    return dict(path=os.path.abspath(adapter_dir),
+                config_sha256=sha256_file(os.path.join(adapter_dir, "adapter_config.json")),
+                weights_sha256=sha256_file(os.path.join(adapter_dir, "adapter_model.safetensors")))
 
 
 def load_model(path, adapter=None, dtype=None, merge=False, device="cpu"):
@@ -555,19 +591,22 @@ def load_model(path, adapter=None, dtype=None, merge=False, device="cpu"):
     (model in eval mode, identity), identity being what results record about the weights."""
     model = Qwen2.from_pretrained(path, dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype,
                                   device=device)
-    identity = dict(model=os.path.abspath(path), adapter=None, merged=False)
+    identity = dict(model=model_identity(path), adapter=None, merged=False,
+                    dtype=str(model.lm_head.weight.dtype).replace("torch.", ""))
     if adapter:
         load_adapter(model, adapter, verbose=False)
-        identity.update(adapter=os.path.abspath(adapter), merged=bool(merge),
+        identity.update(adapter=adapter_identity(adapter), merged=bool(merge),
                         adapter_sites=len(adapters(model)))
         for m in adapters(model) if merge else ():
             m.merge()
     return model.eval(), identity
 
 
-def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes=5 * 2**30):
+def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes=5 * 2**30,
+                  provenance=None, overwrite=False):
     """Write an HF checkpoint with the adapters merged (W + s B A) that transformers and vLLM load:
-    sharded safetensors + index + config.json (+ tokenizer files). `model` is not modified."""
+    sharded safetensors + index + config.json (+ tokenizer files, + rank1.json with provenance).
+    `model` is not modified."""
     dtype = dtype or model.lm_head.weight.dtype
     deltas = {m.name + ".weight": m for m in adapters(model)}
 
@@ -582,7 +621,7 @@ def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_byte
     cfg = {**model.cfg.to_hf_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
     files = [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES
              if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, n))]
-    save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files)
+    save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files, provenance, overwrite)
 
 
 # -----------------------------------------------------------------------------
@@ -599,10 +638,13 @@ def main(argv=None):
     e.add_argument("--adapter", required=True, help="PEFT adapter directory")
     e.add_argument("--out", required=True, help="output directory (safetensors, config.json)")
     e.add_argument("--dtype", choices=sorted(DTYPES), help="default: the base checkpoint's")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     args = p.parse_args(argv)
     with user_errors("lora.py"):
-        model, _ = load_model(args.model, args.adapter, args.dtype)
-        export_merged(model, args.out, tokenizer_dir=args.model)
+        check_out(args.out, {"--model": args.model, "--adapter": args.adapter})
+        model, identity = load_model(args.model, args.adapter, args.dtype)
+        export_merged(model, args.out, tokenizer_dir=args.model,
+                      provenance=dict(made_from=identity), overwrite=args.overwrite)
     print(f"export: {args.model} + {args.adapter} merged -> {args.out}")
 
 

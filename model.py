@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import DTYPES, read_json, read_safetensors, safetensors_keys
+from common import DTYPES, read_json, read_safetensors, safetensors_keys, sha256_file
 
 # -----------------------------------------------------------------------------
 # config
@@ -83,6 +83,8 @@ class Qwen2Config:
     @classmethod
     def from_dict(cls, d, source="config"):
         """Build from a config.json dict; `source` names the file in error messages."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         if d.get("model_type", "qwen2") != "qwen2":
             raise ValueError(f"{source}: model_type is {d['model_type']!r}, expected 'qwen2'")
@@ -509,16 +511,42 @@ def checkpoint_tensors(path, expected, dtype=None, device="cpu"):
     files = checkpoint_files(path)
     files = {f: keys if keys is not None else safetensors_keys(f) for f, keys in files.items()}
     names = {k for keys in files.values() for k in keys}
-    if "lm_head.weight" not in expected:  # tied to the embedding
+    tied_head = "lm_head.weight" in names and "lm_head.weight" not in expected
+    if tied_head:  # tied to the embedding: only a copy of it may stand there
         names.discard("lm_head.weight")
     missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
     if missing:
         raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:5]}")
     if extra:
         raise ValueError(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:5]}")
+    if tied_head:
+        _check_tied_head(files, path)
     for file, keys in files.items():
         for k, t in read_safetensors(file, [k for k in keys if k in names], device, dtype).items():
             if tuple(t.shape) != expected[k]:
                 raise ValueError(f"{file}: tensor {k} has shape {tuple(t.shape)}, expected "
                                  f"{expected[k]}")
             yield k, t
+
+
+def _check_tied_head(files, path):
+    """A checkpoint whose config ties the head to the embedding may still hold lm_head.weight: fine
+    when it equals the embedding (some tools save both), an error when it does not."""
+    where = {k: f for f, keys in files.items() for k in keys}
+    head = read_safetensors(where["lm_head.weight"], ["lm_head.weight"])["lm_head.weight"]
+    emb = read_safetensors(where["model.embed_tokens.weight"],
+                           ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    if head.shape != emb.shape or not torch.equal(head, emb):
+        raise ValueError(f"{path}: config.json sets tie_word_embeddings, but the checkpoint's "
+                         "lm_head.weight differs from model.embed_tokens.weight (set "
+                         "tie_word_embeddings to false to use it)")
+
+
+def model_identity(path):
+    """What an HF model directory is, cheaply: the hashes of config.json and of the shard index,
+    and every weight file's name and size (hashing 65 GB of weights would take minutes)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    return dict(path=os.path.abspath(path),
+                config_sha256=sha256_file(os.path.join(path, "config.json")),
+                index_sha256=sha256_file(index) if os.path.isfile(index) else None,
+                weights={os.path.basename(f): os.path.getsize(f) for f in checkpoint_files(path)})

@@ -23,6 +23,7 @@ The paper's recipe (PAPER.md section E) with the official code's flaws fixed (se
   two dense (B, d) x (d, n) products (encoder forward and its weight gradient) instead of five.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -32,12 +33,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from collect import ActivationStore
-from common import (add_config_flags, atomic_dir, config_from_flags, read_json, read_safetensors,
-                    user_errors)
+from common import (add_config_flags, check_out, config_from_flags, read_json, read_safetensors,
+                    safetensors_metadata, same_origin, sha256_file, user_errors, write_atomic,
+                    write_json)
 
 # -----------------------------------------------------------------------------
 # the SAE
@@ -60,6 +62,7 @@ class SAEConfig:
     normalize: bool = True      # divide inputs by their per-dimension std
     seed: int = 42
     log_every: int = 100
+    save_every: int = 1000      # steps between saves of the training state (sae.py train resumes)
     device: str = "cpu"
 
     def __post_init__(self):
@@ -113,20 +116,28 @@ class SAE(nn.Module):
         return (self.W_enc / self.scale[:, None], self.b_enc, self.W_dec * self.scale,
                 self.b_dec * self.scale)
 
-    def save(self, out_dir, cfg=None, metrics=None):
-        def write(d):
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                      os.path.join(d, "sae.safetensors"))
-            with open(os.path.join(d, "cfg.json"), "w") as f:
-                json.dump(dict(d_in=self.d_in, n_latents=self.n_latents, k=self.k,
-                               train=asdict(cfg) if cfg else None, final=metrics), f, indent=1)
-        atomic_dir(out_dir, write)
+    def save(self, out_dir, cfg=None, metrics=None, made_from=None):
+        """sae.safetensors, then cfg.json (the config, held-out metrics, what the SAE was trained
+        on and the weights' checksum): each file written whole, nothing else in out_dir touched."""
+        os.makedirs(out_dir, exist_ok=True)
+        data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()})
+        write_atomic(os.path.join(out_dir, "sae.safetensors"), data)
+        write_json(os.path.join(out_dir, "cfg.json"),
+                   dict(d_in=self.d_in, n_latents=self.n_latents, k=self.k,
+                        train=asdict(cfg) if cfg else None, final=metrics, made_from=made_from,
+                        weights_sha256=hashlib.sha256(data).hexdigest()))
 
     @classmethod
     def load(cls, path, device="cpu"):
+        """An SAE directory; .made_from says what it was trained on (None if unrecorded)."""
         c = read_json(os.path.join(path, "cfg.json"))
+        weights = os.path.join(path, "sae.safetensors")
+        if c.get("weights_sha256") not in (None, sha256_file(weights)):
+            raise ValueError(f"{weights}: does not match the checksum in cfg.json (a file from "
+                             "another training run?)")
         sae = cls(c["d_in"], c["n_latents"], c["k"])
-        sae.load_state_dict(read_safetensors(os.path.join(path, "sae.safetensors")), strict=True)
+        sae.load_state_dict(read_safetensors(weights), strict=True)
+        sae.made_from = c.get("made_from")
         return sae.to(device)
 
 
@@ -242,8 +253,38 @@ def update(sae, opt, xn, cfg, state):
     return m
 
 
-def train_sae(x, cfg=None, log=print, metrics_file=None):
-    """Train on an in-memory (N, d) float tensor; returns the SAE (.metrics: held-out metrics)."""
+def save_state(path, step, sae, opt, state, epoch_rng, agg):
+    """Everything a resumed run needs, in one file written whole: weights, Adam moments, dead-latent
+    counters, the generator state that draws this epoch's order, the open logging window."""
+    t = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        t.update({f"opt.{i}.{k}": v for k, v in st.items()})
+    t.update(since=state["since"], epoch_rng=epoch_rng)
+    meta = dict(step=step, threshold_steps=state["threshold_steps"], agg=agg)
+    write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in t.items()},
+                            metadata={"rank1": json.dumps(meta)}))
+
+
+def load_state(path, sae, opt, state, dev):
+    """Restore save_state's file; returns (steps done, epoch generator state, logging window)."""
+    t = read_safetensors(path)
+    meta = json.loads(safetensors_metadata(path)["rank1"])
+    sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
+    opt_sd = opt.state_dict()
+    groups = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".")
+            groups.setdefault(int(i), {})[name] = v.to(dev) if name != "step" else v
+    opt.load_state_dict(dict(state=groups, param_groups=opt_sd["param_groups"]))
+    state.update(since=t["since"].to(dev), threshold_steps=meta["threshold_steps"])
+    return meta["step"], t["epoch_rng"], meta["agg"]
+
+
+def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
+    """Train on an in-memory (N, d) float tensor; returns the SAE (.metrics: held-out metrics).
+    With state_file, training state is saved there every cfg.save_every steps and a run that
+    finds the file continues from it, with the same result as a run that was never stopped."""
     cfg = cfg or SAEConfig()
     dev = torch.device(cfg.device)
     x = torch.as_tensor(x)
@@ -269,10 +310,16 @@ def train_sae(x, cfg=None, log=print, metrics_file=None):
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     total = cfg.steps or steps_per_epoch * cfg.epochs
     state = dict(since=torch.zeros(sae.n_latents, dtype=torch.long, device=dev), threshold_steps=0)
-    bar = tqdm(range(total), desc="sae", file=sys.stderr, disable=log is None)
-    t0, agg = time.time(), {}
+    start, agg, epoch_rng = 0, {}, None
+    if state_file and os.path.isfile(state_file):
+        start, epoch_rng, agg = load_state(state_file, sae, opt, state, dev)
+        g.set_state(epoch_rng)  # draws this epoch's order again, and goes on as it did
+        order = train[torch.randperm(len(train), generator=g)]
+    bar = tqdm(range(start, total), desc="sae", file=sys.stderr, disable=log is None)
+    t0 = time.time()
     for step in bar:
         if step % steps_per_epoch == 0:
+            epoch_rng = g.get_state()
             order = train[torch.randperm(len(train), generator=g)]
         i = step % steps_per_epoch
         xb = x[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].float().to(dev) / sae.scale
@@ -287,7 +334,7 @@ def train_sae(x, cfg=None, log=print, metrics_file=None):
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             n = (step % cfg.log_every) + 1
             rec = {"step": step + 1, **{k: v / n for k, v in agg.items()},
-                   "tokens_per_s": (step + 1) * cfg.batch_size / (time.time() - t0),
+                   "tokens_per_s": (step + 1 - start) * cfg.batch_size / (time.time() - t0),
                    "threshold": sae.threshold.item()}
             if len(hold):
                 rec["heldout_fvu"] = evaluate(sae, hold[:8192])["fvu"]
@@ -297,6 +344,8 @@ def train_sae(x, cfg=None, log=print, metrics_file=None):
                 metrics_file.flush()
             bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
                             dead=f"{rec['dead']:.3f}")
+        if state_file and cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_state(state_file, step + 1, sae, opt, state, epoch_rng, agg)
     sae.metrics = evaluate(sae, hold) if len(hold) else None
     if log and sae.metrics:
         mm = sae.metrics
@@ -309,18 +358,48 @@ def train_sae(x, cfg=None, log=print, metrics_file=None):
 # command line
 
 
+SAE_FILES = ("sae.safetensors", "cfg.json", "metrics.jsonl", "metrics.json", "run.json",
+             "train-state.safetensors")
+
+
 def cmd_train(args):
+    """Train on a store into --out. A rerun with the same store and settings continues an
+    unfinished run (train-state.safetensors) or, when it finished, has nothing to do; other
+    settings need --overwrite (which replaces this command's files only)."""
+    check_out(args.out, {"--acts": args.acts})
     store = ActivationStore(args.acts)
-    x = store.load_all()
     cfg = config_from_flags(SAEConfig, args)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "save_every"}  # results depend on
+    made_from = dict(store=store.identity(), config=settings)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.jsonl"), "w") as mf:
-        sae = train_sae(x, cfg, metrics_file=mf)
-    sae.save(args.out, cfg, sae.metrics)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(dict(heldout=sae.metrics, sites=store.index["sites"],
-                       acts=os.path.abspath(args.acts)),
-                  f, indent=1)
+    out = lambda n: os.path.join(args.out, n)
+    if args.overwrite:
+        for n in SAE_FILES:
+            if os.path.exists(out(n)):
+                os.remove(out(n))
+    elif os.path.isfile(out("cfg.json")):
+        same_origin(read_json(out("cfg.json")).get("made_from") or {}, made_from, out("cfg.json"))
+        print(f"sae: {args.out} already holds this SAE")
+        return SAE.load(args.out)
+    elif os.path.isfile(out("run.json")) or os.path.isfile(out("train-state.safetensors")):
+        same_origin(read_json(out("run.json")), made_from, out("run.json"))
+    elif any(os.path.exists(out(n)) for n in SAE_FILES):
+        raise ValueError(f"{args.out}: holds SAE files of an unknown run; pass --overwrite")
+    write_json(out("run.json"), made_from)
+    state_file = out("train-state.safetensors")
+    step = (json.loads(safetensors_metadata(state_file)["rank1"])["step"]
+            if os.path.isfile(state_file) else 0)
+    kept = ([l for l in open(out("metrics.jsonl")) if l.strip() and json.loads(l)["step"] <= step]
+            if step and os.path.isfile(out("metrics.jsonl")) else [])
+    write_atomic(out("metrics.jsonl"), "".join(kept))  # each logged step once, after a resume
+    with open(out("metrics.jsonl"), "a") as mf:
+        sae = train_sae(store.load_all(), cfg, metrics_file=mf, state_file=state_file)
+    write_json(out("metrics.json"), dict(heldout=sae.metrics, sites=store.index["sites"],
+                                         made_from=made_from))
+    sae.save(args.out, cfg, sae.metrics, made_from)  # cfg.json last: the SAE is complete
+    for n in ("train-state.safetensors", "run.json"):
+        if os.path.exists(out(n)):
+            os.remove(out(n))
     return sae
 
 
@@ -330,6 +409,8 @@ def main(argv=None):
     t = sub.add_parser("train", help="train the BatchTopK SAE on a collected store")
     t.add_argument("--acts", required=True, help="a store written by collect.py")
     t.add_argument("--out", required=True)
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an SAE trained in --out with other settings")
     add_config_flags(t, SAEConfig)
     t.set_defaults(func=cmd_train)
     args = p.parse_args(argv)

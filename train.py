@@ -30,13 +30,17 @@ Recipe details (PAPER.md section B) and our choices:
   embeddings live in one group). LoRA mode: the frozen base is stored in --dtype (bf16) and the fp32
   adapters stay replicated outside FSDP (ignored_params) with an explicit gradient all-reduce. Full
   mode: fp32 master weights, MixedPrecisionPolicy(bf16 params, fp32 reduce). One mechanism each.
-- Checkpoints: --save-every steps and on SIGTERM, to out/ckpt (atomic). LoRA checkpoints are
-  replicated, so they resume on any world size; full-mode checkpoints are per-rank shards.
+- Checkpoints: --save-every steps and on SIGTERM, to out/ckpt/step-NNNNNN, completed by its
+  meta.json, the older ones deleted after it: a crash at any point leaves one to --resume from.
+  They record the model, data and tokenizer they were trained on; --resume refuses others. LoRA
+  checkpoints are replicated, so they resume on any world size; full-mode ones are per-rank.
 """
 import argparse
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -50,11 +54,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
-from common import (DTYPES, add_config_flags, atomic_dir, cleanup_dist, config_from_flags, print0,
-                    read_safetensors, save_hf_checkpoint, setup_dist)
-from data import Tokenizer, load_examples
-from lora import SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
-from model import Qwen2, Qwen2Config, checkpoint_tensors
+from common import (DTYPES, add_config_flags, check_out, cleanup_dist, config_from_flags,
+                    differences, file_identity, print0, read_json, read_safetensors,
+                    save_hf_checkpoint, setup_dist, user_errors, write_atomic, write_json)
+from data import Tokenizer, data_identity, load_examples
+from lora import ADAPTER_FILES, SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
+from model import Qwen2, Qwen2Config, checkpoint_tensors, model_identity
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -89,7 +94,8 @@ class TrainConfig:
     seed: int = 42
     save_every: int = 0         # checkpoint every N steps (0: only at the end / on SIGTERM)
     max_steps: int = 0          # stop after this many steps (0: the full schedule); for smoke tests
-    resume: bool = False
+    resume: bool = False        # continue from the newest checkpoint in out/ckpt
+    overwrite: bool = False     # start over in an --out that holds an earlier run (its files only)
     dry_run: bool = False
     preset: str = ""
 
@@ -133,10 +139,11 @@ PRESETS = {  # the paper's two runs (PAPER.md section B)
                           beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip=1.0,
                           block_size=20000, dtype="bfloat16", activation_checkpointing=True),
 }
-# settings that must agree between a checkpoint and the run resuming it
+# settings that must agree between a checkpoint and the run resuming it (the model, data and
+# tokenizer are compared by what they are: see origin())
 RESUME_KEYS = ("mode", "rank", "alpha", "rslora", "targets", "layers", "lr", "warmup_ratio",
                "epochs", "global_batch", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
-               "block_size", "seed", "data", "model")
+               "block_size", "seed")
 
 
 def parse_args(argv=None):
@@ -242,15 +249,41 @@ def step_batch(cfg, step, n_rows, steps_per_epoch):
     return perm[k * cfg.global_batch:(k + 1) * cfg.global_batch]
 
 
+def empty_steps(cfg, trained):
+    """The (1-based) optimizer steps whose global batch holds no trained-on token; trained: the
+    trained-on token count of every sequence."""
+    spe, total, _ = plan(cfg, len(trained))
+    out = []
+    for epoch in range(cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        perm = torch.randperm(len(trained), generator=g).tolist()
+        for k in range(spe):
+            if not any(trained[i] for i in perm[k * cfg.global_batch:(k + 1) * cfg.global_batch]):
+                out.append(epoch * spe + k + 1)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # checkpoints (safetensors + JSON only: nothing is ever unpickled)
 
 
-def save_checkpoint(cfg, model, opt, step, losses, rank, world):
-    """out/ckpt: trainable weights, AdamW state, step, losses, RNG; a temp dir, then renamed."""
+def checkpoints(out):
+    """The complete checkpoints in out/ckpt, oldest first. Each is a step-NNNNNN directory (steps
+    done) whose meta.json, written last, marks it complete; a crash at any moment leaves the
+    previous one whole, so this list never loses the newest finished save."""
+    root = os.path.join(out, "ckpt")
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    complete = lambda n: os.path.isfile(os.path.join(root, n, "meta.json"))
+    return [os.path.join(root, n) for n in names if re.fullmatch(r"step-\d{6}", n) and complete(n)]
+
+
+def save_checkpoint(cfg, model, opt, step, losses, rank, world, origin):
+    """out/ckpt/step-NNNNNN: trainable weights, AdamW state, step, losses, RNG and what the run is
+    made from. Written to a temp directory, completed by meta.json and renamed; older checkpoints
+    are deleted only after that."""
     names = [n for n, _ in trainable(model)]
     tensors = {}
-    for i, (n, p) in enumerate(trainable(model)):
+    for n, p in trainable(model):
         tensors[f"param.{n}"] = p.detach()
         for k, v in opt.state.get(p, {}).items():
             tensors[f"state.{n}.{k}"] = v.detach()
@@ -261,47 +294,48 @@ def save_checkpoint(cfg, model, opt, step, losses, rank, world):
         local = {k: v.cpu().contiguous() for k, v in tensors.items()}
     local["rng.torch"] = torch.get_rng_state()
     meta = dict(step=step, world=world, mode=cfg.mode, losses=losses, names=names,
-                config=asdict(cfg))
-    path = os.path.join(cfg.out, "ckpt")
-    if cfg.mode == "full":
-        tmp = path + ".partial"
-        if rank == 0:
-            os.makedirs(tmp, exist_ok=True)
-        dist.barrier()
-        save_file(local, os.path.join(tmp, f"rank{rank:05d}-of-{world:05d}.safetensors"))
-        dist.barrier()
-        if rank == 0:
-            atomic_dir(path, lambda d: _move_files(tmp, d, meta))
-    elif rank == 0:
-        def write(d):
-            save_file(local, os.path.join(d, "state.safetensors"))
-            with open(os.path.join(d, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-        atomic_dir(path, write)
+                config=asdict(cfg), origin=origin)
+    root = os.path.join(cfg.out, "ckpt")
+    final = os.path.join(root, f"step-{step + 1:06d}")
+    tmp = os.path.join(root, f".tmp-step-{step + 1:06d}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash at this step
+        os.makedirs(tmp)
+    dist.barrier()
+    if cfg.mode == "full" or rank == 0:
+        name = f"rank{rank:05d}-of-{world:05d}" if cfg.mode == "full" else "state"
+        save_file(local, os.path.join(tmp, f"{name}.safetensors"))
+    dist.barrier()
+    if rank == 0:
+        write_json(os.path.join(tmp, "meta.json"), meta)  # last: the checkpoint is complete
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(cfg.out)[:-1]:
+            shutil.rmtree(old)
     dist.barrier()
 
 
-def _move_files(src, dst, meta):
-    for f in os.listdir(src):
-        os.replace(os.path.join(src, f), os.path.join(dst, f))
-    os.rmdir(src)
-    with open(os.path.join(dst, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-def load_checkpoint(cfg, model, opt, rank, world):
-    """Restore out/ckpt: (next step, losses so far). Refuses a checkpoint of another config."""
-    path = os.path.join(cfg.out, "ckpt")
-    meta_file = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_file):
-        raise SystemExit(f"--resume: no checkpoint at {path}")
-    meta = json.load(open(meta_file))
+def load_checkpoint(cfg, model, opt, rank, world, origin):
+    """Restore the newest complete checkpoint: (next step, losses so far); (0, []) when there is
+    none yet. Refuses one made with other settings, another model or other data, naming what
+    differs."""
+    found = checkpoints(cfg.out)
+    if not found:  # killed before its first save: nothing to continue, so start at step 1
+        print0(f"--resume: no complete checkpoint in {os.path.join(cfg.out, 'ckpt')} yet; "
+               "starting at step 1")
+        return 0, []
+    path = found[-1]
+    meta = read_json(os.path.join(path, "meta.json"))
     diff = {k: (meta["config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
             if meta["config"].get(k) != getattr(cfg, k)}
     if diff:
         raise SystemExit(f"--resume: {path} is from another run's config; differing settings "
                          + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}"
                                      for k, (a, b) in diff.items()))
+    changed = differences(meta.get("origin") or {}, origin)
+    if changed:
+        raise SystemExit(f"--resume: {path} was trained on other inputs: " + "; ".join(changed[:3]))
     if cfg.mode == "full" and meta["world"] != world:
         raise SystemExit(f"--resume: {path} holds full-model shards for {meta['world']} ranks; run "
                          f"with --nproc_per_node={meta['world']} (adapter checkpoints resume on "
@@ -334,23 +368,26 @@ def _copy_into(p, v):
     (p.to_local() if isinstance(p, DTensor) else p).copy_(v)
 
 
-def save_final(cfg, model, rank):
+def save_final(cfg, model, rank, provenance):
     """LoRA: a PEFT adapter in out/adapter. Full: an HF checkpoint in out/model, gathered tensor by
-    tensor (every rank takes part in each gather; rank 0 writes the shards as they fill)."""
+    tensor (every rank takes part in each gather; rank 0 writes the shards as they fill). Both
+    with rank1.json: what they were made from. They belong to this run: a resumed run replaces
+    them."""
 
     def full(t):
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
     if cfg.mode == "lora":
         sd = {n: full(p) for n, p in model.named_parameters() if ".lora_" in n}
         if rank == 0:
-            save_adapter(model, os.path.join(cfg.out, "adapter"),
-                         base_model_name_or_path=cfg.model, state_dict=sd)
+            save_adapter(model, os.path.join(cfg.out, "adapter"), base_model_name_or_path=cfg.model,
+                         state_dict=sd, provenance=provenance, overwrite=True)
         return
     dtype = DTYPES[cfg.dtype]
     gathered = ((n, full(t).to(dtype)) for n, t in model.hf_tensors())  # all ranks gather each
     if rank == 0:
         save_hf_checkpoint(os.path.join(cfg.out, "model"), gathered,
-                           {**model.cfg.to_hf_dict(), "torch_dtype": cfg.dtype})
+                           {**model.cfg.to_hf_dict(), "torch_dtype": cfg.dtype},
+                           extra=provenance, overwrite=True)
     else:
         for _ in gathered:
             pass
@@ -360,7 +397,9 @@ def save_final(cfg, model, rank):
 # main
 
 
-def dry_run(cfg, mcfg, stats, world):
+def dry_run(cfg, mcfg, stats, world, empty):
+    """Print the plan (and return it): steps, schedule, memory per GPU, and the optimizer steps
+    that would have no trained-on tokens (train.py refuses to start with any)."""
     with torch.device("meta"):
         m = Qwen2(mcfg)
     n_base = m.num_params()
@@ -390,7 +429,8 @@ def dry_run(cfg, mcfg, stats, world):
                   accumulation_per_rank=math.ceil(math.ceil(cfg.global_batch / world)
                                                   / cfg.micro_batch), data=stats,
                   memory_per_gpu_gb=dict(weights_and_optimizer=round(weights / 1e9, 2),
-                                         activations_at_block_size=round(acts / 1e9, 2)))
+                                         activations_at_block_size=round(acts / 1e9, 2)),
+                  steps_without_trained_tokens=empty)
     print0(json.dumps(plan_d, indent=1))
     return plan_d
 
@@ -399,38 +439,81 @@ def main(argv=None):
     cfg = parse_args(argv)
     rank, world, device = setup_dist()
     try:
-        return train(cfg, rank, world, device)
+        with user_errors("train.py"):
+            return train(cfg, rank, world, device)
     finally:
         cleanup_dist()
+
+
+OUTPUTS = ("config.json", "metrics.jsonl", "result.json", "ckpt", "adapter", "model")
+
+
+def prepare_out(cfg):
+    """Rank 0, before anything is written: --out must not touch the inputs; an --out holding an
+    earlier run is continued (--resume) or, with --overwrite, cleared of this script's outputs
+    (and of nothing else)."""
+    check_out(cfg.out, {"--model": cfg.model, "--data": cfg.data, "--tokenizer": cfg.tokenizer})
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"train.py: cannot create the output directory {cfg.out}: "
+                         f"{e.strerror}") from None
+    if not os.access(cfg.out, os.W_OK):
+        raise SystemExit(f"train.py: the output directory {cfg.out} is not writable")
+    found = [n for n in OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
+    if cfg.resume or not found:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(f"train.py: {cfg.out} already holds a run ({', '.join(found)}); pass "
+                         "--resume to continue it or --overwrite to start over")
+    owned = dict(ckpt=lambda n: re.fullmatch(r"(\.tmp-)?step-\d{6}", n),
+                 adapter=lambda n: n in ADAPTER_FILES,
+                 model=lambda n: n.endswith((".safetensors", ".json")) or n in ("merges.txt",))
+    for n in found:
+        path = os.path.join(cfg.out, n)
+        if n in owned:
+            foreign = [f for f in os.listdir(path) if not owned[n](f)]
+            if foreign:
+                raise SystemExit(f"train.py: {path} holds files train.py did not write "
+                                 f"({foreign[:3]}); choose another --out")
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def origin(cfg, tok):
+    """What the run is made from: the base model, the data file and the tokenizer."""
+    return dict(model=model_identity(cfg.model), data=data_identity(cfg.data),
+                tokenizer=file_identity(tok.path))
 
 
 def train(cfg, rank, world, device):
     if not cfg.model:
         raise SystemExit("train.py: --model (an HF model directory) is required")
     mcfg = Qwen2Config.from_pretrained(cfg.model)
-    stats, examples = None, None
-    if cfg.data:
-        tok = Tokenizer(cfg.tokenizer or cfg.model)
-        examples, stats = load_examples(cfg.data, tok, cfg.block_size)
+    if cfg.dry_run and not cfg.data:
+        return dry_run(cfg, mcfg, None, world, None)
+    if not cfg.data:
+        raise SystemExit("train.py: --data (an s1K-1.1 .jsonl or .parquet file) is required")
+    tok = Tokenizer(cfg.tokenizer or cfg.model)
+    examples, stats = load_examples(cfg.data, tok, cfg.block_size)
+    trained = [sum(t != -100 for t in tg) for _, tg in examples]  # trained-on tokens per sequence
+    empty = empty_steps(cfg, trained)
     if cfg.dry_run:
-        return dry_run(cfg, mcfg, stats, world)
-    if not examples:
-        raise SystemExit("train.py: --data is required (an s1K-1.1 .jsonl or .parquet file)")
+        return dry_run(cfg, mcfg, stats, world, empty)
+    if not sum(trained):
+        raise SystemExit(f"train.py: {cfg.data} has no trained-on tokens within --block-size "
+                         f"{cfg.block_size}: every assistant turn starts after it")
+    if empty:
+        raise SystemExit(f"train.py: {len(empty)} optimizer steps (e.g. {empty[:5]}) would have "
+                         f"no trained-on tokens at --block-size {cfg.block_size} and "
+                         f"--global-batch {cfg.global_batch}; raise either, or check the data")
+    made_from = origin(cfg, tok)
     if rank == 0:
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"train.py: cannot create the output directory {cfg.out}: "
-                             f"{e.strerror}") from None
-        if not os.access(cfg.out, os.W_OK):
-            raise SystemExit(f"train.py: the output directory {cfg.out} is not writable")
-        if cfg.resume or not os.path.exists(os.path.join(cfg.out, "ckpt")):
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump({**asdict(cfg), "world": world, "model_config": asdict(mcfg),
-                           "data_stats": stats}, f, indent=1)
-        elif not cfg.resume:
-            raise SystemExit(f"train.py: {cfg.out} already holds a checkpoint; pass --resume or "
-                             "choose another --out")
+        prepare_out(cfg)
+        write_json(os.path.join(cfg.out, "config.json"),
+                   {**asdict(cfg), "world": world, "model_config": asdict(mcfg),
+                    "data_stats": stats, "origin": made_from})
     dist.barrier()
     print0(f"data: {stats['rows']} rows, {stats['tokens']:,} tokens, {stats['target_tokens']:,} "
            f"trained-on; {stats['truncated']} truncated at {cfg.block_size} tokens, losing "
@@ -443,17 +526,19 @@ def train(cfg, rank, world, device):
            f"{device.type}")
     opt = make_optimizer(cfg, model)
     spe, total, warmup = plan(cfg, len(examples))
-    if cfg.max_steps:
-        total_run = min(total, cfg.max_steps)
-    else:
-        total_run = total
-    start, losses = (load_checkpoint(cfg, model, opt, rank, world) if cfg.resume else (0, []))
+    total_run = min(total, cfg.max_steps) if cfg.max_steps else total
+    start, losses = 0, []
+    if cfg.resume:
+        start, losses = load_checkpoint(cfg, model, opt, rank, world, made_from)
+    metrics_file = os.path.join(cfg.out, "metrics.jsonl")
+    if rank == 0 and os.path.isfile(metrics_file):  # each step once: drop what a resume redoes
+        kept = [l for l in open(metrics_file) if l.strip() and json.loads(l)["step"] <= start]
+        write_atomic(metrics_file, "".join(kept))
     lora_params = [p for _, p in trainable(model)] if cfg.mode == "lora" else []
-    trained = [sum(t != -100 for t in tg) for _, tg in examples]  # trained-on tokens per sequence
 
     stop = {"term": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("term", True))
-    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics = open(metrics_file, "a") if rank == 0 else None
     bar = tqdm(total=total_run, initial=start, disable=rank != 0, desc="train", file=sys.stderr)
     t_start = time.time()
     for step in range(start, total_run):
@@ -509,18 +594,18 @@ def train(cfg, rank, world, device):
         bar.update(1)
         last = step + 1 == total_run
         if stop["term"] or last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(cfg, model, opt, step, losses, rank, world)
+            save_checkpoint(cfg, model, opt, step, losses, rank, world, made_from)
         if stop["term"]:
             print0(f"SIGTERM: saved the checkpoint after step {step + 1} to {cfg.out}/ckpt; "
                    "exiting")
             return losses
     bar.close()
-    save_final(cfg, model, rank)
+    result = dict(steps=total_run, final_loss=losses[-1] if losses else None, losses=losses,
+                  trainable_params=n_train, world=world, data_stats=stats, origin=made_from)
+    save_final(cfg, model, rank, dict(made_from=made_from, config=asdict(cfg),
+                                      steps=total_run, final_loss=result["final_loss"]))
     if rank == 0:
-        with open(os.path.join(cfg.out, "result.json"), "w") as f:
-            json.dump(dict(steps=total_run, final_loss=losses[-1] if losses else None,
-                           losses=losses, trainable_params=n_train, world=world, data_stats=stats),
-                      f, indent=1)
+        write_json(os.path.join(cfg.out, "result.json"), result)
         result = "adapter" if cfg.mode == "lora" else "model"
         print0(f"done: {total_run} steps, final loss {losses[-1]:.4f}; "
                f"{result} in {os.path.join(cfg.out, result)}")

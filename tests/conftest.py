@@ -1,8 +1,12 @@
 """Shared helpers: tiny random Qwen2 checkpoints written by HF transformers, and ../shared paths."""
+import http.server
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -91,6 +95,69 @@ def tiny_dir(tmp_path):
     """(HF model, directory it was saved to) for the default tiny config."""
     m = hf_tiny()
     return m, save_hf(m, tmp_path / "tiny")
+
+
+def kill_when(proc, condition, timeout=120):
+    """SIGKILL a running command as soon as condition() holds (polled every 10 ms), and check
+    that it was killed rather than finished: the fault-injection tests' kill -9."""
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None, "the command finished before the kill point"
+        assert time.time() - t0 < timeout, "the kill point never came"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9
+
+
+class FakeLLM(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat-completions server. FakeLLM.script says what the next requests
+    get, in order: an HTTP status, "null" (content null), "garbage" (a body that is not JSON) or
+    "slow" (no reply for FakeLLM.delay seconds). When the script is empty it answers well:
+    explanations, and a judge that picks the snippets marked <<X>>."""
+    script, requests, delay = [], [], 1.0
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeLLM.requests.append(body)
+        what = FakeLLM.script.pop(0) if FakeLLM.script else None
+        if isinstance(what, int):
+            self.send_response(what)
+            self.end_headers()
+            return
+        if what == "slow":
+            time.sleep(FakeLLM.delay)
+        text = body["messages"][-1]["content"]
+        if body["messages"][0]["content"].startswith("You are given an explanation"):
+            lines = [l for l in text.split("\n") if l[:1].isdigit()]
+            content = json.dumps([int(l.split(".")[0]) for l in lines if "<<X>>" in l])
+        else:
+            content = "Fires on the letter X."
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+        if what == "null":
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": None}}]})
+        elif what == "garbage":
+            out = '{"choices": [{"mess'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        try:
+            self.wfile.write(out.encode())
+        except BrokenPipeError:  # the client gave up waiting ("slow")
+            pass
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def fake_llm():
+    """The URL of a FakeLLM server, running for the test."""
+    FakeLLM.script[:], FakeLLM.requests[:] = [], []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
 
 
 # a real headless browser for the dashboard tests (.ci/run installs Debian's chromium)

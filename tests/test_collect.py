@@ -101,13 +101,15 @@ def test_store_errors(model_env, tmp_path):
     f = tmp_path / "s" / "acts-00001.npy"
     arr = np.load(f)
     np.save(f, arr[:-3])
-    with pytest.raises(ValueError, match=r"acts-00001.npy: holds .* but index.json says"):
+    with pytest.raises(ValueError, match=r"acts-00001.npy: its checksum does not match"):
         ActivationStore(str(tmp_path / "s")).shard(1)
+    with pytest.raises(ValueError, match=r"acts-00001.npy: holds .* but index.json says"):
+        ActivationStore(str(tmp_path / "s"), verify=False).shard(1)
     # NaN in a stored shard, named with its row
     arr[5, 2] = np.nan
     np.save(f, arr)
     with pytest.raises(ValueError, match=r"acts-00001.npy: row 5 holds NaN or Inf"):
-        ActivationStore(str(tmp_path / "s")).load_all()
+        ActivationStore(str(tmp_path / "s"), verify=False).load_all()
     # an index from another layout
     idx = json.load(open(tmp_path / "s" / "index.json"))
     idx["sites"] = idx["sites"][:7]

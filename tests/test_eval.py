@@ -53,7 +53,8 @@ def test_run_writes_files_same_for_two_processes_and_two_runs(env, tmp_path):
     m = res["results"]["math500"]
     assert (m["problems"] == 5 and m["samples"] == 5 and 0.0 <= m["accuracy"] <= 1.0
             and len(m["ci95"]) == 2)
-    assert res["identity"]["adapter"].endswith("adapter") and res["config"]["max_context"] == 4096
+    assert res["identity"]["adapter"]["path"].endswith("adapter")
+    assert res["settings"]["generation"]["max_context"] == 4096
     samples = [json.loads(l) for l in open(tmp_path / "a" / "samples.jsonl")]
     assert len(samples) == 5
     assert {"id", "generation", "extracted", "gold", "correct",

@@ -1,18 +1,16 @@
 """interpret.py mining against brute force on random activation stores (ties, negative polarity,
 per-document cap, de-duplication), quantiles against numpy, and the CLI output."""
-import http.server
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from autointerp import autointerp, balanced_accuracy, explain_messages
-from collect import ActivationStore
+from collect import ActivationStore, save_shard
 from collect import main as collect_main
-from conftest import hf_tiny, save_hf, tiny_tokenizer
+from conftest import FakeLLM, hf_tiny, save_hf, tiny_tokenizer
 from interpret import (compare_populations, feature_names, feature_values, main, mine, quantiles,
                        sae_offsets)
 from llm import LLM
@@ -31,16 +29,14 @@ def fake_store(path, doc_lengths, d=3, docs_per_shard=2, seed=0, ties=True):
         acts = rng.normal(size=(sum(lens), d)).astype(np.float32)
         if ties:
             acts = np.round(acts * 2) / 2
-        j = len(shards)
-        np.save(os.path.join(path, f"acts-{j:05d}.npy"), acts)
-        np.save(os.path.join(path, f"tokens-{j:05d}.npy"), rng.integers(0, 50,
-                                                                        sum(lens)).astype(np.int32))
+        ids = rng.integers(0, 50, sum(lens)).astype(np.int32)
         docs, off = [], 0
         for n in lens:
             docs.append(dict(doc=doc, source=f"row {doc}", start=off, length=n))
             off, doc = off + n, doc + 1
-        shards.append(dict(acts=f"acts-{j:05d}.npy", ids=f"tokens-{j:05d}.npy", tokens=off,
-                           docs=docs))
+        side = dict(tokens=off, docs=docs)
+        save_shard(str(path), len(shards), dict(acts=acts, ids=ids), side)  # collect.py's writer
+        shards.append(side)
     sites = [[0, "gate_proj"], [0, "q_proj"], [1, "down_proj"]][:d]
     idx = dict(shape=[sum(doc_lengths), d], dtype="float32", sites=sites, rank=1, shards=shards,
                documents=doc)
@@ -120,10 +116,10 @@ def test_quantiles_match_numpy(tmp_path):
 
 def test_cli_writes_examples_with_context(tmp_path):
     fake_store(tmp_path / "s", [7, 1, 12, 5, 9])
-    tiny_tokenizer(tmp_path)
-    main(["mine", "--acts", str(tmp_path / "s"), "--tokenizer", str(tmp_path), "--out",
-          str(tmp_path / "o"),
-          "--k", "3", "--context", "2", "--dedup", "1"])
+    (tmp_path / "tok").mkdir()
+    tiny_tokenizer(tmp_path / "tok")
+    main(["mine", "--acts", str(tmp_path / "s"), "--tokenizer", str(tmp_path / "tok"),
+          "--out", str(tmp_path / "o"), "--k", "3", "--context", "2", "--dedup", "1"])
     out = json.load(open(tmp_path / "o" / "features.json"))
     assert [f["name"] for f in out["features"]][:2] == ["L0.gate_proj+", "L0.q_proj+"]
     f = out["features"][3]  # L0.gate_proj-
@@ -170,82 +166,34 @@ def test_steer_zero_reproduces_and_offsets_are_exact(tmp_path):
 # --- autointerp against a local fake OpenAI-compatible server -------------------------------------
 
 
-class FakeLLM(http.server.BaseHTTPRequestHandler):
-    """429, then 500, then answers: explanations, and a scripted judge that picks the snippets
-    marked <<X>>."""
-    failures = []
-    requests = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeLLM.requests.append(body)
-        if FakeLLM.failures:
-            self.send_response(FakeLLM.failures.pop(0))
-            self.end_headers()
-            return
-        text = body["messages"][-1]["content"]
-        if body["messages"][0]["content"].startswith("You are given an explanation"):
-            lines = [l for l in text.split("\n") if l[:1].isdigit()]
-            content = json.dumps([int(l.split(".")[0]) for l in lines if "<<X>>" in l])
-        else:
-            content = "Fires on the letter X."
-        out = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                   "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *a):
-        pass
-
-
 def feature_with_examples(i):
     # distinct text per feature, so that no two requests share a cache key (the call count is exact)
-    top = [dict(value=float(v), tokens=["a", "X", f"b{i}"], acts=[0, v, 0], target=1) for v in (3,
-                                                                                                9,
-                                                                                                1,
-                                                                                                7,
-                                                                                                5,
-                                                                                                2,
-                                                                                                8,
-                                                                                                6,
-                                                                                                4,
-                                                                                                10,
-                                                                                                11,
-                                                                                                12,
-                                                                                                13,
-                                                                                                14)]
-    inactive = [dict(value=0.0, tokens=["a", "o", f"b{i}"], acts=[0, 0, 0],
-                     target=1) for _ in range(6)]
+    values = (3, 9, 1, 7, 5, 2, 8, 6, 4, 10, 11, 12, 13, 14)
+    top = [dict(value=float(v), tokens=["a", "X", f"b{i}"], acts=[0, v, 0], target=1)
+           for v in values]
+    inactive = [dict(value=0.0, tokens=["a", "o", f"b{i}"], acts=[0, 0, 0], target=1)
+                for _ in range(6)]
     return dict(id=i, name=f"L0.gate_proj+{i}", top=top, random=top[:2], inactive=inactive)
 
 
-def test_autointerp_with_fake_server(tmp_path):
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-        f = feature_with_examples(0)
-        msg = explain_messages(f, n=10)[1]["content"].split("\n")
-        values = [float(l.split("(")[1].split(")")[0]) for l in msg if l[0].isdigit()]
-        assert values == sorted(values, reverse=True) == [14, 13, 12, 11, 10, 9, 8, 7, 6,
-                                                          5]  # activation order
-        FakeLLM.failures[:] = [429, 500]
-        llm = LLM(url, "fake", str(tmp_path / "cache"), backoff=0.01, concurrency=2)
-        rows = autointerp([f, feature_with_examples(1)], llm, rubric=False)
-        assert all(r["explanation"] == "Fires on the letter X." for r in rows)
-        assert all(r["detection_balanced_accuracy"] == 1.0
-                   for r in rows)  # the scripted judge is perfect
-        assert llm.calls == 4 + 2  # 2 features x (explain + detect) + the two retried failures
-        llm2 = LLM(url, "fake", str(tmp_path / "cache"))
-        assert autointerp([f, feature_with_examples(1)],
-                          llm2) == rows and llm2.calls == 0  # all from the cache
-        FakeLLM.failures[:] = [404]
-        with pytest.raises(RuntimeError, match="HTTP 404"):
-            LLM(url, "fake", str(tmp_path / "c2"))([{"role": "user", "content": "x"}])
-    finally:
-        srv.shutdown()
+def test_autointerp_with_fake_server(tmp_path, fake_llm):
+    url = fake_llm
+    f = feature_with_examples(0)
+    msg = explain_messages(f, n=10)[1]["content"].split("\n")
+    values = [float(l.split("(")[1].split(")")[0]) for l in msg if l[0].isdigit()]
+    assert values == sorted(values, reverse=True) == [14, 13, 12, 11, 10, 9, 8, 7, 6, 5]
+    FakeLLM.script[:] = [429, 500]
+    llm = LLM(url, "fake", str(tmp_path / "cache"), backoff=0.01, concurrency=2)
+    rows = autointerp([f, feature_with_examples(1)], llm, rubric=False)
+    assert all(r["explanation"] == "Fires on the letter X." for r in rows)
+    assert all(r["detection_balanced_accuracy"] == 1.0 for r in rows)  # the judge is perfect
+    assert llm.calls == 4 + 2  # 2 features x (explain + detect) + the two retried failures
+    llm2 = LLM(url, "fake", str(tmp_path / "cache"))
+    rows2 = autointerp([f, feature_with_examples(1)], llm2)
+    assert rows2 == rows and llm2.calls == 0  # all from the cache
+    FakeLLM.script[:] = [404]
+    with pytest.raises(RuntimeError, match="HTTP 404"):
+        LLM(url, "fake", str(tmp_path / "c2"))([{"role": "user", "content": "x"}])
 
 
 def test_balanced_accuracy_hand_values():

@@ -133,7 +133,9 @@ def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-2000:]
     assert "SIGTERM: saved the checkpoint" in out
-    meta = json.load(open(tmp_path / "t" / "ckpt" / "meta.json"))
+    (step_dir,) = (tmp_path / "t" / "ckpt").iterdir()  # the one complete checkpoint
+    meta = json.load(open(step_dir / "meta.json"))
+    assert step_dir.name == f"step-{meta['step'] + 1:06d}"
     assert meta["step"] + 1 == len(losses(tmp_path / "t"))
 
 
@@ -238,7 +240,8 @@ def test_error_checkpoint_from_another_config(setup, tmp_path):
     assert (r.returncode != 0 and "is from another run's config" in r.stderr
             and "lr: checkpoint 0.01 vs now 0.005" in r.stderr)
     r = run(setup, tmp_path / "c", check=False)
-    assert r.returncode != 0 and "already holds a checkpoint; pass --resume" in r.stderr
+    assert (r.returncode != 0 and "already holds a run" in r.stderr
+            and "pass --resume to continue it or --overwrite to start over" in r.stderr)
 
 
 def test_error_unwritable_output(setup, tmp_path):
