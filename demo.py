@@ -307,18 +307,25 @@ def make_finetune(d, p, data, base, preset):
         copy_tokenizer(base, os.path.join(d, "model"))
 
 
-EVAL_ARGS = ["--max-context", 512, "--thinking-budget", 256, "--max-answer-tokens", 24]
+# the two protocols at the demo's scale: s1 (think, then answer) for the fine-tunes and, as s1 ran
+# its base model, plain (one chat answer) for the base; the base is run both ways
+EVAL_ARGS = dict(s1=["--max-context", 512, "--thinking-budget", 256, "--max-answer-tokens", 24],
+                 plain=["--protocol", "plain", "--max-context", 512, "--max-answer-tokens", 280])
 
 
 def make_eval(d, p, data, models):
-    """eval.py run for each model on the held-out problems, then eval.py compare."""
+    """eval.py run for each model on the held-out problems, then eval.py compare: recovery over the
+    base asked plainly (the paper's, via s1's table) and over the base under the s1 protocol."""
     bench = "math=" + os.path.join(data, "heldout.jsonl")
-    for name, (model, adapter) in models.items():
+    log = os.path.join(d, "log.txt")
+    for name, (model, adapter, protocol) in models.items():
         run_script("eval.py", ["run", "--model", model, "--out", os.path.join(d, name),
-                               "--bench", bench, "--batch-size", p["eval_batch"], *EVAL_ARGS]
-                   + (["--adapter", adapter] if adapter else []), os.path.join(d, "log.txt"))
-    run_script("eval.py", ["compare", *(os.path.join(d, n) for n in ("base", "full", "rank1")),
-                           "--out", os.path.join(d, "recovery.json")], os.path.join(d, "log.txt"))
+                               "--bench", bench, "--batch-size", p["eval_batch"],
+                               *EVAL_ARGS[protocol]] + (["--adapter", adapter] if adapter else []),
+                   log)
+    for base, out in (("base_plain", "recovery.json"), ("base", "recovery_s1.json")):
+        run_script("eval.py", ["compare", *(os.path.join(d, n) for n in (base, "full", "rank1")),
+                               "--out", os.path.join(d, out)], log)
 
 
 def make_interpret(d, p, data, base, adapter, samples):
@@ -420,8 +427,10 @@ def token_labels(features_json, n=5, min_top=10):
 
 def summarize(out, p):
     load = lambda *a: json.load(open(os.path.join(out, *a)))
-    res = {n: load("eval", n, "results.json")["results"]["math"] for n in ("base", "full", "rank1")}
+    runs = dict(base_plain="plain", base="s1", full="s1", rank1="s1")  # eval run: protocol
+    res = {n: load("eval", n, "results.json")["results"]["math"] for n in runs}
     rec = load("eval", "recovery.json")["table"]["math"]
+    rec_s1 = load("eval", "recovery_s1.json")["table"]["math"]
     abl = load("interpret", "ablate", "ablations.json")["results"]
     key = "kl_full_abl_assistant_mean"
     top_layer = max(abl["layer"], key=lambda r: r[key])
@@ -436,7 +445,9 @@ def summarize(out, p):
                    accuracy={n: dict(accuracy=r["accuracy"], ci95=r["ci95"],
                                      mean_thinking_tokens=r["mean_thinking_tokens"],
                                      unparseable=r["unparseable"]) for n, r in res.items()},
-                   recovery=dict(recovery=rec["recovery"], ci95=rec["recovery_ci95"]),
+                   recovery=dict(recovery=rec["recovery"], ci95=rec["recovery_ci95"],
+                                 base="plain", over_s1_base=rec_s1["recovery"],
+                                 over_s1_base_ci95=rec_s1["recovery_ci95"]),
                    trainable_params=dict(rank1=n_adapter, full=n_full),
                    ablation=dict(top_layer=top_layer["label"], top_layer_kl=top_layer[key],
                                  by_type=[(r["label"], r[key]) for r in types]),
@@ -446,17 +457,18 @@ def summarize(out, p):
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     steps, s1k_steps = p["heldout_steps"], p["s1k_steps"]
     lines = [f"rank1 demo: {rec['problems']} held-out problems of {steps[0]}-{steps[1]} steps "
-             f"(the mini s1K has {s1k_steps[0]}-{s1k_steps[1]}), s1 protocol, greedy",
-             f"  {'model':8s} {'accuracy':>9s}  95% CI            thinking tokens"]
+             f"(the mini s1K has {s1k_steps[0]}-{s1k_steps[1]}), greedy",
+             f"  {'model':6s} {'protocol':8s} {'accuracy':>9s}  95% CI            thinking tokens"]
     for n, r in res.items():
         lo, hi = r["ci95"]
-        lines.append(f"  {n:8s} {pct(r['accuracy']):>9s}  [{pct(lo)}, {pct(hi)}]  "
-                     f"{r['mean_thinking_tokens']:.0f}")
+        lines.append(f"  {n.split('_')[0]:6s} {runs[n]:8s} {pct(r['accuracy']):>9s}  "
+                     f"[{pct(lo)}, {pct(hi)}]  {r['mean_thinking_tokens']:.0f}")
     lo, hi = rec["recovery_ci95"]
     sc, lat = carry["scalar"], carry["sae_latent"]
-    lines += [f"  rank-1 LoRA recovers {pct(rec['recovery'])} of the full finetune's gain (paired "
-              f"bootstrap 95% CI [{pct(lo)}, {pct(hi)}]) with {n_adapter:,} trainable parameters "
-              f"vs {n_full:,}",
+    lines += [f"  rank-1 LoRA recovers {pct(rec['recovery'])} of the full finetune's gain over the "
+              f"base asked plainly, as s1 evaluated its base (paired bootstrap 95% CI [{pct(lo)}, "
+              f"{pct(hi)}]; over the base under the s1 protocol: {pct(rec_s1['recovery'])}) with "
+              f"{n_adapter:,} trainable parameters vs {n_full:,}",
               f"ablations (KL(full || ablated) on assistant tokens): {top_layer['label']} matters "
               f"most ({top_layer[key]:.3g}); by type: "
               + ", ".join(f"{l} {v:.3g}" for l, v in summary["ablation"]["by_type"]),
@@ -499,8 +511,9 @@ def main(argv=None):
     k_full = stage(out, "full", dict(base=k_base, p=p, preset=PRESETS["full"]),
                    lambda d: make_finetune(d, p, data, base, "full"))
     adapter = os.path.join(out, "rank1", "adapter")
-    models = dict(base=(base, None), full=(os.path.join(out, "full", "model"), None),
-                  rank1=(base, adapter))
+    models = dict(base_plain=(base, None, "plain"), base=(base, None, "s1"),
+                  full=(os.path.join(out, "full", "model"), None, "s1"),
+                  rank1=(base, adapter, "s1"))
     k_eval = stage(out, "eval", dict(models=[k_base, k_full, k_r1], p=p, args=EVAL_ARGS),
                    lambda d: make_eval(d, p, data, models))
     stage(out, "interpret", dict(eval=k_eval, p=p), lambda d: make_interpret(

@@ -1,9 +1,10 @@
 """
-Benchmarks with the s1 protocol (AIME24/25, MATH500, GPQA-Diamond), the recovery table, and
+Benchmarks as s1 evaluates them (AIME24/25, MATH500, GPQA-Diamond), the recovery table, and
 adapter ablations.
 
-    # generate and grade (--adapter DIR [--merge] for the LoRA; torchrun splits problems over GPUs)
-    python eval.py run --model /models/Qwen2.5-32B-Instruct --out results/base \\
+    # generate and grade (--adapter DIR [--merge] for the LoRA; torchrun splits problems over GPUs);
+    # the base model as s1 evaluated it: --protocol plain
+    python eval.py run --model /models/Qwen2.5-32B-Instruct --protocol plain --out results/base \\
         --bench math500=data/math500/test.jsonl --bench aime24=data/aime24/test.jsonl \\
         --bench gpqa=data/gpqa_diamond_mcq.zip --zip-password ...
     torchrun --standalone --nproc_per_node=8 eval.py run --model ... --adapter runs/rank1/adapter \\
@@ -14,10 +15,13 @@ adapter ablations.
     python eval.py ablate --model ... --adapter runs/rank1/adapter \\
         --samples results/lora/samples.jsonl --out results/ablate
 
-Protocol (PAPER.md section C): chat prompt + `<|im_start|>think`; think until `<|im_start|>` (or
-<|im_end|>) or the thinking budget (auto = max context - prompt - answer reserve); then
-`<|im_start|>answer` (with `\\nFinal Answer:` when the budget ran out) and the answer until
-<|im_end|>. --wait N replaces an early end of thinking by "Wait" up to N times (budget forcing).
+Protocols (PAPER.md section C). s1 (the fine-tunes): chat prompt + `<|im_start|>think`; think
+until `<|im_start|>` (or <|im_end|>) or the thinking budget (auto = max context - prompt -
+len(FINAL_ANSWER) - 100, s1's formula); then `<|im_start|>answer` (with `\\nFinal Answer:` when
+the budget ran out) and the answer until <|im_end|>, in all the context thinking left. --wait N
+replaces an early end of thinking by "Wait" up to N times (budget forcing). plain (s1's runs of
+Qwen2.5-32B-Instruct): the chat prompt and one answer up to the context limit, graded on the
+whole output.
 Greedy by default; --temperature > 0 samples --samples-per-problem answers with --seed (pass@1
 averaged). Problems are cut into fixed batches and batch i runs on rank i % world, so results do
 not depend on the number of processes. Each finished batch is appended to its rank's
@@ -85,7 +89,7 @@ def load_benchmark(name, path, password=None, seed=0):
 def _load_gpqa(path, password, seed):
     """GPQA-Diamond: the MCQ jsonl ({question with options, answer letter}), optionally inside a
     password-protected zip, or the original CSV (Question, Correct Answer, Incorrect Answer 1-3),
-    whose options are shuffled with random.Random(seed) in row order."""
+    whose options are ordered as s1's harness orders them (seed 0 reproduces it)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such benchmark file")
     if path.endswith(".zip"):
@@ -113,6 +117,9 @@ def _load_gpqa(path, password, seed):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{member} line {n}: not valid JSON ({e.msg})") from None
     elif path.endswith(".csv"):
+        # s1's gpqa_diamond_openai task: per row, in file order, the list [Incorrect Answer 1-3,
+        # Correct Answer] shuffled by Python's random seeded with lm-eval's seed (0), and the
+        # question and options as they are in the file
         with open(path, newline="", encoding="utf-8") as f:
             rng = random.Random(seed)
             rows = []
@@ -122,13 +129,11 @@ def _load_gpqa(path, password, seed):
                 miss = [k for k in need if not r.get(k)]
                 if miss:
                     raise ValueError(f"{path} line {n}: missing field {miss[0]!r}")
-                opts = [r["Correct Answer"].strip()]
-                opts += [r[f"Incorrect Answer {k}"].strip() for k in (1, 2, 3)]
-                order = list(range(4))
-                rng.shuffle(order)
-                listing = "\n".join(f"{'ABCD'[j]}) {opts[o]}" for j, o in enumerate(order))
-                q = r["Question"].strip() + "\n\n" + listing
-                rows.append(({"question": q, "answer": "ABCD"[order.index(0)],
+                choices = [r[f"Incorrect Answer {k}"] for k in (1, 2, 3)] + [r["Correct Answer"]]
+                rng.shuffle(choices)
+                listing = "\n".join(f"{'ABCD'[j]}) {c}" for j, c in enumerate(choices))
+                rows.append(({"question": r["Question"] + "\n\n" + listing,
+                              "answer": "ABCD"[choices.index(r["Correct Answer"])],
                               "id": r.get("Record ID", n)}, f"{path} line {n}"))
     else:
         rows = list(zip(*read_rows(path)))
@@ -149,20 +154,59 @@ def _load_gpqa(path, password, seed):
 
 @dataclass
 class GenConfig:
-    """How eval.py generates (the s1 protocol's budgets, budget forcing and sampling)."""
-    max_context: int = 32768      # prompt + thinking + answer, in tokens (s1's max_gen_toks regime)
-    max_answer_tokens: int = 1024  # the answer phase's cap, reserved out of the thinking budget
-    thinking_budget: int = 0      # 0: auto (max context - prompt - answer reserve)
+    """How eval.py generates: the protocol, its budgets, budget forcing and sampling."""
+    protocol: str = "s1"          # s1: think, then answer; plain: one chat answer (s1's base runs)
+    max_context: int = 32768      # prompt + all generated tokens (s1: max_gen_toks, the context)
+    thinking_budget: int = 0      # 0: auto = max_context - prompt - len(FINAL_ANSWER) - reserve
+    answer_reserve: int = 100     # what auto leaves for the answer at least (s1's 100)
+    max_answer_tokens: int = 0    # a cap on the answer (0: all that thinking left, as s1)
     wait: int = 0                 # budget forcing: an early end of thinking -> "Wait", N times
     temperature: float = 0.0      # 0: greedy
     top_p: float = 1.0
 
+    def __post_init__(self):
+        if self.protocol not in ("s1", "plain"):
+            raise ValueError(f"--protocol must be s1 or plain, got {self.protocol!r}")
+
+
+def generate(model, tok, questions, cfg, generator=None):
+    """Answers to a batch of questions under cfg.protocol: one dict per question."""
+    if cfg.protocol == "plain":
+        return plain_generate(model, tok, questions, cfg, generator)
+    return s1_generate(model, tok, questions, cfg, generator)
+
+
+def plain_generate(model, tok, questions, cfg, generator=None):
+    """s1's base-model protocol: the chat template and one generation up to the context limit
+    (or --max-answer-tokens); the answer is read from the whole output."""
+    prompts = [tok.encode(render_chat([{"role": "user", "content": q}],
+                                      add_generation_prompt=True)) for q in questions]
+    budgets = [cfg.max_context - len(p) for p in prompts]
+    if cfg.max_answer_tokens:
+        budgets = [min(b, cfg.max_answer_tokens) for b in budgets]
+    if min(budgets) < 1:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens fills --max-context")
+    outs = model.generate(prompts, max(budgets), temperature=cfg.temperature, top_p=cfg.top_p,
+                          stop_ids=[tok.im_end, tok.eot], generator=generator)
+    res = []
+    for o, budget in zip(outs, budgets):
+        o = o[:budget]
+        ended = bool(o) and o[-1] in (tok.im_end, tok.eot)
+        res.append(dict(generation=tok.decode(o[:-1] if ended else o), thinking_tokens=0,
+                        answer_tokens=len(o), thinking_truncated=False, answer_truncated=not ended))
+    return res
+
 
 def s1_generate(model, tok, questions, cfg, generator=None):
-    """Two-phase s1 generation for a batch of questions (cfg: a GenConfig); a dict per question."""
+    """Two-phase s1 generation for a batch of questions (cfg: a GenConfig); a dict per question.
+
+    With P the prompt (chat template + think marker) and F = FINAL_ANSWER, in tokens:
+        thinking budget (auto) = max_context - |P| - |F| - answer_reserve    (s1's "auto")
+        answer budget = max_context - |P| - |thinking| - |answer head|, capped by max_answer_tokens
+    so the answer may use all that thinking left of the context, as s1's second call may."""
     stops = [tok.im_start, tok.im_end, tok.eot]
     prompts = [tok.encode(s1_prompt(q)) for q in questions]
-    reserve = len(tok.encode("\n" + FINAL_ANSWER)) + cfg.max_answer_tokens
+    reserve = len(tok.encode(FINAL_ANSWER)) + cfg.answer_reserve
     auto = cfg.thinking_budget <= 0
     budgets = [cfg.max_context - len(p) - reserve if auto else cfg.thinking_budget for p in prompts]
     if min(budgets) < 1:
@@ -193,11 +237,18 @@ def s1_generate(model, tok, questions, cfg, generator=None):
     for i in range(len(prompts)):
         text = tok.decode(think[i])
         heads.append(ANSWER if natural[i] else ("" if text.endswith("\n") else "\n") + FINAL_ANSWER)
-    answers = model.generate([p + t + tok.encode(h) for p, t, h in zip(prompts, think, heads)],
-                             cfg.max_answer_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+    inputs = [p + t + tok.encode(h) for p, t, h in zip(prompts, think, heads)]
+    room = [cfg.max_context - len(x) for x in inputs]
+    if cfg.max_answer_tokens:
+        room = [min(r, cfg.max_answer_tokens) for r in room]
+    if min(room) < 1:
+        raise ValueError("a prompt and its thinking leave no room for the answer within "
+                         "--max-context (set --thinking-budget lower)")
+    answers = model.generate(inputs, max(room), temperature=cfg.temperature, top_p=cfg.top_p,
                              stop_ids=[tok.im_end, tok.eot], generator=generator)
     res = []
     for i, a in enumerate(answers):
+        a = a[:room[i]]  # a batch shares one length: cut each to its room
         ended = bool(a) and a[-1] in (tok.im_end, tok.eot)
         gen = THINK + tok.decode(think[i]) + heads[i] + tok.decode(a[:-1] if ended else a)
         res.append(dict(generation=gen, thinking_tokens=len(think[i]), answer_tokens=len(a),
@@ -321,7 +372,7 @@ def cmd_run(args):
     with open(part_file, "a", encoding="utf-8") as part:
         for bi, batch in mine:
             g = torch.Generator(device=device).manual_seed(args.seed + bi)
-            outs = s1_generate(model, tok, [it["question"] for _, it, _ in batch], gen, g)
+            outs = generate(model, tok, [it["question"] for _, it, _ in batch], gen, g)
             for (name, it, k), o in zip(batch, outs):
                 pred, correct, error = grade_sample(name, o["generation"], it["gold"])
                 # GPQA's authors ask that its questions never be written out
@@ -367,7 +418,8 @@ def write_results(out, benches, records, settings, identity):
     write_atomic(os.path.join(out, "samples.jsonl"),
                  "".join(json.dumps({k: r.get(k) for k in SAMPLE_KEYS}) + "\n" for r in records))
     write_json(os.path.join(out, "results.json"),
-               dict(results=results, settings=settings, identity=identity))
+               dict(results=results, protocol=settings["generation"]["protocol"],
+                    settings=settings, identity=identity))
     for name, r in results.items():
         lo, hi = r["ci95"]
         print(f"{name}: accuracy {r['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] on {r['problems']} "
@@ -435,8 +487,17 @@ def read_results(run_dir):
 
 
 def cmd_compare(args):
+    if args.out:
+        check_out(args.out, {"base": args.base, "full": args.full, "lora": args.lora})
+        fresh_outputs([args.out], args.overwrite)
     runs = [read_results(d) for d in (args.base, args.full, args.lora)]
     table = recovery_table(*runs, intersect=args.intersect)
+    protocols = dict(zip(("base", "full", "lora"), (r.get("protocol", "s1") for r in runs)))
+    print("protocols: " + ", ".join(f"{k} {v}" for k, v in protocols.items()))
+    if protocols["base"] != "plain":
+        print("warning: the base was not run with --protocol plain: s1 evaluated "
+              "Qwen2.5-32B-Instruct with plain generation, so this recovery is not the paper's "
+              "(a base forced into the think format can score lower and inflate recovery)")
     fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}"
     print(f"{'benchmark':10s} {'base':>6s} {'full':>6s} {'lora':>6s} {'recovery %':>11s} "
           f"{'95% CI':>16s} problems")
@@ -445,9 +506,9 @@ def cmd_compare(args):
         print(f"{name:10s} {fmt(r['base']):>6s} {fmt(r['full']):>6s} {fmt(r['lora']):>6s} "
               f"{fmt(r['recovery']):>11s} {'[' + fmt(lo) + ', ' + fmt(hi) + ']':>16s} "
               f"{r['problems']}")
-    out = args.out or os.path.join(args.lora, "recovery.json")
-    write_json(out, dict(base=args.base, full=args.full, lora=args.lora, intersect=args.intersect,
-                         table=table))
+    if args.out:
+        write_json(args.out, dict(base=args.base, full=args.full, lora=args.lora,
+                                  intersect=args.intersect, protocols=protocols, table=table))
     return table
 
 
@@ -615,7 +676,8 @@ def main(argv=None):
     c.add_argument("base")
     c.add_argument("full")
     c.add_argument("lora")
-    c.add_argument("--out", help="JSON file (default: LORA/recovery.json)")
+    c.add_argument("--out", help="also write the table to this JSON file")
+    c.add_argument("--overwrite", action="store_true", help="replace the --out file")
     c.add_argument("--intersect", action="store_true",
                    help="compare on the problems (and benchmarks) all three runs share")
     c.set_defaults(func=cmd_compare)

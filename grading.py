@@ -15,6 +15,9 @@ random points with a small parser written here (never Python's eval).
 import math
 import random
 import re
+from fractions import Fraction
+
+from data import ANSWER, IM_START
 
 # -----------------------------------------------------------------------------
 # extraction
@@ -49,14 +52,19 @@ def last_boxed(text):
     return best
 
 
+def answer_part(generation):
+    """What follows the last answer marker (s1's answer phase), or the last <|im_start|>; the
+    whole output when it has neither (the plain protocol)."""
+    for marker in (ANSWER, IM_START):
+        i = generation.rfind(marker)
+        if i != -1:
+            return generation[i + len(marker):]
+    return generation
+
+
 def extract_answer(generation):
     """The final answer in a model output, or None when there is none."""
-    text = generation
-    for marker in ("<|im_start|>answer", "<|im_start|>"):
-        i = text.rfind(marker)
-        if i != -1:
-            text = text[i + len(marker):]
-            break
+    text = answer_part(generation)
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -220,9 +228,9 @@ class _Parser:
     def atom(self):
         t = self.take()
         if t[0].isdigit() or t[0] == ".":
-            return ("num", float(t))
+            return ("num", Fraction(t))
         if t == "\\pi":
-            return ("num", math.pi)
+            return ("pi",)
         if t == "\\frac":
             return ("/", self.group(), self.group())
         if t == "\\sqrt":
@@ -238,15 +246,18 @@ class _Parser:
 
 
 def _eval(e, env):
+    """Float value of a parsed expression, variables from env."""
     op = e[0]
     if op == "num":
-        return e[1]
+        return float(e[1])
     if op == "var":
         return env[e[1]]
     if op == "neg":
         return -_eval(e[1], env)
     if op == "sqrt":
         return math.sqrt(_eval(e[1], env))
+    if op == "pi":
+        return math.pi
     a, b = _eval(e[1], env), _eval(e[2], env)
     if op == "+":
         return a + b
@@ -261,42 +272,88 @@ def _eval(e, env):
     return a ** b
 
 
-def _close(a, b):
-    return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+def _exact(e):
+    """The exact rational value of a parsed expression (integers, decimals, + - * /, integer
+    powers), or None when it holds a radical, pi or a variable."""
+    op = e[0]
+    if op == "num":
+        return e[1]
+    if op in ("var", "sqrt", "pi"):
+        return None
+    if op == "neg":
+        v = _exact(e[1])
+        return None if v is None else -v
+    a, b = _exact(e[1]), _exact(e[2])
+    if a is None or b is None:
+        return None
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        return a / b
+    if b.denominator != 1 or abs(b) > 4096 or (a == 0 and b < 0):  # 2^{65} stays exact
+        return None
+    return a ** int(b)
+
+
+def _decimal_places(s):
+    """d for a number written as a decimal with d >= 6 fractional digits (then it stands for any
+    value that rounds to it, as math-verify's rounding to 6 places has it), else None."""
+    m = re.fullmatch(r"-?\d*\.(\d{6,})", s)
+    return len(m.group(1)) if m else None
 
 
 def _mixed_number(s):
     # "1\frac{4}{5}" / "137\frac{1}{2}" is a mixed number, 1 + 4/5
     m = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)
     if m:
-        v = int(m.group(2)) + int(m.group(3)) / int(m.group(4))
+        v = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
         return -v if m.group(1) else v
     return None
 
 
 def _value_equal(a, b):
-    """Numeric or symbolic equality of two normalised, bracket-free strings."""
+    """Numeric or symbolic equality of two normalised, bracket-free strings. Rationals (integers,
+    fractions, decimals, integer powers) are compared exactly; values with radicals or pi, and
+    expressions in a few variables (at random points), to floating-point rounding (1e-9); a
+    decimal written to 6 or more places matches any value that rounds to it."""
     try:
         pa, pb = _Parser(a), _Parser(b)
         ea, eb = pa.parse(), pb.parse()
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, ZeroDivisionError):
         return False
-    va, vb = sorted(pa.vars | pb.vars), None
-    if len(va) > 3 or re.search(r"[a-zA-Z]{3}", re.sub(r"\\[a-zA-Z]+", "", a + b)):
+    if len(pa.vars | pb.vars) > 3 or re.search(r"[a-zA-Z]{3}", re.sub(r"\\[a-zA-Z]+", "", a + b)):
         return False  # words, not algebra
     if pa.vars != pb.vars:
         return False
-    rng = random.Random(0)
-    for _ in range(5):
-        env = {v: rng.uniform(0.5, 2.5) for v in va}
+    places = _decimal_places(a) or _decimal_places(b)
+    if not pa.vars:
         try:
-            x, y = _eval(ea, env), _eval(eb, env)
+            xa, xb = _exact(ea), _exact(eb)
+            if xa is not None and xb is not None and not places:
+                return xa == xb
+            fa, fb = _eval(ea, {}), _eval(eb, {})
         except (ZeroDivisionError, ValueError, OverflowError):
             return False
-        if not _close(x, y):
+        if places:
+            return abs(fa - fb) <= 0.5 * 10 ** -places * (1 + 1e-9)
+        return _close(fa, fb)
+    rng = random.Random(0)
+    for _ in range(5):
+        env = {v: rng.uniform(0.5, 2.5) for v in sorted(pa.vars)}
+        try:
+            if not _close(_eval(ea, env), _eval(eb, env)):
+                return False
+        except (ZeroDivisionError, ValueError, OverflowError):
             return False
-        vb = True
-    return bool(vb)
+    return True
+
+
+def _close(a, b):
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
 
 
 def _split_top(s):
@@ -322,9 +379,9 @@ def _equal_norm(a, b):
     ma, mb = _mixed_number(a), _mixed_number(b)
     if ma is not None or mb is not None:
         try:
-            va = ma if ma is not None else _eval(_Parser(a).parse(), {})
-            vb = mb if mb is not None else _eval(_Parser(b).parse(), {})
-            return _close(va, vb)
+            va = ma if ma is not None else _exact(_Parser(a).parse())
+            vb = mb if mb is not None else _exact(_Parser(b).parse())
+            return va is not None and vb is not None and va == vb
         except (ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError):
             return False
     # tuples / intervals / lists: same brackets, same length, equal components in order
@@ -362,18 +419,29 @@ def math_equal(pred, gold):
 BENCHMARKS = ("aime24", "aime25", "math500", "gpqa", "math")
 
 
+# a GPQA answer in one of its canonical forms: "C", "(C)", "C)", "C.", "C) 7", "(C) 7",
+# "Option C", "Choice (C)"; markdown bold, $ and \\text{} around it are removed first
+LETTER = re.compile(r"([A-D])|\(([A-D])\)(?:\s.*)?|([A-D])[).:](?:\s.*)?"
+                    r"|(?:Option|Choice)\s+\(?([A-D])\)?[.)]?", re.DOTALL)
+
+
 def extract_letter(generation):
-    """The chosen option A-D: the extracted answer if it is a letter (also "(B)", "\\text{C}",
-    "Option D", "b"), else an explicit phrase like "the answer is C"; None when nothing is found."""
-    ans = extract_answer(generation)
-    if ans is not None:
-        a = normalize(ans).strip("(){}[]. ")
-        m = re.fullmatch(r"(?i)(?:option|choice)?\s*\(?([a-d])\)?(?:[).:].*)?", a)
-        if m:
-            return m.group(1).upper()
-    m = list(re.finditer(r"(?i)(?:answer|choice|option)\s*(?:is|:)?\s*\(?\b([A-D])\b\)?",
-                         generation))
-    return m[-1].group(1).upper() if m else None
+    """The chosen option A-D, from the answer phase only (never the thinking): the last \\boxed{}
+    there, else what follows its last "Answer:" / "Final Answer:", in a canonical form (LETTER),
+    or a bare lowercase letter (as s1's harness takes it). None otherwise: unparseable, and wrong
+    (the official harness defaulted it to "A")."""
+    text = answer_part(generation)
+    cand = last_boxed(text)
+    if cand is None:
+        m = list(re.finditer(r"(?i)answer\s*:\s*([^\n]*)", text))
+        if not m:
+            return None
+        cand = m[-1].group(1)
+    cand = _strip_text_commands(cand.strip().strip("$*").strip())
+    if cand in ("a", "b", "c", "d"):
+        return cand.upper()
+    m = LETTER.fullmatch(cand)
+    return next(g for g in m.groups() if g) if m else None
 
 
 def grade(benchmark, generation, gold):

@@ -37,7 +37,7 @@ from common import (add_config_flags, bootstrap_ci, check_out, config_from_flags
                     file_identity, fresh_outputs, read_json, same_origin, user_errors, write_atomic,
                     write_json)
 from data import Tokenizer
-from eval import GenConfig, add_model_flags, grade, load_benchmark, s1_generate
+from eval import GenConfig, add_model_flags, generate, grade, load_benchmark
 from llm import LLM
 from lora import load_model, sites, steer
 from sae import SAE
@@ -300,7 +300,7 @@ def cmd_steer(args):
             with steer(model, direction(c)) if c != 0 else nullcontext():
                 for i in range(0, len(items), args.batch_size):
                     batch = items[i:i + args.batch_size]
-                    outs += s1_generate(model, tok, [it["question"] for it in batch], gen, g)
+                    outs += generate(model, tok, [it["question"] for it in batch], gen, g)
             correct = [grade(it["bench"], o["generation"], it["gold"])
                        for it, o in zip(items, outs) if it["bench"]]
             results.append(dict(

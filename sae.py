@@ -180,7 +180,7 @@ def train_step(sae, xn, cfg, state):
     fired[cols] = True
     state["since"] = torch.where(fired, 0, state["since"] + B)
     dead = state["since"] >= cfg.dead_tokens
-    aux = torch.zeros((), device=xn.device)
+    aux, k_aux = torch.zeros((), device=xn.device), 0
     if dead.any() and cfg.aux_coeff > 0:
         k_aux = min(cfg.k_aux or sae.d_in // 2, int(dead.sum()))
         # only dead latents compete; no ReLU here, so latents whose pre-activations went negative
@@ -204,7 +204,7 @@ def train_step(sae, xn, cfg, state):
             state["threshold_steps"] = t
     total = loss + cfg.aux_coeff * aux
     return total, dict(mse=loss.item() / sae.d_in, fvu=(err.mean() / var).item(), aux=aux.item(),
-                       l0=len(rows) / B, dead=dead.float().mean().item())
+                       l0=len(rows) / B, dead=dead.float().mean().item(), k_aux=k_aux)
 
 
 @torch.no_grad()

@@ -129,3 +129,22 @@ def test_load_text_packs_documents_with_endoftext(tmp_path):
     f.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(ValueError, match=r"corpus.jsonl line 2: missing field 'text'"):
         load_text(str(f), tok, 4)
+
+
+def test_block_size_truncates_the_sequence_and_counts_what_is_lost(tmp_path):
+    """A sequence longer than --block-size keeps its first block_size tokens (block_size - 1
+    next-token pairs, as HF's truncation then shift); what is cut is counted, not dropped silently.
+    A sequence of exactly block_size tokens is kept whole."""
+    from data import load_s1
+    tok = tiny_tokenizer(tmp_path)
+    row = dict(ROW, deepseek_thinking_trajectory=ROW["deepseek_thinking_trajectory"] * 4)
+    ids, mask = s1_example(row, tok)
+    f = tmp_path / "rows.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    block = len(ids) - 7
+    [(inputs, targets)], stats = load_s1(str(f), tok, block)
+    assert inputs == ids[:block - 1]
+    assert targets == [t if m else -100 for t, m in zip(ids[1:block], mask[1:block])]
+    assert stats["truncated"] == 1 and stats["target_tokens_lost"] == sum(mask[block:]) == 7
+    [(inputs, _)], stats = load_s1(str(f), tok, len(ids))
+    assert inputs == ids[:-1] and stats["truncated"] == 0

@@ -69,16 +69,24 @@ def test_adapter_loads_in_peft_and_matches_ours(demo_run):
 def test_eval_results_schema(demo_run):
     out, _, _ = demo_run
     n = len(open(out / "data" / "heldout.jsonl").readlines())
-    for run in ("base", "full", "rank1"):
-        r = json.load(open(out / "eval" / run / "results.json"))["results"]["math"]
+    for run, protocol in (("base_plain", "plain"), ("base", "s1"), ("full", "s1"),
+                          ("rank1", "s1")):
+        res = json.load(open(out / "eval" / run / "results.json"))
+        r = res["results"]["math"]
+        assert res["protocol"] == protocol
         assert r["problems"] == n == len(r["per_problem"]) and 0 <= r["accuracy"] <= 1
         lo, hi = r["ci95"]
         assert lo <= r["accuracy"] <= hi
         assert sum(1 for _ in open(out / "eval" / run / "samples.jsonl")) == n
-    t = json.load(open(out / "eval" / "recovery.json"))["table"]["math"]
-    assert t["problems"] == n
+    t = json.load(open(out / "eval" / "recovery.json"))
+    assert t["protocols"] == dict(base="plain", full="s1", lora="s1")
+    assert t["table"]["math"]["problems"] == n
     s = json.load(open(out / "summary.json"))
-    assert s["accuracy"]["full"]["accuracy"] == t["full"]
+    assert s["accuracy"]["full"]["accuracy"] == pytest.approx(t["table"]["math"]["full"])
+    assert s["recovery"]["recovery"] == t["table"]["math"]["recovery"]
+    s1 = json.load(open(out / "eval" / "recovery_s1.json"))
+    assert s1["protocols"]["base"] == "s1"
+    assert s["recovery"]["over_s1_base"] == s1["table"]["math"]["recovery"]
 
 
 def test_sae_and_ablation_artifacts(demo_run):

@@ -73,21 +73,23 @@ def test_run_writes_files_same_for_two_processes_and_two_runs(env, tmp_path):
     assert open(tmp_path / "m" / "samples.jsonl").read() == a
 
 
+class Scripted:
+    """A model that answers each generate() call with the next scripted token list."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def generate(self, prompts, max_new, **kw):
+        self.calls.append((prompts, max_new, kw["stop_ids"]))
+        return [self.script.pop(0)[:max_new] for _ in prompts]
+
+
 def test_s1_protocol_budget_and_answer_phase(env):
-    """A scripted model: thinking that hits its budget gets 'Final Answer:', a natural stop does
-    not,
-    and --wait replaces the first natural stop by 'Wait'."""
+    """Thinking that hits its budget gets 'Final Answer:', a natural stop does not, and --wait
+    replaces the first natural stop by 'Wait'."""
     from data import Tokenizer
     from eval import GenConfig, s1_generate
     tok = Tokenizer(str(env / "model"))
-
-    class Scripted:
-        def __init__(self, script):
-            self.script, self.calls = script, []
-
-        def generate(self, prompts, max_new, **kw):
-            self.calls.append((prompts, max_new, kw["stop_ids"]))
-            return [self.script.pop(0)[:max_new] for _ in prompts]
     args = GenConfig(thinking_budget=5, max_context=10**6, max_answer_tokens=4)
     a, b = tok.encode("ab"), tok.encode("7")
     m = Scripted([a * 10, b + [tok.im_end]])  # thinking runs past the budget
@@ -96,14 +98,57 @@ def test_s1_protocol_budget_and_answer_phase(env):
     assert out["generation"].endswith("<|im_start|>answer\nFinal Answer:7")
     m = Scripted([a + [tok.im_start], b + [tok.im_end]])  # natural stop
     out = s1_generate(m, tok, ["q"], args)[0]
-    assert not out["thinking_truncated"] and out["generation"].endswith(tok.decode(a)
-                                                                        + "<|im_start|>answer7")
+    assert not out["thinking_truncated"]
+    assert out["generation"].endswith(tok.decode(a) + "<|im_start|>answer7")
     args.wait, args.thinking_budget = 1, 50
     m = Scripted([a + [tok.im_start], a + [tok.im_start], b + [tok.im_end]])
     out = s1_generate(m, tok, ["q"], args)[0]
     assert tok.decode(a) + "Wait" + tok.decode(a) + "<|im_start|>answer" in out["generation"]
-    assert (m.calls[0][0][0][-len(tok.encode("<|im_start|>think")):]
-            == tok.encode("<|im_start|>think"))
+    think = tok.encode("<|im_start|>think")
+    assert m.calls[0][0][0][-len(think):] == think
+
+
+def test_s1_budgets_follow_s1_formulas(env):
+    """Auto thinking = max_context - |P| - |FINAL_ANSWER| - 100; the answer gets all the context
+    that the prompt, the thinking and the answer head left (s1's second call), or the cap."""
+    from data import FINAL_ANSWER, Tokenizer, s1_prompt
+    from eval import GenConfig, s1_generate
+    tok = Tokenizer(str(env / "model"))
+    P, F = len(tok.encode(s1_prompt("q"))), len(tok.encode(FINAL_ANSWER))
+    a = tok.encode("ab")
+    m = Scripted([a * 1000, tok.encode("7") + [tok.im_end]])
+    out = s1_generate(m, tok, ["q"], GenConfig(max_context=P + F + 100 + 37))[0]
+    assert m.calls[0][1] == 37 and out["thinking_tokens"] == 37 and out["thinking_truncated"]
+    answer_input = m.calls[1][0][0]
+    assert m.calls[1][1] == P + F + 100 + 37 - len(answer_input)
+    m = Scripted([a + [tok.im_start], [5] * 1000])  # natural stop; the answer runs to the limit
+    out = s1_generate(m, tok, ["q"], GenConfig(max_context=P + 300))[0]
+    assert m.calls[1][1] == P + 300 - len(m.calls[1][0][0])
+    assert out["answer_truncated"] and out["answer_tokens"] == m.calls[1][1]
+    m = Scripted([a + [tok.im_start], [5] * 1000])
+    s1_generate(m, tok, ["q"], GenConfig(max_context=P + 300, max_answer_tokens=9))
+    assert m.calls[1][1] == 9
+    with pytest.raises(ValueError, match="no thinking budget"):
+        s1_generate(Scripted([]), tok, ["q"], GenConfig(max_context=P + F + 100))
+
+
+def test_plain_protocol_is_one_chat_answer(env):
+    """--protocol plain: the chat template, no think marker, one generation to the context limit
+    that stops at <|im_end|>; the answer is graded from the whole output."""
+    from data import Tokenizer, render_chat
+    from eval import GenConfig, generate, grade_sample
+    tok = Tokenizer(str(env / "model"))
+    cfg = GenConfig(protocol="plain", max_context=200)
+    prompt = tok.encode(render_chat([{"role": "user", "content": "q"}],
+                                    add_generation_prompt=True))
+    m = Scripted([tok.encode("so \\boxed{7}") + [tok.im_end]])
+    out = generate(m, tok, ["q"], cfg)[0]
+    assert len(m.calls) == 1 and m.calls[0][0][0] == prompt
+    assert m.calls[0][1] == 200 - len(prompt) and tok.im_start not in m.calls[0][2]
+    assert out["generation"] == "so \\boxed{7}" and not out["answer_truncated"]
+    assert out["thinking_tokens"] == 0 and grade_sample("math500", out["generation"], "7")[1]
+    with pytest.raises(ValueError, match="protocol"):
+        GenConfig(protocol="think")
 
 
 def test_recovery_table_hand_computed():
@@ -120,6 +165,28 @@ def test_recovery_table_hand_computed():
     assert t["gain"] == pytest.approx(0.5) and t["problems"] == 10
     lo, hi = t["recovery_ci95"]
     assert lo <= 0.6 <= hi
+
+
+def test_compare_reports_protocols_and_warns_on_s1_base(tmp_path, capsys):
+    from eval import main
+
+    def run(name, protocol, per):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(dict(protocol=protocol, results={
+            "math500": dict(accuracy=sum(per) / len(per),
+                            per_problem={str(i): x for i, x in enumerate(per)})})))
+        return str(d)
+    full, lora = run("full", "s1", [1.0, 1.0, 1.0, 0.0]), run("lora", "s1", [1.0, 1.0, 0.0, 0.0])
+    for protocol, warned in (("plain", False), ("s1", True)):
+        base = run(f"base_{protocol}", protocol, [1.0, 0.0, 0.0, 0.0])
+        t = main(["compare", base, full, lora, "--out", str(tmp_path / f"{protocol}.json")])
+        text = capsys.readouterr().out
+        assert f"protocols: base {protocol}, full s1, lora s1" in text
+        assert ("warning: the base was not run with --protocol plain" in text) == warned
+        assert t["math500"]["recovery"] == pytest.approx(0.5)
+        saved = json.load(open(tmp_path / f"{protocol}.json"))
+        assert saved["protocols"]["base"] == protocol
 
 
 def test_ablation_kl(env, tmp_path):
@@ -217,3 +284,28 @@ def test_error_adapter_for_another_base(env, tmp_path):
         main(["run", "--model", str(other), "--adapter", str(env / "adapter"), "--out",
               str(tmp_path / "o"),
               "--bench", f"math500={env / 'math.jsonl'}"])
+
+
+def test_ablation_kl_is_full_to_ablated_averaged_over_assistant_predictions(env):
+    """KL(full || ablated) = sum_v p_full (log p_full - log p_ablated), averaged over the positions
+    that predict an assistant token (position t when token t + 1 is the assistant's); the reverse
+    direction and the all-position mean are reported under their own names. Hand-computed here."""
+    from eval import kl_stats
+    from lora import ablate, load_model
+    model, _ = load_model(str(env / "model"), str(env / "adapter"))
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    mask = [0] * 5 + [1] * 7
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids).float(), -1)[0]
+        with ablate(model):
+            abl = torch.log_softmax(model(ids).float(), -1)[0]
+    fa = (full.exp() * (full - abl)).sum(-1)  # per position
+    af = (abl.exp() * (abl - full)).sum(-1)
+    pos = torch.tensor(mask[1:] + [0], dtype=torch.bool)
+    got = kl_stats(model, ids, mask, full, {})
+    assert got["kl_full_abl_assistant"] == pytest.approx(fa[pos].mean().item(), rel=1e-5)
+    assert got["kl_abl_full_assistant"] == pytest.approx(af[pos].mean().item(), rel=1e-5)
+    assert got["kl_full_abl_all"] == pytest.approx(fa.mean().item(), rel=1e-5)
+    # the three differ, so swapping the direction or the positions cannot go unnoticed
+    assert abs(fa[pos].mean() - af[pos].mean()) > 1e-3 * fa[pos].mean()
+    assert abs(fa[pos].mean() - fa.mean()) > 1e-3 * fa[pos].mean()

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA, needs_shared
-from eval import extract_answer, grade
+from eval import extract_answer, grade, load_benchmark
 from grading import extract_letter, math_equal
 
 # --- extraction -------------------------------------------------------------------------------
@@ -159,19 +159,172 @@ def test_all_math500_golds_grade_as_correct():
         assert grade("math500", f"Therefore the final answer is $\\boxed{{{g}}}$. Done.", g), g
 
 
-# --- GPQA -------------------------------------------------------------------------------------
+# --- numbers: exact for integers and rationals, one stated tolerance -------------------------
+
+
+@pytest.mark.parametrize("pred,gold,equal", [
+    ("123456700", "123456789", False),  # a 1e-6 relative tolerance called these equal
+    ("1000001", "1000000", False),
+    ("36893488147419103232", "2^{65}", True),  # powers with braces, exactly
+    ("2^{65}", "36893488147419104000", False),  # ... and not to float precision
+    ("\\frac{1}{3}", "0.333333", True),  # a decimal written to 6+ places: what rounds to it
+    ("\\frac{1}{3}", "0.3333333", True),
+    ("\\frac{1}{3}", "0.33", False),  # fewer places: the decimal is exact, 33/100
+    ("\\frac{1}{3}", "0.333334", False),
+    ("\\sqrt{2}", "1.414214", True),
+    ("\\sqrt{2}", "1.41", False),
+    ("\\pi", "3.14159", False),
+    ("0.5", "\\frac12", True),
+    ("\\frac{7}{3}", "2\\frac{1}{3}", True),
+    ("2.3333", "2\\frac{1}{3}", False),
+])
+def test_numbers_exact_and_the_decimal_rule(pred, gold, equal):
+    assert math_equal(pred, gold) is equal
+    assert math_equal(gold, pred) is equal
+
+
+# MATH500 gold answers, each written another way and then wrong: (gold, equivalent, wrong)
+REWRITES = [
+    ("\\frac{14}{3}", "4\\frac{2}{3}", "\\frac{13}{3}"),
+    ("3\\sqrt{13}", "\\sqrt{117}", "3\\sqrt{12}"),
+    ("\\frac{3}{56}", "\\dfrac{6}{112}", "\\frac{3}{65}"),
+    ("2220", "2,220", "2202"),
+    ("\\sqrt{51}", "\\sqrt{51}", "\\sqrt{15}"),
+    ("-50", "-50.0", "50"),
+    ("\\pi", "\\pi", "2\\pi"),
+    ("13535", "13,535", "13553"),
+    ("11\\sqrt2", "\\sqrt{242}", "11\\sqrt3"),
+    ("\\frac{243}{625}", "0.3888", "\\frac{243}{626}"),
+    ("-125", "-125", "125"),
+    ("70 \\sqrt{2}", "\\sqrt{9800}", "70\\sqrt{3}"),
+    ("1.25", "\\frac{5}{4}", "1.2"),
+    ("\\frac{3}{2}", "1.5", "\\frac{2}{3}"),
+    ("-\\frac{\\pi}{6}", "-\\frac{1}{6}\\pi", "\\frac{\\pi}{6}"),
+    ("0.15", "\\frac{3}{20}", "0.015"),
+    ("9901", "9901", "9910"),
+    ("-256", "-2^{8}", "-2^{7}"),
+    ("\\frac{35}{64}", "0.546875", "\\frac{35}{46}"),
+    ("\\frac{3\\sqrt{3}}{4}", "\\frac{3}{4}\\sqrt{3}", "\\frac{3\\sqrt{2}}{4}"),
+    ("\\frac{11}{36}", "\\frac{22}{72}", "\\frac{11}{63}"),
+    ("\\sqrt{5}", "\\sqrt{5}", "5"),
+    ("\\frac{448}{15625}", "0.028672", "\\frac{448}{15652}"),
+    ("\\frac43", "\\frac{4}{3}", "\\frac34"),
+    ("8000", "8,000", "800"),
+    ("1260", "1260", "1206"),
+    ("\\frac{11}{2}", "5.5", "\\frac{2}{11}"),
+    ("\\frac{3840}{289}", "13\\frac{83}{289}", "\\frac{3840}{298}"),
+    ("28800", "28,800", "2880"),
+    ("3 \\sqrt{5}", "\\sqrt{45}", "5\\sqrt{3}"),
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", "\\sqrt{3}"),
+    ("\\frac{2}{21}", "\\frac{4}{42}", "\\frac{2}{12}"),
+    ("2\\sqrt{113}", "\\sqrt{452}", "2\\sqrt{131}"),
+    ("\\frac{1}{4}", "0.25", "0.4"),
+    ("\\frac65", "1.2", "\\frac56"),
+    ("3.21", "\\frac{321}{100}", "3.12"),
+    ("\\dfrac{17}{50}", "0.34", "0.35"),
+    ("-\\frac{35}{9}", "-3\\frac{8}{9}", "\\frac{35}{9}"),
+    ("-\\sqrt{3}", "-\\sqrt{3}", "\\sqrt{3}"),
+    ("\\frac{13}{15}", "\\frac{26}{30}", "\\frac{13}{16}"),
+    (".0000672", "6.72 \\times 10^{-5}", ".000672"),
+    ("\\frac{13}{18}", "\\frac{26}{36}", "\\frac{18}{13}"),
+    ("1600", "1,600", "160"),
+    ("10,\\!080", "10080", "10800"),
+    ("\\frac{2}{3}", "\\frac{4}{6}", "0.67"),
+    ("\\frac{1}{2}", "0.5", "\\frac{1}{3}"),
+    ("\\frac{16}{27}", "\\frac{32}{54}", "\\frac{27}{16}"),
+    ("900", "900", "9000"),
+    ("\\frac{9}{256}", "0.03515625", "\\frac{9}{265}"),
+    ("288 \\pi", "288\\pi", "288"),
+    ("\\frac{16}{5}", "3.2", "3.5"),
+    ("\\frac{1997}{2}", "998.5", "998"),
+    ("\\frac 59", "\\frac{10}{18}", "0.55"),
+    ("\\frac{10}{11}", "\\frac{20}{22}", "\\frac{11}{10}"),
+    ("\\frac{1}{8}", "0.125", "\\frac{1}{6}"),
+    ("\\frac{8}{21}", "\\frac{16}{42}", "\\frac{21}{8}"),
+    ("1\\frac{4}{5}", "1.8", "1.45"),
+    ("4005", "4,005", "4050"),
+    ("\\dfrac{33}{100}", "0.33", "0.3"),
+    ("18+2\\pi", "2\\pi+18", "18+\\pi"),
+    ("\\sqrt{53}", "\\sqrt{53}", "53"),
+    ("7\\pi", "7 \\pi", "\\frac{7}{\\pi}"),
+    ("\\frac{17}{21}", "\\frac{34}{42}", "\\frac{21}{17}"),
+    ("1+2\\sqrt{3}", "2\\sqrt{3}+1", "1+\\sqrt{3}"),
+    ("12\\pi", "12 \\pi", "12"),
+    ("-128", "-2^{7}", "128"),
+    ("-\\frac{24}{25}", "-0.96", "\\frac{24}{25}"),
+    ("\\frac{9}{100}", "0.09", "0.9"),
+    ("\\frac{13}{6}", "2\\frac{1}{6}", "\\frac{6}{13}"),
+    ("26000", "26,000", "2600"),
+    ("58,500", "58500", "58050"),
+    ("4495", "4495", "4459"),
+    ("10080", "10,080", "1008"),
+    ("\\frac{1}{16}", "0.0625", "\\frac{1}{61}"),
+    ("11 \\sqrt{5} + 11", "11(\\sqrt{5}+1)", "11\\sqrt{5}"),
+    ("\\frac{7}{4}", "1.75", "\\frac{4}{7}"),
+    ("16 \\sqrt{3}", "\\sqrt{768}", "16\\sqrt{2}"),
+    ("\\frac{20000}{\\pi}", "20000/\\pi", "20000\\pi"),
+    ("\\frac{\\sqrt{21}}{5}", "\\frac{1}{5}\\sqrt{21}", "\\frac{\\sqrt{21}}{2}"),
+    ("\\sqrt{66}", "\\sqrt{66}", "66"),
+    ("326.5", "\\frac{653}{2}", "326.05"),
+    ("2 \\sqrt{5}", "\\sqrt{20}", "2\\sqrt{3}"),
+    ("4.5", "\\frac{9}{2}", "4.05"),
+    (".35625", "\\frac{57}{160}", ".3562"),
+    ("\\frac{639}{40}", "15.975", "15.97"),
+    ("8 \\pi", "8\\pi", "8"),
+    ("27648", "27,648", "27468"),
+    ("137 \\frac{1}{2}", "137.5", "137.25"),
+    ("\\frac{2}{1005}", "\\frac{4}{2010}", "\\frac{1}{1005}"),
+    ("\\frac{8}{15}", "\\frac{16}{30}", "\\frac{15}{8}"),
+    ("\\frac{5}{13}", "\\frac{10}{26}", "\\frac{13}{5}"),
+]
+
+
+@pytest.mark.parametrize("gold,same,wrong", REWRITES)
+def test_math500_gold_rewritten(gold, same, wrong):
+    assert math_equal(same, gold) and not math_equal(wrong, gold)
+
+
+def test_math500_rewrites_agree_with_math_verify():
+    """math-verify (a test-only oracle, like transformers) judges every rewrite as we do."""
+    mv = pytest.importorskip("math_verify", reason="math-verify (a test-only oracle) is missing")
+    judge = lambda gold, pred: mv.verify(mv.parse(f"${gold}$"), mv.parse(f"${pred}$"))
+    assert len(REWRITES) >= 50
+    for gold, same, wrong in REWRITES:
+        assert judge(gold, same) and not judge(gold, wrong), (gold, same, wrong)
+
+
+# --- GPQA: letters from the answer phase only, in canonical forms --------------------------------
 
 
 @pytest.mark.parametrize("text,letter", [
     ("\\boxed{B}", "B"), ("\\boxed{(C)}", "C"), ("\\boxed{\\text{D}}", "D"), ("Answer: a", "A"),
-    ("Answer: (B)", "B"),
-    ("The answer is C.", "C"), ("So the correct option is (D)", "D"), ("\\boxed{C) 42 kJ}", "C"),
-    ("answer: B.", "B"),
-    ("I pick choice A", "A"), ("nothing to see", None), ("\\boxed{42}", None),
+    ("Answer: (B)", "B"), ("\\boxed{C) 42 kJ}", "C"), ("answer: B.", "B"), ("Answer: **D**", "D"),
+    ("Final Answer: (A) 7", "A"), ("Answer: Option C", "C"), ("Answer: $B$", "B"),
+    # not canonical, or not after an answer marker: unparseable (the old fallback took these)
+    ("The answer is C.", None), ("So the correct option is (D)", None), ("I pick choice A", None),
+    ("Answer: a prime number is the key", None), ("Answer: A prime number", None),
+    ("Answer: c is larger", None), ("nothing to see", None), ("\\boxed{42}", None),
+    # the thinking never counts: only what follows the answer marker
+    ("<|im_start|>think\nOption C looks wrong\n<|im_start|>answer\nI am unsure", None),
+    ("<|im_start|>think\nAnswer: C\n<|im_start|>answer\nAnswer: B", "B"),
+    ("<|im_start|>think\n\\boxed{C}\n<|im_start|>answer\nno idea", None),
 ])
 def test_gpqa_letter_extraction(text, letter):
     assert extract_letter(text) == letter
     assert grade("gpqa", text, "B") == (letter == "B")
+
+
+def test_gpqa_options_in_s1_order(tmp_path):
+    """s1's gpqa_diamond_openai: per row, [Incorrect 1, Incorrect 2, Incorrect 3, Correct]
+    shuffled by Python's random seeded 0. The gold letters below were worked out by hand from
+    that procedure for eight rows (rank1's former order, [Correct, Incorrect 1-3] with its own
+    Random(0), gave B A A B B D B D: different on every row)."""
+    c = tmp_path / "g.csv"
+    header = "Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3\n"
+    c.write_text(header + "".join(f"Q{i},right{i},w1,w2,w3\n" for i in range(8)))
+    items = load_benchmark("gpqa", str(c), seed=0)
+    assert [it["gold"] for it in items] == list("DCDCCACA")
+    assert items[0]["question"] == "Q0\n\nA) w3\nB) w1\nC) w2\nD) right0"
 
 
 def test_gpqa_no_default_to_a():

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from sae import SAE, SAEConfig, evaluate, train_sae
+from sae import SAE, SAEConfig, evaluate, train_sae, train_step
 
 
 def planted(d=128, n_atoms=256, N=200_000, seed=0):
@@ -96,3 +96,47 @@ def test_evaluate_counts():
     sae.init_weights()
     m = evaluate(sae, torch.randn(64, 4))
     assert m["tokens"] == 64 and sum(m["freq_hist_log10"]["counts"]) == 8
+
+
+# --- the spec points a mutation could break unnoticed --------------------------------------------
+
+
+def planted_dead(d=8, n=32, B=64, seed=0):
+    """An SAE whose latents 16..31 cannot fire (b_enc far below zero) and have not fired for long:
+    dead; a batch of inputs; the dead-latent state."""
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(d, n, 2)
+    sae.init_weights(generator=g)
+    with torch.no_grad():
+        sae.b_enc[16:] = -100.0
+    xn = torch.randn(B, d, generator=g) + 1.0
+    since = torch.zeros(n, dtype=torch.long)
+    since[16:] = 10**6
+    return sae, xn, since
+
+
+def test_auxk_target_is_detached_and_k_aux_is_half_the_width():
+    """AuxK fits the dead latents to the residual e = x - x_hat with e detached: the aux loss
+    trains dead decoder rows and no live one. k_aux defaults to d_in // 2 (here 4 of 16 dead)."""
+    grads, metrics = [], []
+    for coeff in (0.0, 1000.0):
+        sae, xn, since = planted_dead()
+        cfg = SAEConfig(aux_coeff=coeff, dead_tokens=1000)
+        loss, m = train_step(sae, xn, cfg, dict(since=since, threshold_steps=0))
+        loss.backward()
+        grads.append(sae.W_dec.grad.clone())
+        metrics.append(m)
+    assert metrics[1]["k_aux"] == 4 and metrics[1]["dead"] == 0.5 and metrics[0]["k_aux"] == 0
+    torch.testing.assert_close(grads[0][:16], grads[1][:16], atol=0, rtol=0)  # live rows
+    assert grads[1][16:].abs().sum() > 0 and grads[0][16:].abs().sum() == 0  # dead rows
+
+
+def test_b_dec_starts_at_the_data_mean():
+    """b_dec is the mean of the normalised training inputs before the first update (lr 0 here,
+    so the first step changes nothing); the scale is their standard deviation."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 6, generator=g) * torch.tensor([1, 2, 3, 4, 5, 6.0]) + 3.0
+    sae = train_sae(x, SAEConfig(steps=1, lr=0.0, warmup=1, holdout=0.0, expansion=2, k=2),
+                    log=None)
+    torch.testing.assert_close(sae.scale, x.std(0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(sae.b_dec, (x / x.std(0)).mean(0), rtol=1e-5, atol=1e-6)
