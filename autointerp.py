@@ -10,10 +10,12 @@ Explanation: the top examples sorted by activation (the official code forgot to 
 G2) and a few random non-zero ones, each a snippet with the firing token marked <<like this>>.
 Detection (the official code had no score): the explanation must pick, among held-out positives
 and as many inactive snippets, those where the feature fires; balanced accuracy.
+compare_populations sets LoRA features against MLP neurons on both scores.
 """
 import json
 import random
 
+from common import bootstrap_ci
 from llm import LLMError
 
 EXPLAIN_SYSTEM = ("You study a feature of a language model that reads reasoning traces. You are "
@@ -104,3 +106,26 @@ def parse_choice(answer):
         return {int(i) - 1 for i in json.loads(answer[answer.index("["):answer.rindex("]") + 1])}
     except (ValueError, TypeError):
         return None
+
+
+def compare_populations(lora_rows, mlp_rows, n=1000, seed=0):
+    """LoRA features vs MLP neurons: mean detection balanced accuracy and (when rated) the 0/1/2
+    rubric shares, each with a bootstrap 95% interval, and the difference of the means."""
+    mean = lambda xs, idx: sum(xs[i] for i in idx) / len(idx)
+    table = {}
+    for key in ("detection_balanced_accuracy", "rubric"):
+        a = [r[key] for r in lora_rows if r.get(key) is not None]
+        b = [r[key] for r in mlp_rows if r.get(key) is not None]
+        if not a or not b:
+            continue
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        row = dict(lora=ma, lora_ci95=bootstrap_ci(lambda i: mean(a, i), [len(a)], n, seed),
+                   mlp=mb, mlp_ci95=bootstrap_ci(lambda i: mean(b, i), [len(b)], n, seed),
+                   n_lora=len(a), n_mlp=len(b), diff=ma - mb,
+                   diff_ci95=bootstrap_ci(lambda i, j: mean(a, i) - mean(b, j), [len(a), len(b)],
+                                          n, seed))
+        if key == "rubric":
+            row["shares"] = {p: {c: sum(x == c for x in xs) / len(xs) for c in (0, 1, 2)}
+                             for p, xs in (("lora", a), ("mlp", b))}
+        table[key] = row
+    return table

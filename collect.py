@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (check_out, cleanup_dist, file_identity, read_json, same_origin, setup_dist,
-                    sha256_file, user_errors, write_atomic, write_json)
+from common import (check_out, cleanup_dist, file_identity, model_identity, read_json, setup_dist,
+                    sha256_file, start_run, user_errors, write_atomic, write_json)
 from data import (Tokenizer, data_identity, paper_collection_text, read_rows, render_chat,
                   s1_example)
 from lora import adapter_identity, adapters, capture, load_model, sites
-from model import KVCache, model_identity
+from model import KVCache
 
 # -----------------------------------------------------------------------------
 # the activation store
@@ -176,24 +176,6 @@ STORE_FILE = re.compile(r"(acts|tokens|mlp)-\d{5}\.npy|shard-\d{5}\.json|index\.
                         r"|.*\.tmp")
 
 
-def start_store(out, settings, overwrite):
-    """Rank 0: a new store gets collect.json (what it is collected from); an existing one is
-    continued when that matches, or (--overwrite) cleared of this command's files only."""
-    os.makedirs(out, exist_ok=True)
-    own = [n for n in os.listdir(out) if STORE_FILE.fullmatch(n)]
-    run_file = os.path.join(out, "collect.json")
-    if own and overwrite:
-        for n in own:
-            os.remove(os.path.join(out, n))
-    elif own:
-        if not os.path.isfile(run_file):
-            raise ValueError(f"{out}: holds a store without collect.json (an older version's?); "
-                             "pass --overwrite or choose another --out")
-        same_origin(read_json(run_file), settings, run_file)
-        return
-    write_json(run_file, settings)
-
-
 def save_shard(out, j, arrays, sidecar):
     """The arrays of shard j, each written whole, then its sidecar with their checksums: a shard
     without its sidecar is unfinished, and a rerun redoes it."""
@@ -221,7 +203,7 @@ def collect(args):
                     docs_per_shard=args.docs_per_shard, max_docs=args.max_docs,
                     mlp_neurons=args.mlp_neurons, seed=args.seed)
     if rank == 0:
-        start_store(args.out, settings, args.overwrite)
+        start_run(args.out, "collect.json", settings, STORE_FILE.fullmatch, args.overwrite)
     torch.distributed.barrier()
     model, _ = load_model(args.model, args.adapter, args.dtype, device=dev)
     layout = [list(s) for s in sites(model)]

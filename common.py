@@ -15,8 +15,8 @@ Outputs lose nothing (the README's "Outputs and resuming" states it for users):
 - every artifact records what it was made from (file_identity and the identities built on it),
   and its consumers compare (differences) before they resume or combine.
 """
-import hashlib
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -100,6 +100,25 @@ def fresh_outputs(paths, overwrite, flag="--overwrite"):
     there = [p for p in paths if os.path.exists(p)]
     if there and not overwrite:
         raise ValueError(f"{there[0]}: exists; pass {flag} to replace it")
+
+
+def start_run(out, run_file, settings, owns, overwrite):
+    """The output directory of a resumable command: a new one gets run_file (the settings it is
+    made from); one that holds the command's files (owns(name)) is continued when run_file
+    matches, or with overwrite cleared of those files and nothing else."""
+    os.makedirs(out, exist_ok=True)
+    own = [n for n in os.listdir(out) if owns(n)]
+    path = os.path.join(out, run_file)
+    if own and overwrite:
+        for n in own:
+            os.remove(os.path.join(out, n))
+    elif own:
+        if not os.path.isfile(path):
+            raise ValueError(f"{out}: holds this command's outputs without {run_file} (an older "
+                             "version's?); pass --overwrite or choose another --out")
+        same_origin(read_json(path), settings, path)
+        return
+    write_json(path, settings)
 
 
 def check_out(out, inputs, flag="--out"):
@@ -242,6 +261,81 @@ def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30
 
 
 # -----------------------------------------------------------------------------
+# HF checkpoints (reading; save_hf_checkpoint writes them)
+
+
+def checkpoint_files(path):
+    """{shard file: [tensor names it must hold] or None (all)} for an HF model directory."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        d = read_json(index)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected JSON with a 'weight_map' object")
+        files = {}
+        for key, shard in weight_map.items():
+            files.setdefault(os.path.join(path, shard), []).append(key)
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index} names shard {os.path.basename(file)}, which is "
+                                        f"missing from {path}")
+        return files
+    if os.path.isfile(single):
+        return {single: None}
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json "
+                            "found")
+
+
+def checkpoint_tensors(path, expected, dtype=None, device="cpu"):
+    """Yield the (name, tensor) pairs of an HF checkpoint one shard at a time, in `dtype`, after
+    checking every name against expected ({name: shape}, e.g. Qwen2.checkpoint_shapes()) and
+    before handing out each tensor its shape. A tied head's lm_head.weight is skipped."""
+    files = checkpoint_files(path)
+    files = {f: keys if keys is not None else safetensors_keys(f) for f, keys in files.items()}
+    names = {k for keys in files.values() for k in keys}
+    tied_head = "lm_head.weight" in names and "lm_head.weight" not in expected
+    if tied_head:  # tied to the embedding: only a copy of it may stand there
+        names.discard("lm_head.weight")
+    missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:5]}")
+    if extra:
+        raise ValueError(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:5]}")
+    if tied_head:
+        check_tied_head(files, path)
+    for file, keys in files.items():
+        for k, t in read_safetensors(file, [k for k in keys if k in names], device, dtype).items():
+            if tuple(t.shape) != expected[k]:
+                raise ValueError(f"{file}: tensor {k} has shape {tuple(t.shape)}, expected "
+                                 f"{expected[k]}")
+            yield k, t
+
+
+def check_tied_head(files, path):
+    """A checkpoint whose config ties the head to the embedding may still hold lm_head.weight: fine
+    when it equals the embedding (some tools save both), an error when it does not."""
+    where = {k: f for f, keys in files.items() for k in keys}
+    head = read_safetensors(where["lm_head.weight"], ["lm_head.weight"])["lm_head.weight"]
+    emb = read_safetensors(where["model.embed_tokens.weight"],
+                           ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    if head.shape != emb.shape or not torch.equal(head, emb):
+        raise ValueError(f"{path}: config.json sets tie_word_embeddings, but the checkpoint's "
+                         "lm_head.weight differs from model.embed_tokens.weight (set "
+                         "tie_word_embeddings to false to use it)")
+
+
+def model_identity(path):
+    """What an HF model directory is, cheaply: the hashes of config.json and of the shard index,
+    and every weight file's name and size (hashing 65 GB of weights would take minutes)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    return dict(path=os.path.abspath(path),
+                config_sha256=sha256_file(os.path.join(path, "config.json")),
+                index_sha256=sha256_file(index) if os.path.isfile(index) else None,
+                weights={os.path.basename(f): os.path.getsize(f) for f in checkpoint_files(path)})
+
+
+# -----------------------------------------------------------------------------
 # torch.distributed
 
 
@@ -312,10 +406,10 @@ def user_errors(script):
         raise SystemExit(f"{script}: {e}") from None
 
 
-def add_config_flags(parser, cls):
-    """One --dashed-flag per field of the dataclass `cls`, default None so that config_from_flags
-    can tell what was given; booleans take --flag / --no-flag."""
-    for f in fields(cls):
+def add_config_flags(parser, cls, skip=()):
+    """One --dashed-flag per field of the dataclass `cls` (but those in skip), default None so
+    that config_from_flags can tell what was given; booleans take --flag / --no-flag."""
+    for f in (f for f in fields(cls) if f.name not in skip):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)

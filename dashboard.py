@@ -10,6 +10,7 @@ Safety: dataset text reaches a page only as escaped SVG/HTML text or inside JSON
 """
 import argparse
 import json
+import math
 import os
 from html import escape
 
@@ -61,6 +62,42 @@ def heatmap(cells, rows, cols, title=lambda r, c, v: f"{r} {c}: {v:.4g}"):
             col = f"rgb({255 - int(200 * v)},{255 - int(150 * v)},255)"
             svg.append(f'<rect x="{80 + cw * i}" y="{ch * j}" width="{cw - 1}" height="{ch - 1}" '
                        f'fill="{col}"><title>{escape(title(r, c, cells[(r, c)]))}</title></rect>')
+    svg.append("</svg>")
+    return "".join(svg)
+
+
+def frontier_chart(rows, width=520, height=300):
+    """The SAE frontier: held-out FVU against L0 (log scale), one line per expansion, a point per
+    k, dead fractions in the labels. rows: [{k, expansion, fvu, l0, dead_fraction}]. A standalone
+    SVG document (sae.py sweep writes it to a file)."""
+    xs = [math.log2(max(r["l0"], 1e-3)) for r in rows]
+    x0, x1 = min(xs) - 0.3, max(xs) + 0.3
+    y1 = max(r["fvu"] for r in rows) * 1.15 or 1
+    px = lambda r: 60 + width * (math.log2(max(r["l0"], 1e-3)) - x0) / (x1 - x0)
+    py = lambda r: 20 + height * (1 - r["fvu"] / y1)
+    colours = ["#4a78b5", "#d9822b", "#3a9a5b", "#b54a78", "#777"]
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 200}" height="{height + 70}" '
+           'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="#fff"/>',
+           f'<line x1="60" x2="{60 + width}" y1="{20 + height}" y2="{20 + height}" stroke="#000"/>'
+           f'<line x1="60" x2="60" y1="20" y2="{20 + height}" stroke="#000"/>'
+           f'<text x="{60 + width / 2}" y="{height + 55}" text-anchor="middle">L0 (active '
+           'latents per token, log scale)</text><text x="14" y="14">held-out FVU</text>'
+           f'<text x="55" y="{20 + height}" text-anchor="end">0</text>'
+           f'<text x="55" y="28" text-anchor="end">{y1:.3g}</text>']
+    for i, e in enumerate(sorted({r["expansion"] for r in rows})):
+        line = sorted((r for r in rows if r["expansion"] == e), key=lambda r: r["l0"])
+        c = colours[i % len(colours)]
+        pts = " ".join(f"{px(r):.1f},{py(r):.1f}" for r in line)
+        svg.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>'
+                   f'<text x="{width + 80}" y="{40 + 18 * i}" fill="{c}">expansion {e} '
+                   f'({line[0]["n_latents"]} latents)</text>')
+        for r in line:
+            tip = (f"k {r['k']}, expansion {e}: FVU {r['fvu']:.4f}, L0 {r['l0']:.2f}, "
+                   f"dead {100 * r['dead_fraction']:.1f}%")
+            svg.append(f'<circle cx="{px(r):.1f}" cy="{py(r):.1f}" r="4" fill="{c}">'
+                       f'<title>{escape(tip)}</title></circle>'
+                       f'<text x="{px(r) + 6:.1f}" y="{py(r) - 6:.1f}" fill="{c}">k={r["k"]}, '
+                       f'dead {100 * r["dead_fraction"]:.0f}%</text>')
     svg.append("</svg>")
     return "".join(svg)
 

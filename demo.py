@@ -53,7 +53,7 @@ from collect import ActivationStore
 from common import save_hf_checkpoint, write_atomic
 from data import ENDOFTEXT, IM_END, IM_START, Tokenizer, render_chat, s1_assistant
 from model import Qwen2, Qwen2Config
-from sae import SAE
+from batchtopk import SAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -48,14 +48,13 @@ import torch
 from tqdm import tqdm
 
 from common import (DTYPES, add_config_flags, bootstrap_ci, check_out, cleanup_dist,
-                    config_from_flags, file_identity, fresh_outputs, read_json, same_origin,
-                    setup_dist, user_errors, write_atomic, write_json)
+                    config_from_flags, file_identity, fresh_outputs, model_identity, setup_dist,
+                    start_run, user_errors, write_atomic, write_json)
 from dashboard import ablation_html
 from data import (ANSWER, FINAL_ANSWER, THINK, Tokenizer, read_rows, render_chat, s1_example,
                   s1_prompt)
 from grading import BENCHMARKS, extract_answer, extract_letter, grade
 from lora import ATTN, MLP, SITE_ORDER, ablate, adapter_identity, load_model, sites
-from model import model_identity
 
 # -----------------------------------------------------------------------------
 # benchmark files
@@ -295,25 +294,6 @@ def run_settings(args, gen, benches, tok, n_samples):
                 samples_per_problem=n_samples)
 
 
-def start_run(out, settings, overwrite):
-    """Rank 0: a new --out gets run.json; an existing one is continued when its run.json matches,
-    or (--overwrite) cleared of this command's files."""
-    os.makedirs(out, exist_ok=True)
-    run_file = os.path.join(out, "run.json")
-    own = [n for n in os.listdir(out)
-           if n in RUN_FILES or re.fullmatch(r"samples\.rank-\d{5}\.jsonl", n)]
-    if own and overwrite:
-        for n in own:
-            os.remove(os.path.join(out, n))
-    elif own:
-        if not os.path.isfile(run_file):
-            raise ValueError(f"{out}: holds eval.py outputs without run.json (an older "
-                             "version's?); pass --overwrite or choose another --out")
-        same_origin(read_json(run_file), settings, run_file)
-        return
-    write_json(run_file, settings)
-
-
 def finished_records(out):
     """{(benchmark, id, sample): record} of the answers already generated and graded in --out:
     the per-rank files being appended, and samples.jsonl once a run has finished. A last line cut
@@ -354,7 +334,8 @@ def cmd_run(args):
     n_samples = args.samples_per_problem if gen.temperature > 0 else 1
     settings = run_settings(args, gen, benches, tok, n_samples)
     if rank == 0:
-        start_run(args.out, settings, args.overwrite)
+        start_run(args.out, "run.json", settings, lambda n: n in RUN_FILES or re.fullmatch(
+            r"samples\.rank-\d{5}\.jsonl", n), args.overwrite)
     torch.distributed.barrier()
     model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device)
     jobs = [(benches[b][0], it, k) for b, (_, _, items) in enumerate(benches) for it in items

@@ -31,16 +31,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autointerp import autointerp
+from autointerp import autointerp, compare_populations
 from collect import ActivationStore
-from common import (add_config_flags, bootstrap_ci, check_out, config_from_flags, differences,
-                    file_identity, fresh_outputs, read_json, same_origin, user_errors, write_atomic,
-                    write_json)
+from common import (add_config_flags, check_out, config_from_flags, differences, file_identity,
+                    fresh_outputs, read_json, same_origin, user_errors, write_atomic, write_json)
 from data import Tokenizer
 from eval import GenConfig, add_model_flags, generate, grade, load_benchmark
 from llm import LLM
 from lora import load_model, sites, steer
-from sae import SAE
+from batchtopk import SAE
 
 # -----------------------------------------------------------------------------
 # features
@@ -360,29 +359,6 @@ def cmd_autointerp(args):
         raise SystemExit(f"autointerp: {len(failed)} features failed (the others are in "
                          f"{args.out}/autointerp.jsonl; a rerun retries only these): {failed[0]}")
     return rows
-
-
-def compare_populations(lora_rows, mlp_rows, n=1000, seed=0):
-    """LoRA features vs MLP neurons: mean detection balanced accuracy and (when rated) the 0/1/2
-    rubric shares, each with a bootstrap 95% interval, and the difference of the means."""
-    mean = lambda xs, idx: sum(xs[i] for i in idx) / len(idx)
-    table = {}
-    for key in ("detection_balanced_accuracy", "rubric"):
-        a = [r[key] for r in lora_rows if r.get(key) is not None]
-        b = [r[key] for r in mlp_rows if r.get(key) is not None]
-        if not a or not b:
-            continue
-        ma, mb = sum(a) / len(a), sum(b) / len(b)
-        row = dict(lora=ma, lora_ci95=bootstrap_ci(lambda i: mean(a, i), [len(a)], n, seed),
-                   mlp=mb, mlp_ci95=bootstrap_ci(lambda i: mean(b, i), [len(b)], n, seed),
-                   n_lora=len(a), n_mlp=len(b), diff=ma - mb,
-                   diff_ci95=bootstrap_ci(lambda i, j: mean(a, i) - mean(b, j), [len(a), len(b)],
-                                          n, seed))
-        if key == "rubric":
-            row["shares"] = {p: {c: sum(x == c for x in xs) / len(xs) for c in (0, 1, 2)}
-                             for p, xs in (("lora", a), ("mlp", b))}
-        table[key] = row
-    return table
 
 
 def cmd_compare(args):

@@ -41,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from common import (DTYPES, check_out, publish_dir, read_json, read_safetensors,
+from common import (DTYPES, check_out, model_identity, publish_dir, read_json, read_safetensors,
                     save_hf_checkpoint, sha256_file, user_errors)
-from model import Qwen2, model_identity
+from model import Qwen2
 
 SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 PARENT = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "q_proj": "self_attn",

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import DTYPES, read_json, read_safetensors, safetensors_keys, sha256_file
+from common import DTYPES, checkpoint_tensors, read_json
 
 # -----------------------------------------------------------------------------
 # config
@@ -475,78 +475,3 @@ def _cut_at_stop(row, stops):
         if t in stops:
             return row[:i + 1]
     return row
-
-
-# -----------------------------------------------------------------------------
-# HF checkpoints
-
-
-def checkpoint_files(path):
-    """{shard file: [tensor names it must hold] or None (all)} for an HF model directory."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        d = read_json(index)
-        weight_map = d.get("weight_map") if isinstance(d, dict) else None
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: expected JSON with a 'weight_map' object")
-        files = {}
-        for key, shard in weight_map.items():
-            files.setdefault(os.path.join(path, shard), []).append(key)
-        for file in files:
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"{index} names shard {os.path.basename(file)}, which is "
-                                        f"missing from {path}")
-        return files
-    if os.path.isfile(single):
-        return {single: None}
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json "
-                            "found")
-
-
-def checkpoint_tensors(path, expected, dtype=None, device="cpu"):
-    """Yield the (name, tensor) pairs of an HF checkpoint one shard at a time, in `dtype`, after
-    checking every name against expected ({name: shape}, e.g. Qwen2.checkpoint_shapes()) and
-    before handing out each tensor its shape. A tied head's lm_head.weight is skipped."""
-    files = checkpoint_files(path)
-    files = {f: keys if keys is not None else safetensors_keys(f) for f, keys in files.items()}
-    names = {k for keys in files.values() for k in keys}
-    tied_head = "lm_head.weight" in names and "lm_head.weight" not in expected
-    if tied_head:  # tied to the embedding: only a copy of it may stand there
-        names.discard("lm_head.weight")
-    missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
-    if missing:
-        raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:5]}")
-    if extra:
-        raise ValueError(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:5]}")
-    if tied_head:
-        _check_tied_head(files, path)
-    for file, keys in files.items():
-        for k, t in read_safetensors(file, [k for k in keys if k in names], device, dtype).items():
-            if tuple(t.shape) != expected[k]:
-                raise ValueError(f"{file}: tensor {k} has shape {tuple(t.shape)}, expected "
-                                 f"{expected[k]}")
-            yield k, t
-
-
-def _check_tied_head(files, path):
-    """A checkpoint whose config ties the head to the embedding may still hold lm_head.weight: fine
-    when it equals the embedding (some tools save both), an error when it does not."""
-    where = {k: f for f, keys in files.items() for k in keys}
-    head = read_safetensors(where["lm_head.weight"], ["lm_head.weight"])["lm_head.weight"]
-    emb = read_safetensors(where["model.embed_tokens.weight"],
-                           ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-    if head.shape != emb.shape or not torch.equal(head, emb):
-        raise ValueError(f"{path}: config.json sets tie_word_embeddings, but the checkpoint's "
-                         "lm_head.weight differs from model.embed_tokens.weight (set "
-                         "tie_word_embeddings to false to use it)")
-
-
-def model_identity(path):
-    """What an HF model directory is, cheaply: the hashes of config.json and of the shard index,
-    and every weight file's name and size (hashing 65 GB of weights would take minutes)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    return dict(path=os.path.abspath(path),
-                config_sha256=sha256_file(os.path.join(path, "config.json")),
-                index_sha256=sha256_file(index) if os.path.isfile(index) else None,
-                weights={os.path.basename(f): os.path.getsize(f) for f in checkpoint_files(path)})

@@ -1,48 +1,48 @@
 """
-The BatchTopK sparse autoencoder on the adapter scalars (collect.py stores them).
+Training the BatchTopK SAE (batchtopk.py) on the adapter scalars (collect.py stores them).
 
     # 448 -> 3,584 latents, k = 16 (the paper's), on normalised inputs
     python sae.py train --acts acts/ --out sae/ --device cuda
+    # the FVU-L0 frontier: k in {8, 16, 32} x expansion in {4, 8, 16} -> sweep.json, sweep.svg
+    python sae.py sweep --acts acts/ --out sweep/ --device cuda
     # library use
-    from sae import SAE, SAEConfig, train_sae
+    from sae import SAEConfig, train_sae
     sae = train_sae(x, SAEConfig(expansion=8, k=16))      # x: (N, d) float tensor
-    z = sae.encode(x)                                      # batch-independent (learned threshold)
 
 The paper's recipe (PAPER.md section E) with the official code's flaws fixed (section G, 4 and 5):
-- Inputs are divided by a per-dimension scale (their std; the 448 scalars differ by orders of
-  magnitude). The SAE lives in that normalised space and keeps `scale` as a buffer, so encode()
-  and decode() take and return raw scalars; `folded()` gives the equivalent raw-space weights.
-- b_dec starts at the data mean; W_enc starts as W_dec^T; decoder rows have unit norm, kept by
-  removing each row's parallel gradient before the step and renormalising after it.
-- Training selects the top k * B pre-activations of the batch (BatchTopK, ReLU). A global threshold
-  theta (EMA of the smallest selected activation) is learned on the way; encode() keeps z > theta,
-  so a token's features never depend on the rest of its batch.
-- AuxK loss on latents that have not fired for `dead_tokens` tokens, k_aux = d / 2, target residual
-  detached, coefficient 1/32. Adam, lr 5e-4 with 100 warm-up steps, a held-out split for FVU.
-- The decoder side of a step is a sparse product over the k * B selected pairs, so a step costs
-  two dense (B, d) x (d, n) products (encoder forward and its weight gradient) instead of five.
+- Per-dimension input scale (the std) and b_dec from the data mean; each decoder row starts at a
+  different training row (SAE.init_weights), W_enc at W_dec^T, calibrated. Decoder rows keep unit
+  norm: each row's parallel gradient is removed before the step, the row renormalised after it.
+- BatchTopK selection with ReLU; the inference threshold is an EMA of the smallest selected
+  activation. The decoder side of a step is a sparse product over the k * B selected pairs, so a
+  step costs two dense (B, d) x (d, n) products instead of five.
+- AuxK loss on latents that have not fired for a tenth of the run (at least 100 mean firing
+  intervals; `schedule`), k_aux = d / 2, target residual detached, coefficient 1/32.
+- Adam, lr 5e-4: 100 warm-up steps, constant, linear decay over the last 20%. The default trains
+  on 10M tokens (one epoch at the paper's scale; more epochs on a smaller store); held-out FVU at
+  every tenth of the run says whether it reached a plateau (`convergence`), a warning when not.
 """
 import argparse
-import hashlib
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
-import torch.nn as nn
 from safetensors.torch import save
 from tqdm import tqdm
 
+from batchtopk import SAE, batch_topk, evaluate, sparse_decode
 from collect import ActivationStore
 from common import (add_config_flags, check_out, config_from_flags, read_json, read_safetensors,
-                    safetensors_metadata, same_origin, sha256_file, user_errors, write_atomic,
+                    safetensors_metadata, same_origin, start_run, user_errors, write_atomic,
                     write_json)
+from dashboard import frontier_chart
 
 # -----------------------------------------------------------------------------
-# the SAE
+# the recipe
 
 
 @dataclass
@@ -51,14 +51,16 @@ class SAEConfig:
     k: int = 16                 # mean active latents per token (BatchTopK: k * batch per batch)
     lr: float = 5e-4
     batch_size: int = 512
-    epochs: int = 1
+    epochs: int = 0             # 0: enough epochs for min_tokens (at least one)
+    min_tokens: int = 10_000_000  # what the default trains on: a plateau at the paper's scale
     steps: int = 0              # > 0 overrides epochs
     warmup: int = 100           # linear lr warm-up steps
     aux_coeff: float = 1 / 32
     k_aux: int = 0              # 0: d_in // 2
-    dead_tokens: int = 1_000_000  # a latent that has not fired for this many tokens is dead
+    dead_tokens: int = 0        # dead after this many tokens without firing (0: see schedule)
     threshold_beta: float = 0.999  # EMA of the smallest selected activation -> inference threshold
     holdout: float = 0.05       # fraction of tokens held out for FVU
+    plateau: float = 0.01       # warn if held-out FVU fell more than this in the last tenth
     normalize: bool = True      # divide inputs by their per-dimension std
     seed: int = 42
     log_every: int = 100
@@ -73,105 +75,15 @@ class SAEConfig:
             raise ValueError("SAEConfig.holdout must be in [0, 1)")
 
 
-class SAE(nn.Module):
-    """BatchTopK SAE in normalised space: x_n = x / scale; z = relu((x_n - b_dec) W_enc + b_enc)
-    kept where > theta; x_hat = scale * (z W_dec + b_dec). W_dec: (n_latents, d), unit-norm rows."""
-
-    def __init__(self, d_in, n_latents, k):
-        super().__init__()
-        self.d_in, self.n_latents, self.k = d_in, n_latents, k
-        self.W_enc = nn.Parameter(torch.empty(d_in, n_latents))
-        self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.register_buffer("scale", torch.ones(d_in))
-        self.register_buffer("threshold", torch.zeros(()))
-
-    @torch.no_grad()
-    def init_weights(self, generator=None):
-        self.W_dec.copy_(torch.randn(self.W_dec.shape, generator=generator))
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
-        self.W_enc.copy_(self.W_dec.t())
-        self.b_enc.zero_()
-
-    def pre(self, x):
-        """Pre-activations (N, n_latents) of raw inputs."""
-        return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
-
-    def encode(self, x):
-        """Raw scalars (N, d) -> latents (N, n_latents), thresholded: independent of the batch."""
-        p = torch.relu(self.pre(x))
-        return p * (p > self.threshold)
-
-    def decode(self, z):
-        """Latents -> raw scalars."""
-        return (z @ self.W_dec + self.b_dec) * self.scale
-
-    def forward(self, x):
-        return self.decode(self.encode(x))
-
-    def folded(self):
-        """Raw-space weights (W_enc', b_enc, W_dec', b_dec') with the normalisation folded in:
-        pre = (x - b_dec') W_enc' + b_enc, x_hat = z W_dec' + b_dec'."""
-        return (self.W_enc / self.scale[:, None], self.b_enc, self.W_dec * self.scale,
-                self.b_dec * self.scale)
-
-    def save(self, out_dir, cfg=None, metrics=None, made_from=None):
-        """sae.safetensors, then cfg.json (the config, held-out metrics, what the SAE was trained
-        on and the weights' checksum): each file written whole, nothing else in out_dir touched."""
-        os.makedirs(out_dir, exist_ok=True)
-        data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()})
-        write_atomic(os.path.join(out_dir, "sae.safetensors"), data)
-        write_json(os.path.join(out_dir, "cfg.json"),
-                   dict(d_in=self.d_in, n_latents=self.n_latents, k=self.k,
-                        train=asdict(cfg) if cfg else None, final=metrics, made_from=made_from,
-                        weights_sha256=hashlib.sha256(data).hexdigest()))
-
-    @classmethod
-    def load(cls, path, device="cpu"):
-        """An SAE directory; .made_from says what it was trained on (None if unrecorded)."""
-        c = read_json(os.path.join(path, "cfg.json"))
-        weights = os.path.join(path, "sae.safetensors")
-        if c.get("weights_sha256") not in (None, sha256_file(weights)):
-            raise ValueError(f"{weights}: does not match the checksum in cfg.json (a file from "
-                             "another training run?)")
-        sae = cls(c["d_in"], c["n_latents"], c["k"])
-        sae.load_state_dict(read_safetensors(weights), strict=True)
-        sae.made_from = c.get("made_from")
-        return sae.to(device)
-
-
-@torch.no_grad()
-def batch_topk(pre, k):
-    """BatchTopK: the k * B largest positive pre-activations of a batch pre (B, n), wherever they
-    sit in it (so a token may use more or fewer than k latents). Returns their (rows, cols)."""
-    top = torch.relu(pre).flatten().topk(min(k * pre.shape[0], pre.numel()))
-    flat = top.indices[top.values > 0]
-    return flat // pre.shape[1], flat % pre.shape[1]
-
-
-def _decode(B, sae, rows, cols, vals, bias=True):
-    """Sum over the chosen pairs of vals * W_dec[col] (+ b_dec): sparse (B, n) x (n, d) product."""
-    # indices come from topk over distinct entries, so they are valid and unique by construction
-    z = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (B, sae.n_latents),
-                                check_invariants=False)
-    out = torch.sparse.mm(z, sae.W_dec)
-    return out + sae.b_dec if bias else out
-
-
 def train_step(sae, xn, cfg, state):
-    """One BatchTopK step on normalised inputs xn (B, d). Returns (loss, metrics).
-
-    One dense encoder product (its backward is the second and last dense product); the decoder
-    works on the k * B selected pairs only, as a sparse product.
-    """
+    """One BatchTopK step on normalised inputs xn (B, d): (loss, metrics). The decoder works on
+    the k * B selected pairs only; state holds the dead-latent counters and the threshold's."""
     B = xn.shape[0]
-    # (xn - b_dec) W_enc + b_enc, arranged so that b_dec's gradient needs no second (B, d) x (d, n)
-    # product
+    # (xn - b_dec) W_enc + b_enc, arranged so that b_dec's gradient needs no other dense product
     raw = xn @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)  # (B, n)
     rows, cols = batch_topk(raw, sae.k)
     vals = torch.relu(raw[rows, cols])
-    x_hat = _decode(B, sae, rows, cols, vals)
+    x_hat = sparse_decode(B, sae, rows, cols, vals)
     err = (x_hat - xn).pow(2).sum(-1)
     var = (xn - xn.mean(0)).pow(2).sum(-1).mean()
     loss = err.mean()
@@ -179,7 +91,7 @@ def train_step(sae, xn, cfg, state):
     fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=xn.device)
     fired[cols] = True
     state["since"] = torch.where(fired, 0, state["since"] + B)
-    dead = state["since"] >= cfg.dead_tokens
+    dead = state["since"] >= state["dead_tokens"]
     aux, k_aux = torch.zeros((), device=xn.device), 0
     if dead.any() and cfg.aux_coeff > 0:
         k_aux = min(cfg.k_aux or sae.d_in // 2, int(dead.sum()))
@@ -190,48 +102,17 @@ def train_step(sae, xn, cfg, state):
             arows = torch.arange(B, device=xn.device).repeat_interleave(k_aux)
             acols = ta.indices.flatten()
         e = (xn - x_hat).detach()
-        e_hat = _decode(B, sae, arows, acols, raw[arows, acols], bias=False)
+        e_hat = sparse_decode(B, sae, arows, acols, raw[arows, acols], bias=False)
         e_var = (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
         aux = (e_hat - e).pow(2).sum(-1).mean() / e_var
     # the inference threshold: EMA of the smallest selected activation
-    with torch.no_grad():
-        if len(vals):
-            m = vals.min()
-            t = state["threshold_steps"] + 1
-            # a plain running mean until it is an EMA of 1 / (1 - beta) steps
-            beta = min(cfg.threshold_beta, 1 - 1 / t)
-            sae.threshold.copy_(beta * sae.threshold + (1 - beta) * m)
-            state["threshold_steps"] = t
+    if len(vals):  # a plain running mean until it is an EMA of 1 / (1 - beta) steps
+        t = state["threshold_steps"] = state["threshold_steps"] + 1
+        beta = min(cfg.threshold_beta, 1 - 1 / t)
+        sae.threshold.copy_(beta * sae.threshold + (1 - beta) * vals.detach().min())
     total = loss + cfg.aux_coeff * aux
     return total, dict(mse=loss.item() / sae.d_in, fvu=(err.mean() / var).item(), aux=aux.item(),
                        l0=len(rows) / B, dead=dead.float().mean().item(), k_aux=k_aux)
-
-
-@torch.no_grad()
-def evaluate(sae, x, batch=8192):
-    """FVU (normalised and raw space), MSE, L0 and firing frequencies, with the inference
-    threshold."""
-    err_n = var_n = err_r = var_r = l0 = 0.0
-    freq = torch.zeros(sae.n_latents, device=x.device)
-    mean = x.mean(0)
-    for s in range(0, len(x), batch):
-        xb = x[s:s + batch]
-        z = sae.encode(xb)
-        xh = sae.decode(z)
-        err_r += (xh - xb).pow(2).sum().item()
-        var_r += (xb - mean).pow(2).sum().item()
-        err_n += ((xh - xb) / sae.scale).pow(2).sum().item()
-        var_n += ((xb - mean) / sae.scale).pow(2).sum().item()
-        active = z > 0
-        l0 += active.sum().item()
-        freq += active.sum(0)
-    n = len(x)
-    freq = (freq / max(n, 1)).cpu()
-    hist, edges = np.histogram(np.log10(freq.numpy() + 1e-10), bins=20, range=(-10, 0))
-    return dict(fvu=err_n / max(var_n, 1e-12), fvu_raw=err_r / max(var_r, 1e-12),
-                mse=err_n / max(n * sae.d_in, 1),
-                l0=l0 / max(n, 1), dead_fraction=(freq == 0).float().mean().item(), tokens=n,
-                freq_hist_log10=dict(counts=hist.tolist(), edges=edges.tolist()))
 
 
 def unit_norm_step(sae, opt, loss):
@@ -253,6 +134,25 @@ def update(sae, opt, xn, cfg, state):
     return m
 
 
+def schedule(cfg, n_train, n_latents):
+    """(steps per epoch, total steps, dead window). Epochs: cfg.epochs, or enough for
+    cfg.min_tokens. Dead window: cfg.dead_tokens, or a tenth of the run's tokens (the official
+    1M at the paper's 10M), at least 100 times the mean interval between a latent's firings
+    (n_latents / k), so a small corpus still sees AuxK and a rare live latent is not dead."""
+    per_epoch = max(1, n_train // cfg.batch_size)
+    epochs = cfg.epochs or max(1, math.ceil(cfg.min_tokens / (per_epoch * cfg.batch_size)))
+    total = cfg.steps or per_epoch * epochs
+    return per_epoch, total, cfg.dead_tokens or max(total * cfg.batch_size // 10,
+                                                    100 * n_latents // cfg.k)
+
+
+def convergence(curve, tol):
+    """The held-out FVU measured at each tenth of the run -> how much it fell in the last tenth
+    before the lr decay (the last 20%), relative; plateau when that is at most tol."""
+    fall = (curve[6][1] - curve[7][1]) / max(curve[6][1], 1e-12) if len(curve) >= 8 else None
+    return dict(curve=curve, fall=fall, plateau=None if fall is None else fall <= tol)
+
+
 def save_state(path, step, sae, opt, state, epoch_rng, agg):
     """Everything a resumed run needs, in one file written whole: weights, Adam moments, dead-latent
     counters, the generator state that draws this epoch's order, the open logging window."""
@@ -260,7 +160,8 @@ def save_state(path, step, sae, opt, state, epoch_rng, agg):
     for i, st in opt.state_dict()["state"].items():
         t.update({f"opt.{i}.{k}": v for k, v in st.items()})
     t.update(since=state["since"], epoch_rng=epoch_rng)
-    meta = dict(step=step, threshold_steps=state["threshold_steps"], agg=agg)
+    meta = dict(step=step, threshold_steps=state["threshold_steps"], agg=agg,
+                curve=state["curve"])
     write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in t.items()},
                             metadata={"rank1": json.dumps(meta)}))
 
@@ -277,7 +178,8 @@ def load_state(path, sae, opt, state, dev):
             _, i, name = k.split(".")
             groups.setdefault(int(i), {})[name] = v.to(dev) if name != "step" else v
     opt.load_state_dict(dict(state=groups, param_groups=opt_sd["param_groups"]))
-    state.update(since=t["since"].to(dev), threshold_steps=meta["threshold_steps"])
+    state.update(since=t["since"].to(dev), threshold_steps=meta["threshold_steps"],
+                 curve=meta["curve"])
     return meta["step"], t["epoch_rng"], meta["agg"]
 
 
@@ -297,19 +199,17 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
     perm = torch.randperm(len(x), generator=g)
     n_hold = int(len(x) * cfg.holdout)
     hold, train = x[perm[:n_hold]].float().to(dev), perm[n_hold:]
-    d = x.shape[1]
-    sae = SAE(d, cfg.expansion * d, cfg.k).to(dev)
-    sae.init_weights(generator=torch.Generator().manual_seed(cfg.seed))
-    sae.to(dev)
+    sae = SAE(x.shape[1], cfg.expansion * x.shape[1], cfg.k).to(dev)
     with torch.no_grad():
         sample = x[train[:200_000]].float().to(dev)
         if cfg.normalize:
             sae.scale.copy_(sample.std(0).clamp(min=1e-8 * sample.std(0).max().clamp(min=1e-30)))
         sae.b_dec.copy_((sample / sae.scale).mean(0))
+        sae.init_weights(sample / sae.scale - sae.b_dec, torch.Generator().manual_seed(cfg.seed))
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)
-    total = cfg.steps or steps_per_epoch * cfg.epochs
-    state = dict(since=torch.zeros(sae.n_latents, dtype=torch.long, device=dev), threshold_steps=0)
+    steps_per_epoch, total, dead_tokens = schedule(cfg, len(train), sae.n_latents)
+    state = dict(since=torch.zeros(sae.n_latents, dtype=torch.long, device=dev), threshold_steps=0,
+                 dead_tokens=dead_tokens, curve=[])
     start, agg, epoch_rng = 0, {}, None
     if state_file and os.path.isfile(state_file):
         start, epoch_rng, agg = load_state(state_file, sae, opt, state, dev)
@@ -324,8 +224,7 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
         i = step % steps_per_epoch
         xb = x[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].float().to(dev) / sae.scale
         # linear warm-up, constant, linear decay to 0 over the last 20%
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup),
-                          (total - step) / max(1, 0.2 * total))
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup), (total - step) / (0.2 * total))
         for grp in opt.param_groups:
             grp["lr"] = lr
         m = update(sae, opt, xb, cfg, state)
@@ -342,15 +241,22 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
             if metrics_file:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
-            bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
-                            dead=f"{rec['dead']:.3f}")
+            bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("fvu", "l0", "dead")})
+        if len(hold) and (step + 1) % max(1, total // 10) == 0 and len(state["curve"]) < 10:
+            state["curve"].append((step + 1, evaluate(sae, hold[:8192])["fvu"]))
         if state_file and cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_state(state_file, step + 1, sae, opt, state, epoch_rng, agg)
-    sae.metrics = evaluate(sae, hold) if len(hold) else None
-    if log and sae.metrics:
-        mm = sae.metrics
+    sae.metrics = mm = evaluate(sae, hold) if len(hold) else None
+    if mm:
+        mm.update(steps=total, train_tokens=total * cfg.batch_size, dead_tokens=dead_tokens,
+                  convergence=convergence(state["curve"], cfg.plateau))
+    if mm and log:
         log(f"sae: held-out FVU {mm['fvu']:.4f} (raw {mm['fvu_raw']:.4f}) | L0 {mm['l0']:.2f} | "
             f"dead {100 * mm['dead_fraction']:.1f}% | {mm['tokens']} tokens")
+        if mm["convergence"]["plateau"] is False:
+            log(f"sae: warning: held-out FVU still fell {100 * mm['convergence']['fall']:.1f}% in "
+                f"the last tenth before the lr decay (plateau: {100 * cfg.plateau:g}%); train "
+                "longer (--epochs)")
     return sae.cpu()
 
 
@@ -369,23 +275,14 @@ def cmd_train(args):
     check_out(args.out, {"--acts": args.acts})
     store = ActivationStore(args.acts)
     cfg = config_from_flags(SAEConfig, args)
-    settings = {k: v for k, v in asdict(cfg).items() if k != "save_every"}  # results depend on
+    settings = {k: v for k, v in asdict(cfg).items() if k != "save_every"}  # what decides it
     made_from = dict(store=store.identity(), config=settings)
-    os.makedirs(args.out, exist_ok=True)
     out = lambda n: os.path.join(args.out, n)
-    if args.overwrite:
-        for n in SAE_FILES:
-            if os.path.exists(out(n)):
-                os.remove(out(n))
-    elif os.path.isfile(out("cfg.json")):
+    if os.path.isfile(out("cfg.json")) and not args.overwrite:
         same_origin(read_json(out("cfg.json")).get("made_from") or {}, made_from, out("cfg.json"))
         print(f"sae: {args.out} already holds this SAE")
         return SAE.load(args.out)
-    elif os.path.isfile(out("run.json")) or os.path.isfile(out("train-state.safetensors")):
-        same_origin(read_json(out("run.json")), made_from, out("run.json"))
-    elif any(os.path.exists(out(n)) for n in SAE_FILES):
-        raise ValueError(f"{args.out}: holds SAE files of an unknown run; pass --overwrite")
-    write_json(out("run.json"), made_from)
+    start_run(args.out, "run.json", made_from, SAE_FILES.__contains__, args.overwrite)
     state_file = out("train-state.safetensors")
     step = (json.loads(safetensors_metadata(state_file)["rank1"])["step"]
             if os.path.isfile(state_file) else 0)
@@ -403,16 +300,47 @@ def cmd_train(args):
     return sae
 
 
+def cmd_sweep(args):
+    """The frontier: one SAE per (k, expansion) in OUT/k{k}-x{expansion}/, each trained (and
+    resumed) as `train` does, then sweep.json (held-out FVU, L0, dead fraction per setting) and
+    sweep.svg (FVU against L0)."""
+    check_out(args.out, {"--acts": args.acts})
+    store = ActivationStore(args.acts)
+    cfg = {k: v for k, v in asdict(config_from_flags(SAEConfig, args)).items()
+           if k not in ("k", "expansion", "save_every")}
+    made_from = dict(store=store.identity(), ks=args.ks, expansions=args.expansions, config=cfg)
+    summary = os.path.join(args.out, "sweep.json")
+    if os.path.isfile(summary) and not args.overwrite:
+        same_origin(read_json(summary).get("made_from") or {}, made_from, summary)
+    rows = []
+    for e in (int(v) for v in args.expansions.split(",")):
+        for k in (int(v) for v in args.ks.split(",")):
+            sub = os.path.join(args.out, f"k{k}-x{e}")
+            cmd_train(argparse.Namespace(**{**vars(args), "k": k, "expansion": e, "out": sub}))
+            c = read_json(os.path.join(sub, "cfg.json"))
+            rows.append(dict(k=k, expansion=e, n_latents=c["n_latents"], dir=sub, **{
+                m: c["final"][m] for m in ("fvu", "fvu_raw", "l0", "dead_fraction", "steps")},
+                plateau=c["final"]["convergence"]["plateau"]))
+    write_json(summary, dict(made_from=made_from, rows=rows))
+    write_atomic(os.path.join(args.out, "sweep.svg"), frontier_chart(rows))
+    print(f"sae sweep: {len(rows)} settings -> {os.path.join(args.out, 'sweep.svg')}")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the BatchTopK SAE on a collected store")
-    t.add_argument("--acts", required=True, help="a store written by collect.py")
-    t.add_argument("--out", required=True)
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace an SAE trained in --out with other settings")
-    add_config_flags(t, SAEConfig)
-    t.set_defaults(func=cmd_train)
+    s = sub.add_parser("sweep", help="train over k x expansion: the FVU-L0 frontier")
+    s.add_argument("--ks", default="8,16,32", help="comma-separated k values")
+    s.add_argument("--expansions", default="4,8,16", help="comma-separated expansion factors")
+    for c, func in ((t, cmd_train), (s, cmd_sweep)):
+        c.add_argument("--acts", required=True, help="a store written by collect.py")
+        c.add_argument("--out", required=True)
+        c.add_argument("--overwrite", action="store_true",
+                       help="replace SAEs trained in --out with other settings")
+        add_config_flags(c, SAEConfig, skip=("k", "expansion") if c is s else ())
+        c.set_defaults(func=func)
     args = p.parse_args(argv)
     with user_errors("sae.py"):
         return args.func(args)

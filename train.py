@@ -54,12 +54,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
-from common import (DTYPES, add_config_flags, check_out, cleanup_dist, config_from_flags,
-                    differences, file_identity, print0, read_json, read_safetensors,
-                    save_hf_checkpoint, setup_dist, user_errors, write_atomic, write_json)
+from common import (DTYPES, add_config_flags, check_out, checkpoint_tensors, cleanup_dist,
+                    config_from_flags, differences, file_identity, model_identity, print0,
+                    read_json, read_safetensors, save_hf_checkpoint, setup_dist, user_errors,
+                    write_atomic, write_json)
 from data import Tokenizer, data_identity, load_examples
 from lora import ADAPTER_FILES, SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
-from model import Qwen2, Qwen2Config, checkpoint_tensors, model_identity
+from model import Qwen2, Qwen2Config
 
 # -----------------------------------------------------------------------------
 # configuration

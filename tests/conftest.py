@@ -8,12 +8,15 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from collect import ActivationStore, save_shard
 from data import Tokenizer
+from lora import SITE_ORDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
@@ -173,3 +176,33 @@ def chromium_dom(url):
                         "--virtual-time-budget=3000", "--dump-dom", url],
                        capture_output=True, text=True, timeout=120)
     return r.stdout, r.stderr
+
+
+def fake_store(path, doc_lengths, d=3, docs_per_shard=2, seed=0, ties=True, values=None):
+    """A store in collect.py's layout with random scalars (rounded so that ties are common), or
+    with the rows of `values` (N, d), cut into documents of doc_lengths."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    shards, doc, row = [], 0, 0
+    d = d if values is None else values.shape[1]
+    for s0 in range(0, len(doc_lengths), docs_per_shard):
+        lens = doc_lengths[s0:s0 + docs_per_shard]
+        if values is None:
+            acts = rng.normal(size=(sum(lens), d)).astype(np.float32)
+            acts = np.round(acts * 2) / 2 if ties else acts
+        else:
+            acts, row = np.asarray(values[row:row + sum(lens)], dtype=np.float32), row + sum(lens)
+        ids = rng.integers(0, 50, sum(lens)).astype(np.int32)
+        docs, off = [], 0
+        for n in lens:
+            docs.append(dict(doc=doc, source=f"row {doc}", start=off, length=n))
+            off, doc = off + n, doc + 1
+        side = dict(tokens=off, docs=docs)
+        save_shard(str(path), len(shards), dict(acts=acts, ids=ids), side)  # collect.py's writer
+        shards.append(side)
+    sites = ([[0, "gate_proj"], [0, "q_proj"], [1, "down_proj"]][:d] if d <= 3 else
+             [[i // 7, SITE_ORDER[i % 7]] for i in range(d)])
+    idx = dict(shape=[sum(doc_lengths), d], dtype="float32", sites=sites, rank=1, shards=shards,
+               documents=doc)
+    json.dump(idx, open(os.path.join(path, "index.json"), "w"))
+    return ActivationStore(str(path))

@@ -11,7 +11,7 @@ import torch
 
 from collect import ActivationStore
 from conftest import ROOT, hf_tiny, run_script, save_hf, tiny_tokenizer
-from sae import SAE
+from batchtopk import SAE
 
 PY = sys.executable
 

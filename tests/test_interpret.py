@@ -1,47 +1,20 @@
 """interpret.py mining against brute force on random activation stores (ties, negative polarity,
 per-document cap, de-duplication), quantiles against numpy, and the CLI output."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from autointerp import autointerp, balanced_accuracy, explain_messages
-from collect import ActivationStore, save_shard
+from autointerp import autointerp, balanced_accuracy, compare_populations, explain_messages
+from collect import ActivationStore
 from collect import main as collect_main
-from conftest import FakeLLM, hf_tiny, save_hf, tiny_tokenizer
-from interpret import (compare_populations, feature_names, feature_values, main, mine, quantiles,
-                       sae_offsets)
+from conftest import FakeLLM, fake_store, hf_tiny, save_hf, tiny_tokenizer
+from interpret import feature_names, feature_values, main, mine, quantiles, sae_offsets
 from llm import LLM
 from lora import adapters, apply_lora, capture, load_adapter, save_adapter, sites, steer
 from model import Qwen2
-from sae import SAE
-
-
-def fake_store(path, doc_lengths, d=3, docs_per_shard=2, seed=0, ties=True):
-    """A store in collect.py's layout with random scalars (rounded so that ties are common)."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(path, exist_ok=True)
-    shards, doc = [], 0
-    for s0 in range(0, len(doc_lengths), docs_per_shard):
-        lens = doc_lengths[s0:s0 + docs_per_shard]
-        acts = rng.normal(size=(sum(lens), d)).astype(np.float32)
-        if ties:
-            acts = np.round(acts * 2) / 2
-        ids = rng.integers(0, 50, sum(lens)).astype(np.int32)
-        docs, off = [], 0
-        for n in lens:
-            docs.append(dict(doc=doc, source=f"row {doc}", start=off, length=n))
-            off, doc = off + n, doc + 1
-        side = dict(tokens=off, docs=docs)
-        save_shard(str(path), len(shards), dict(acts=acts, ids=ids), side)  # collect.py's writer
-        shards.append(side)
-    sites = [[0, "gate_proj"], [0, "q_proj"], [1, "down_proj"]][:d]
-    idx = dict(shape=[sum(doc_lengths), d], dtype="float32", sites=sites, rank=1, shards=shards,
-               documents=doc)
-    json.dump(idx, open(os.path.join(path, "index.json"), "w"))
-    return ActivationStore(str(path))
+from batchtopk import SAE
 
 
 def brute_force(store, sae, k, dedup, per_doc):

@@ -25,7 +25,7 @@ from eval import grade_sample, load_benchmark, recovery_table
 from llm import LLM
 from lora import LoRALinear, adapters, apply_lora, load_adapter, save_adapter
 from model import Qwen2, Qwen2Config
-from sae import SAE
+from batchtopk import SAE
 
 
 def rows(n, long=1):

@@ -1,0 +1,157 @@
+"""
+The BatchTopK sparse autoencoder (Bussmann et al.), the architecture: what a trained SAE is and
+does. sae.py trains it.
+
+    from batchtopk import SAE
+    sae = SAE.load("sae/")                 # sae.safetensors + cfg.json, checksum verified
+    z = sae.encode(x)                      # raw adapter scalars (N, d) -> latents (N, n_latents)
+    x_hat = sae.decode(z)
+
+Inputs are divided by a per-dimension scale (their std: the 448 scalars differ by orders of
+magnitude); the SAE lives in that space and keeps `scale` as a buffer, so encode() and decode()
+take and return raw scalars, and folded() gives the equivalent raw-space weights. Decoder rows
+have unit norm. Training selects the k * B largest pre-activations of a batch (batch_topk); at
+inference a learned global threshold replaces that choice, so a token's latents never depend on
+the rest of its batch.
+"""
+import hashlib
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import save
+
+from common import read_json, read_safetensors, sha256_file, write_atomic, write_json
+
+
+class SAE(nn.Module):
+    """BatchTopK SAE in normalised space: x_n = x / scale; z = relu((x_n - b_dec) W_enc + b_enc)
+    kept where > theta; x_hat = scale * (z W_dec + b_dec). W_dec: (n_latents, d), unit-norm rows."""
+
+    def __init__(self, d_in, n_latents, k):
+        super().__init__()
+        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        self.W_enc = nn.Parameter(torch.empty(d_in, n_latents))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("scale", torch.ones(d_in))
+        self.register_buffer("threshold", torch.zeros(()))
+
+    @torch.no_grad()
+    def init_weights(self, data=None, generator=None):
+        """Each decoder row at a different random row of data (normalised inputs minus b_dec), at
+        a random direction where data has too few rows or a zero row; unit norm; W_enc = W_dec^T,
+        scaled (with data) so that the first reconstructions are least-squares calibrated: k
+        latents started on data rows would each rebuild most of a token. Started on the data,
+        the rows need not search for it: a planted dictionary is found in a fraction of the steps
+        a random start needs (tests/test_sae.py)."""
+        w = torch.randn(self.W_dec.shape, generator=generator)
+        if data is not None:
+            pick = torch.randperm(len(data), generator=generator)[:self.n_latents]
+            rows = data[pick.to(data.device)].float().cpu()
+            norms = rows.norm(dim=1)
+            ok = norms > 1e-6 * norms.max().clamp(min=1e-30)
+            w[:len(rows)][ok] = rows[ok]
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        if data is not None:  # a scale c > 0 keeps BatchTopK's choice and scales x_hat by c
+            e = data[:8192].float()
+            raw = e @ self.W_enc
+            rows, cols = batch_topk(raw, self.k)
+            xh = sparse_decode(len(e), self, rows, cols, raw[rows, cols], bias=False)
+            self.W_enc *= ((xh * e).sum() / (xh * xh).sum().clamp(min=1e-12)).clamp(min=1e-3)
+
+    def pre(self, x):
+        """Pre-activations (N, n_latents) of raw inputs."""
+        return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x):
+        """Raw scalars (N, d) -> latents (N, n_latents), thresholded: independent of the batch."""
+        p = torch.relu(self.pre(x))
+        return p * (p > self.threshold)
+
+    def decode(self, z):
+        """Latents -> raw scalars."""
+        return (z @ self.W_dec + self.b_dec) * self.scale
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+    def folded(self):
+        """Raw-space weights (W_enc', b_enc, W_dec', b_dec') with the normalisation folded in:
+        pre = (x - b_dec') W_enc' + b_enc, x_hat = z W_dec' + b_dec'."""
+        return (self.W_enc / self.scale[:, None], self.b_enc, self.W_dec * self.scale,
+                self.b_dec * self.scale)
+
+    def save(self, out_dir, cfg=None, metrics=None, made_from=None):
+        """sae.safetensors, then cfg.json (the config, held-out metrics, what the SAE was trained
+        on and the weights' checksum): each file written whole, nothing else in out_dir touched."""
+        os.makedirs(out_dir, exist_ok=True)
+        data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()})
+        write_atomic(os.path.join(out_dir, "sae.safetensors"), data)
+        write_json(os.path.join(out_dir, "cfg.json"),
+                   dict(d_in=self.d_in, n_latents=self.n_latents, k=self.k,
+                        train=asdict(cfg) if cfg else None, final=metrics, made_from=made_from,
+                        weights_sha256=hashlib.sha256(data).hexdigest()))
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        """An SAE directory; .made_from says what it was trained on (None if unrecorded)."""
+        c = read_json(os.path.join(path, "cfg.json"))
+        weights = os.path.join(path, "sae.safetensors")
+        if c.get("weights_sha256") not in (None, sha256_file(weights)):
+            raise ValueError(f"{weights}: does not match the checksum in cfg.json (a file from "
+                             "another training run?)")
+        sae = cls(c["d_in"], c["n_latents"], c["k"])
+        sae.load_state_dict(read_safetensors(weights), strict=True)
+        sae.made_from = c.get("made_from")
+        return sae.to(device)
+
+
+@torch.no_grad()
+def batch_topk(pre, k):
+    """BatchTopK: the k * B largest positive pre-activations of a batch pre (B, n), wherever they
+    sit in it (so a token may use more or fewer than k latents). Returns their (rows, cols)."""
+    top = torch.relu(pre).flatten().topk(min(k * pre.shape[0], pre.numel()))
+    flat = top.indices[top.values > 0]
+    return flat // pre.shape[1], flat % pre.shape[1]
+
+
+def sparse_decode(B, sae, rows, cols, vals, bias=True):
+    """Sum over the chosen pairs of vals * W_dec[col] (+ b_dec): sparse (B, n) x (n, d) product."""
+    # indices come from topk over distinct entries, so they are valid and unique by construction
+    z = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (B, sae.n_latents),
+                                check_invariants=False)
+    out = torch.sparse.mm(z, sae.W_dec)
+    return out + sae.b_dec if bias else out
+
+
+@torch.no_grad()
+def evaluate(sae, x, batch=8192):
+    """FVU (normalised and raw space), MSE, L0 and firing frequencies, with the inference
+    threshold."""
+    err_n = var_n = err_r = var_r = l0 = 0.0
+    freq = torch.zeros(sae.n_latents, device=x.device)
+    mean = x.mean(0)
+    for s in range(0, len(x), batch):
+        xb = x[s:s + batch]
+        z = sae.encode(xb)
+        xh = sae.decode(z)
+        err_r += (xh - xb).pow(2).sum().item()
+        var_r += (xb - mean).pow(2).sum().item()
+        err_n += ((xh - xb) / sae.scale).pow(2).sum().item()
+        var_n += ((xb - mean) / sae.scale).pow(2).sum().item()
+        active = z > 0
+        l0 += active.sum().item()
+        freq += active.sum(0)
+    n = len(x)
+    freq = (freq / max(n, 1)).cpu()
+    hist, edges = np.histogram(np.log10(freq.numpy() + 1e-10), bins=20, range=(-10, 0))
+    return dict(fvu=err_n / max(var_n, 1e-12), fvu_raw=err_r / max(var_r, 1e-12),
+                mse=err_n / max(n * sae.d_in, 1),
+                l0=l0 / max(n, 1), dead_fraction=(freq == 0).float().mean().item(), tokens=n,
+                freq_hist_log10=dict(counts=hist.tolist(), edges=edges.tolist()))
