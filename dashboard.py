@@ -67,38 +67,47 @@ def heatmap(cells, rows, cols, title=lambda r, c, v: f"{r} {c}: {v:.4g}"):
 
 
 def frontier_chart(rows, width=520, height=300):
-    """The SAE frontier: held-out FVU against L0 (log scale), one line per expansion, a point per
-    k, dead fractions in the labels. rows: [{k, expansion, fvu, l0, dead_fraction}]. A standalone
-    SVG document (sae.py sweep writes it to a file)."""
-    xs = [math.log2(max(r["l0"], 1e-3)) for r in rows]
-    x0, x1 = min(xs) - 0.3, max(xs) + 0.3
-    y1 = max(r["fvu"] for r in rows) * 1.15 or 1
-    px = lambda r: 60 + width * (math.log2(max(r["l0"], 1e-3)) - x0) / (x1 - x0)
-    py = lambda r: 20 + height * (1 - r["fvu"] / y1)
+    """The SAE frontier: held-out FVU against L0 on log-log axes, one line per expansion, a point
+    per k labelled with its dead fraction. rows: [{k, expansion, n_latents, fvu, l0,
+    dead_fraction}]. A standalone SVG document (sae.py sweep writes it to a file)."""
+    lx = [math.log10(max(r["l0"], 1e-6)) for r in rows]
+    ly = [math.log10(max(r["fvu"], 1e-9)) for r in rows]
+    (x0, x1), (y0, y1) = ((min(v) - 0.08, max(v) + 0.08) for v in (lx, ly))
+    px = lambda r: 70 + width * (math.log10(max(r["l0"], 1e-6)) - x0) / (x1 - x0)
+    py = lambda r: 20 + height * (y1 - math.log10(max(r["fvu"], 1e-9))) / (y1 - y0)
     colours = ["#4a78b5", "#d9822b", "#3a9a5b", "#b54a78", "#777"]
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 200}" height="{height + 70}" '
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 300}" height="{height + 70}" '
            'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="#fff"/>',
-           f'<line x1="60" x2="{60 + width}" y1="{20 + height}" y2="{20 + height}" stroke="#000"/>'
-           f'<line x1="60" x2="60" y1="20" y2="{20 + height}" stroke="#000"/>'
-           f'<text x="{60 + width / 2}" y="{height + 55}" text-anchor="middle">L0 (active '
-           'latents per token, log scale)</text><text x="14" y="14">held-out FVU</text>'
-           f'<text x="55" y="{20 + height}" text-anchor="end">0</text>'
-           f'<text x="55" y="28" text-anchor="end">{y1:.3g}</text>']
+           f'<path d="M70 20V{20 + height}H{70 + width}" fill="none" stroke="#000"/>'
+           f'<text x="{70 + width / 2}" y="{height + 60}" text-anchor="middle">L0: active latents '
+           'per token (log scale)</text><text x="10" y="12">held-out FVU (log scale)</text>']
+    decades = range(math.floor(y0), math.ceil(y1) + 1)
+    for t in sorted(t for t in {v * 10 ** e for e in decades for v in (1, 2, 5)}
+                    if y0 <= math.log10(t) <= y1):
+        y = py(dict(fvu=t))
+        svg.append(f'<line x1="66" x2="70" y1="{y:.1f}" y2="{y:.1f}" stroke="#000"/>'
+                   f'<text x="62" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
+    for k in sorted({r["k"] for r in rows}):
+        l0 = sum(r["l0"] for r in rows if r["k"] == k) / sum(r["k"] == k for r in rows)
+        x = px(dict(l0=l0))
+        svg.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{20 + height}" y2="{24 + height}" '
+                   f'stroke="#000"/><text x="{x:.1f}" y="{height + 38}" text-anchor="middle">'
+                   f'{l0:.1f} (k {k})</text>')
     for i, e in enumerate(sorted({r["expansion"] for r in rows})):
         line = sorted((r for r in rows if r["expansion"] == e), key=lambda r: r["l0"])
         c = colours[i % len(colours)]
         pts = " ".join(f"{px(r):.1f},{py(r):.1f}" for r in line)
         svg.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>'
-                   f'<text x="{width + 80}" y="{40 + 18 * i}" fill="{c}">expansion {e} '
+                   f'<text x="{width + 110}" y="{40 + 18 * i}" fill="{c}">expansion {e} '
                    f'({line[0]["n_latents"]} latents)</text>')
         for r in line:
-            tip = (f"k {r['k']}, expansion {e}: FVU {r['fvu']:.4f}, L0 {r['l0']:.2f}, "
+            tip = (f"k {r['k']}, expansion {e}: FVU {r['fvu']:.4g}, L0 {r['l0']:.2f}, "
                    f"dead {100 * r['dead_fraction']:.1f}%")
-            svg.append(f'<circle cx="{px(r):.1f}" cy="{py(r):.1f}" r="4" fill="{c}">'
-                       f'<title>{escape(tip)}</title></circle>'
-                       f'<text x="{px(r) + 6:.1f}" y="{py(r) - 6:.1f}" fill="{c}">k={r["k"]}, '
-                       f'dead {100 * r["dead_fraction"]:.0f}%</text>')
-    svg.append("</svg>")
+            svg.append(f'<circle cx="{px(r):.1f}" cy="{py(r):.1f}" r="4" fill="{c}"><title>'
+                       f'{escape(tip)}</title></circle><text x="{px(r) + 7:.1f}" '
+                       f'y="{py(r) + 4:.1f}" fill="{c}">{100 * r["dead_fraction"]:.0f}%</text>')
+    svg.append(f'<text x="{width + 110}" y="{58 + 18 * i + 18}" fill="#555">labels: the share of '
+               'dead latents</text></svg>')
     return "".join(svg)
 
 

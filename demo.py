@@ -337,7 +337,7 @@ def make_interpret(d, p, data, base, adapter, samples):
                               "--docs-per-shard", 256], log)
     run_script("sae.py", ["train", "--acts", acts, "--out", sae, "--k", 4,
                           "--steps", p["sae_steps"], "--warmup", 50, "--batch-size", 1024,
-                          "--lr", 2e-3, "--dead-tokens", 200_000], log)
+                          "--lr", 2e-3], log)
     run_script("eval.py", ["ablate", "--model", base, "--adapter", adapter, "--samples", samples,
                            "--bench", "math=" + os.path.join(data, "heldout.jsonl"), "--block", 2,
                            "--max-sequences", p["ablate_sequences"], "--out", abl], log)
@@ -452,7 +452,7 @@ def summarize(out, p):
                    ablation=dict(top_layer=top_layer["label"], top_layer_kl=top_layer[key],
                                  by_type=[(r["label"], r[key]) for r in types]),
                    carry=carry, token_labels=labels,
-                   sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction")},
+                   sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction", "convergence")},
                    dashboard=os.path.abspath(run_dir("interp", "dashboard.html")))
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     steps, s1k_steps = p["heldout_steps"], p["s1k_steps"]
@@ -480,8 +480,10 @@ def summarize(out, p):
               "SAE latents that sit on one token: "
               + ", ".join(f"{n} {t!r} ({100 * sh:.0f}% of top examples, fires on "
                           f"{100 * fr:.1f}% of tokens)" for n, t, sh, fr in labels),
-              f"SAE: held-out FVU {sae_m.get('fvu', float('nan')):.3f}, "
-              f"L0 {sae_m.get('l0', float('nan')):.2f}",
+              f"SAE: held-out FVU {sae_m['fvu']:.3f}, L0 {sae_m['l0']:.2f}, dead "
+              f"{pct(sae_m['dead_fraction'])}; FVU fell {sae_m['convergence']['fall']:.4f} in the "
+              "last tenth before the lr decay ("
+              + ("a plateau" if sae_m["convergence"]["plateau"] else "still falling") + ")",
               f"dashboard: {summary['dashboard']}"]
     text = "\n".join(lines)
     write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))

@@ -13,6 +13,7 @@ then numerically or, for expressions in a few single-letter variables, by evalua
 random points with a small parser written here (never Python's eval).
 """
 import math
+import operator
 import random
 import re
 from fractions import Fraction
@@ -245,6 +246,9 @@ class _Parser:
         raise ValueError(f"unsupported {t!r}")
 
 
+ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
 def _eval(e, env):
     """Float value of a parsed expression, variables from env."""
     op = e[0]
@@ -259,14 +263,8 @@ def _eval(e, env):
     if op == "pi":
         return math.pi
     a, b = _eval(e[1], env), _eval(e[2], env)
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if op == "/":
-        return a / b
+    if op in ARITH:
+        return ARITH[op](a, b)
     if abs(b) > 64 or abs(a) > 1e6:
         raise OverflowError
     return a ** b
@@ -286,14 +284,8 @@ def _exact(e):
     a, b = _exact(e[1]), _exact(e[2])
     if a is None or b is None:
         return None
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if op == "/":
-        return a / b
+    if op in ARITH:
+        return ARITH[op](a, b)
     if b.denominator != 1 or abs(b) > 4096 or (a == 0 and b < 0):  # 2^{65} stays exact
         return None
     return a ** int(b)

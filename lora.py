@@ -57,37 +57,39 @@ ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "
 class LoRAFunction(torch.autograd.Function):
     """(y, u) = (x W^T + b + s (x A^T) B^T, x A^T) for a frozen W, b.
 
-    Forward reads x twice (matmul, u) and updates y in place; backward reads g twice (dx, gB = g B)
-    and x once (dA) and updates dx in place. Saved for backward: x and u only.
+    Forward reads x twice (matmul, u) and updates y in place; backward reads g twice (dx, g B)
+    and x once (dA) and updates dx in place. Saved for backward: x and u only. u is a true
+    output: a loss through it (gu) adds gu A to dx and gu^T x to dA.
     """
 
     @staticmethod
     def forward(ctx, x, W, bias, A, B, s):
         shape = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(shape.numel(), x.shape[-1])  # (N, in); explicit N: a width may be 0
         y = F.linear(x2, W, bias)  # (N, out), base dtype
-        xa = x2.to(A.dtype)
-        u = xa @ A.t()  # (N, r), adapter dtype
+        u = x2.to(A.dtype) @ A.t()  # (N, r), adapter dtype
         y = _add_scaled(y, u, B.t(), s)
         ctx.save_for_backward(x2, W, A, B, u)
-        ctx.s = s
-        ctx.mark_non_differentiable(u)
-        return y.view(*shape, -1), u.view(*shape, -1)
+        ctx.s, ctx.x_shape = s, x.shape
+        ctx.set_materialize_grads(False)  # gy or gu None when unused: no work for them
+        return y.view(*shape, W.shape[0]), u.view(*shape, A.shape[0])
 
     @staticmethod
-    def backward(ctx, gy, _gu):
+    def backward(ctx, gy, gu):
         x2, W, A, B, u = ctx.saved_tensors
-        s = ctx.s
-        g2 = gy.reshape(-1, gy.shape[-1])
-        ga = g2.to(A.dtype)
-        gB = ga @ B  # (N, r): the gradient of the scalar(s) u, unscaled
         dx = dA = dB = None
+        g2 = None if gy is None else gy.reshape(x2.shape[0], W.shape[0])
+        h = None if g2 is None else (g2.to(A.dtype) @ B).mul_(ctx.s)  # (N, r): d loss / d u
+        if gu is not None:
+            gu = gu.reshape(x2.shape[0], A.shape[0]).to(A.dtype)
+            h = gu if h is None else h.add_(gu)
         if ctx.needs_input_grad[0]:
-            dx = _add_scaled(g2 @ W, gB, A, s).view(*gy.shape[:-1], -1)
+            dx = g2 @ W if g2 is not None else x2.new_zeros(x2.shape)
+            dx = (dx if h is None else _add_scaled(dx, h, A, 1.0)).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            dA = (gB.t() @ x2.to(A.dtype)).mul_(s)
+            dA = torch.zeros_like(A) if h is None else h.t() @ x2.to(A.dtype)
         if ctx.needs_input_grad[4]:
-            dB = (ga.t() @ u).mul_(s)
+            dB = torch.zeros_like(B) if g2 is None else (g2.to(A.dtype).t() @ u).mul_(ctx.s)
         return dx, None, None, dA, dB, None
 
 
@@ -130,8 +132,14 @@ def lora_linear(x, W, bias, A, B, s, dropout=None):
     """(y, u) = (x W^T + b + s (x A^T) B^T, x A^T): the one place that picks an implementation.
 
     The fused CUDA kernels for rank 1 on a GPU, else the reference autograd function; plain
-    autograd ops for CPU inference, dropout, or a base weight that trains (full finetunes).
+    autograd ops for CPU inference, dropout, or a base weight that trains (full finetunes). Under
+    autocast the frozen matmul runs in the autocast dtype and the adapter math stays in fp32.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x.to(dt), W.to(dt), None if bias is None else bias.to(dt), A, B, s,
+                               dropout)
     frozen = not W.requires_grad and not (bias is not None and bias.requires_grad)
     plain = dropout is None and frozen
     if plain and (torch.is_grad_enabled() or x.is_cuda):
@@ -139,7 +147,8 @@ def lora_linear(x, W, bias, A, B, s, dropout=None):
         return (fused or lora_linear_ref)(x, W, bias, A, B, s)
     y = F.linear(x, W, bias)
     u = (x if dropout is None else dropout(x)).to(A.dtype) @ A.t()
-    y = _add_scaled(y.reshape(-1, y.shape[-1]), u.reshape(-1, A.shape[0]), B.t(), s).view(y.shape)
+    n = x.shape[:-1].numel()
+    y = _add_scaled(y.reshape(n, y.shape[-1]), u.reshape(n, A.shape[0]), B.t(), s).view(y.shape)
     return y, u
 
 

@@ -11,8 +11,8 @@ Training the BatchTopK SAE (batchtopk.py) on the adapter scalars (collect.py sto
 
 The paper's recipe (PAPER.md section E) with the official code's flaws fixed (section G, 4 and 5):
 - Per-dimension input scale (the std) and b_dec from the data mean; each decoder row starts at a
-  different training row (SAE.init_weights), W_enc at W_dec^T, calibrated. Decoder rows keep unit
-  norm: each row's parallel gradient is removed before the step, the row renormalised after it.
+  different training row (--init random: random directions), W_enc at W_dec^T, calibrated. Decoder
+  rows keep unit norm: the parallel gradient is removed before a step, rows renormalised after.
 - BatchTopK selection with ReLU; the inference threshold is an EMA of the smallest selected
   activation. The decoder side of a step is a sparse product over the k * B selected pairs, so a
   step costs two dense (B, d) x (d, n) products instead of five.
@@ -60,8 +60,9 @@ class SAEConfig:
     dead_tokens: int = 0        # dead after this many tokens without firing (0: see schedule)
     threshold_beta: float = 0.999  # EMA of the smallest selected activation -> inference threshold
     holdout: float = 0.05       # fraction of tokens held out for FVU
-    plateau: float = 0.01       # warn if held-out FVU fell more than this in the last tenth
+    plateau: float = 0.002      # warn if held-out FVU fell more than this in the last tenth
     normalize: bool = True      # divide inputs by their per-dimension std
+    init: str = "data"          # decoder rows at training rows, or "random" unit directions
     seed: int = 42
     log_every: int = 100
     save_every: int = 1000      # steps between saves of the training state (sae.py train resumes)
@@ -71,8 +72,8 @@ class SAEConfig:
         for f in ("expansion", "k", "batch_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"SAEConfig.{f} must be >= 1")
-        if not 0 <= self.holdout < 1:
-            raise ValueError("SAEConfig.holdout must be in [0, 1)")
+        if not 0 <= self.holdout < 1 or self.init not in ("random", "data"):
+            raise ValueError("SAEConfig: holdout must be in [0, 1), init random or data")
 
 
 def train_step(sae, xn, cfg, state):
@@ -135,10 +136,9 @@ def update(sae, opt, xn, cfg, state):
 
 
 def schedule(cfg, n_train, n_latents):
-    """(steps per epoch, total steps, dead window). Epochs: cfg.epochs, or enough for
-    cfg.min_tokens. Dead window: cfg.dead_tokens, or a tenth of the run's tokens (the official
-    1M at the paper's 10M), at least 100 times the mean interval between a latent's firings
-    (n_latents / k), so a small corpus still sees AuxK and a rare live latent is not dead."""
+    """(steps per epoch, total steps, dead window). Epochs: cfg.epochs, or enough for min_tokens.
+    Dead window: cfg.dead_tokens, or a tenth of the run (the official 1M at the paper's 10M), at
+    least 100 mean firing intervals (n_latents / k): AuxK works on a small store too."""
     per_epoch = max(1, n_train // cfg.batch_size)
     epochs = cfg.epochs or max(1, math.ceil(cfg.min_tokens / (per_epoch * cfg.batch_size)))
     total = cfg.steps or per_epoch * epochs
@@ -148,14 +148,14 @@ def schedule(cfg, n_train, n_latents):
 
 def convergence(curve, tol):
     """The held-out FVU measured at each tenth of the run -> how much it fell in the last tenth
-    before the lr decay (the last 20%), relative; plateau when that is at most tol."""
-    fall = (curve[6][1] - curve[7][1]) / max(curve[6][1], 1e-12) if len(curve) >= 8 else None
+    before the lr decay (the last 20%), in units of the data's variance (FVU is a fraction of
+    it; a relative fall never ends on a power-law curve); plateau when that is at most tol."""
+    fall = curve[6][1] - curve[7][1] if len(curve) >= 8 else None
     return dict(curve=curve, fall=fall, plateau=None if fall is None else fall <= tol)
 
 
 def save_state(path, step, sae, opt, state, epoch_rng, agg):
-    """Everything a resumed run needs, in one file written whole: weights, Adam moments, dead-latent
-    counters, the generator state that draws this epoch's order, the open logging window."""
+    """What a resumed run needs, written whole: weights, Adam, counters, data order, log window."""
     t = {f"sae.{k}": v for k, v in sae.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
         t.update({f"opt.{i}.{k}": v for k, v in st.items()})
@@ -205,7 +205,8 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
         if cfg.normalize:
             sae.scale.copy_(sample.std(0).clamp(min=1e-8 * sample.std(0).max().clamp(min=1e-30)))
         sae.b_dec.copy_((sample / sae.scale).mean(0))
-        sae.init_weights(sample / sae.scale - sae.b_dec, torch.Generator().manual_seed(cfg.seed))
+        sae.init_weights(sample / sae.scale - sae.b_dec if cfg.init == "data" else None,
+                         torch.Generator().manual_seed(cfg.seed))
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     steps_per_epoch, total, dead_tokens = schedule(cfg, len(train), sae.n_latents)
     state = dict(since=torch.zeros(sae.n_latents, dtype=torch.long, device=dev), threshold_steps=0,
@@ -254,9 +255,9 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
         log(f"sae: held-out FVU {mm['fvu']:.4f} (raw {mm['fvu_raw']:.4f}) | L0 {mm['l0']:.2f} | "
             f"dead {100 * mm['dead_fraction']:.1f}% | {mm['tokens']} tokens")
         if mm["convergence"]["plateau"] is False:
-            log(f"sae: warning: held-out FVU still fell {100 * mm['convergence']['fall']:.1f}% in "
-                f"the last tenth before the lr decay (plateau: {100 * cfg.plateau:g}%); train "
-                "longer (--epochs)")
+            log(f"sae: warning: held-out FVU still fell {mm['convergence']['fall']:.4f} in the "
+                f"last tenth before the lr decay (plateau: {cfg.plateau:g}); train longer "
+                "(--epochs)")
     return sae.cpu()
 
 
@@ -301,9 +302,8 @@ def cmd_train(args):
 
 
 def cmd_sweep(args):
-    """The frontier: one SAE per (k, expansion) in OUT/k{k}-x{expansion}/, each trained (and
-    resumed) as `train` does, then sweep.json (held-out FVU, L0, dead fraction per setting) and
-    sweep.svg (FVU against L0)."""
+    """The frontier: an SAE per (k, expansion) in OUT/k{k}-x{expansion}/ (resumable, as train),
+    then sweep.json and sweep.svg (held-out FVU against L0, dead fraction per setting)."""
     check_out(args.out, {"--acts": args.acts})
     store = ActivationStore(args.acts)
     cfg = {k: v for k, v in asdict(config_from_flags(SAEConfig, args)).items()

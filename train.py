@@ -166,7 +166,7 @@ def parse_args(argv=None):
 
 def build_model(cfg, mcfg, device, world):
     """Meta-device model -> adapters -> FSDP2 groups -> materialise -> load the checkpoint tensor by
-    tensor."""
+    tensor (random weights without cfg.model: benchmarks)."""
     dtype = DTYPES[cfg.dtype]
     with torch.device("meta"):
         model = Qwen2(mcfg)
@@ -189,7 +189,15 @@ def build_model(cfg, mcfg, device, world):
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     model.to_empty(device=device)
     store = dtype if cfg.mode == "lora" else torch.float32
-    load_sharded(model, cfg.model, store)
+    if cfg.model:
+        load_sharded(model, cfg.model, store)
+    else:  # no checkpoint (bench/gpu.py): random weights, norms at 1
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.fill_(1.0)
+                elif p not in ignored:
+                    p.normal_(0.0, 0.02)
     if cfg.mode == "lora":
         gen = torch.Generator().manual_seed(cfg.seed)  # the same init on every rank, any world size
         for m in adapters(model):

@@ -14,11 +14,10 @@ import statistics
 import sys
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import header, interleaved  # noqa: E402
-from lora import LoRALinear, capture  # noqa: E402
+from bench.common import header, rank1_bytes, rank1_times  # noqa: E402
+from lora import capture  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--device", default="cpu")
@@ -38,53 +37,17 @@ sync = torch.cuda.synchronize if cuda else None
 header(f"bench_lora on {torch.cuda.get_device_name() if cuda else 'CPU'}, {dtype}")
 
 
-class PeftStyle(nn.Module):
-    """What PEFT's Linear.forward does for one adapter (dropout = identity)."""
-
-    def __init__(self, base, A, B, s):
-        super().__init__()
-        self.base, self.s = base, s
-        self.lora_A = nn.Linear(A.shape[1], 1, bias=False, device=dev)
-        self.lora_B = nn.Linear(1, B.shape[0], bias=False, device=dev)
-        self.lora_A.weight.data.copy_(A), self.lora_B.weight.data.copy_(B)
-
-    def forward(self, x):
-        result = self.base(x)
-        dt = result.dtype
-        result = result + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.s
-        return result.to(dt)
-
-
 total = {"plain": 0.0, "ours": 0.0, "peft": 0.0}
 overheads_ours, overheads_peft = [], []
 for T in Ts:
     for din, dout in shapes:
-        torch.manual_seed(0)
-        base = nn.Linear(din, dout, bias=False, device=dev, dtype=dtype).requires_grad_(False)
-        ours = LoRALinear(base, layer=0, target="q_proj")
-        nn.init.normal_(ours.lora_B, std=0.01)
-        peft = PeftStyle(base, ours.lora_A.data, ours.lora_B.data, ours.scaling)
-        x = torch.randn(T, din, device=dev, dtype=dtype, requires_grad=True)
-        g = torch.randn(T, dout, device=dev, dtype=dtype)
-
-        def run(mod):
-            def f():
-                x.grad = None
-                mod(x).backward(g)
-                for prm in mod.parameters():
-                    prm.grad = None
-            return f
-
-        t = interleaved({"plain": run(base), "ours": run(ours), "peft": run(peft)}, args.repeats,
-                        sync=sync)
+        t = rank1_times(din, dout, T, dev, dtype, args.repeats)
         for k in total:
             total[k] += t[k]
         ro, rp = t["ours"] / t["plain"], t["peft"] / t["plain"]
         overheads_ours.append(ro), overheads_peft.append(rp)
-        # the rank-1 part moves: fwd reads x (u) and r/w y; bwd reads g twice (dx update, dB),
-        # r/w dx, reads x (dA)
-        nbytes = (din + 2 * dout + 2 * dout + 2 * din + din) * T * x.element_size()
         extra = t["ours"] - t["plain"]
+        nbytes = rank1_bytes(din, dout, T, torch.finfo(dtype).bits // 8)
         bw = f"{nbytes / extra / 1e9:7.1f} GB/s" if extra > 0 else "within noise"
         print(f"T {T:6d} in {din:5d} out {dout:5d} | plain {t['plain'] * 1e3:8.2f} ms | ours "
               f"{t['ours'] * 1e3:8.2f} ms ({ro:.3f}x) | peft-style {t['peft'] * 1e3:8.2f} ms "

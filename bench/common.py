@@ -91,3 +91,58 @@ def compare_decode(ours, hf, B, n, repeats):
             f"{B * n / t['hf']:.0f} tok/s | speedup {t['hf'] / t['ours']:.2f}x (target >= 2) | "
             f"matmuls alone {t['matmuls'] / n * 1e3:.2f} ms/step = {t['matmuls'] / t['hf']:.0%} of "
             f"hf's time: at most {t['hf'] / t['matmuls']:.2f}x if all else were free")
+
+
+# -----------------------------------------------------------------------------
+# the rank-1 op against the frozen linear and a PEFT-style adapter (bench_lora.py, gpu.py)
+
+
+class PeftStyle(torch.nn.Module):
+    """What PEFT's Linear.forward does for one adapter (dropout = identity)."""
+
+    def __init__(self, base, A, B, s):
+        super().__init__()
+        self.base, self.s = base, s
+        self.lora_A = torch.nn.Linear(A.shape[1], 1, bias=False, device=A.device)
+        self.lora_B = torch.nn.Linear(1, B.shape[0], bias=False, device=B.device)
+        self.lora_A.weight.data.copy_(A), self.lora_B.weight.data.copy_(B)
+
+    def forward(self, x):
+        result = self.base(x)
+        dt = result.dtype
+        result = result + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.s
+        return result.to(dt)
+
+
+def rank1_times(din, dout, T, dev, dtype, repeats, backward=True):
+    """Median seconds of the frozen linear ("plain"), our LoRALinear ("ours") and a PEFT-style
+    adapter ("peft") on T tokens: forward, or forward + backward (dx, dA, dB; W frozen)."""
+    from lora import LoRALinear
+    torch.manual_seed(0)
+    base = torch.nn.Linear(din, dout, bias=False, device=dev, dtype=dtype).requires_grad_(False)
+    ours = LoRALinear(base, layer=0, target="q_proj")
+    torch.nn.init.normal_(ours.lora_B, std=0.01)
+    peft = PeftStyle(base, ours.lora_A.data, ours.lora_B.data, ours.scaling)
+    x = torch.randn(T, din, device=dev, dtype=dtype, requires_grad=backward)
+    g = torch.randn(T, dout, device=dev, dtype=dtype)
+
+    def run(mod):
+        def f():
+            if not backward:
+                with torch.no_grad():
+                    return mod(x)
+            x.grad = None
+            mod(x).backward(g)
+            for prm in mod.parameters():
+                prm.grad = None
+        return f
+    sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else None
+    return interleaved({"plain": run(base), "ours": run(ours), "peft": run(peft)}, repeats,
+                       sync=sync)
+
+
+def rank1_bytes(din, dout, T, itemsize, backward=True):
+    """What the rank-1 part moves beyond the frozen linear: the forward reads x (u) and reads and
+    writes y; the backward reads g once (g . b and dB in one pass), reads x (dA) and reads and
+    writes dx."""
+    return (din + 2 * dout + ((dout + din + 2 * din) if backward else 0)) * T * itemsize

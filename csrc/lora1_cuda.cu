@@ -16,8 +16,9 @@
 //   fwd_kernel    reads x_t (in) and y_t (out), writes y_t (out)
 //   bwd_g_kernel  reads g_t (out)
 //   bwd_x_kernel  reads x_t (in) and dx_t (in), writes dx_t (in)
-// Vector width: 16-byte loads when both widths are multiples of 16 / sizeof(T) and the pointers
-// are aligned, else one element at a time (odd widths work, just slower).
+// Vector width: 16-byte loads (of x, y, g, dx, and of a and b as float4) when both widths are
+// multiples of 16 / sizeof(T) and the pointers are aligned, else one element at a time (odd widths
+// work, just slower). Built for float32, float16 and bfloat16 only (what the op accepts).
 // Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers that
 // a bare nvcc install lacks), so CI can compile this file without the CUDA math libraries.
 #include <ATen/ATen.h>
@@ -38,6 +39,21 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// r = p[0 .. V) of an fp32 vector (a or b): V / 4 16-byte loads when V is a multiple of 4.
+template <int V>
+__device__ __forceinline__ void load_f32(const float* __restrict__ p, float (&r)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      const float4 f = *reinterpret_cast<const float4*>(p + 4 * q);
+      r[4 * q] = f.x, r[4 * q + 1] = f.y, r[4 * q + 2] = f.z, r[4 * q + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) r[k] = p[k];
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -56,8 +72,10 @@ __global__ void fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const flo
   float acc = 0.f;
   for (int j = lane * V; j < in; j += 32 * V) {
     const Pack<T, V> p = *reinterpret_cast<const Pack<T, V>*>(xr + j);
+    float av[V];
+    load_f32<V>(a + j, av);
 #pragma unroll
-    for (int k = 0; k < V; ++k) acc += static_cast<float>(p.v[k]) * a[j + k];
+    for (int k = 0; k < V; ++k) acc += static_cast<float>(p.v[k]) * av[k];
   }
   const float ut = warp_sum(acc);
   if (lane == 0) u[t] = ut;
@@ -65,8 +83,10 @@ __global__ void fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const flo
   T* yr = y + t * out;
   for (int j = lane * V; j < out; j += 32 * V) {
     Pack<T, V> p = *reinterpret_cast<Pack<T, V>*>(yr + j);
+    float bv[V];
+    load_f32<V>(b + j, bv);
 #pragma unroll
-    for (int k = 0; k < V; ++k) p.v[k] = static_cast<T>(static_cast<float>(p.v[k]) + c * b[j + k]);
+    for (int k = 0; k < V; ++k) p.v[k] = static_cast<T>(static_cast<float>(p.v[k]) + c * bv[k]);
     *reinterpret_cast<Pack<T, V>*>(yr + j) = p;
   }
 }
@@ -193,6 +213,17 @@ __global__ void reduce_kernel(const float* __restrict__ part, int64_t n_chunks, 
   out[c] = s * sum;
 }
 
+// f(T{}) for the op's dtypes: float32, float16, bfloat16 (no double kernels are built).
+template <typename F>
+void dispatch(at::ScalarType t, F f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "lora1: unsupported dtype ", t);
+  }
+}
+
 template <typename T>
 int vec_width(std::initializer_list<const at::Tensor*> ts, std::initializer_list<int64_t> widths) {
   constexpr int V = 16 / sizeof(T);
@@ -278,13 +309,14 @@ std::tuple<at::Tensor, at::Tensor> lora1_linear_cuda(const at::Tensor& x, const 
   check_inputs(x, W, a, b);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::linear(x, W, bias).contiguous();
-  at::Tensor u = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  if (x.size(0) == 0) return {y, u};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora1_fwd", [&] {
-    if (vec_width<scalar_t>({&x, &y}, {x.size(1), y.size(1)}) > 1)
-      launch_fwd<scalar_t, 16 / sizeof(scalar_t)>(x, y, a, b, u, (float)s);
+  at::Tensor u = at::zeros({x.size(0)}, x.options().dtype(at::kFloat));
+  if (x.size(0) == 0 || x.size(1) == 0) return {y, u};  // no tokens, or u = 0 and y is the linear
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (vec_width<T>({&x, &y, &a, &b}, {x.size(1), y.size(1)}) > 1)
+      launch_fwd<T, 16 / sizeof(T)>(x, y, a, b, u, (float)s);
     else
-      launch_fwd<scalar_t, 1>(x, y, a, b, u, (float)s);
+      launch_fwd<T, 1>(x, y, a, b, u, (float)s);
   });
   return {y, u};
 }
@@ -299,18 +331,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora1_linear_backward_cuda(
               "lora1_backward: g must be (N, out) in x's dtype, got ", g.sizes(), " ", g.scalar_type());
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.dim() == 1 && u.size(0) == x.size(0) && u.is_contiguous(),
               "lora1_backward: u must be a contiguous float32 (N,)");
+  TORCH_CHECK(g.device() == x.device() && u.device() == x.device(),
+              "lora1_backward: g and u must be on x's device, got ", g.device(), ", ", u.device(), " and ",
+              x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = need_dx ? at::mm(g, W).contiguous() : at::empty({0}, x.options());
   at::Tensor dA = at::zeros({x.size(1)}, a.options());
   at::Tensor dB = at::zeros({W.size(0)}, b.options());
-  if (x.size(0) == 0) return {dx, dA, dB};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora1_bwd", [&] {
-    const bool vec = need_dx ? vec_width<scalar_t>({&g, &x, &dx}, {x.size(1), g.size(1)}) > 1
-                             : vec_width<scalar_t>({&g, &x}, {x.size(1), g.size(1)}) > 1;
+  // no tokens or a zero width: the rank-1 terms are all zero (and the tiling would divide by 0)
+  if (x.size(0) == 0 || x.size(1) == 0 || W.size(0) == 0) return {dx, dA, dB};
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const bool vec = need_dx ? vec_width<T>({&g, &x, &dx}, {x.size(1), g.size(1)}) > 1
+                             : vec_width<T>({&g, &x}, {x.size(1), g.size(1)}) > 1;
     if (vec)
-      launch_bwd<scalar_t, 16 / sizeof(scalar_t)>(g, x, u, a, b, (float)s, need_dx ? &dx : nullptr, dA, dB);
+      launch_bwd<T, 16 / sizeof(T)>(g, x, u, a, b, (float)s, need_dx ? &dx : nullptr, dA, dB);
     else
-      launch_bwd<scalar_t, 1>(g, x, u, a, b, (float)s, need_dx ? &dx : nullptr, dA, dB);
+      launch_bwd<T, 1>(g, x, u, a, b, (float)s, need_dx ? &dx : nullptr, dA, dB);
   });
   return {dx, dA, dB};
 }

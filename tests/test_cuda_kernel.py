@@ -4,6 +4,7 @@
     python tests/test_cuda_kernel.py --compile-only     # just the nvcc check (what CI needs)
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,29 +12,35 @@ import sysconfig
 
 import pytest
 import torch
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def nvcc_compile(archs=(80, 90), out="/tmp/rank1_lora1_check.o"):
-    """Compile csrc/lora1_cuda.cu with nvcc against the installed torch headers; returns nvcc's
-    stderr.
+def jit_nvcc_flags():
+    """The flags torch.utils.cpp_extension.load (lora_cuda.py) gives nvcc, less the include paths
+    and architectures: what users compile is what CI compiles."""
+    return ["-DTORCH_EXTENSION_NAME=rank1_lora1", "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC", "-O3", "-std=c++20"]
+
+
+def nvcc_compile(archs=(80, 90), out="/tmp/rank1_lora1_check.o", mode="-c"):
+    """Compile csrc/lora1_cuda.cu with nvcc and the JIT build's flags against the installed torch
+    headers (mode -ptx: to PTX, for the first arch); returns nvcc's stderr.
 
     C10_CUDA_NO_CMAKE_CONFIGURE_FILE: the CPU wheel ships c10/cuda headers without their generated
     cmake macro file (it only defines Windows export macros), so the check supplies none.
     """
     tdir = os.path.dirname(torch.__file__)
-    cmd = ["nvcc", "-c", os.path.join(ROOT, "csrc", "lora1_cuda.cu"), "-o", out, "-std=c++20",
-           "-O3",
-           "-Xcompiler", "-fPIC",
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    cmd = ["nvcc", mode, os.path.join(ROOT, "csrc", "lora1_cuda.cu"), "-o", out,
+           *jit_nvcc_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", f"-I{tdir}/include",
            f"-I{tdir}/include/torch/csrc/api/include",
            f"-I{sysconfig.get_paths()['include']}", "--threads", "2"]
-    for a in archs:
-        cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    for a in archs if mode == "-c" else archs[:1]:
+        cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"] if mode == "-c" else [f"-arch=sm_{a}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"nvcc failed:\n{r.stderr[-4000:]}"
     return r.stderr
@@ -41,13 +48,54 @@ def nvcc_compile(archs=(80, 90), out="/tmp/rank1_lora1_check.o"):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_nvcc_compiles_for_sm80_and_sm90():
-    err = nvcc_compile()
+    """With the JIT build's flags (no half/bf16 operator overloads, relaxed constexpr): no warning
+    in our file, and kernels for the op's three dtypes only (no double kernels)."""
+    out = "/tmp/rank1_lora1_check.o"
+    err = nvcc_compile(out=out)
     ours = [l for l in err.splitlines() if "lora1_cuda.cu" in l and "warning" in l.lower()]
     assert not ours, "warnings in our kernel:\n" + "\n".join(ours)
+    symbols = subprocess.run(["nm", "-C", out], capture_output=True, text=True).stdout
+    types = set(re.findall(r"\w+_kernel<([^,>]+)", symbols))
+    assert types == {"float", "c10::Half", "c10::BFloat16"}, sorted(types)
     r = subprocess.run(["g++", "-fsyntax-only", "-std=c++20",
                         f"-I{os.path.dirname(torch.__file__)}/include",
                         os.path.join(ROOT, "csrc", "lora1.cpp")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_end_to_end_on_cpu():
+    """bench/gpu.sh --cpu: the GPU benchmark's every section on tiny shapes, so it cannot rot."""
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--cpu"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for title in ("(a) rank-1 op", "(b) training step", "(c) greedy decode", "(d) plain autograd",
+                  "targets"):
+        assert f"### {title}" in r.stdout, r.stdout[-2000:]
+    assert "| fused path bitwise deterministic | True |" in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_fwd_kernel_loads_adapter_vectors_16_bytes_at_a_time():
+    """In the vectorised forward kernels (bf16/fp16: 8 elements per load, fp32: 4), a and b come in
+    as float4 loads: no scalar fp32 global load is left (the bf16 kernel once had 48)."""
+    nvcc_compile(archs=(90,), out="/tmp/rank1_lora1_check.ptx", mode="-ptx")
+    ptx = open("/tmp/rank1_lora1_check.ptx").read()
+    kernels = {m.group(1): m.group(2) for m in re.finditer(
+        r"\.entry\s+(\S*fwd_kernel\S*?)\((.*?)\n}", ptx, re.S)}
+    vectorised = {k: v for k, v in kernels.items() if re.search(r"Li[48]EE", k)}
+    assert len(vectorised) == 3, sorted(kernels)
+    for name, body in vectorised.items():
+        assert re.findall(r"ld\.global(?:\.nc)?\.v4\.f32", body), name
+        assert not re.findall(r"ld\.global(?:\.nc)?\.f32", body), name
+
+
+def test_bench_counts_the_rank1_traffic_once():
+    """bench_lora / gpu.py's bytes of the rank-1 part: forward x + 2 out (u, y read and written),
+    backward g once + x + 2 in (dA, dx read and written): (4 in + 3 out) T bytes per element."""
+    from bench.common import rank1_bytes
+    assert rank1_bytes(3, 5, 2, 2) == (4 * 3 + 3 * 5) * 2 * 2 == 108
+    assert rank1_bytes(3, 5, 2, 2, backward=False) == (3 + 2 * 5) * 2 * 2
 
 
 def test_reference_path_is_selected_without_cuda(monkeypatch):
@@ -113,6 +161,70 @@ def test_fused_is_deterministic():
     b = _run(lora_cuda.lora_linear, *args)
     for r, o in zip(a, b):
         assert torch.equal(r, o)
+
+
+@gpu
+@pytest.mark.parametrize("T,din,dout", [(0, 64, 32), (5, 0, 32), (5, 64, 0)])
+def test_fused_zero_tokens_and_widths(T, din, dout):
+    """No tokens or a zero width: what the reference path gives, no SIGFPE in the backward."""
+    import lora_cuda
+    from lora import lora_linear_ref
+    for fn in (lora_linear_ref, lora_cuda.lora_linear):
+        x = torch.randn(2, T, din, device="cuda", requires_grad=True)
+        W, b = torch.randn(dout, din, device="cuda"), torch.randn(dout, device="cuda")
+        A = torch.randn(1, din, device="cuda", requires_grad=True)
+        B = torch.randn(dout, 1, device="cuda", requires_grad=True)
+        y, u = fn(x, W, b, A, B, 16.0)
+        (y.sum() + u.sum()).backward()
+        torch.cuda.synchronize()
+        assert y.shape == (2, T, dout) and u.shape == (2, T, 1) and x.grad.shape == x.shape
+        assert A.grad.shape == A.shape and B.grad.shape == B.shape
+
+
+@gpu
+def test_fused_u_gradient_and_misaligned_adapter_vectors():
+    """A loss through u reaches A and x as on the reference path; a and b at an odd offset take
+    the scalar loads and give the same result."""
+    import lora_cuda
+    from lora import lora_linear_ref
+    x, W, bias, A, B, gy = _case(33, 256, 128, torch.bfloat16)
+    got = []
+    for fn in (lora_linear_ref, lora_cuda.lora_linear):
+        for t in (x, A, B):
+            t.grad = None
+        y, u = fn(x, W, bias, A, B, 16.0)
+        ((y.float() * gy.float()).sum() + (u * 3.0).sum()).backward()
+        got.append((x.grad.float(), A.grad.clone(), B.grad.clone()))
+    for r, o in zip(*got):
+        torch.testing.assert_close(o, r, rtol=2e-2, atol=2e-2)
+    store = torch.empty(1 + 256 + 128, device="cuda")  # a at offset 1 float: not 16-byte aligned
+    a, b = store[1:257], store[257:]
+    a.copy_(A.detach().view(-1)), b.copy_(B.detach().view(-1))
+    y1, u1 = torch.ops.rank1.lora1_linear(x.detach(), W, bias, a, b, 16.0)
+    y2, u2 = torch.ops.rank1.lora1_linear(x.detach(), W, bias, A.detach().view(-1).clone(),
+                                          B.detach().view(-1).clone(), 16.0)
+    assert torch.equal(u1, u2) and torch.equal(y1, y2)
+
+
+@gpu
+def test_fused_checks_devices_and_runs_under_autocast():
+    import lora_cuda
+    from lora import lora_linear
+    x, W, bias, A, B, gy = _case(9, 64, 48, torch.float32)
+    u = torch.ops.rank1.lora1_linear(x.detach(), W, bias, A.detach().view(-1),
+                                     B.detach().view(-1), 16.0)[1]
+    with pytest.raises(RuntimeError, match="g and u must be on x's device"):
+        torch.ops.rank1.lora1_linear_backward(gy, x.detach(), W, u.cpu(), A.detach().view(-1),
+                                              B.detach().view(-1), 16.0, False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # fp32 weights, bf16 autocast
+        y1, u1 = lora_cuda.lora_linear(x, W, bias, A, B, 16.0)
+        y2, u2 = lora_linear(x, W, bias, A, B, 16.0)
+    ref_y, ref_u = lora_cuda.lora_linear(x.to(torch.bfloat16), W.to(torch.bfloat16),
+                                         bias.to(torch.bfloat16), A, B, 16.0)
+    assert y1.dtype == y2.dtype == torch.bfloat16 and u1.dtype == torch.float32
+    assert torch.equal(y1, ref_y) and torch.equal(u1, ref_u) and torch.equal(y2, ref_y)
+    y1.float().sum().backward()
+    assert A.grad is not None and x.grad.dtype == torch.float32
 
 
 @gpu

@@ -8,8 +8,8 @@ import torch
 
 from conftest import hf_tiny, save_hf
 from lora import (SITE_ORDER, LoRAFunction, LoRALinear, ablate, adapters, apply_lora, capture,
-                  disabled, export_merged, load_adapter, merge, save_adapter, select_layers, sites,
-                  steer, unmerge)
+                  disabled, export_merged, hooked, load_adapter, lora_linear, merge, save_adapter,
+                  select_layers, sites, steer, unmerge)
 from model import QWEN2_5_32B, Qwen2, Qwen2Config
 
 ALL7 = list(SITE_ORDER)
@@ -113,17 +113,64 @@ def test_merged_equals_unmerged(tiny_dir):
 
 @pytest.mark.parametrize("rank", [1, 2])
 def test_gradcheck_reference_function(rank):
+    """Values, and gradients through both outputs: u is a true output, so a loss through it
+    reaches x and A (d(sum u)/dA = the sum of the x rows; the fused op had given 0)."""
     g = torch.Generator().manual_seed(0)
     d = dict(dtype=torch.float64)
     x = torch.randn(2, 3, 5, generator=g, **d).requires_grad_()
     W, b = torch.randn(4, 5, generator=g, **d), torch.randn(4, generator=g, **d)
     A = torch.randn(rank, 5, generator=g, **d).requires_grad_()
     B = torch.randn(4, rank, generator=g, **d).requires_grad_()
-    f = lambda x, A, B: LoRAFunction.apply(x, W, b, A, B, 16.0)[0]
-    assert torch.autograd.gradcheck(f, (x, A, B))
+    assert torch.autograd.gradcheck(lambda x, A, B: LoRAFunction.apply(x, W, b, A, B, 16.0),
+                                    (x, A, B))
     y, u = LoRAFunction.apply(x, W, b, A, B, 16.0)
     torch.testing.assert_close(y, x @ W.t() + b + 16.0 * (x @ A.t()) @ B.t())
     torch.testing.assert_close(u, x @ A.t())
+    (gA,) = torch.autograd.grad(u.sum(), A)
+    torch.testing.assert_close(gA, x.detach().reshape(-1, 5).sum(0).expand(rank, 5))
+
+
+@pytest.mark.parametrize("shape,din,dout", [((0,), 5, 4), ((2, 0), 5, 4), ((3,), 0, 4),
+                                             ((3,), 5, 0)])
+def test_zero_tokens_and_zero_widths(shape, din, dout):
+    """No tokens, no inputs or no outputs: the right shapes, zero rank-1 terms, zero gradients."""
+    x = torch.randn(*shape, din, requires_grad=True)
+    W, b = torch.randn(dout, din), torch.randn(dout)
+    A, B = torch.randn(1, din, requires_grad=True), torch.randn(dout, 1, requires_grad=True)
+    y, u = LoRAFunction.apply(x, W, b, A, B, 16.0)
+    assert y.shape == (*shape, dout) and u.shape == (*shape, 1)
+    torch.testing.assert_close(y, x @ W.t() + b + 16.0 * (x @ A.t()) @ B.t())
+    (y.sum() + u.sum()).backward()
+    assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
+    if 0 in shape or din == 0:
+        assert not A.grad.any() and not B.grad.any()
+    with torch.no_grad():  # the plain inference path
+        y2, u2 = lora_linear(x, W, b, A, B, 16.0)
+    assert torch.equal(y2, y.detach()) and torch.equal(u2, u.detach())
+
+
+def test_autocast_runs_the_frozen_matmul_low_and_the_adapter_in_fp32():
+    """Under autocast with fp32 weights: y is what the bf16 frozen linear plus the fp32 adapter
+    give, u is exact fp32, gradients reach the fp32 parameters."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8)
+    m = LoRALinear(base, layer=0, target="q_proj")
+    torch.nn.init.normal_(m.lora_B)
+    x = torch.randn(3, 16, requires_grad=True)
+    got = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        with hooked([m], lambda mod: lambda u: got.append(u.detach()) or u):
+            m(x)
+    bf = torch.bfloat16
+    ref = (torch.nn.functional.linear(x.to(bf), base.weight.to(bf), base.bias.to(bf)).float()
+           + 16 * (x.to(bf).float() @ m.lora_A.t()) @ m.lora_B.t()).to(bf)
+    assert y.dtype == bf
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    torch.testing.assert_close(got[0], x.detach().to(bf).float() @ m.lora_A.detach().t(),
+                               atol=0, rtol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and m.lora_A.grad is not None
 
 
 def test_bf16_base_keeps_lora_math_in_fp32():

@@ -35,12 +35,14 @@ def recovered(sae, atoms, scales):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_planted_dictionary_is_recovered(seed):
-    """d 64, 256 atoms, 4 active, expansion 8, k 4, 8 epochs of 200k samples: the data-initialised
-    decoder finds >= 95% of the atoms (a random start found 81-86% at these settings)."""
+@pytest.mark.parametrize("seed,init", [(0, "data"), (1, "data"), (0, "random")])
+def test_planted_dictionary_is_recovered(seed, init):
+    """d 64, 256 atoms, 4 active, scales over two decades, 200k samples; expansion 8, k 4, 8
+    epochs: >= 95% of the atoms found at cosine > 0.9, held-out FVU <= 0.14, from either start.
+    (With AuxK firing on a dead window relative to the run, a random start finds them all; with
+    the old fixed 1M-token window AuxK never fired here and it found 81-86%.)"""
     x, atoms, scales = planted(seed=seed)
-    sae = train_sae(x, SAEConfig(expansion=8, k=4, epochs=8, seed=seed), log=None)
+    sae = train_sae(x, SAEConfig(expansion=8, k=4, epochs=8, seed=seed, init=init), log=None)
     assert recovered(sae, atoms, scales) >= 0.95
     assert sae.metrics["fvu"] <= 0.14
     assert 3 <= sae.metrics["l0"] <= 5
@@ -215,20 +217,19 @@ def test_auxk_revives_dead_latents():
 
 
 def test_training_reports_convergence_and_warns_when_still_falling():
-    """Held-out FVU at each tenth of the run; the relative fall from 70% to 80% (where the lr
-    decay starts) decides the plateau; training that ends still falling says so."""
+    """Held-out FVU at each tenth of the run; its fall from 70% to 80% (where the lr decay starts)
+    decides the plateau; training that ends still falling says so."""
     x, _, _ = planted(d=16, n_atoms=32, N=20_000, seed=4)
     logs = []
-    sae = train_sae(x, SAEConfig(expansion=2, k=4, steps=1500, lr=2e-3, batch_size=256, seed=0),
-                    log=logs.append)
+    sae = train_sae(x, SAEConfig(expansion=2, k=4, steps=1500, lr=2e-3, batch_size=256, seed=0,
+                                 plateau=1e-4), log=logs.append)
     conv = sae.metrics["convergence"]
     steps, fvu = zip(*conv["curve"])
     assert steps == tuple(range(150, 1501, 150)) and fvu[0] > fvu[6] > fvu[7]
-    assert conv["fall"] == pytest.approx((fvu[6] - fvu[7]) / fvu[6])
-    assert 0.01 < conv["fall"] < 0.05  # still falling at this length: more than 1% per tenth
+    assert conv["fall"] == pytest.approx(fvu[6] - fvu[7]) and conv["fall"] > 1e-4
     assert conv["plateau"] is False and any("still fell" in line for line in logs)
-    assert convergence(conv["curve"], 0.05)["plateau"] is True
-    assert convergence(conv["curve"][:5], 0.05)["plateau"] is None  # too short to tell
+    assert convergence(conv["curve"], conv["fall"] * 1.01)["plateau"] is True
+    assert convergence(conv["curve"][:5], 1.0)["plateau"] is None  # too short to tell
 
 
 def test_sweep_writes_json_and_figure_and_resumes(tmp_path):

@@ -1,0 +1,274 @@
+"""
+The GPU path in one table (bench/gpu.sh runs it after the build, the GPU tests and
+compute-sanitizer):
+  (a) the rank-1 op (fused kernels on CUDA) vs the frozen linear vs a PEFT-style adapter at the 7
+      Qwen2.5-32B shapes x {4k, 16k} tokens in bf16, forward and forward + backward, with the
+      rank-1 part's achieved bandwidth against the HBM peak;
+  (b) a training step through train.py's build_model and optimizer (FSDP2, world size 1,
+      activation checkpointing) of a random Qwen2.5-7B-shaped model: rank-1 LoRA vs the frozen
+      base (forward + backward to the inputs), vs HF + PEFT when installed; tokens/s, peak memory;
+  (c) greedy decode tokens/s at batch 1 and 8 against the weight-bandwidth floor;
+  (d) the fused vs the reference path on the same inputs: max error and bitwise determinism.
+
+    python bench/gpu.py              # CUDA (about 5 minutes on one H100)
+    python bench/gpu.py --cpu        # the same end to end on tiny shapes (CI runs it)
+    python bench/gpu.py --sanitize   # tiny fused-op cases only (what compute-sanitizer runs)
+"""
+import argparse
+import os
+import statistics
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import header, interleaved, rank1_bytes, rank1_times, timeit  # noqa: E402
+from common import setup_dist  # noqa: E402
+from lora import apply_lora, disabled, lora_impl, lora_linear_ref  # noqa: E402
+from model import Qwen2, Qwen2Config  # noqa: E402
+from train import TrainConfig, build_model, make_optimizer  # noqa: E402
+
+SHAPES_32B = [("q", 5120, 5120), ("k", 5120, 1024), ("v", 5120, 1024), ("o", 5120, 5120),
+              ("gate", 5120, 27648), ("up", 5120, 27648), ("down", 27648, 5120)]
+QWEN2_5_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                  rope_theta=1e6)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6)
+HBM_PEAK_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}  # nominal, SXM parts
+
+
+def table(title, cols, rows):
+    print(f"\n### {title}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(v) for v in r) + " |")
+
+
+def peak_bandwidth(dev):
+    """(nominal HBM GB/s by card name or None, measured device-to-device copy GB/s)."""
+    if dev.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name()
+    nominal = next((v for k, v in HBM_PEAK_GBS.items() if k in name), None)
+    a = torch.empty(2**28, dtype=torch.uint8, device=dev)  # 256 MB
+    b = torch.empty_like(a)
+    t = interleaved({"copy": lambda: b.copy_(a)}, 10, sync=torch.cuda.synchronize)["copy"]
+    return nominal, 2 * a.numel() / t / 1e9
+
+
+def op_table(args, dev, dtype, peak):
+    shapes = SHAPES_32B if not args.cpu else [(n, i // 40, o // 40) for n, i, o in SHAPES_32B]
+    rows, total = [], {"plain": 0.0, "ours": 0.0, "peft": 0.0}
+    worst_vs_peft = 0.0
+    for T in ([4096, 16384] if not args.cpu else [256]):
+        for name, din, dout in shapes:
+            f = rank1_times(din, dout, T, dev, dtype, args.repeats, backward=False)
+            fb = rank1_times(din, dout, T, dev, dtype, args.repeats, backward=True)
+            for k in total:
+                total[k] += fb[k]
+            pct = lambda t, k: f"{100 * (t[k] / t['plain'] - 1):+.1f}%"
+            extra = fb["ours"] - fb["plain"]
+            gbs = rank1_bytes(din, dout, T, torch.finfo(dtype).bits // 8) / extra / 1e9
+            if fb["peft"] > fb["plain"]:  # else the PEFT-style overhead is within noise
+                worst_vs_peft = max(worst_vs_peft, extra / (fb["peft"] - fb["plain"]))
+            rows.append([f"{name} {din}->{dout}", T, f"{fb['plain'] * 1e3:.2f}",
+                         pct(f, "ours"), pct(f, "peft"), pct(fb, "ours"), pct(fb, "peft"),
+                         f"{gbs:.0f}" if extra > 0 else "noise",
+                         f"{100 * gbs / peak:.0f}%" if peak and extra > 0 else "-"])
+    table("(a) rank-1 op vs the frozen linear (overhead over it; fwd+bwd: dx, dA, dB)",
+          ["shape", "tokens", "frozen fwd+bwd ms", "ours fwd", "peft fwd", "ours fwd+bwd",
+           "peft fwd+bwd", "rank-1 GB/s", "of HBM peak"], rows)
+    return dict(ours=total["ours"] / total["plain"] - 1, peft=total["peft"] / total["plain"] - 1,
+                worst_vs_peft=worst_vs_peft)
+
+
+def step_times(step, repeats, dev):
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    step()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [timeit(step, sync) for _ in range(repeats)]
+    mem = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else 0.0
+    return statistics.median(times), mem
+
+
+def train_table(args, dev, mcfg):
+    """LoRA step vs frozen-base step through train.py's build_model (FSDP2, world 1)."""
+    setup_dist()
+    cfg = TrainConfig(model="", mode="lora", dtype="bfloat16" if not args.cpu else "float32",
+                      activation_checkpointing=True)
+    model = build_model(cfg, mcfg, dev, 1)
+    model.train()
+    opt = make_optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the frozen base's share of a step: gradients to the inputs only, no adapter
+    model.model.embed_tokens.register_forward_hook(
+        lambda m, i, o: o.requires_grad_() if getattr(model, "frozen_step", False) else o)
+    rows, ratio = [], None
+    for T in ([8192, 16384] if not args.cpu else [128, 256]):
+        ids = torch.randint(0, mcfg.vocab_size, (1, T), device=dev)
+
+        def lora_step():
+            model(ids, ids, chunk_size=cfg.loss_chunk).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def frozen_step():
+            model.frozen_step = True
+            with disabled(model):
+                model(ids, ids, chunk_size=cfg.loss_chunk).backward()
+            model.frozen_step = False
+        res = {k: step_times(f, args.repeats, dev) for k, f in
+               (("lora", lora_step), ("frozen", frozen_step))}
+        res.update(hf_peft_step(args, dev, mcfg, ids) if not args.cpu else {})
+        ratio = res["frozen"][0] / res["lora"][0]
+        rows += [[k, T, f"{T / t:.0f}", f"{m:.1f}", f"{res['frozen'][0] / t:.3f}"]
+                 for k, (t, m) in res.items()]
+    table(f"(b) training step, {mcfg.num_hidden_layers} layers x {mcfg.hidden_size} (random "
+          "weights), one sequence, activation checkpointing",
+          ["step", "tokens", "tokens/s", "peak GB", "speed vs frozen base"], rows)
+    return ratio
+
+
+def hf_peft_step(args, dev, mcfg, ids):
+    """The same step in transformers + PEFT (rank 1, all 7 projections), if they are installed."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        return {}
+    hcfg = transformers.Qwen2Config(**{k: v for k, v in vars(mcfg).items()
+                                       if k in transformers.Qwen2Config().to_dict()})
+    try:
+        with torch.device(dev):
+            hf = transformers.Qwen2ForCausalLM(hcfg).to(torch.bfloat16)
+        hf.gradient_checkpointing_enable(dict(use_reentrant=False))
+        hf.enable_input_require_grads()
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=1, lora_alpha=16, use_rslora=True,
+                                                     target_modules=["q_proj", "k_proj", "v_proj",
+                                                                     "o_proj", "gate_proj",
+                                                                     "up_proj", "down_proj"]))
+        opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-3)
+
+        def step():
+            hf(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out = {"hf+peft": step_times(step, args.repeats, dev)}
+    except torch.OutOfMemoryError:
+        out = {}
+        print(f"(b) hf+peft at {ids.shape[1]} tokens: out of memory")
+    hf = opt = None
+    torch.cuda.empty_cache()
+    return out
+
+
+def decode_table(args, dev, mcfg, peak):
+    dtype = torch.bfloat16 if not args.cpu else torch.float32
+    with torch.device(dev):
+        model = Qwen2(Qwen2Config(**vars(mcfg))).to(dtype)
+    model.init_weights()
+    apply_lora(model, verbose=False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows, frac = [], None
+    n_new = 128 if not args.cpu else 16
+    for B in (1, 8):
+        prompts = torch.randint(0, mcfg.vocab_size, (B, 128 if not args.cpu else 16)).tolist()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else None
+        t = interleaved({"gen": lambda: model.generate(prompts, n_new)}, max(2, args.repeats // 2),
+                        sync=sync)["gen"]
+        floor = B * peak * 1e9 / weight_bytes if peak else None
+        tps = B * n_new / t
+        frac = tps / floor if floor else None
+        rows.append([B, f"{tps:.0f}", f"{floor:.0f}" if floor else "-",
+                     f"{100 * frac:.0f}%" if frac else "-"])
+    table(f"(c) greedy decode, {n_new} new tokens, adapters unmerged "
+          f"({weight_bytes / 1e9:.1f} GB of weights)",
+          ["batch", "tokens/s", "weight-bandwidth floor tokens/s", "of floor"], rows)
+    return float(rows[0][3][:-1]) / 100 if rows[0][3] != "-" else None
+
+
+def fused_vs_ref(args, dev):
+    T, din, dout = (16384, 5120, 27648) if not args.cpu else (64, 48, 80)
+    dtype = torch.bfloat16 if not args.cpu else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(T, din, device=dev, generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(dout, din, device=dev, generator=g) / din ** 0.5).to(dtype)
+    A = (torch.randn(1, din, device=dev, generator=g) / din ** 0.5).requires_grad_()
+    B = torch.randn(dout, 1, device=dev, generator=g).requires_grad_()
+    gy = torch.randn(T, dout, device=dev, generator=g).to(dtype)
+
+    def run(fn):
+        for t in (x, A, B):
+            t.grad = None
+        y, u = fn(x, W, None, A, B, 16.0)
+        y.backward(gy)
+        return [y.detach(), u.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()]
+    def eager(x, W, bias, A, B, s):  # the formula in plain autograd ops (the CPU run's contender)
+        u = x.float() @ A.t()
+        return (torch.nn.functional.linear(x, W, bias).float() + s * u @ B.t()).to(x.dtype), u
+    fused = lora_impl() if dev.type == "cuda" else None
+    ref = run(lora_linear_ref)
+    got, again = run(fused or eager), run(fused or eager)
+    rows = [[n, f"{((o.float() - r.float()).abs().max() / r.float().abs().max()).item():.2e}",
+             torch.equal(o, a)] for n, r, o, a in zip(("y", "u", "dx", "dA", "dB"), ref, got,
+                                                      again)]
+    table(f"(d) {'fused' if fused else 'plain autograd'} vs reference path, {T} x {din} -> "
+          f"{dout}, {dtype}", ["output", "max error / max value", "bitwise equal on a rerun"],
+          rows)
+    return all(r[2] for r in rows)
+
+
+def sanitize(dev):
+    """Tiny fused-op cases (odd widths, zero tokens, both vector paths) for compute-sanitizer."""
+    import lora_cuda
+    for T, din, dout in [(37, 512, 128), (3, 27, 2053), (0, 64, 64), (5, 64, 0), (9, 0, 16)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(T, din, device=dev, dtype=dtype, requires_grad=True)
+            W = torch.randn(dout, din, device=dev, dtype=dtype)
+            A = torch.randn(1, din, device=dev, requires_grad=True)
+            B = torch.randn(dout, 1, device=dev, requires_grad=True)
+            y, u = lora_cuda.lora_linear(x, W, None, A, B, 16.0)
+            (y.float().sum() + u.sum()).backward()
+    torch.cuda.synchronize()
+    print("sanitize: fused-op cases ran")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (CI)")
+    p.add_argument("--sanitize", action="store_true", help="tiny fused-op cases only")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", message="DTensor random operators")  # a CPU mesh of one
+    dev = torch.device("cpu" if args.cpu else "cuda")
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py: no CUDA device (use --cpu for the tiny CPU run)")
+    if args.sanitize:
+        return sanitize(dev)
+    header(f"bench/gpu.py on {torch.cuda.get_device_name() if not args.cpu else 'CPU (tiny)'}")
+    nominal, copy = peak_bandwidth(dev)
+    peak = nominal or copy
+    if copy:
+        print(f"HBM: nominal {nominal or '?'} GB/s, device copy {copy:.0f} GB/s")
+    mcfg = Qwen2Config(**(QWEN2_5_7B if not args.cpu else TINY))
+    a = op_table(args, dev, torch.bfloat16 if not args.cpu else torch.float32, peak)
+    ratio = train_table(args, dev, mcfg)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the training model is gone; room for the decode copy
+    frac = decode_table(args, dev, mcfg, peak)
+    det = fused_vs_ref(args, dev)
+    table("targets", ["figure", "value", "target"], [
+        ["rank-1 op overhead, time-weighted fwd+bwd", f"{100 * a['ours']:+.1f}%", "<= +12%"],
+        ["worst shape: our overhead / peft-style overhead", f"{a['worst_vs_peft']:.2f}",
+         "<= 0.5"],
+        ["LoRA step speed vs frozen-base step", f"{ratio:.3f}x", ">= 0.88x"],
+        ["decode batch 1, of the weight-bandwidth floor",
+         "-" if frac is None else f"{100 * frac:.0f}%", ">= 70%"],
+        ["fused path bitwise deterministic", det, "True"]])
+
+
+if __name__ == "__main__":
+    main()

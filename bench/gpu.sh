@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU path in one command (about 8 minutes on one H100 or H200): build the fused rank-1
+# kernels, run the GPU tests, compute-sanitizer (memcheck and racecheck) on tiny cases, then the
+# table of bench/gpu.py (the op at the 32B shapes, a training step, decode, fused vs reference).
+#
+#   bash bench/gpu.sh          # on a CUDA machine
+#   bash bench/gpu.sh --cpu    # the same script end to end on tiny CPU shapes (CI runs this)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--cpu" ]]; then
+  exec python bench/gpu.py --cpu --repeats 2
+fi
+python -c "import lora_cuda" && echo "build: the fused rank-1 extension loads"
+python -m pytest -q tests/test_cuda_kernel.py
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 1 python bench/gpu.py --sanitize
+  done
+else
+  echo "compute-sanitizer: not installed; skipped"
+fi
+python bench/gpu.py
