@@ -167,7 +167,7 @@ def train_tokenizer(texts, out_dir, vocab_size):
 PROFILES = {
     "default": dict(seed=0, corpus_docs=26000, tokenizer_docs=5000, vocab=512, s1k_rows=1000,
                     s1k_steps=[2, 8],
-                    heldout=500, heldout_steps=[7, 8], ft_epochs=5, eval_batch=125, sae_steps=3000,
+                    heldout=500, heldout_steps=[7, 8], ft_epochs=5, eval_batch=125, sae_steps=5000,
                     ablate_sequences=32),
     "fast": dict(seed=0, corpus_docs=3000, tokenizer_docs=1000, vocab=512, s1k_rows=160,
                  s1k_steps=[2, 8],
