@@ -7,18 +7,14 @@ Qwen2 (the architecture of Qwen2.5-*-Instruct), written directly in PyTorch.
     new = model.generate([[151644, 872, 198]], max_new_tokens=32, stop_ids=[151645])
 
 Notable choices:
-- Parameter names are exactly the HF names (model.layers.N.self_attn.q_proj, ...), so a Hugging
-  Face checkpoint loads with a strict state-dict load and no key map, and adapters export to PEFT
-  by adding a prefix.
-- RMSNorm computes in fp32 and casts back before the weight multiply, RoPE uses HF's half-split
-  ("rotate_half") layout, and cos/sin are cast to the activation dtype: these three details are
-  what makes the logits match transformers' to 1e-5 in fp32.
-- RoPE tables are recomputed from the positions on every forward instead of being buffers: they
-  cost O(T * head_dim) and this way there is nothing to re-initialise after building on the meta
-  device, and model.to(bfloat16) cannot round the frequencies.
+- Parameter names are exactly the HF names (model.layers.N.self_attn.q_proj, ...): HF checkpoints
+  load strictly with no key map, and adapters export to PEFT by adding a prefix.
+- RMSNorm in fp32, cast back before the weight multiply; RoPE in HF's half-split layout with cos and
+  sin in the activation dtype: what makes the logits match transformers' to 1e-5 in fp32.
+- RoPE tables are recomputed from the positions on every forward, not buffers: nothing to
+  re-initialise after building on the meta device, and to(bfloat16) cannot round the frequencies.
 - The training forward has no cache. forward_cached() runs tokens after those a preallocated KV
-  cache holds (gpt-fast style): generate() uses it for batches of prompts of different lengths
-  (left-padded), collect.py for long documents window by window.
+  cache holds (gpt-fast style): generate() for left-padded batches, collect.py for long documents.
 """
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -127,9 +123,9 @@ class Qwen2Config:
 # Qwen2.5-32B-Instruct's config.json (PAPER.md section H), for dry runs and parameter counts.
 QWEN2_5_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
                    num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                   max_position_embeddings=32768,
-                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                   bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
+                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                   tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+                   torch_dtype="bfloat16")
 
 # -----------------------------------------------------------------------------
 # layers
@@ -231,11 +227,8 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, idx, positions=None, mask=None, cache=None, rope=None):
-        """idx (B, T) -> final hidden states (B, T, D).
-
-        positions (B, T) or None for 0..T-1; rope: optional precomputed (cos, sin) tables indexed
-        by position (generate() computes them once instead of every step).
-        """
+        """idx (B, T) -> final hidden states (B, T, D). positions (B, T) or None for 0..T-1; rope:
+        optional (cos, sin) tables indexed by position (generate() computes them once)."""
         x = self.embed_tokens(idx)
         if positions is None:
             positions = torch.arange(idx.shape[1], device=idx.device)
@@ -290,12 +283,9 @@ class Qwen2(nn.Module):
                 nn.init.ones_(m.weight)
 
     def forward(self, idx, targets=None, ignore_index=-100, chunk_size=None):
-        """idx (B, T) -> logits (B, T, V).
-
-        With targets (B, T): (logits, mean CE over targets != ignore_index). With targets and
-        chunk_size (training): only the summed CE, from LinearCrossEntropy, so the (T, V) fp32
-        logits never exist at once (at T = 20,000 and V = 152,064 they would take 12 GB).
-        """
+        """idx (B, T) -> logits (B, T, V); with targets (B, T): (logits, mean CE over targets !=
+        ignore_index); with targets and chunk_size (training): only the summed CE, so the (T, V)
+        fp32 logits never exist at once (12 GB at T = 20,000 and V = 152,064)."""
         h = self.model(idx)
         if targets is not None and chunk_size:
             return LinearCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
@@ -315,11 +305,9 @@ class Qwen2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
-        """Load an HF model directory (config.json + model.safetensors or index + shards).
-
-        The model is built on the meta device and the loaded tensors are assigned into it, so a
-        checkpoint is never materialised twice. dtype=None keeps the checkpoint's torch_dtype.
-        """
+        """Load an HF model directory (config.json + model.safetensors or index + shards), built
+        on the meta device and assigned the loaded tensors, so a checkpoint is never materialised
+        twice. dtype=None keeps the checkpoint's torch_dtype."""
         cfg = Qwen2Config.from_pretrained(path)
         if dtype is None and cfg.torch_dtype is not None:
             dtype = DTYPES[cfg.torch_dtype]
@@ -349,13 +337,9 @@ class Qwen2(nn.Module):
 
     def forward_cached(self, idx, positions, cache, valid=None, rope=None):
         """idx (B, T): the next T tokens after the cache.len positions `cache` holds -> final hidden
-        states (B, T, D); appends their keys and values and advances cache.len.
-
-        positions (B, T) or (1, T): RoPE positions. valid (B, L) bool marks the key positions that
-        are real tokens (rows left-padded to one length), None when every position is. rope:
-        optional (cos, sin) tables indexed by position. Long documents run window by window this
-        way and give what one full forward gives.
-        """
+        states (B, T, D); appends their keys and values and advances cache.len. positions (B, T)
+        or (1, T): RoPE positions; valid (B, L) bool: the key positions that are real tokens (rows
+        left-padded), None when all are; rope: optional (cos, sin) tables indexed by position."""
         start, T = cache.len, idx.shape[1]
         mask = None  # SDPA's causal path for a first window, a decode step sees every cached key
         if valid is not None or (start > 0 and T > 1):
@@ -367,12 +351,9 @@ class Qwen2(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(),
                  generator=None):
-        """Batched generation with a KV cache; returns each row's new tokens as a list of lists.
-
-        prompts: a list of token-id lists (any lengths; left-padded internally) or a (B, T) tensor.
-        Greedy at temperature 0, else temperature + nucleus (top_p) sampling from `generator`.
-        A row stops after emitting any id in stop_ids (the stop id is included in its output).
-        """
+        """Batched generation with a KV cache: each row's new tokens, as lists. prompts: token-id
+        lists of any lengths (left-padded here) or a (B, T) tensor. Greedy at temperature 0, else
+        temperature + top_p sampling from `generator`. A row stops after (and with) a stop id."""
         if torch.is_tensor(prompts):
             prompts = prompts.tolist()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -410,12 +391,9 @@ class Qwen2(nn.Module):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Summed CE of logits = h W^T against targets, chunk_size rows at a time.
-
-    Each chunk's gradient (softmax - onehot) is turned into dh (and dW when the head trains) while
-    its logits are at hand, so backward only scales the stored gradients: the logits are computed
-    once, as in a plain forward, and never held for more than one chunk.
-    """
+    """Summed CE of logits = h W^T against targets, chunk_size rows at a time. Each chunk's
+    gradient (softmax - onehot) becomes dh (and dW when the head trains) while its logits are at
+    hand: the logits are computed once, as in a plain forward, and never held beyond a chunk."""
 
     @staticmethod
     def forward(ctx, h, W, targets, ignore_index, chunk_size):
