@@ -26,8 +26,28 @@ DETECT_SYSTEM = ("You are given an explanation of a feature and numbered text sn
                  "feature fires on the token marked <<like this>> in some of them. Answer with a "
                  "JSON list of the numbers of the snippets where you think it fires, and nothing "
                  "else.")
-RUBRIC_SYSTEM = ("Rate how monosemantic this feature is from its top examples: 0 = one specific "
-                 "meaning, 1 = broad but consistent, 2 = polysemantic. Answer with the digit only.")
+# PAPER.md F2's three classes, in our words; the reply is JSON, validated (else no score)
+RUBRIC_SYSTEM = ("Classify this feature from its top examples. 0: one specific, clear meaning that "
+                 "every example fits. 1: a broad or noisy meaning, but every example still fits. "
+                 "2: polysemantic, some examples do not fit any single meaning. Reply with JSON "
+                 '{"classification": 0, 1 or 2, "classification_reasoning": "one sentence"}.')
+# PAPER.md A/F4: the 7 top-level categories of SAE features, with subcategories (the official
+# hierarchical list was not published: the ids it names are kept, the rest are ours)
+CATEGORIES = {
+    "symbolic_manipulation": ["latex_commands", "math_operators", "equation_structure"],
+    "variable_value_tracking": ["variable_names", "numeric_values", "indexed_variables"],
+    "computational_operations": ["arithmetic_ops", "algebraic_steps", "counting"],
+    "reasoning_flow_control": ["hesitation_markers", "transitions", "step_organization",
+                               "verification"],
+    "domain_specific_patterns": ["physics_notation", "chemistry_notation", "geometry",
+                                 "abstract_algebra"],
+    "relational_logical_operators": ["comparisons", "logical_connectives", "conditionals"],
+    "result_formulation": ["final_answer", "conclusions", "summaries"],
+}
+CATEGORISE_SYSTEM = ("You sort features of a language model that reads reasoning traces into a "
+                     "fixed list of categories. Given a feature's explanation and examples, reply "
+                     'with JSON {"category": ..., "subcategory": ...} using names from this list '
+                     "exactly:\n" + json.dumps(CATEGORIES))
 
 
 def snippet(e, window=12):
@@ -74,8 +94,8 @@ def autointerp(features, llm=None, rubric=False, n_explain=10):
     """Explanation prompts for every feature with examples; with an LLM: explanations, detection
     balanced accuracy on held-out positives and inactive snippets, optionally the 0/1/2 rubric."""
     feats = [f for f in features if f["top"]]
-    rows = [dict(id=f["id"], name=f["name"], messages=explain_messages(f, n_explain))
-            for f in feats]
+    rows = [dict(id=f["id"], name=f["name"], top_value=max(e["value"] for e in f["top"]),
+                 messages=explain_messages(f, n_explain)) for f in feats]
     if llm is None:
         return rows
 
@@ -91,8 +111,7 @@ def autointerp(features, llm=None, rubric=False, n_explain=10):
             row["detection_items"] = len(items)
             if rubric:
                 reply = llm([{"role": "system", "content": RUBRIC_SYSTEM}] + row["messages"][1:])
-                d = "".join(c for c in reply if c.isdigit())
-                row["rubric"] = int(d[0]) if d and d[0] in "012" else None
+                row["rubric"], row["rubric_reasoning"] = parse_rubric(reply)
         except LLMError as e:  # one feature's failure leaves the others' results standing
             row["error"] = f"feature {f['id']} ({f['name']}): {e}"
         return row
@@ -106,6 +125,63 @@ def parse_choice(answer):
         return {int(i) - 1 for i in json.loads(answer[answer.index("["):answer.rindex("]") + 1])}
     except (ValueError, TypeError):
         return None
+
+
+def json_object(reply):
+    """The first {...} in a reply as a dict, or None."""
+    try:
+        obj = json.loads(reply[reply.index("{"):reply.rindex("}") + 1])
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_rubric(reply):
+    """(0, 1 or 2, reasoning) from a rubric reply; (None, None) when it is not one (the paper's -1,
+    excluded from the counts)."""
+    obj = json_object(reply) or {}
+    c = obj.get("classification")
+    if isinstance(c, str) and c.strip() in ("0", "1", "2"):
+        c = int(c)
+    if type(c) is not int or c not in (0, 1, 2):
+        return None, None
+    return c, obj.get("classification_reasoning")
+
+
+def parse_category(reply):
+    """(category, subcategory) from a categoriser reply, validated against CATEGORIES; raises
+    ValueError naming what is wrong (the caller records the feature as uncategorised)."""
+    obj = json_object(reply)
+    if obj is None:
+        raise ValueError(f"no JSON object in the reply {reply[:80]!r}")
+    cat, sub = obj.get("category"), obj.get("subcategory")
+    if cat not in CATEGORIES:
+        raise ValueError(f"unknown category {cat!r}; expected one of {list(CATEGORIES)}")
+    if sub not in CATEGORIES[cat]:
+        raise ValueError(f"unknown subcategory {sub!r} of {cat}; expected one of "
+                         f"{CATEGORIES[cat]}")
+    return cat, sub
+
+
+def categorise(features, explanations, llm, n=5):
+    """PAPER.md F4's categoriser: each explained feature with its top n examples -> rows {id, name,
+    category, subcategory}, or an error for a reply that names no listed (sub)category."""
+    by_id = {f["id"]: f for f in features}
+
+    def one(row):
+        f = by_id[row["id"]]
+        lines = [f"{i + 1}. {snippet(e)}" for i, e in
+                 enumerate(sorted(f["top"], key=lambda e: -e["value"])[:n])]
+        msg = [{"role": "system", "content": CATEGORISE_SYSTEM},
+               {"role": "user", "content": f"Explanation: {row['explanation']}\n\n"
+                + "\n".join(lines)}]
+        out = dict(id=row["id"], name=row["name"])
+        try:
+            out["category"], out["subcategory"] = parse_category(llm(msg))
+        except (LLMError, ValueError) as e:
+            out["error"] = f"feature {row['id']} ({row['name']}): {e}"
+        return out
+    return llm.map(one, [r for r in explanations if r.get("explanation") and r["id"] in by_id])
 
 
 def compare_populations(lora_rows, mlp_rows, n=1000, seed=0):

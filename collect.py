@@ -20,8 +20,8 @@ sidecar with their sha256, written last: a rerun keeps finished shards, provided
 (model, adapter, data, settings) matches. index.json describes the whole store: shape, dtype, the
 column layout (sites in lora.py's capture order: column 7 * layer + p, p in gate, up, down, q, k,
 v, o), what it was collected from, and every document's shard and offsets. With --mlp-neurons N,
-also N sampled SwiGLU neurons per layer (down_proj's input) as mlp-XXXXX.npy: the MLP-neuron
-baseline.
+also N MLP neurons per layer as mlp-XXXXX.npy, the baseline: up_proj's first N output channels
+(the paper's, PAPER.md F1) or a seeded sample of down_proj's input (--mlp-baseline swiglu).
 """
 import argparse
 import hashlib
@@ -143,10 +143,11 @@ def documents(path, fmt, tok):
 
 
 @torch.no_grad()
-def doc_scalars(model, ids, window, mlp_neurons=None):
+def doc_scalars(model, ids, window, mlp_neurons=None, baseline="up_proj"):
     """Adapter scalars (T, n_sites * r) of one document, run in windows of `window` tokens with a
-    KV cache. With mlp_neurons ([(layer, index)]) also the MLP-neuron baseline: those entries of
-    down_proj's input act(gate(x)) * up(x), read by forward pre-hooks that are always removed."""
+    KV cache. With mlp_neurons ([(layer, index)]) also the MLP-neuron baseline: those output
+    channels of up_proj (baseline "up_proj", the paper's), or those entries of down_proj's input
+    act(gate(x)) * up(x) ("swiglu"), read by hooks that are always removed."""
     dev = model.lm_head.weight.device
     T = len(ids)
     cache = KVCache(model.cfg, 1, T, model.lm_head.weight.dtype, dev)
@@ -155,9 +156,11 @@ def doc_scalars(model, ids, window, mlp_neurons=None):
         by_layer.setdefault(l, []).append(i)
     for l, idx in by_layer.items():
         sel = torch.tensor(idx, device=dev)
-        hook = lambda mod, inp, l=l, sel=sel: got.setdefault(l, []).append(inp[0][0, :,
-                                                                                  sel].float())
-        hooks.append(model.model.layers[l].mlp.down_proj.register_forward_pre_hook(hook))
+        keep = lambda x, l=l, sel=sel: got.setdefault(l, []).append(x[0, :, sel].float())
+        mlp = model.model.layers[l].mlp
+        hooks.append(mlp.up_proj.register_forward_hook(lambda m, i, o, keep=keep: keep(o))
+                     if baseline == "up_proj" else
+                     mlp.down_proj.register_forward_pre_hook(lambda m, i, keep=keep: keep(i[0])))
     try:
         with capture(model) as cap:
             for s in range(0, T, window):
@@ -201,16 +204,17 @@ def collect(args):
                     tokenizer=file_identity(tok.path), dtype=args.dtype,
                     store_dtype=args.store_dtype, window=args.window,
                     docs_per_shard=args.docs_per_shard, max_docs=args.max_docs,
-                    mlp_neurons=args.mlp_neurons, seed=args.seed)
+                    mlp_neurons=args.mlp_neurons, mlp_baseline=args.mlp_baseline, seed=args.seed)
     if rank == 0:
         start_run(args.out, "collect.json", settings, STORE_FILE.fullmatch, args.overwrite)
     torch.distributed.barrier()
     model, _ = load_model(args.model, args.adapter, args.dtype, device=dev)
     layout = [list(s) for s in sites(model)]
     gen = torch.Generator().manual_seed(args.seed)
-    neurons = [[l, int(i)] for l in range(model.cfg.num_hidden_layers)
-               for i in sorted(torch.randperm(model.cfg.intermediate_size,
-                                              generator=gen)[:args.mlp_neurons].tolist())]
+    pick = lambda: (range(args.mlp_neurons) if args.mlp_baseline == "up_proj" else
+                    sorted(torch.randperm(model.cfg.intermediate_size,
+                                          generator=gen)[:args.mlp_neurons].tolist()))
+    neurons = [[l, int(i)] for l in range(model.cfg.num_hidden_layers) for i in pick()]
     rank_r = adapters(model)[0].rank
     store_dtype = {"float32": np.float32, "float16": np.float16}[args.store_dtype]
     n_shards = math.ceil(len(docs) / args.docs_per_shard)
@@ -226,7 +230,8 @@ def collect(args):
             continue
         acts, toks, mlps, meta, off = [], [], [], [], 0
         for k, (src, ids) in enumerate(part):
-            a, mlp = doc_scalars(model, ids, args.window, [tuple(n) for n in neurons])
+            a, mlp = doc_scalars(model, ids, args.window, [tuple(n) for n in neurons],
+                                 args.mlp_baseline)
             a = a.float().cpu().numpy()
             mlps.append(mlp.cpu().numpy().astype(store_dtype))
             if not np.isfinite(a).all():
@@ -252,7 +257,8 @@ def collect(args):
                      dtype=args.store_dtype, sites=layout, rank=rank_r,
                      order="column = position of (layer, target) sorted by layer, then gate, up, "
                      "down, q, k, v, o (7 * layer + p with all 7 targets)",
-                     made_from=settings, documents=len(docs), shards=shards, mlp_neurons=neurons)
+                     made_from=settings, documents=len(docs), shards=shards, mlp_neurons=neurons,
+                     mlp_baseline=args.mlp_baseline if neurons else None)
         write_json(os.path.join(args.out, "index.json"), index)
         print(f"collect: {index['shape'][0]:,} tokens x {index['shape'][1]} scalars in {n_shards} "
               f"shards -> {args.out}")
@@ -276,8 +282,10 @@ def main(argv=None):
                    help="tokens per forward (KV-cached) for long documents")
     p.add_argument("--max-docs", type=int, default=0)
     p.add_argument("--mlp-neurons", type=int, default=0,
-                   help="also store this many SwiGLU neurons per layer (down_proj's input), a "
-                   "seeded sample: the baseline")
+                   help="also store this many MLP neurons per layer, the baseline (the paper: 6)")
+    p.add_argument("--mlp-baseline", default="up_proj", choices=["up_proj", "swiglu"],
+                   help="up_proj: its first N output channels (the paper's); swiglu: a seeded "
+                   "sample of down_proj's input act(gate(x)) * up(x)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a store collected otherwise")

@@ -52,7 +52,11 @@ def heatmap(cells, rows, cols, title=lambda r, c, v: f"{r} {c}: {v:.4g}"):
     blue); missing cells stay empty."""
     vmax = max(cells.values(), default=1) or 1
     cw, ch = max(6, 800 // max(1, len(cols))), 18
-    svg = [f'<svg width="{80 + cw * len(cols)}" height="{20 + ch * len(rows)}">']
+    svg = [f'<svg width="{80 + cw * len(cols)}" height="{24 + ch * len(rows)}" font-size="12">']
+    every = max(1, math.ceil(len(cols) * 30 / (cw * len(cols) or 1)))  # labels 30 px apart
+    for i, c in enumerate(cols[::every]):
+        svg.append(f'<text x="{80 + cw * i * every}" y="{ch * len(rows) + 14}">'
+                   f'{escape(str(c))}</text>')
     for j, r in enumerate(rows):
         svg.append(f'<text x="0" y="{ch * j + 13}">{escape(str(r))}</text>')
         for i, c in enumerate(cols):
@@ -108,6 +112,64 @@ def frontier_chart(rows, width=520, height=300):
                        f'y="{py(r) + 4:.1f}" fill="{c}">{100 * r["dead_fraction"]:.0f}%</text>')
     svg.append(f'<text x="{width + 110}" y="{58 + 18 * i + 18}" fill="#555">labels: the share of '
                'dead latents</text></svg>')
+    return "".join(svg)
+
+
+def line_chart(points, xlabel, ylabel, width=520, height=240, ref=None):
+    """A polyline through points [(x, y)] on linear axes from 0, with a dashed horizontal line at
+    ref (a reference level) when given."""
+    xmax = max((x for x, _ in points), default=1) or 1
+    ymax = max([y for _, y in points] + [ref or 0]) or 1
+    px = lambda x: 60 + width * x / xmax
+    py = lambda y: 10 + height * (1 - y / ymax)
+    pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+    svg = [f'<svg width="{width + 80}" height="{height + 50}" font-size="12">',
+           f'<path d="M60 10V{10 + height}H{60 + width}" fill="none" stroke="#000"/>',
+           f'<polyline points="{pts}" fill="none" stroke="#4a78b5" stroke-width="2"/>',
+           f'<text x="0" y="16">{ymax:.3g}</text><text x="52" y="{height + 26}">0</text>'
+           f'<text x="{50 + width}" y="{height + 26}">{xmax:g}</text>'
+           f'<text x="{60 + width / 2}" y="{height + 44}" text-anchor="middle">{escape(xlabel)}'
+           f'</text><text x="64" y="24">{escape(ylabel)}</text>']
+    if ref is not None:
+        svg.append(f'<line x1="60" x2="{60 + width}" y1="{py(ref):.1f}" y2="{py(ref):.1f}" '
+                   f'stroke="#d9822b" stroke-dasharray="4 3"><title>{ref:.4g}</title></line>')
+    svg.append("</svg>")
+    return "".join(svg)
+
+
+CATEGORY_COLOURS = ["#4a78b5", "#d9822b", "#3a9a5b", "#b54a78", "#8a6bbf", "#c9b22f", "#777"]
+
+
+def donut_chart(shares, sub_shares, size=300):
+    """PAPER.md F4's two-ring donut: the inner ring holds the categories' shares, the outer ring
+    each subcategory's share of its category times the category's share; a legend with the
+    percentages. shares {category: share}, sub_shares {category: {subcategory: share within}}."""
+    c = size / 2
+
+    def arc(a0, a1, r0, r1, colour, tip):
+        a1 = min(a1, a0 + 2 * math.pi - 1e-6)
+        big = int(a1 - a0 > math.pi)
+        p = lambda a, r: f"{c + r * math.sin(a):.2f},{c - r * math.cos(a):.2f}"
+        return (f'<path d="M{p(a0, r1)}A{r1},{r1} 0 {big} 1 {p(a1, r1)}L{p(a1, r0)}'
+                f'A{r0},{r0} 0 {big} 0 {p(a0, r0)}Z" fill="{colour}" stroke="#fff">'
+                f'<title>{escape(tip)}</title></path>')
+    svg = [f'<svg width="{size + 330}" height="{max(size, 24 + 18 * len(shares))}" '
+           'font-size="12">']
+    a = 0.0
+    for i, (cat, s) in enumerate(shares.items()):
+        colour = CATEGORY_COLOURS[i % len(CATEGORY_COLOURS)]
+        svg.append(arc(a, a + 2 * math.pi * s, 0.3 * size / 2, 0.62 * size / 2, colour,
+                       f"{cat}: {100 * s:.1f}%"))
+        b = a
+        for sub, t in (sub_shares.get(cat) or {}).items():
+            svg.append(arc(b, b + 2 * math.pi * s * t, 0.64 * size / 2, size / 2 - 2, colour,
+                           f"{cat} / {sub}: {100 * s * t:.1f}% ({100 * t:.0f}% of {cat})"))
+            b += 2 * math.pi * s * t
+        a += 2 * math.pi * s
+        svg.append(f'<rect x="{size + 16}" y="{10 + 18 * i}" width="12" height="12" '
+                   f'fill="{colour}"/><text x="{size + 34}" y="{21 + 18 * i}">'
+                   f'{escape(cat)} {100 * s:.1f}%</text>')
+    svg.append("</svg>")
     return "".join(svg)
 
 

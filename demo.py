@@ -23,7 +23,7 @@ finished; a changed setting or generator reruns that stage and the ones after it
  full       `train.py` (PRESETS["full"]): the full-finetune baseline.
  eval       `eval.py run` (s1 protocol, greedy) of base, full and rank-1; `eval.py compare`.
  interpret  `collect.py` on the mini-s1K traces, `sae.py train`, `eval.py ablate`,
-            `interpret.py mine` and `dashboard.py`.
+            `interpret.py mine`, `dashboard.py` and `report.py`.
 
 The summary (printed, and saved as summary.txt / summary.json) holds the recovery table, ablation
 highlights, and the adapter scalar and SAE latent that best separate carry/borrow steps from the
@@ -328,8 +328,9 @@ def make_eval(d, p, data, models):
                                "--out", os.path.join(d, out)], log)
 
 
-def make_interpret(d, p, data, base, adapter, samples):
-    """Collect the adapter scalars of the mini-s1K traces; SAE, ablations, mining, dashboard."""
+def make_interpret(d, p, data, base, adapter, evals):
+    """Collect the adapter scalars of the mini-s1K traces; SAE, ablations, mining, dashboard, and
+    the report (its LLM sections show the commands that need an LLM server)."""
     log = os.path.join(d, "log.txt")
     acts, sae, abl, interp = (os.path.join(d, n) for n in ("acts", "sae", "ablate", "interp"))
     run_script("collect.py", ["--model", base, "--adapter", adapter,
@@ -338,6 +339,7 @@ def make_interpret(d, p, data, base, adapter, samples):
     run_script("sae.py", ["train", "--acts", acts, "--out", sae, "--k", 4,
                           "--steps", p["sae_steps"], "--warmup", 50, "--batch-size", 1024,
                           "--lr", 2e-3], log)
+    samples = os.path.join(evals, "rank1", "samples.jsonl")
     run_script("eval.py", ["ablate", "--model", base, "--adapter", adapter, "--samples", samples,
                            "--bench", "math=" + os.path.join(data, "heldout.jsonl"), "--block", 2,
                            "--max-sequences", p["ablate_sequences"], "--out", abl], log)
@@ -347,6 +349,10 @@ def make_interpret(d, p, data, base, adapter, samples):
                                 "--ablations", os.path.join(abl, "ablations.json"),
                                 "--model", base, "--adapter", adapter,
                                 "--out", os.path.join(interp, "dashboard.html")], log)
+    run_script("report.py", ["--recovery", os.path.join(evals, "recovery.json"),
+                             "--ablations", os.path.join(abl, "ablations.json"), "--adapter",
+                             adapter, "--features", os.path.join(interp, "features.json"),
+                             "--out", os.path.join(d, "report")], log)
 
 
 # -----------------------------------------------------------------------------
@@ -453,7 +459,8 @@ def summarize(out, p):
                                  by_type=[(r["label"], r[key]) for r in types]),
                    carry=carry, token_labels=labels,
                    sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction", "convergence")},
-                   dashboard=os.path.abspath(run_dir("interp", "dashboard.html")))
+                   dashboard=os.path.abspath(run_dir("interp", "dashboard.html")),
+                   report=os.path.abspath(run_dir("report", "report.html")))
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     steps, s1k_steps = p["heldout_steps"], p["s1k_steps"]
     lines = [f"rank1 demo: {rec['problems']} held-out problems of {steps[0]}-{steps[1]} steps "
@@ -484,7 +491,7 @@ def summarize(out, p):
               f"{pct(sae_m['dead_fraction'])}; FVU fell {sae_m['convergence']['fall']:.4f} in the "
               "last tenth before the lr decay ("
               + ("a plateau" if sae_m["convergence"]["plateau"] else "still falling") + ")",
-              f"dashboard: {summary['dashboard']}"]
+              f"dashboard: {summary['dashboard']}", f"report: {summary['report']}"]
     text = "\n".join(lines)
     write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     write_atomic(os.path.join(out, "summary.txt"), text + "\n")
@@ -518,8 +525,9 @@ def main(argv=None):
                   rank1=(base, adapter, "s1"))
     k_eval = stage(out, "eval", dict(models=[k_base, k_full, k_r1], p=p, args=EVAL_ARGS),
                    lambda d: make_eval(d, p, data, models))
-    stage(out, "interpret", dict(eval=k_eval, p=p), lambda d: make_interpret(
-        d, p, data, base, adapter, os.path.join(out, "eval", "rank1", "samples.jsonl")))
+    stage(out, "interpret", dict(eval=k_eval, p=p, code=inspect_hash(make_interpret)),
+          lambda d: make_interpret(
+        d, p, data, base, adapter, os.path.join(out, "eval")))
     summary = summarize(out, p)
     print(f"demo: finished in {(time.time() - t0) / 60:.1f} min; summary in "
           f"{os.path.join(out, 'summary.txt')}")

@@ -562,7 +562,58 @@ def kl_stats(model, ids, mask, ref_logp, sel):
     avg = lambda v, w: (v[w].mean().item() if w.any() else float("nan"))
     allm = torch.ones_like(m)
     return dict(kl_full_abl_assistant=avg(kl_fa, m), kl_abl_full_assistant=avg(kl_af, m),
-                kl_full_abl_all=avg(kl_fa, allm), kl_abl_full_all=avg(kl_af, allm))
+                kl_full_abl_all=avg(kl_fa, allm), kl_abl_full_all=avg(kl_af, allm),
+                kl_full_abl_assistant_maxpos=kl_fa[m].max().item() if m.any() else float("nan"))
+
+
+def ablation_pass(model, seqs, sets, desc="ablate"):
+    """{experiment: [row]} for sets {experiment: [(label, selection)]}: each row holds the mean,
+    std and max over the sequences of every kl_stats value."""
+    device = model.lm_head.weight.device
+    per = {e: {lab: [] for lab, _ in s} for e, s in sets.items()}
+    for _, ids, mask in tqdm(seqs, desc=desc, file=sys.stderr):
+        x = torch.tensor([ids], device=device)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(x).float(), dim=-1)[0]
+        for e, s in sets.items():
+            for lab, sel in s:
+                per[e][lab].append(kl_stats(model, x, mask, ref, sel))
+    results = {}
+    for e, d in per.items():
+        results[e] = []
+        for lab, stats in d.items():
+            row = dict(label=lab)
+            for k in stats[0]:
+                v = [s[k] for s in stats if not math.isnan(s[k])]
+                mean = sum(v) / len(v) if v else float("nan")
+                std = math.sqrt(sum((a - mean) ** 2 for a in v) / len(v)) if v else float("nan")
+                row.update({f"{k}_mean": mean, f"{k}_std": std,
+                            f"{k}_max": max(v) if v else float("nan")})
+            results[e].append(row)
+    return results
+
+
+def greedy_ablation(model, seqs, metric, single=None):
+    """PAPER.md F5's iterative MLP ablation: score each MLP adapter alone by `metric` (mean over
+    the sequences; the paper's max_kl is kl_full_abl_assistant_maxpos), then switch them off
+    cumulatively, least important first (ties in site order), measuring after each addition.
+    single: the "single" experiment's rows when it ran (their MLP rows are the scores).
+    -> (score rows, cumulative rows with n_ablated and the site added)."""
+    mlp = [(l, t) for l, t in sites(model) if t in MLP]
+    labels = [f"L{l}.{t}" for l, t in mlp]
+    known = {r["label"]: r for r in single or []}
+    if all(lab in known for lab in labels):
+        scores = [known[lab] for lab in labels]
+    else:
+        sets = {"score": [(lab, dict(sites=[s])) for lab, s in zip(labels, mlp)]}
+        scores = ablation_pass(model, seqs, sets, "greedy: score")["score"]
+    order = sorted(range(len(mlp)), key=lambda i: (scores[i][f"{metric}_mean"], i))
+    steps = [(f"+{scores[i]['label']}", dict(sites=[mlp[j] for j in order[:n + 1]]))
+             for n, i in enumerate(order)]
+    cumulative = ablation_pass(model, seqs, {"greedy": steps}, "greedy: cumulative")["greedy"]
+    for n, row in enumerate(cumulative):
+        row.update(n_ablated=n + 1, added=scores[order[n]]["label"])
+    return scores, cumulative
 
 
 def cmd_ablate(args):
@@ -580,36 +631,29 @@ def cmd_ablate(args):
                      s1=file_identity(args.s1) if args.s1 else None, max_tokens=args.max_tokens,
                      max_sequences=args.max_sequences, s1_rows=args.s1_rows, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
-    sets = ablation_sets(model, args.block)
+    sets = dict(ablation_sets(model, args.block), greedy=None)
     chosen = [e for e in args.experiments.split(",") if e]
     unknown = [e for e in chosen if e not in sets]
     if unknown:
         raise SystemExit(f"ablate: unknown experiments {unknown}; expected some of {list(sets)}")
-    per = {e: {lab: [] for lab, _ in sets[e]} for e in ["none"] + chosen}
-    for name, ids, mask in tqdm(seqs, desc="ablate", file=sys.stderr):
-        x = torch.tensor([ids], device=device)
-        ref = torch.log_softmax(model(x).float(), dim=-1)[0]
-        for e in per:
-            for lab, sel in sets[e]:
-                per[e][lab].append(kl_stats(model, x, mask, ref, sel))
-    results = {}
-    for e, d in per.items():
-        results[e] = []
-        for lab, stats in d.items():
-            row = dict(label=lab)
-            for k in stats[0]:
-                v = [s[k] for s in stats if not math.isnan(s[k])]
-                mean = sum(v) / len(v) if v else float("nan")
-                std = math.sqrt(sum((a - mean) ** 2 for a in v) / len(v)) if v else float("nan")
-                row.update({f"{k}_mean": mean, f"{k}_std": std,
-                            f"{k}_max": max(v) if v else float("nan")})
-            results[e].append(row)
+    results = ablation_pass(model, seqs, {e: sets[e] for e in ["none"] + chosen
+                                          if e != "greedy"})
+    if "greedy" in chosen:
+        made_from["greedy_metric"] = args.greedy_metric
+        results["greedy_score"], results["greedy"] = greedy_ablation(
+            model, seqs, args.greedy_metric, results.get("single"))
     out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
                tokens=sum(len(s[1]) for s in seqs), sites=[list(s) for s in sites(model)],
                results=results)
     write_json(os.path.join(args.out, "ablations.json"), out)
     write_atomic(os.path.join(args.out, "ablations.html"), ablation_html(out))
     for e in chosen:
+        if e == "greedy":
+            quarters = results[e][max(len(results[e]) // 4 - 1, 0)::max(len(results[e]) // 4, 1)]
+            print("greedy: KL(full||ablated) with the n least important MLP adapters off: "
+                  + ", ".join(f"n={r['n_ablated']} {r['kl_full_abl_assistant_mean']:.3g}"
+                              for r in quarters))
+            continue
         top = sorted(results[e], key=lambda r: -r["kl_full_abl_assistant_mean"])[:5]
         print(f"{e}: top by KL(full||ablated) on assistant tokens: "
               + ", ".join(f"{r['label']} {r['kl_full_abl_assistant_mean']:.3g}" for r in top))
@@ -673,7 +717,11 @@ def main(argv=None):
     a.add_argument("--max-sequences", type=int, default=16)
     a.add_argument("--max-tokens", type=int, default=4096)
     a.add_argument("--block", type=int, default=8, help="layers per block ablation")
-    a.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn")
+    a.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn,greedy")
+    a.add_argument("--greedy-metric", default="kl_full_abl_assistant_maxpos",
+                   choices=["kl_full_abl_assistant_maxpos", "kl_full_abl_assistant"],
+                   help="what scores each MLP adapter in the greedy ablation (the paper's max_kl: "
+                   "the mean over sequences of the largest KL at one position)")
     a.add_argument("--out", required=True, help="directory for ablations.json and ablations.html")
     a.add_argument("--overwrite", action="store_true", help="replace ablations.* in --out")
     a.set_defaults(func=cmd_ablate)

@@ -4,15 +4,17 @@ scalar and each SAE feature fires on (mine), LLM explanations and scores (autoin
 features against MLP neurons (compare), and steering with a measured effect (steer).
 
     python interpret.py mine --acts acts/ --tokenizer M --out interp/ [--sae sae/]
-    python interpret.py autointerp --features interp/features.json --out interp/ --llm-url URL
+    python interpret.py autointerp --features interp/features.json --out interp/ --llm-url URL \\
+        [--rubric] [--categorise]
     python interpret.py steer --model M --adapter A --sae sae/ --feature 638 --strengths 0,10,30 \\
         --bench math500=math500.jsonl --limit 20 --out interp/steer.json
+    python interpret.py steer ... --residual L40.up_proj --strengths 0,1,2   # LoRA-A, F6
     # LoRA features vs MLP neurons (collect.py --mlp-neurons 6; mine --population mlp; autointerp)
     python interpret.py compare --lora interp/autointerp.jsonl --mlp interp_mlp/autointerp.jsonl \\
         --out interp/compare.json
 
 Features: every adapter scalar in both polarities (`L{layer}.{target}+` is u, `...-` is -u), and,
-with --sae, every SAE latent (`sae{j}`); or (--population mlp) the sampled SwiGLU neurons of the
+with --sae, every SAE latent (`sae{j}`); or (--population mlp) the MLP neurons of the
 baseline, both polarities (`N{layer}.{index}+/-`). An example is a token where the feature is > 0.
 
 Top-k, exact and deterministic: per document, a greedy pick of the largest value (the earliest
@@ -25,20 +27,20 @@ import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from autointerp import autointerp, compare_populations
+from autointerp import autointerp, categorise, compare_populations
 from collect import ActivationStore
 from common import (add_config_flags, check_out, config_from_flags, differences, file_identity,
                     fresh_outputs, read_json, same_origin, user_errors, write_atomic, write_json)
-from data import Tokenizer
+from data import Tokenizer, render_chat
 from eval import GenConfig, add_model_flags, generate, grade, load_benchmark
 from llm import LLM
-from lora import load_model, sites, steer
+from lora import adapters, load_model, sites, steer
 from batchtopk import SAE
 
 # -----------------------------------------------------------------------------
@@ -117,20 +119,23 @@ def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, popu
          device="cpu"):
     """Top-k examples and a uniform random sample of non-zero activations for every feature.
 
-    Returns (top_v, top_i, rnd_v, rnd_i, fired, neg_i): (k or n_random, F) values and global token
-    indices (-inf / -1 where a feature has fewer), per-feature counts of tokens > 0, and the indices
-    of a uniform sample of tokens where each feature is not active."""
+    Returns (top_v, top_i, rnd_v, rnd_i, fired, neg_i, mass): (k or n_random, F) values and global
+    token indices (-inf / -1 where a feature has fewer), per-feature counts of tokens > 0, the
+    indices of a uniform sample of tokens where each feature is not active, and per-feature sums of
+    the values > 0 (an SAE latent's activation mass, PAPER.md F4)."""
     per_doc = per_doc or k
     F = len(feature_names(population_sites(store, population), sae, population))
     top_v, top_i = torch.full((0, F), -torch.inf), torch.zeros((0, F), dtype=torch.long)
     empty = (torch.zeros((0, F)), torch.zeros((0, F), dtype=torch.long), torch.zeros((0, F)))
     rnd, neg = empty, empty
     fired = torch.zeros(F, dtype=torch.long)
+    mass = torch.zeros(F, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     base = 0
     for s in tqdm(range(len(store.index["shards"])), desc="mine", file=sys.stderr):
         vals = feature_values(raw_shard(store, s, population).to(device), sae)
         fired += (vals > 0).sum(0).cpu()
+        mass += vals.clamp(min=0).sum(0, dtype=torch.float64).cpu()
         for d in store.index["shards"][s]["docs"]:
             seg = vals[d["start"]:d["start"] + d["length"]]
             pv, pp = (t.cpu() for t in doc_picks(seg, k, dedup, per_doc))
@@ -145,7 +150,7 @@ def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, popu
         neg = _reservoir(neg, keys.masked_fill(vals > 0, torch.inf), idx, vals, n_random)
         base += len(vals)
     top_i = torch.where(torch.isinf(top_v), torch.full_like(top_i, -1), top_i)
-    return top_v, top_i, rnd[2], rnd[1], fired, neg[1]
+    return top_v, top_i, rnd[2], rnd[1], fired, neg[1], mass
 
 
 def _reservoir(state, keys, idx, vals, n):
@@ -229,8 +234,8 @@ def cmd_mine(args):
     names = feature_names(population_sites(store, pop), sae, pop)
     if sae is not None:
         sae = sae.to(args.device)
-    top_v, top_i, rnd_v, rnd_i, fired, neg_i = mine(store, sae, args.k, args.dedup, args.per_doc,
-                                                    args.n_random, args.seed, pop, args.device)
+    top_v, top_i, rnd_v, rnd_i, fired, neg_i, mass = mine(
+        store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed, pop, args.device)
     sae = sae.cpu() if sae is not None else None
     qs = quantiles(store, sae, population=pop)
     n_tok = store.index["shape"][0]
@@ -240,6 +245,7 @@ def cmd_mine(args):
         ex = lambda vs, ids: [example(store, tok, lookup, int(i), v, f, sae, args.context, pop)
                               for v, i in zip(vs[:, f].tolist(), ids[:, f].tolist()) if i >= 0]
         feats.append(dict(id=f, name=name, freq=fired[f].item() / max(1, n_tok),
+                          mass=mass[f].item(),
                           quantiles=dict(zip(("q50", "q90", "q99", "q999"), qs[f].tolist())),
                           top=ex(top_v, top_i),
                           random=sorted(ex(rnd_v, rnd_i), key=lambda e: -e["value"]),
@@ -263,6 +269,35 @@ def sae_offsets(sae, feature, strength, sites):
     return {tuple(s): float(delta[i]) for i, s in enumerate(sites)}
 
 
+@contextmanager
+def steer_residual(model, layer, vec):
+    """Add vec to the attention output of `layer` (the residual stream after attention) at every
+    position of every forward in the context, as PAPER.md F6's LoRA-A steering; removed on exit."""
+    h = model.model.layers[layer].self_attn.register_forward_hook(
+        lambda mod, inp, out: out + vec.to(out.dtype))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+@torch.no_grad()
+def attention_norm(model, tok, questions, layer):
+    """The mean norm of `layer`'s attention output over the tokens of the questions' prompts: the
+    unit of --residual's strengths (the paper scales by this norm too)."""
+    norms = []
+    h = model.model.layers[layer].self_attn.register_forward_hook(
+        lambda mod, inp, out: norms.append(out[0].float().norm(dim=-1)))
+    try:
+        for q in questions:
+            ids = tok.encode(render_chat([{"role": "user", "content": q}],
+                                         add_generation_prompt=True))
+            model(torch.tensor([ids], device=model.lm_head.weight.device))
+    finally:
+        h.remove()
+    return torch.cat(norms).mean().item()
+
+
 def cmd_steer(args):
     """Generate under steering for each strength and seed and measure: thinking length, counts of
     chosen words, accuracy (with --bench)."""
@@ -282,21 +317,31 @@ def cmd_steer(args):
     if not items:
         raise SystemExit("steer: give --bench NAME=PATH or --prompt TEXT")
     layout = sites(model)
+    site = lambda s: (int(s.split(".")[0].lstrip("L")), s.split(".")[1])
     if args.sae:
         sae = SAE.load(args.sae)
-        direction = lambda c: sae_offsets(sae, args.feature, c, layout)
+        steering = lambda c: steer(model, sae_offsets(sae, args.feature, c, layout))
     elif args.site:
-        l, t = args.site.split(".")
-        direction = lambda c: {(int(l[1:]) if l.startswith("L") else int(l), t): c}
+        steering = lambda c: steer(model, {site(args.site): c})
+    elif args.residual:
+        l, t = site(args.residual)
+        if t not in ("gate_proj", "up_proj") or (l, t) not in layout:
+            raise SystemExit(f"steer: --residual {args.residual}: expected the gate_proj or "
+                             "up_proj adapter of a layer the adapter covers")
+        a = next(m for m in adapters(model) if (m.layer, m.target) == (l, t)).lora_A[0].detach()
+        norm = attention_norm(model, tok, [it["question"] for it in items], l)
+        unit = (a / a.norm()).to(device)
+        steering = lambda c: steer_residual(model, l, c * norm * unit)
     else:
-        raise SystemExit("steer: give --sae DIR --feature F, or --site L12.gate_proj")
+        raise SystemExit("steer: give --sae DIR --feature F, --site L12.gate_proj or "
+                         "--residual L12.up_proj")
     words = [w for w in args.words.split(",") if w]
     results = []
     for c in [float(x) for x in args.strengths.split(",")]:
         for seed in [int(x) for x in args.seeds.split(",")]:
             g = torch.Generator(device=device).manual_seed(seed)
             outs = []
-            with steer(model, direction(c)) if c != 0 else nullcontext():
+            with steering(c) if c != 0 else nullcontext():
                 for i in range(0, len(items), args.batch_size):
                     batch = items[i:i + args.batch_size]
                     outs += generate(model, tok, [it["question"] for it in batch], gen, g)
@@ -315,6 +360,7 @@ def cmd_steer(args):
                   + " ".join(f"{w} {v:.2f}" for w, v in r["word_counts"].items())
                   + (f" | accuracy {r['accuracy']:.3f}" if r["accuracy"] is not None else ""))
     out = dict(identity=identity, sae=args.sae, feature=args.feature, site=args.site,
+               residual=args.residual, attention_norm=norm if args.residual else None,
                results=results)
     write_atomic(args.out, json.dumps(out, indent=1))
     return out
@@ -336,17 +382,25 @@ def cmd_autointerp(args):
     data = read_json(args.features)
     made_from = dict(features=file_identity(args.features), llm_url=args.llm_url,
                      llm_model=args.llm_model if args.llm_url else None, rubric=args.rubric,
-                     n_explain=args.n_explain, limit=args.limit)
+                     categorise=args.categorise, n_explain=args.n_explain, limit=args.limit)
     meta = os.path.join(args.out, "autointerp.json")
     if os.path.isfile(meta) and not args.overwrite:
         same_origin(read_json(meta), made_from, meta)
     llm = LLM(args.llm_url, args.llm_model, args.cache or os.path.join(args.out, "llm-cache"),
               concurrency=args.concurrency) if args.llm_url else None
-    rows = autointerp(data["features"][:args.limit or None], llm, args.rubric, args.n_explain)
+    if args.categorise and llm is None:
+        raise SystemExit("interpret.py autointerp: --categorise needs --llm-url")
+    feats = data["features"][:args.limit or None]
+    rows = autointerp(feats, llm, args.rubric, args.n_explain)
     os.makedirs(args.out, exist_ok=True)
     write_json(meta, made_from)
     write_atomic(os.path.join(args.out, "autointerp.jsonl"),
                  "".join(json.dumps(r) + "\n" for r in rows))
+    cats = []
+    if args.categorise:  # the SAE latents' categories (PAPER.md F4)
+        cats = categorise([f for f in feats if f["name"].startswith("sae")], rows, llm)
+        write_atomic(os.path.join(args.out, "categories.jsonl"),
+                     "".join(json.dumps(r) + "\n" for r in cats))
     scored = [r["detection_balanced_accuracy"] for r in rows
               if r.get("detection_balanced_accuracy") is not None]
     if scored:
@@ -354,7 +408,7 @@ def cmd_autointerp(args):
               f"{sum(scored) / len(scored):.3f}")
     elif llm is None:
         print(f"autointerp: {len(rows)} explanation prompts written (no --llm-url given)")
-    failed = [r["error"] for r in rows if "error" in r]
+    failed = [r["error"] for r in rows + cats if "error" in r]
     if failed:
         raise SystemExit(f"autointerp: {len(failed)} features failed (the others are in "
                          f"{args.out}/autointerp.jsonl; a rerun retries only these): {failed[0]}")
@@ -402,6 +456,9 @@ def main(argv=None):
     st.add_argument("--sae")
     st.add_argument("--feature", type=int, default=0)
     st.add_argument("--site", help="steer one adapter scalar instead, e.g. L12.gate_proj")
+    st.add_argument("--residual", help="or add the a vector of this gate_proj / up_proj adapter "
+                    "to the residual stream after that layer's attention (PAPER.md F6), strength "
+                    "in units of the attention output's mean norm, e.g. L12.up_proj")
     st.add_argument("--strengths", default="0,10,30")
     st.add_argument("--seeds", default="0")
     st.add_argument("--bench", help="NAME=PATH: measure accuracy on these problems")
@@ -423,6 +480,9 @@ def main(argv=None):
     a.add_argument("--concurrency", type=int, default=8)
     a.add_argument("--rubric", action="store_true",
                    help="also the paper's 0/1/2 monosemanticity rubric")
+    a.add_argument("--categorise", action="store_true",
+                   help="also sort the SAE latents into the paper's 7 categories "
+                   "(OUT/categories.jsonl)")
     a.add_argument("--n-explain", type=int, default=10)
     a.add_argument("--limit", type=int, default=0)
     a.add_argument("--overwrite", action="store_true",

@@ -117,7 +117,8 @@ class FakeLLM(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible chat-completions server. FakeLLM.script says what the next requests
     get, in order: an HTTP status, "null" (content null), "garbage" (a body that is not JSON) or
     "slow" (no reply for FakeLLM.delay seconds). When the script is empty it answers well:
-    explanations, and a judge that picks the snippets marked <<X>>."""
+    explanations, a judge that picks the snippets marked <<X>>, rubric class 1, and the category
+    result_formulation / final_answer (an unlisted one for features whose text says UNLISTED)."""
     script, requests, delay = [], [], 1.0
 
     def do_POST(self):
@@ -131,9 +132,15 @@ class FakeLLM(http.server.BaseHTTPRequestHandler):
         if what == "slow":
             time.sleep(FakeLLM.delay)
         text = body["messages"][-1]["content"]
-        if body["messages"][0]["content"].startswith("You are given an explanation"):
+        system = body["messages"][0]["content"]
+        if system.startswith("You are given an explanation"):
             lines = [l for l in text.split("\n") if l[:1].isdigit()]
             content = json.dumps([int(l.split(".")[0]) for l in lines if "<<X>>" in l])
+        elif system.startswith("Classify this feature"):
+            content = '{"classification": 1, "classification_reasoning": "all fit"}'
+        elif system.startswith("You sort features"):
+            cat = "arithmetic" if "UNLISTED" in text else "result_formulation"
+            content = json.dumps({"category": cat, "subcategory": "final_answer"})
         else:
             content = "Fires on the letter X."
         out = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})

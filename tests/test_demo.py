@@ -120,3 +120,19 @@ def test_dashboard_opens_without_console_errors(demo_run):
     dom, log = chromium_dom(page.as_uri())
     assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
     assert "<title>rank1 dashboard</title>" in dom and "L0.gate_proj+" in dom
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="chromium is not installed (.ci/run installs it)")
+def test_report_opens_and_shows_the_llm_commands(demo_run):
+    """The demo's report: ablations (with the greedy curve) and geometry drawn, the LLM sections
+    naming the command that makes their input."""
+    out, _, _ = demo_run
+    rep = json.load(open(out / "interpret" / "report" / "report.json"))
+    n_mlp = 3 * len({l for l, _ in json.load(open(out / "interpret" / "ablate" /
+                                                   "ablations.json"))["sites"]})
+    assert len(rep["ablation"]["greedy"]) == n_mlp and rep["geometry"]["interference"]["pairs"]
+    assert set(rep["missing"]) == {"lora_vs_mlp", "categories"}
+    dom, log = chromium_dom((out / "interpret" / "report" / "report.html").as_uri())
+    assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
+    assert "Greedy MLP ablation" in dom and "interpret.py autointerp" in dom

@@ -309,3 +309,49 @@ def test_ablation_kl_is_full_to_ablated_averaged_over_assistant_predictions(env)
     # the three differ, so swapping the direction or the positions cannot go unnoticed
     assert abs(fa[pos].mean() - af[pos].mean()) > 1e-3 * fa[pos].mean()
     assert abs(fa[pos].mean() - fa.mean()) > 1e-3 * fa[pos].mean()
+
+
+def test_greedy_ablation_matches_a_brute_force_order_over_four_adapters():
+    """PAPER.md F5's iterative MLP ablation on 4 adapters (gate and down of two layers): the order
+    is each adapter's KL alone, ascending, and each cumulative KL is that of the prefix set
+    ablated by hand; both computed here from all 16 subsets."""
+    import itertools
+
+    from conftest import TINY
+    from eval import greedy_ablation
+    from lora import ablate, adapters, apply_lora
+    from model import Qwen2, Qwen2Config
+    torch.manual_seed(0)
+    m = Qwen2(Qwen2Config(**TINY))
+    m.init_weights()
+    apply_lora(m, targets=("gate_proj", "down_proj", "q_proj"), layers=[0, 2], verbose=False)
+    with torch.no_grad():
+        for i, a in enumerate(adapters(m)):  # very different sizes, so the order is clear
+            a.lora_B.normal_(0, 0.05 * (1 + 3 * (i % 4)))
+    seqs = [("a", list(range(3, 19)), [0] * 6 + [1] * 10), ("b", list(range(40, 52)),
+                                                            [0] * 4 + [1] * 8)]
+    mlp = [(0, "gate_proj"), (0, "down_proj"), (2, "gate_proj"), (2, "down_proj")]
+    metric = "kl_full_abl_assistant_maxpos"
+    brute = {}
+    with torch.no_grad():
+        for n in range(1, 5):
+            for sub in itertools.combinations(mlp, n):
+                vals = []
+                for _, ids, mask in seqs:
+                    x = torch.tensor([ids])
+                    full = torch.log_softmax(m(x).float(), -1)[0]
+                    with ablate(m, sites=list(sub)):
+                        abl = torch.log_softmax(m(x).float(), -1)[0]
+                    kl = (full.exp() * (full - abl)).sum(-1)[torch.tensor(mask[1:] + [0]) == 1]
+                    vals.append((kl.max().item(), kl.mean().item()))
+                brute[frozenset(sub)] = [sum(v[j] for v in vals) / len(vals) for j in (0, 1)]
+    for key, j in ((metric, 0), ("kl_full_abl_assistant", 1)):
+        order = sorted(mlp, key=lambda s: brute[frozenset([s])][j])
+        assert order != mlp  # the test would pass for a method that keeps the site order
+        scores, steps = greedy_ablation(m, seqs, key)
+        assert [r["added"] for r in steps] == [f"L{l}.{t}" for l, t in order]
+        for n, r in enumerate(steps):
+            want = brute[frozenset(order[:n + 1])]
+            assert r["n_ablated"] == n + 1
+            assert r[f"{metric}_mean"] == pytest.approx(want[0], rel=1e-5)
+            assert r["kl_full_abl_assistant_mean"] == pytest.approx(want[1], rel=1e-5)

@@ -45,13 +45,14 @@ def brute_force(store, sae, k, dedup, per_doc):
 @pytest.mark.parametrize("k,dedup,per_doc", [(5, 0, 5), (4, 2, 4), (6, 1, 2), (3, 0, 1)])
 def test_topk_matches_brute_force(tmp_path, k, dedup, per_doc):
     store = fake_store(tmp_path / "s", [7, 1, 12, 5, 9], seed=k + dedup)
-    top_v, top_i, _, _, fired, _ = mine(store, None, k, dedup, per_doc, n_random=4)
+    top_v, top_i, _, _, fired, _, mass = mine(store, None, k, dedup, per_doc, n_random=4)
     ref = brute_force(store, None, k, dedup, per_doc)
     for f, want in enumerate(ref):
         got = [(v, i) for v, i in zip(top_v[:, f].tolist(), top_i[:, f].tolist()) if i >= 0]
         assert got == want, f
     vals = feature_values(store.load_all()).numpy()
     assert fired.tolist() == (vals > 0).sum(0).tolist()
+    np.testing.assert_allclose(mass.numpy(), np.where(vals > 0, vals, 0).sum(0), rtol=1e-6)
 
 
 def test_topk_with_sae_features(tmp_path):
@@ -59,7 +60,7 @@ def test_topk_with_sae_features(tmp_path):
     sae = SAE(3, 5, 2)
     sae.init_weights(generator=torch.Generator().manual_seed(0))
     assert len(feature_names(store.index["sites"], sae)) == 3 * 2 + 5
-    top_v, top_i, _, _, _, _ = mine(store, sae, 4, 1, 2)
+    top_v, top_i, *_ = mine(store, sae, 4, 1, 2)
     for f, want in enumerate(brute_force(store, sae, 4, 1, 2)):
         got = [(v, i) for v, i in zip(top_v[:, f].tolist(), top_i[:, f].tolist()) if i >= 0]
         assert [i for _, i in got] == [i for _, i in want] and np.allclose([v for v, _ in got],
@@ -68,7 +69,7 @@ def test_topk_with_sae_features(tmp_path):
 
 def test_random_sample_is_non_zero_and_distinct(tmp_path):
     store = fake_store(tmp_path / "s", [30, 40, 25], seed=5)
-    _, _, rv, ri, fired, ni = mine(store, None, 3, 0, 3, n_random=8)
+    _, _, rv, ri, fired, ni, _ = mine(store, None, 3, 0, 3, n_random=8)
     vals = feature_values(store.load_all()).numpy()
     for f in range(vals.shape[1]):
         neg = [i for i in ni[:, f].tolist() if i >= 0]
@@ -169,6 +170,29 @@ def test_autointerp_with_fake_server(tmp_path, fake_llm):
         LLM(url, "fake", str(tmp_path / "c2"))([{"role": "user", "content": "x"}])
 
 
+def test_autointerp_rubric_and_categories_through_the_cli(tmp_path, fake_llm):
+    """--rubric rates every feature (validated JSON), --categorise sorts the SAE latents into the
+    listed categories; a reply naming an unlisted one is recorded as that latent's failure and
+    the command fails naming it, keeping the rest."""
+    feats = [feature_with_examples(0), dict(feature_with_examples(1), name="sae0"),
+             dict(feature_with_examples(2), name="sae1")]
+    for e in feats[2]["top"]:
+        e["tokens"] = ["a", "X", "UNLISTED"]
+    (tmp_path / "features.json").write_text(json.dumps(dict(features=feats)))
+    args = ["autointerp", "--features", str(tmp_path / "features.json"), "--out",
+            str(tmp_path / "ai"), "--llm-url", fake_llm, "--rubric", "--categorise"]
+    with pytest.raises(SystemExit, match="1 features failed.*feature 2 \\(sae1\\): unknown "
+                                         "category 'arithmetic'"):
+        main(args)
+    rows = [json.loads(l) for l in open(tmp_path / "ai" / "autointerp.jsonl")]
+    assert [(r["rubric"], r["rubric_reasoning"], r["top_value"]) for r in rows] == \
+        [(1, "all fit", 14.0)] * 3
+    cats = [json.loads(l) for l in open(tmp_path / "ai" / "categories.jsonl")]
+    assert [c["name"] for c in cats] == ["sae0", "sae1"]
+    assert cats[0]["category"] == "result_formulation" and "error" in cats[1]
+    assert json.load(open(tmp_path / "ai" / "autointerp.json"))["categorise"] is True
+
+
 def test_balanced_accuracy_hand_values():
     items = [("a", True), ("b", True), ("c", False), ("d", False)]
     assert balanced_accuracy(items, {0, 1}) == 1.0
@@ -195,28 +219,43 @@ def test_compare_populations_hand_values():
                                              2: 0.25} and t["rubric"]["shares"]["mlp"][2] == 0.75
 
 
-def test_mlp_neuron_baseline_collected_and_mined(tmp_path):
-    """collect.py --mlp-neurons stores down_proj's input at the sampled neurons (checked against a
-    hook here), and mining reads them as the mlp population."""
+@pytest.mark.parametrize("baseline", ["up_proj", "swiglu"])
+def test_mlp_neuron_baseline_collected_and_mined(tmp_path, baseline):
+    """collect.py --mlp-neurons N stores up_proj's first N output channels per layer (the paper's
+    baseline, the default) or down_proj's input at N sampled neurons (checked against a hook on
+    the adapted model here), and mining reads them as the mlp population."""
     save_hf(hf_tiny(vocab_size=300), tmp_path / "m")
     tiny_tokenizer(tmp_path / "m")
     m = apply_lora(Qwen2.from_pretrained(str(tmp_path / "m")), verbose=False)
+    with torch.no_grad():
+        for a in adapters(m):
+            a.lora_B.normal_(0, 0.3)
     save_adapter(m, tmp_path / "ad")
     rows = [dict(question=f"q{i}", deepseek_thinking_trajectory="t " * (i + 2),
                  deepseek_attempt="a") for i in range(3)]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     collect_main(["--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"), "--data",
                   str(tmp_path / "rows.jsonl"),
-              "--out", str(tmp_path / "acts"), "--mlp-neurons", "4", "--window", "8"])
+                  "--out", str(tmp_path / "acts"), "--mlp-neurons", "4", "--window", "8",
+                  *(["--mlp-baseline", baseline] if baseline != "up_proj" else [])])
     store = ActivationStore(str(tmp_path / "acts"))
     neurons = store.index["mlp_neurons"]
-    assert len(neurons) == 3 * 4 and all(0 <= i < 37 for _, i in neurons)
+    assert store.index["mlp_baseline"] == baseline
+    if baseline == "up_proj":
+        assert neurons == [[l, i] for l in range(3) for i in range(4)]
+    else:
+        assert len(neurons) == 3 * 4 and all(0 <= i < 37 for _, i in neurons)
+        assert neurons != [[l, i] for l in range(3) for i in range(4)]
     # against an independent hook on one document
     m2 = Qwen2.from_pretrained(str(tmp_path / "m"))
     load_adapter(m2, str(tmp_path / "ad"), verbose=False)
     seen = {}
-    hook = lambda l: (lambda mod, inp: seen.__setitem__(l, inp[0][0]))
-    hs = [m2.model.layers[l].mlp.down_proj.register_forward_pre_hook(hook(l)) for l in range(3)]
+    if baseline == "up_proj":
+        hs = [m2.model.layers[l].mlp.up_proj.register_forward_hook(
+            lambda mod, inp, out, l=l: seen.__setitem__(l, out[0])) for l in range(3)]
+    else:
+        hs = [m2.model.layers[l].mlp.down_proj.register_forward_pre_hook(
+            lambda mod, inp, l=l: seen.__setitem__(l, inp[0][0])) for l in range(3)]
     doc = store.index["shards"][0]["docs"][0]
     ids = np.asarray(store.tokens(0)[doc["start"]:doc["start"] + doc["length"]]).tolist()
     with torch.no_grad():
@@ -224,7 +263,7 @@ def test_mlp_neuron_baseline_collected_and_mined(tmp_path):
     for h in hs:
         h.remove()
     want = torch.stack([seen[l][:, i] for l, i in neurons], dim=1)
-    np.testing.assert_allclose(store.mlp(0)[:doc["length"]], want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(store.mlp(0)[:doc["length"]], want.numpy(), atol=1e-4)
     top_v, top_i, *_ = mine(store, None, 3, 0, 3, population="mlp")
     assert top_v.shape == (3, 2 * 12)
     assert feature_names(neurons, None, "mlp")[0] == f"N{neurons[0][0]}.{neurons[0][1]}+"
@@ -251,3 +290,45 @@ def test_steer_cli_measures(tmp_path):
     # greedy: the seeds agree; steering changes it
     assert r[0]["examples"] == r[1]["examples"] and r[0]["examples"] != r[2]["examples"]
     assert json.load(open(tmp_path / "s.json"))["site"] == "L1.gate_proj"
+
+
+def test_residual_steering_is_a_bias_on_the_attention_output(tmp_path):
+    """steer_residual(layer, v) gives what a bias v on that layer's o_proj gives (the attention
+    output is o_proj's output), and nothing after the context; the CLI's --residual mode steers
+    along the adapter's a in units of the measured attention-output norm."""
+    from interpret import attention_norm, steer_residual
+    save_hf(hf_tiny(vocab_size=300), tmp_path / "m")
+    tiny_tokenizer(tmp_path / "m")
+    m = Qwen2.from_pretrained(str(tmp_path / "m"))
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    v = torch.randn(m.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = m(ids)
+        with steer_residual(m, 1, v):
+            steered = m(ids)
+        o = m.model.layers[1].self_attn.o_proj
+        biased = torch.nn.Linear(o.in_features, o.out_features, bias=True)
+        biased.weight.copy_(o.weight)
+        biased.bias.copy_(v)
+        m.model.layers[1].self_attn.o_proj = biased
+        want = m(ids)
+        m.model.layers[1].self_attn.o_proj = o
+        assert torch.equal(m(ids), plain)  # the hook is gone
+    torch.testing.assert_close(steered, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(steered, plain, atol=1e-3)
+    # the CLI
+    ma = apply_lora(Qwen2.from_pretrained(str(tmp_path / "m")), verbose=False)
+    with torch.no_grad():
+        for a in adapters(ma):
+            a.lora_A.normal_(0, 1.0)
+    save_adapter(ma, tmp_path / "ad")
+    args = ["steer", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"),
+            "--prompt", "What is 2+2?", "--strengths", "0,20", "--out", str(tmp_path / "s.json"),
+            "--thinking-budget", "12", "--max-answer-tokens", "4", "--temperature", "0"]
+    out = main(args + ["--residual", "L1.up_proj"])
+    from data import Tokenizer
+    norm = attention_norm(ma, Tokenizer(str(tmp_path / "m")), ["What is 2+2?"], 1)
+    assert out["residual"] == "L1.up_proj" and out["attention_norm"] == pytest.approx(norm)
+    assert out["results"][0]["examples"] != out["results"][1]["examples"]
+    with pytest.raises(SystemExit, match="gate_proj or up_proj"):
+        main(args + ["--residual", "L1.q_proj", "--overwrite"])

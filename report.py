@@ -1,0 +1,556 @@
+"""
+The paper's analyses recomputed from one run, beside the paper's values (PAPER.md A, F2-F7): one
+self-contained HTML page (figures drawn here as inline SVG, no network, every text escaped) and
+report.json with every number on the page.
+
+    python report.py --recovery recovery.json --ablations abl/ablations.json --adapter A \\
+        --features interp/features.json --autointerp interp/autointerp.jsonl \\
+        --mlp-autointerp interp_mlp/autointerp.jsonl --categories interp/categories.jsonl \\
+        --steer interp/steer_residual.json --out report/
+
+Every input is optional; a section whose input is missing shows the command that produces it.
+Sections: the recovery table (eval.py compare); the ablation panel (Fig. 1: per-layer KL, the
+layer x type heatmap, the greedy MLP ablation); adapter geometry (norms, F7's weight
+interference); LoRA features against MLP neurons (F2: the 0/1/2 rubric with bootstrap intervals,
+breakdowns, a chi-squared test); the SAE features' categories by activation mass (F4's donut);
+measured steering (F6: any number of `interpret.py steer` outputs, LoRA-A in the residual
+stream, adapter scalars or SAE features).
+
+LoRA vs MLP populations (--populations paper, the default): the MLP-adapter features (gate, up,
+down x layers x both polarities) against the MLP neurons in their dominant polarity (the one with
+the larger top activation), as collect.py --mlp-neurons 6 stores them (up_proj's first 6 output
+channels per layer). --populations all keeps every feature the autointerp files hold.
+"""
+import argparse
+import json
+import math
+import os
+import re
+from html import escape
+
+import numpy as np
+
+from common import (check_out, differences, file_identity, fresh_outputs, read_json,
+                    read_safetensors, user_errors, write_atomic, write_json)
+from dashboard import bar_chart, donut_chart, heatmap, line_chart, provenance_lines
+from lora import MLP, SITE_ORDER, adapter_identity, read_adapter_config
+
+# PAPER.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
+PAPER = dict(
+    recovery="73-90% of the full finetune's gain; s1's reference scores (AIME24 / MATH500 / "
+             "GPQA-D): base 26.7 / 84.0 / 49.0, s1.1-32B 56.7 / 95.4 / 63.6 with budget forcing",
+    rubric=dict(lora=dict(n=367, counts=[59, 146, 162], mean=1.28, median=1),
+                mlp=dict(n=376, counts=[49, 100, 227], mean=1.47, median=2), chi2=20.3, p=4e-5),
+    ablation=("per-layer KL about 0.001 in layers 0-20, 0.004-0.005 in 28-40, peaks of "
+              "0.008-0.009 near layers 43-47 and 62 (of 64); MLP adapters dominate, attention "
+              "adapters near 0; gate_proj is the most important type, then up_proj, then "
+              "down_proj"),
+    sae="3,584 latents, k = 16; 7 categories by activation mass (the shares are not published)")
+CLASSES = (0, 1, 2)
+COMMANDS = dict(
+    recovery="python eval.py compare results/base results/full results/lora --out recovery.json",
+    ablations="python eval.py ablate --model M --adapter A --samples RUN/samples.jsonl --out abl/",
+    adapter="pass --adapter (the adapter directory)",
+    autointerp="python interpret.py autointerp --features interp/features.json --out interp/ "
+               "--llm-url URL --rubric --categorise",
+    mlp_autointerp="python collect.py ... --mlp-neurons 6 --out acts_mlp/; python interpret.py "
+                   "mine --acts acts_mlp/ --population mlp --tokenizer M --out interp_mlp/; "
+                   "python interpret.py autointerp --features interp_mlp/features.json "
+                   "--out interp_mlp/ --llm-url URL --rubric",
+    features="python interpret.py mine --acts acts/ --sae sae/ --tokenizer M --out interp/",
+    steer="python interpret.py steer --model M --adapter A --residual L40.up_proj --strengths "
+          "0,1,2 --seeds 0,1,2 --bench math500=PATH --out steer_residual.json (or --sae/--site)")
+
+# -----------------------------------------------------------------------------
+# statistics
+
+
+def chi2_sf(x, dof):
+    """P(X >= x) for X ~ chi-squared(dof), integer dof: the closed forms of the regularised upper
+    incomplete gamma function at half-integer and integer order."""
+    h = x / 2
+    if dof % 2 == 0:
+        return math.exp(-h) * sum(h ** i / math.factorial(i) for i in range(dof // 2))
+    return math.erfc(math.sqrt(h)) + math.exp(-h) * sum(
+        h ** (i - 0.5) / math.gamma(i + 0.5) for i in range(1, (dof + 1) // 2))
+
+
+def chi2_test(table):
+    """Pearson's chi-squared test of independence on a contingency table (rows x columns of
+    counts), no continuity correction; columns with no counts are dropped. -> (chi2, dof, p)."""
+    t = np.asarray(table, dtype=float)
+    t = t[:, t.sum(0) > 0]
+    expected = np.outer(t.sum(1), t.sum(0)) / t.sum()
+    chi2 = float(((t - expected) ** 2 / expected).sum())
+    dof = (t.shape[0] - 1) * (t.shape[1] - 1)
+    return chi2, dof, chi2_sf(chi2, dof)
+
+
+def bootstrap_shares(labels, classes=CLASSES, n=10000, seed=42):
+    """Each class's share of labels with a 95% percentile bootstrap interval (n resamples, the
+    paper's 10,000 and seed 42; the same order statistics as common.bootstrap_ci)."""
+    y = np.asarray(labels)
+    idx = np.random.default_rng(seed).integers(0, len(y), (n, len(y)))
+    out = {}
+    for c in classes:
+        boot = np.sort((y[idx] == c).mean(1))
+        out[c] = dict(share=float((y == c).mean()),
+                      ci95=[float(boot[int(0.025 * n)]), float(boot[int(0.975 * n) - 1])])
+    return out
+
+
+def rubric_summary(rows):
+    """n, counts, shares with intervals, mean and median of the rubric classes in rows."""
+    y = [r["rubric"] for r in rows]
+    if not y:
+        return dict(n=0)
+    return dict(n=len(y), counts=[y.count(c) for c in CLASSES], shares=bootstrap_shares(y),
+                mean=float(np.mean(y)), median=float(np.median(y)))
+
+
+FEATURE = re.compile(r"L(\d+)\.(\w+)([+-])|N(\d+)\.(\d+)([+-])")
+
+
+def parse_name(name):
+    """(layer, kind, polarity) of `L{l}.{target}{+-}` (an adapter) or `N{l}.{i}{+-}` (a neuron, kind
+    = its index); None for SAE latents."""
+    m = FEATURE.fullmatch(name)
+    if not m:
+        return None
+    return (int(m[1]), m[2], m[3]) if m[1] else (int(m[4]), int(m[5]), m[6])
+
+
+def populations(lora_rows, mlp_rows, which="paper"):
+    """The two rated populations: (LoRA rows, MLP rows), each row with a rubric class."""
+    rated = lambda rows: [r for r in rows if r.get("rubric") in CLASSES]
+    lora = [r for r in rated(lora_rows) if parse_name(r["name"])]
+    mlp = [r for r in rated(mlp_rows) if parse_name(r["name"])]
+    if which == "all":
+        return lora, mlp
+    lora = [r for r in lora if parse_name(r["name"])[1] in MLP]
+    best = {}  # the dominant polarity of each neuron: the larger top activation
+    for r in mlp:
+        if "top_value" not in r:
+            raise ValueError(f"feature {r['name']}: no top_value (autointerp.jsonl from an older "
+                             "version); rerun interpret.py autointerp, or --populations all")
+        key = parse_name(r["name"])[:2]
+        if key not in best or r["top_value"] > best[key]["top_value"]:
+            best[key] = r
+    return lora, list(best.values())
+
+
+def lora_vs_mlp(lora_rows, mlp_rows, which="paper"):
+    """F2's analysis: rubric shares with bootstrap intervals per population, by 8-layer bin, by
+    adapter type and polarity, and the chi-squared test of population x class."""
+    lora, mlp = populations(lora_rows, mlp_rows, which)
+    out = dict(populations=which, lora=rubric_summary(lora), mlp=rubric_summary(mlp))
+    if lora and mlp:
+        out["chi2"], out["dof"], out["p"] = chi2_test([out["lora"]["counts"],
+                                                       out["mlp"]["counts"]])
+    groups = {}
+    for pop, rows in (("lora", lora), ("mlp", mlp)):
+        for r in rows:
+            layer, kind, pol = parse_name(r["name"])
+            keys = [f"layers {8 * (layer // 8)}-{8 * (layer // 8) + 7}", f"polarity {pol}"]
+            keys += [f"type {kind}", f"type {kind} {pol}"] if pop == "lora" else []
+            for k in keys:
+                groups.setdefault(pop, {}).setdefault(k, []).append(r)
+    out["by_group"] = {pop: {k: rubric_summary(v) for k, v in sorted(g.items())}
+                       for pop, g in groups.items()}
+    det = lambda rows: [r["detection_balanced_accuracy"] for r in rows
+                        if r.get("detection_balanced_accuracy") is not None]
+    out["detection"] = {p: (dict(n=len(det(r)), mean=float(np.mean(det(r)))) if det(r) else None)
+                        for p, r in (("lora", lora), ("mlp", mlp))}
+    return out
+
+
+def category_shares(mass, categories):
+    """F4's activation-mass shares: mass {latent id: activation summed over the corpus};
+    categories [{id, category, subcategory}] (rows with an error are uncategorised and left out of
+    the total). -> (category shares summing to 1, {category: subcategory shares within it})."""
+    cat_mass, sub_mass = {}, {}
+    for r in categories:
+        if r.get("category") is None:
+            continue
+        m = mass[r["id"]]
+        cat_mass[r["category"]] = cat_mass.get(r["category"], 0.0) + m
+        sub = sub_mass.setdefault(r["category"], {})
+        sub[r["subcategory"]] = sub.get(r["subcategory"], 0.0) + m
+    total = sum(cat_mass.values())
+    if total <= 0:
+        return {}, {}
+    order = sorted(cat_mass, key=lambda c: -cat_mass[c])
+    shares = {c: cat_mass[c] / total for c in order}
+    subs = {c: {s: v / cat_mass[c] for s, v in sorted(sub_mass[c].items(), key=lambda kv: -kv[1])}
+            for c in order if cat_mass[c] > 0}
+    return shares, subs
+
+
+# -----------------------------------------------------------------------------
+# ablations and geometry
+
+
+def ablation_summary(ab):
+    """Per-layer and per-type KL, the MLP / attention ratio, and the greedy ablation's curve with
+    the number of MLP adapters that carry 90% of the effect of switching all of them off."""
+    key = "kl_full_abl_assistant_mean"
+    res = ab["results"]
+    out = dict(adapter=(ab.get("identity") or {}).get("adapter"), sequences=len(ab["sequences"]),
+               tokens=ab["tokens"], greedy_metric=(ab.get("made_from") or {}).get("greedy_metric"))
+    out["layers"] = [dict(label=r["label"], mean=r[key], std=r["kl_full_abl_assistant_std"])
+                     for r in res.get("layer", [])]
+    if out["layers"]:
+        peak = max(out["layers"], key=lambda r: r["mean"])
+        out["peak_layer"] = peak["label"]
+        out["peak_depth"] = int(peak["label"][1:]) / max(1, len(out["layers"]) - 1)
+    out["types"] = {r["label"]: r[key] for r in res.get("type", [])}
+    both = {r["label"]: r[key] for r in res.get("mlp_vs_attn", [])}
+    if both.get("attn"):
+        out["mlp_over_attn"] = both["mlp"] / both["attn"]
+    if out["types"]:
+        out["most_important_type"] = max(out["types"], key=out["types"].get)
+    out["single"] = {r["label"]: r[key] for r in res.get("single", [])}
+    greedy = res.get("greedy") or []
+    if greedy:
+        out["greedy"] = [dict(n_ablated=r["n_ablated"], added=r["added"], kl=r[key])
+                         for r in greedy]
+        all_off = greedy[-1][key]
+        ok = [r["n_ablated"] for r in greedy if r[key] <= 0.1 * all_off]
+        out["greedy_carriers_90"] = len(greedy) - max(ok, default=0)
+    return out
+
+
+def adapter_vectors(adapter_dir):
+    """{(layer, target): (a, b)} float64 vectors of a rank-1 adapter, and its scale s."""
+    _, kw = read_adapter_config(adapter_dir)
+    if kw["rank"] != 1:
+        raise ValueError(f"{adapter_dir}: rank {kw['rank']}; the geometry figures are for rank 1")
+    sd = read_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    vec = {}
+    for k, v in sd.items():
+        m = re.search(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])(?:\.default)?\.weight$", k)
+        if m:
+            vec.setdefault((int(m[1]), m[2]), {})[m[3]] = v.double().flatten().numpy()
+    scale = kw["alpha"] / (math.sqrt(kw["rank"]) if kw["rslora"] else kw["rank"])
+    return {s: (d["A"], d["B"]) for s, d in vec.items()}, scale
+
+
+def interference(vec, seed=0):
+    """F7: |cos| between the reading directions a of gate_proj and up_proj at layer i and the
+    writing direction b of down_proj at each layer j < i, against as many pairs of random
+    Gaussian vectors of the same width. -> {mean_abs_cos, random_mean_abs_cos, pairs, by_layers}"""
+    layers = sorted({l for l, _ in vec})
+    by, cos = {}, []
+    for i in layers:
+        for j in (j for j in layers if j < i and (j, "down_proj") in vec):
+            b = vec[(j, "down_proj")][1]
+            for t in ("gate_proj", "up_proj"):
+                if (i, t) in vec:
+                    a = vec[(i, t)][0]
+                    c = abs(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+                    cos.append(c)
+                    by.setdefault((i, j), []).append(c)
+    if not cos:
+        return None
+    d = len(next(iter(vec.values()))[1])
+    r = np.random.default_rng(seed).standard_normal((2, len(cos), d))
+    rc = np.abs((r[0] * r[1]).sum(1) / np.linalg.norm(r[0], axis=1) / np.linalg.norm(r[1], axis=1))
+    return dict(pairs=len(cos), mean_abs_cos=float(np.mean(cos)), max_abs_cos=float(max(cos)),
+                random_mean_abs_cos=float(rc.mean()), random_max_abs_cos=float(rc.max()),
+                by_layers={f"{i},{j}": float(np.mean(v)) for (i, j), v in by.items()})
+
+
+def geometry(adapter_dir):
+    vec, scale = adapter_vectors(adapter_dir)
+    norms = {f"L{l}.{t}": dict(a=float(np.linalg.norm(a)), b=float(np.linalg.norm(b)),
+                               s_ab=float(scale * np.linalg.norm(a) * np.linalg.norm(b)))
+             for (l, t), (a, b) in sorted(vec.items())}
+    return dict(scale=scale, norms=norms, interference=interference(vec))
+
+
+# -----------------------------------------------------------------------------
+# the page
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    return rows
+
+
+def site_cells(values):
+    """{"L{l}.{t}": v} -> (cells {(t, l): v}, types, layers) for dashboard.heatmap."""
+    cells = {}
+    for name, v in values.items():
+        layer, _, t = name.partition(".")
+        cells[(t, int(layer[1:]))] = v
+    types = [t for t in SITE_ORDER if any(t == c[0] for c in cells)]
+    return cells, types, sorted({c[1] for c in cells})
+
+
+def table(head, rows):
+    th = "".join(f"<th>{escape(str(h))}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def pct(s):
+    return f"{100 * s['share']:.1f}% [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"
+
+
+def section_recovery(r):
+    pc = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    rows = [[b, t["problems"], pc(t["base"]), pc(t["full"]), pc(t["lora"]),
+             f"{pc(t['recovery'])} [{pc(t['recovery_ci95'][0])}, {pc(t['recovery_ci95'][1])}]"]
+            for b, t in r["table"].items()]
+    prot = r.get("protocols") or {}
+    return ("<h2>Recovery of the full finetune's gain</h2>"
+            f"<p class=in>Runs: base {escape(str(r['base']))} ({escape(str(prot.get('base')))}), "
+            f"full {escape(str(r['full']))} ({escape(str(prot.get('full')))}), rank-1 "
+            f"{escape(str(r['lora']))} ({escape(str(prot.get('lora')))}); recovery = (rank-1 - "
+            "base) / (full - base), paired bootstrap 95% interval.</p>"
+            f"<p class=paper>Paper: {escape(PAPER['recovery'])}.</p>"
+            + ("" if prot.get("base") == "plain" else "<p class=missing>The base was not run with "
+               "--protocol plain, as s1 evaluated its base: the recovery is not the paper's.</p>")
+            + table(["benchmark", "problems", "base", "full", "rank-1", "recovery"], rows))
+
+
+def section_ablation(a):
+    h = ["<h2>Adapter ablations (Fig. 1)</h2>",
+         f"<p class=in>Inputs: ablations of {escape(str((a['adapter'] or {}).get('path')))}, "
+         f"{a['sequences']} sequences, {a['tokens']} tokens; KL(full adapter || ablated), mean "
+         "over assistant tokens.</p>", f"<p class=paper>Paper: {escape(PAPER['ablation'])}.</p>"]
+    if a["layers"]:
+        h.append("<h3>Leave one layer out (mean and std over sequences)</h3>"
+                 + bar_chart([(r["label"], r["mean"], r["std"]) for r in a["layers"]])
+                 + f"<p>Peak: {escape(a['peak_layer'])}, at depth {a['peak_depth']:.2f} of the "
+                 "stack (paper: 0.68-0.75 and 0.98).</p>")
+    if a["single"]:
+        cells, types, layers = site_cells(a["single"])
+        h.append(f"<h3>Single adapters, one colour scale 0 … {max(cells.values()):.3g}</h3>"
+                 + heatmap(cells, types, layers, lambda t, l, v: f"layer {l} {t}: {v:.4g}"))
+    if a["types"]:
+        ratio = f"{a['mlp_over_attn']:.3g}" if "mlp_over_attn" in a else "n/a"
+        h.append(table(["type"] + list(a["types"]), [["KL"] + [f"{v:.4g}" for v in
+                                                               a["types"].values()]])
+                 + f"<p>Most important type: {escape(a['most_important_type'])}; MLP / attention"
+                 f" KL ratio: {ratio}.</p>")
+    if a.get("greedy"):
+        n = len(a["greedy"])
+        h.append("<h3>Greedy MLP ablation (F5): least important first, cumulative</h3>"
+                 + line_chart([(0, 0.0)] + [(r["n_ablated"], r["kl"]) for r in a["greedy"]],
+                              "MLP adapters switched off", "KL(full || ablated)",
+                              ref=0.1 * a["greedy"][-1]["kl"])
+                 + f"<p>Scored by {escape(str(a['greedy_metric']))}. {a['greedy_carriers_90']} "
+                 f"of {n} MLP adapters carry 90% of the KL of switching all {n} off (the dashed "
+                 "line: 10% of it).</p>")
+    return "".join(h)
+
+
+def section_geometry(g):
+    h = ["<h2>Adapter geometry</h2>", f"<p class=in>Scale s = {g['scale']:.4g}.</p>"]
+    for key, what in (("a", "‖a‖ (reading direction)"), ("b", "‖b‖ (writing direction)"),
+                      ("s_ab", "s·‖a‖·‖b‖ (the update's size per unit u)")):
+        cells, types, layers = site_cells({k: v[key] for k, v in g["norms"].items()})
+        h.append(f"<h3>{what}</h3>" + heatmap(cells, types, layers,
+                                             lambda t, l, v: f"layer {l} {t}: {v:.4g}"))
+    i = g["interference"]
+    if i:
+        cells = {(int(k.split(",")[0]), int(k.split(",")[1])): v for k, v in
+                 i["by_layers"].items()}
+        layers = sorted({c[0] for c in cells} | {c[1] for c in cells})
+        h.append("<h3>Weight interference (F7): |cos(a of gate/up at layer i, b of down at layer "
+                 "j &lt; i)|</h3>" + heatmap(cells, layers, layers,
+                                             lambda r, c, v: f"i {r}, j {c}: {v:.3g}")
+                 + f"<p>Mean |cos| {i['mean_abs_cos']:.4f} (max {i['max_abs_cos']:.3f}) over "
+                 f"{i['pairs']} pairs; random vectors of the same width: "
+                 f"{i['random_mean_abs_cos']:.4f} (max {i['random_max_abs_cos']:.3f}).</p>")
+    return "".join(h)
+
+
+def section_lora_vs_mlp(c):
+    p = PAPER["rubric"]
+    paper_share = lambda pop, k: f"{100 * p[pop]['counts'][k] / p[pop]['n']:.1f}%"
+    rows = []
+    for pop in ("lora", "mlp"):
+        s = c[pop]
+        if s["n"]:
+            rows.append([pop, s["n"]] + [pct(s["shares"][k]) for k in CLASSES]
+                        + [f"{s['mean']:.2f}", s["median"]])
+        rows.append([f"{pop} (paper)", p[pop]["n"]] + [paper_share(pop, k) for k in CLASSES]
+                    + [p[pop]["mean"], p[pop]["median"]])
+    h = ["<h2>LoRA features vs MLP neurons (F2)</h2>",
+         f"<p class=in>Populations: {escape(c['populations'])}; 0/1/2 rubric, shares with 95% "
+         "bootstrap intervals (10,000 resamples).</p>",
+         table(["population", "n", "0 monosemantic", "1 broad", "2 polysemantic", "mean",
+                "median"], rows)]
+    if "chi2" in c:
+        h.append(f"<p>χ² = {c['chi2']:.2f} (dof {c['dof']}), p = {c['p']:.2g}; paper's counts: "
+                 f"χ² ≈ {p['chi2']}, p ≈ {p['p']:.0e}.</p>")
+    det = c["detection"]
+    if det["lora"] and det["mlp"]:
+        h.append(f"<p>Detection balanced accuracy (ours, no paper value): LoRA "
+                 f"{det['lora']['mean']:.3f} (n {det['lora']['n']}), MLP {det['mlp']['mean']:.3f}"
+                 f" (n {det['mlp']['n']}).</p>")
+    for pop, g in c["by_group"].items():
+        h.append(f"<h3>{escape(pop)} by group</h3>" + table(
+            ["group", "n", "0", "1", "2"],
+            [[k, s["n"]] + [pct(s["shares"][j]) for j in CLASSES] for k, s in g.items()]))
+    return "".join(h)
+
+
+def section_categories(cat):
+    h = ["<h2>SAE features by category (F4), share of activation mass</h2>",
+         f"<p class=in>{cat['categorised']} latents categorised ({cat['errors']} failed), mass "
+         "summed over the corpus.</p>", f"<p class=paper>Paper: {escape(PAPER['sae'])}.</p>"]
+    if cat["shares"]:
+        h.append(donut_chart(cat["shares"], cat["sub_shares"]))
+    return "".join(h)
+
+
+def section_steering(runs):
+    h = ["<h2>Steering (F6), measured</h2>", "<p class=paper>Paper: qualitative only (text per "
+         "layer or feature, no metric).</p>"]
+    for r in runs:
+        what = (f"residual stream after layer attention, along a of {r['residual']}"
+                if r.get("residual") else f"adapter scalar {r['site']}" if r.get("site")
+                else f"SAE feature {r['feature']}")
+        words = sorted({w for x in r["results"] for w in x["word_counts"]})
+        h.append(f"<h3>{escape(what)}</h3>" + table(
+            ["strength", "seed", "n", "thinking tokens", *words, "accuracy"],
+            [[x["strength"], x["seed"], x["n"], f"{x['mean_thinking_tokens']:.1f}",
+              *[f"{x['word_counts'][w]:.2f}" for w in words],
+              "n/a" if x["accuracy"] is None else f"{x['accuracy']:.3f}"]
+             for x in r["results"]]))
+    return "".join(h)
+
+
+def missing(what):
+    return (f"<p class=missing>Not computed: no --{what.replace('_', '-')}. It comes from: "
+            f"<code>{escape(COMMANDS[what])}</code></p>")
+
+
+def report_html(rep):
+    parts = ["<!doctype html><meta charset=utf-8><title>rank1 report</title><style>"
+             "body{font:14px sans-serif;margin:24px;max-width:1100px}svg{background:#fafafa}"
+             "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;"
+             "padding:2px 6px}.in{color:#555}.paper{color:#7a4b00}.missing{color:#a00}</style>",
+             "<h1>rank1: the paper's analyses from this run</h1>",
+             table(["input", "made from"], provenance_lines(rep["made_from"]))]
+    names = (("recovery", section_recovery, "recovery"),
+             ("ablation", section_ablation, "ablations"),
+             ("geometry", section_geometry, "adapter"),
+             ("lora_vs_mlp", section_lora_vs_mlp, "autointerp"),
+             ("categories", section_categories, "autointerp"),
+             ("steering", section_steering, "steer"))
+    for key, draw, flag in names:
+        if rep.get(key) is not None:
+            parts.append(draw(rep[key]))
+        else:
+            parts.append(f"<h2>{escape(key)}</h2>" + missing(rep["missing"].get(key, flag)))
+    return "\n".join(parts)
+
+
+def check_same_adapter(args, rep):
+    """Every input must describe one adapter: the ablations', the features' store's, --adapter's;
+    categories.jsonl must come from --features (its autointerp.json says which file)."""
+    feats = read_json(args.features) if args.features else {}
+    store = ((feats.get("made_from") or {}).get("store") or {}).get("made_from") or {}
+    found = [(w, a) for w, a in (("--ablations", (rep.get("ablation") or {}).get("adapter")),
+                                 ("--features", store.get("adapter")),
+                                 ("--adapter", rep["made_from"].get("adapter"))) if a]
+    for (w1, a1), (w2, a2) in zip(found, found[1:]):
+        diff = differences(a1, a2)
+        if diff:
+            raise ValueError(f"{w1} and {w2} describe different adapters ({diff[0]})")
+    meta = os.path.join(os.path.dirname(os.path.abspath(args.categories or "")), "autointerp.json")
+    if args.categories and args.features and os.path.isfile(meta):
+        diff = differences(read_json(meta).get("features") or {}, file_identity(args.features))
+        if diff:
+            raise ValueError(f"{args.categories}: made from other features than --features "
+                             f"{args.features} ({diff[0]})")
+
+
+def build(args):
+    check_out(args.out, {"--recovery": args.recovery, "--ablations": args.ablations,
+                         "--adapter": args.adapter,
+                         "--features": args.features, "--autointerp": args.autointerp,
+                         "--mlp-autointerp": args.mlp_autointerp,
+                         "--categories": args.categories,
+                         **{f"--steer {f}": f for f in args.steer or []}})
+    outs = [os.path.join(args.out, f) for f in ("report.html", "report.json")]
+    fresh_outputs(outs, args.overwrite)
+    made_from = {k: dict(path=os.path.abspath(v)) for k, v in vars(args).items()
+                 if k not in ("out", "overwrite", "populations", "steer") and v}
+    made_from["populations"] = args.populations
+    rep = dict(made_from=made_from, paper=PAPER, missing={})
+    if args.recovery:
+        rep["recovery"] = read_json(args.recovery)
+    if args.ablations:
+        rep["ablation"] = ablation_summary(read_json(args.ablations))
+    if args.adapter:
+        made_from["adapter"] = adapter_identity(args.adapter)
+        rep["geometry"] = geometry(args.adapter)
+    check_same_adapter(args, rep)
+    if args.autointerp and args.mlp_autointerp:
+        rep["lora_vs_mlp"] = lora_vs_mlp(read_jsonl(args.autointerp),
+                                         read_jsonl(args.mlp_autointerp), args.populations)
+    else:
+        rep["missing"]["lora_vs_mlp"] = "autointerp" if not args.autointerp else "mlp_autointerp"
+    if args.categories and args.features:
+        feats = read_json(args.features)["features"]
+        mass = {f["id"]: f["mass"] for f in feats if "mass" in f}
+        if not mass:
+            raise ValueError(f"{args.features}: no activation masses (written by an older "
+                             "version); rerun interpret.py mine")
+        rows = read_jsonl(args.categories)
+        unknown = [r["id"] for r in rows if r.get("category") and r["id"] not in mass]
+        if unknown:
+            raise ValueError(f"{args.categories}: feature {unknown[0]} has no mass in "
+                             f"{args.features} (categories of other features?)")
+        shares, subs = category_shares(mass, rows)
+        rep["categories"] = dict(shares=shares, sub_shares=subs,
+                                 categorised=sum(1 for r in rows if r.get("category")),
+                                 errors=sum(1 for r in rows if not r.get("category")))
+    else:
+        rep["missing"]["categories"] = "features" if not args.features else "autointerp"
+    if args.steer:
+        rep["steering"] = [dict(read_json(f), path=os.path.abspath(f)) for f in args.steer]
+    os.makedirs(args.out, exist_ok=True)
+    write_json(outs[1], rep)
+    write_atomic(outs[0], report_html(rep))
+    done = [k for k in ("recovery", "ablation", "geometry", "lora_vs_mlp", "categories", "steering")
+            if rep.get(k)]
+    print(f"report: {', '.join(done) or 'no section'} -> {outs[0]}")
+    return rep
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    p.add_argument("--recovery", help="the JSON of `eval.py compare --out`")
+    p.add_argument("--ablations", help="ablations.json from `eval.py ablate`")
+    p.add_argument("--adapter", help="the adapter directory (geometry)")
+    p.add_argument("--features", help="features.json from `interpret.py mine --sae` (masses)")
+    p.add_argument("--autointerp", help="autointerp.jsonl of the LoRA features, with --rubric")
+    p.add_argument("--mlp-autointerp", help="autointerp.jsonl of the MLP neurons, with --rubric")
+    p.add_argument("--categories", help="categories.jsonl from `interpret.py autointerp "
+                   "--categorise`")
+    p.add_argument("--steer", action="append", help="a JSON file of `interpret.py steer` "
+                   "(repeatable)")
+    p.add_argument("--populations", default="paper", choices=["paper", "all"])
+    p.add_argument("--out", required=True, help="directory for report.html and report.json")
+    p.add_argument("--overwrite", action="store_true", help="replace report.* in --out")
+    args = p.parse_args(argv)
+    with user_errors("report.py"):
+        return build(args)
+
+
+if __name__ == "__main__":
+    main()
