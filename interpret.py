@@ -1,7 +1,8 @@
 """
 The paper's interpretation tools over a collected activation store (collect.py): what each adapter
 scalar and each SAE feature fires on (mine), LLM explanations and scores (autointerp), LoRA
-features against MLP neurons (compare), and steering with a measured effect (steer).
+features against MLP neurons (compare), and steering with a measured effect (steer, in
+steering.py).
 
     python interpret.py mine --acts acts/ --tokenizer M --out interp/ [--sae sae/]
     python interpret.py autointerp --features interp/features.json --out interp/ --llm-url URL \\
@@ -27,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -35,13 +35,13 @@ from tqdm import tqdm
 
 from autointerp import autointerp, categorise, compare_populations
 from collect import ActivationStore
-from common import (add_config_flags, check_out, config_from_flags, differences, file_identity,
-                    fresh_outputs, read_json, same_origin, user_errors, write_atomic, write_json)
-from data import Tokenizer, render_chat
-from eval import GenConfig, add_model_flags, generate, grade, load_benchmark
+from common import (add_config_flags, check_out, differences, file_identity, fresh_outputs,
+                    read_json, same_origin, user_errors, write_atomic, write_json)
+from data import Tokenizer
+from eval import GenConfig, add_model_flags
 from llm import LLM
-from lora import adapters, load_model, sites, steer
 from batchtopk import SAE
+from steering import cmd_steer
 
 # -----------------------------------------------------------------------------
 # features
@@ -257,117 +257,6 @@ def cmd_mine(args):
                                       dedup=args.dedup, per_doc=args.per_doc, context=args.context,
                                       tokens=n_tok, features=feats)))
     print(f"mine: {len(feats)} features over {n_tok:,} tokens -> {out}")
-
-
-# -----------------------------------------------------------------------------
-# steering
-
-
-def sae_offsets(sae, feature, strength, sites):
-    """strength * the feature's decoder direction, as offsets of the raw adapter scalars."""
-    delta = strength * sae.W_dec[feature].detach() * sae.scale  # normalised -> raw space
-    return {tuple(s): float(delta[i]) for i, s in enumerate(sites)}
-
-
-@contextmanager
-def steer_residual(model, layer, vec):
-    """Add vec to the attention output of `layer` (the residual stream after attention) at every
-    position of every forward in the context, as PAPER.md F6's LoRA-A steering; removed on exit."""
-    h = model.model.layers[layer].self_attn.register_forward_hook(
-        lambda mod, inp, out: out + vec.to(out.dtype))
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-@torch.no_grad()
-def attention_norm(model, tok, questions, layer):
-    """The mean norm of `layer`'s attention output over the tokens of the questions' prompts: the
-    unit of --residual's strengths (the paper scales by this norm too)."""
-    norms = []
-    h = model.model.layers[layer].self_attn.register_forward_hook(
-        lambda mod, inp, out: norms.append(out[0].float().norm(dim=-1)))
-    try:
-        for q in questions:
-            ids = tok.encode(render_chat([{"role": "user", "content": q}],
-                                         add_generation_prompt=True))
-            model(torch.tensor([ids], device=model.lm_head.weight.device))
-    finally:
-        h.remove()
-    return torch.cat(norms).mean().item()
-
-
-def cmd_steer(args):
-    """Generate under steering for each strength and seed and measure: thinking length, counts of
-    chosen words, accuracy (with --bench)."""
-    check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--sae": args.sae})
-    fresh_outputs([args.out], args.overwrite)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, identity = load_model(args.model, args.adapter, args.dtype, device=device)
-    tok = Tokenizer(args.tokenizer or args.model)
-    gen = config_from_flags(GenConfig, args, STEER_GEN)
-    if args.bench:
-        name, _, path = args.bench.partition("=")
-        items = [dict(it, bench=name) for it in load_benchmark(name, path, args.zip_password)]
-        items = items[:args.limit or None]
-    else:
-        items = [dict(id=str(i), question=q, gold=None, bench=None)
-                 for i, q in enumerate(args.prompt or [])]
-    if not items:
-        raise SystemExit("steer: give --bench NAME=PATH or --prompt TEXT")
-    layout = sites(model)
-    site = lambda s: (int(s.split(".")[0].lstrip("L")), s.split(".")[1])
-    if args.sae:
-        sae = SAE.load(args.sae)
-        steering = lambda c: steer(model, sae_offsets(sae, args.feature, c, layout))
-    elif args.site:
-        steering = lambda c: steer(model, {site(args.site): c})
-    elif args.residual:
-        l, t = site(args.residual)
-        if t not in ("gate_proj", "up_proj") or (l, t) not in layout:
-            raise SystemExit(f"steer: --residual {args.residual}: expected the gate_proj or "
-                             "up_proj adapter of a layer the adapter covers")
-        a = next(m for m in adapters(model) if (m.layer, m.target) == (l, t)).lora_A[0].detach()
-        norm = attention_norm(model, tok, [it["question"] for it in items], l)
-        unit = (a / a.norm()).to(device)
-        steering = lambda c: steer_residual(model, l, c * norm * unit)
-    else:
-        raise SystemExit("steer: give --sae DIR --feature F, --site L12.gate_proj or "
-                         "--residual L12.up_proj")
-    words = [w for w in args.words.split(",") if w]
-    results = []
-    for c in [float(x) for x in args.strengths.split(",")]:
-        for seed in [int(x) for x in args.seeds.split(",")]:
-            g = torch.Generator(device=device).manual_seed(seed)
-            outs = []
-            with steering(c) if c != 0 else nullcontext():
-                for i in range(0, len(items), args.batch_size):
-                    batch = items[i:i + args.batch_size]
-                    outs += generate(model, tok, [it["question"] for it in batch], gen, g)
-            correct = [grade(it["bench"], o["generation"], it["gold"])
-                       for it, o in zip(items, outs) if it["bench"]]
-            results.append(dict(
-                strength=c, seed=seed, n=len(outs),
-                mean_thinking_tokens=sum(o["thinking_tokens"] for o in outs) / len(outs),
-                thinking_truncated=sum(o["thinking_truncated"] for o in outs),
-                word_counts={w: sum(o["generation"].count(w) for o in outs) / len(outs)
-                             for w in words},
-                accuracy=sum(correct) / len(correct) if correct else None,
-                examples=[o["generation"][:2000] for o in outs[:2]]))
-            r = results[-1]
-            print(f"strength {c:g} seed {seed} | thinking {r['mean_thinking_tokens']:.1f} tokens | "
-                  + " ".join(f"{w} {v:.2f}" for w, v in r["word_counts"].items())
-                  + (f" | accuracy {r['accuracy']:.3f}" if r["accuracy"] is not None else ""))
-    out = dict(identity=identity, sae=args.sae, feature=args.feature, site=args.site,
-               residual=args.residual, attention_norm=norm if args.residual else None,
-               results=results)
-    write_atomic(args.out, json.dumps(out, indent=1))
-    return out
-
-
-# steer's generation defaults: short budgets, sampling (eval.py's are the s1 protocol's)
-STEER_GEN = dict(max_context=4096, max_answer_tokens=256, temperature=0.7)
 
 
 # -----------------------------------------------------------------------------

@@ -10,11 +10,12 @@ from autointerp import autointerp, balanced_accuracy, compare_populations, expla
 from collect import ActivationStore
 from collect import main as collect_main
 from conftest import FakeLLM, fake_store, hf_tiny, save_hf, tiny_tokenizer
-from interpret import feature_names, feature_values, main, mine, quantiles, sae_offsets
+from interpret import feature_names, feature_values, main, mine, quantiles
 from llm import LLM
 from lora import adapters, apply_lora, capture, load_adapter, save_adapter, sites, steer
 from model import Qwen2
 from batchtopk import SAE
+from steering import attention_norm, sae_offsets, steer_residual
 
 
 def brute_force(store, sae, k, dedup, per_doc):
@@ -296,7 +297,6 @@ def test_residual_steering_is_a_bias_on_the_attention_output(tmp_path):
     """steer_residual(layer, v) gives what a bias v on that layer's o_proj gives (the attention
     output is o_proj's output), and nothing after the context; the CLI's --residual mode steers
     along the adapter's a in units of the measured attention-output norm."""
-    from interpret import attention_norm, steer_residual
     save_hf(hf_tiny(vocab_size=300), tmp_path / "m")
     tiny_tokenizer(tmp_path / "m")
     m = Qwen2.from_pretrained(str(tmp_path / "m"))

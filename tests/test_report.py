@@ -36,11 +36,11 @@ def test_chi2_against_hand_computed_tables():
 
 
 def test_bootstrap_shares_follow_the_binomial():
-    """With 10 of 20 labels in class 0, a resampled share is Binomial(20, 1/2) / 20: its 2.5% and
-    97.5% points are 6/20 (P(X <= 5) = 0.021, P(X <= 6) = 0.058) and 14/20 (P(X <= 13) = 0.942,
-    P(X <= 14) = 0.979)."""
-    s = bootstrap_shares([0] * 10 + [1] * 6 + [2] * 4)
-    assert s[0] == dict(share=0.5, ci95=[0.3, 0.7])
+    """With 20 of 40 labels in class 0, a resampled share is Binomial(40, 1/2) / 40: its 2.5% and
+    97.5% points are 14/40 (P(X <= 13) = 0.019, P(X <= 14) = 0.040) and 26/40 (P(X <= 25) =
+    0.960, P(X <= 26) = 0.981); a 90% interval would be [15/40, 25/40]."""
+    s = bootstrap_shares([0] * 20 + [1] * 12 + [2] * 8)
+    assert s[0] == dict(share=0.5, ci95=[0.35, 0.65])
     assert s[2]["share"] == 0.2 and s[2]["ci95"][0] < 0.2 < s[2]["ci95"][1]
     assert bootstrap_shares([1] * 5)[1] == dict(share=1.0, ci95=[1.0, 1.0])
 
