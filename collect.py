@@ -210,6 +210,9 @@ def collect(args):
     torch.distributed.barrier()
     model, _ = load_model(args.model, args.adapter, args.dtype, device=dev)
     layout = [list(s) for s in sites(model)]
+    if not 0 <= args.mlp_neurons <= model.cfg.intermediate_size:
+        raise ValueError(f"--mlp-neurons {args.mlp_neurons}: expected 0 to the MLP width "
+                         f"{model.cfg.intermediate_size}")
     gen = torch.Generator().manual_seed(args.seed)
     pick = lambda: (range(args.mlp_neurons) if args.mlp_baseline == "up_proj" else
                     sorted(torch.randperm(model.cfg.intermediate_size,

@@ -53,7 +53,7 @@ def heatmap(cells, rows, cols, title=lambda r, c, v: f"{r} {c}: {v:.4g}"):
     vmax = max(cells.values(), default=1) or 1
     cw, ch = max(6, 800 // max(1, len(cols))), 18
     svg = [f'<svg width="{80 + cw * len(cols)}" height="{24 + ch * len(rows)}" font-size="12">']
-    every = max(1, math.ceil(len(cols) * 30 / (cw * len(cols) or 1)))  # labels 30 px apart
+    every = math.ceil(30 / cw)  # column labels at least 30 px apart
     for i, c in enumerate(cols[::every]):
         svg.append(f'<text x="{80 + cw * i * every}" y="{ch * len(rows) + 14}">'
                    f'{escape(str(c))}</text>')

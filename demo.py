@@ -526,8 +526,7 @@ def main(argv=None):
     k_eval = stage(out, "eval", dict(models=[k_base, k_full, k_r1], p=p, args=EVAL_ARGS),
                    lambda d: make_eval(d, p, data, models))
     stage(out, "interpret", dict(eval=k_eval, p=p, code=inspect_hash(make_interpret)),
-          lambda d: make_interpret(
-        d, p, data, base, adapter, os.path.join(out, "eval")))
+          lambda d: make_interpret(d, p, data, base, adapter, os.path.join(out, "eval")))
     summary = summarize(out, p)
     print(f"demo: finished in {(time.time() - t0) / 60:.1f} min; summary in "
           f"{os.path.join(out, 'summary.txt')}")

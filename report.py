@@ -121,22 +121,23 @@ def parse_name(name):
 
 
 def populations(lora_rows, mlp_rows, which="paper"):
-    """The two rated populations: (LoRA rows, MLP rows), each row with a rubric class."""
+    """The two rated populations: (LoRA rows, MLP rows), each row with a rubric class. paper: the
+    MLP-adapter features, and each neuron in its dominant polarity (the larger top activation,
+    chosen before rating as the paper did: a failed rating drops the neuron); all: every rated
+    row of both files (SAE latents and all 7 adapter types, both polarities of the neurons)."""
     rated = lambda rows: [r for r in rows if r.get("rubric") in CLASSES]
-    lora = [r for r in rated(lora_rows) if parse_name(r["name"])]
-    mlp = [r for r in rated(mlp_rows) if parse_name(r["name"])]
     if which == "all":
-        return lora, mlp
-    lora = [r for r in lora if parse_name(r["name"])[1] in MLP]
-    best = {}  # the dominant polarity of each neuron: the larger top activation
-    for r in mlp:
+        return rated(lora_rows), rated(mlp_rows)
+    lora = [r for r in lora_rows if parse_name(r["name"]) and parse_name(r["name"])[1] in MLP]
+    best = {}
+    for r in (r for r in mlp_rows if parse_name(r["name"])):
         if "top_value" not in r:
             raise ValueError(f"feature {r['name']}: no top_value (autointerp.jsonl from an older "
                              "version); rerun interpret.py autointerp, or --populations all")
         key = parse_name(r["name"])[:2]
         if key not in best or r["top_value"] > best[key]["top_value"]:
             best[key] = r
-    return lora, list(best.values())
+    return rated(lora), rated(best.values())
 
 
 def lora_vs_mlp(lora_rows, mlp_rows, which="paper"):
@@ -150,6 +151,9 @@ def lora_vs_mlp(lora_rows, mlp_rows, which="paper"):
     groups = {}
     for pop, rows in (("lora", lora), ("mlp", mlp)):
         for r in rows:
+            if parse_name(r["name"]) is None:  # an SAE latent (--populations all)
+                groups.setdefault(pop, {}).setdefault("SAE latents", []).append(r)
+                continue
             layer, kind, pol = parse_name(r["name"])
             keys = [f"layers {8 * (layer // 8)}-{8 * (layer // 8) + 7}", f"polarity {pol}"]
             keys += [f"type {kind}", f"type {kind} {pol}"] if pop == "lora" else []
@@ -202,7 +206,8 @@ def ablation_summary(ab):
     if out["layers"]:
         peak = max(out["layers"], key=lambda r: r["mean"])
         out["peak_layer"] = peak["label"]
-        out["peak_depth"] = int(peak["label"][1:]) / max(1, len(out["layers"]) - 1)
+        last = max(int(r["label"][1:]) for r in out["layers"])
+        out["peak_depth"] = int(peak["label"][1:]) / max(1, last)
     out["types"] = {r["label"]: r[key] for r in res.get("type", [])}
     both = {r["label"]: r[key] for r in res.get("mlp_vs_attn", [])}
     if both.get("attn"):
@@ -252,7 +257,7 @@ def interference(vec, seed=0):
                     by.setdefault((i, j), []).append(c)
     if not cos:
         return None
-    d = len(next(iter(vec.values()))[1])
+    d = len(b)  # the residual stream's width
     r = np.random.default_rng(seed).standard_normal((2, len(cos), d))
     rc = np.abs((r[0] * r[1]).sum(1) / np.linalg.norm(r[0], axis=1) / np.linalg.norm(r[1], axis=1))
     return dict(pairs=len(cos), mean_abs_cos=float(np.mean(cos)), max_abs_cos=float(max(cos)),

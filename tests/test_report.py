@@ -12,8 +12,8 @@ from autointerp import CATEGORIES, parse_category, parse_rubric
 from conftest import CHROMIUM, TINY, chromium_dom
 from lora import adapters, apply_lora, save_adapter
 from model import Qwen2, Qwen2Config
-from report import (bootstrap_shares, category_shares, chi2_sf, chi2_test, interference, main,
-                    populations)
+from report import (bootstrap_shares, category_shares, chi2_sf, chi2_test, interference,
+                    lora_vs_mlp, main, populations)
 
 EVIL = "<script>document.title='pwned'</script>&\"x\""
 
@@ -79,12 +79,19 @@ def test_categoriser_and_rubric_replies_are_validated():
 def test_paper_populations_and_dominant_polarity():
     rows = lambda names, r=0: [dict(name=n, rubric=r, top_value=v) for n, v in names]
     lora = rows([("L0.gate_proj+", 1), ("L0.q_proj+", 1), ("L3.down_proj-", 1), ("sae4", 1)])
-    mlp = rows([("N0.1+", 2.0), ("N0.1-", 3.0), ("N1.0+", 5.0), ("N1.0-", 1.0)])
+    mlp = rows([("N0.1+", 2.0), ("N0.1-", 3.0), ("N1.0+", 5.0), ("N1.0-", 1.0), ("N2.3+", 4.0),
+                ("N2.3-", 1.0)])
+    mlp[4]["rubric"] = None  # the dominant polarity's rating failed: the neuron is left out
     a, b = populations(lora, mlp)
     assert [r["name"] for r in a] == ["L0.gate_proj+", "L3.down_proj-"]
     assert sorted(r["name"] for r in b) == ["N0.1-", "N1.0+"]
     a, b = populations(lora, mlp, "all")
-    assert len(a) == 3 and len(b) == 4  # the SAE latent is not an adapter feature
+    assert len(a) == 4 and len(b) == 5
+    g = lora_vs_mlp(lora, mlp)["by_group"]
+    assert set(g["lora"]) == {"layers 0-7", "polarity +", "polarity -", "type gate_proj",
+                              "type gate_proj +", "type down_proj", "type down_proj -"}
+    assert g["mlp"]["layers 0-7"]["n"] == 2 and g["mlp"]["polarity -"]["counts"] == [1, 0, 0]
+    assert lora_vs_mlp(lora, mlp, "all")["by_group"]["lora"]["SAE latents"]["n"] == 1
 
 
 def test_interference_cosines_by_hand():
@@ -96,7 +103,14 @@ def test_interference_cosines_by_hand():
     # pairs (1 gate, 0 down) 0.6, (1 up, 0 down) 0.8, (2 gate, 0 down) 0, (2 gate, 1 down) 1
     assert i["pairs"] == 4 and i["mean_abs_cos"] == pytest.approx(0.6)
     assert i["by_layers"] == {"1,0": pytest.approx(0.7), "2,0": 0.0, "2,1": 1.0}
-    assert 0 < i["random_mean_abs_cos"] < 1
+    # the baseline: random vectors of the residual stream's width (here 4, E|cos| = 0.424; the
+    # 50-wide b of gate_proj must not set it), over 30 layers' 870 pairs
+    rng = np.random.default_rng(0)
+    vec = {(l, t): (rng.standard_normal(4), rng.standard_normal(50 if t == "gate_proj" else 4))
+           for l in range(30) for t in ("gate_proj", "up_proj", "down_proj")}
+    i = interference(vec)
+    assert i["pairs"] == 870 and i["random_mean_abs_cos"] == pytest.approx(0.424, abs=0.04)
+    assert i["mean_abs_cos"] == pytest.approx(0.424, abs=0.04)  # random adapters: the same
 
 
 def report_inputs(tmp_path):
