@@ -203,11 +203,11 @@ def ablation_summary(ab):
                tokens=ab["tokens"], greedy_metric=(ab.get("made_from") or {}).get("greedy_metric"))
     out["layers"] = [dict(label=r["label"], mean=r[key], std=r["kl_full_abl_assistant_std"])
                      for r in res.get("layer", [])]
-    if out["layers"]:
-        peak = max(out["layers"], key=lambda r: r["mean"])
-        out["peak_layer"] = peak["label"]
-        last = max(int(r["label"][1:]) for r in out["layers"])
-        out["peak_depth"] = int(peak["label"][1:]) / max(1, last)
+    layers = sorted({l for l, _ in ab.get("sites", [])})  # the layer rows' order (eval.py)
+    if out["layers"] and len(layers) == len(out["layers"]):
+        i = max(range(len(layers)), key=lambda i: out["layers"][i]["mean"])
+        out["peak_layer"] = out["layers"][i]["label"]
+        out["peak_depth"] = layers[i] / max(1, layers[-1])
     out["types"] = {r["label"]: r[key] for r in res.get("type", [])}
     both = {r["label"]: r[key] for r in res.get("mlp_vs_attn", [])}
     if both.get("attn"):
@@ -334,9 +334,10 @@ def section_ablation(a):
          "over assistant tokens.</p>", f"<p class=paper>Paper: {escape(PAPER['ablation'])}.</p>"]
     if a["layers"]:
         h.append("<h3>Leave one layer out (mean and std over sequences)</h3>"
-                 + bar_chart([(r["label"], r["mean"], r["std"]) for r in a["layers"]])
-                 + f"<p>Peak: {escape(a['peak_layer'])}, at depth {a['peak_depth']:.2f} of the "
-                 "stack (paper: 0.68-0.75 and 0.98).</p>")
+                 + bar_chart([(r["label"], r["mean"], r["std"]) for r in a["layers"]]))
+    if "peak_layer" in a:
+        h.append(f"<p>Peak: {escape(a['peak_layer'])}, at depth {a['peak_depth']:.2f} of the "
+                 "adapted layers (paper: 0.68-0.75 and 0.98).</p>")
     if a["single"]:
         cells, types, layers = site_cells(a["single"])
         h.append(f"<h3>Single adapters, one colour scale 0 … {max(cells.values()):.3g}</h3>"

@@ -177,6 +177,7 @@ def test_report_json_holds_every_section_and_checks_the_adapter(tmp_path):
     saved = json.load(open(tmp_path / "r" / "report.json"))
     assert saved["ablation"]["greedy_carriers_90"] == 6  # 0.01 n^2 <= 0.064 up to n = 2 (3 off)
     assert saved["ablation"]["mlp_over_attn"] == pytest.approx(10)
+    assert (saved["ablation"]["peak_layer"], saved["ablation"]["peak_depth"]) == ("L2", 1.0)
     assert saved["categories"]["shares"][EVIL] == pytest.approx(1 / 3)
     assert saved["lora_vs_mlp"]["lora"]["counts"] == [2, 3, 1]
     assert saved["lora_vs_mlp"]["chi2"] == pytest.approx(rep["lora_vs_mlp"]["chi2"])
