@@ -493,8 +493,9 @@ def build(args):
                          **{f"--steer {f}": f for f in args.steer or []}})
     outs = [os.path.join(args.out, f) for f in ("report.html", "report.json")]
     fresh_outputs(outs, args.overwrite)
-    made_from = {k: dict(path=os.path.abspath(v)) for k, v in vars(args).items()
-                 if k not in ("out", "overwrite", "populations", "steer") and v}
+    files = ("recovery", "ablations", "features", "autointerp", "mlp_autointerp", "categories")
+    made_from = {k: file_identity(getattr(args, k)) for k in files if getattr(args, k)}
+    made_from.update({f"steer {i + 1}": file_identity(f) for i, f in enumerate(args.steer or [])})
     made_from["populations"] = args.populations
     rep = dict(made_from=made_from, paper=PAPER, missing={})
     if args.recovery:
