@@ -1,5 +1,6 @@
 """eval.py end to end on a tiny random model: files, 1 vs 2 processes, determinism, recovery table,
 ablations, and bad input."""
+import itertools
 import json
 import os
 import sys
@@ -7,7 +8,12 @@ import sys
 import pytest
 import torch
 
-from conftest import SHARED_DATA, hf_tiny, run_script, save_hf, tiny_tokenizer
+from conftest import SHARED_DATA, TINY, hf_tiny, run_script, save_hf, tiny_tokenizer
+from data import FINAL_ANSWER, Tokenizer, render_chat, s1_prompt
+from eval import (GenConfig, generate, grade_sample, greedy_ablation, kl_stats, load_benchmark,
+                  main, recovery_table, s1_generate)
+from lora import ablate, adapters, apply_lora, load_model, save_adapter
+from model import Qwen2, Qwen2Config
 
 PY = sys.executable
 MATH = [dict(problem=f"What is {a} + {b}?", answer=str(a + b), id=f"p{a}") for a,
@@ -26,8 +32,6 @@ def env(tmp_path_factory):
         lines = [json.dumps(r) for r in MATH]
     (d / "math.jsonl").write_text("\n".join(lines) + "\n")
     # a non-zero adapter for the ablation tests
-    from lora import adapters, apply_lora, save_adapter
-    from model import Qwen2
     m = apply_lora(Qwen2.from_pretrained(str(d / "model")), verbose=False)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -87,8 +91,6 @@ class Scripted:
 def test_s1_protocol_budget_and_answer_phase(env):
     """Thinking that hits its budget gets 'Final Answer:', a natural stop does not, and --wait
     replaces the first natural stop by 'Wait'."""
-    from data import Tokenizer
-    from eval import GenConfig, s1_generate
     tok = Tokenizer(str(env / "model"))
     args = GenConfig(thinking_budget=5, max_context=10**6, max_answer_tokens=4)
     a, b = tok.encode("ab"), tok.encode("7")
@@ -111,8 +113,6 @@ def test_s1_protocol_budget_and_answer_phase(env):
 def test_s1_budgets_follow_s1_formulas(env):
     """Auto thinking = max_context - |P| - |FINAL_ANSWER| - 100; the answer gets all the context
     that the prompt, the thinking and the answer head left (s1's second call), or the cap."""
-    from data import FINAL_ANSWER, Tokenizer, s1_prompt
-    from eval import GenConfig, s1_generate
     tok = Tokenizer(str(env / "model"))
     P, F = len(tok.encode(s1_prompt("q"))), len(tok.encode(FINAL_ANSWER))
     a = tok.encode("ab")
@@ -135,8 +135,6 @@ def test_s1_budgets_follow_s1_formulas(env):
 def test_plain_protocol_is_one_chat_answer(env):
     """--protocol plain: the chat template, no think marker, one generation to the context limit
     that stops at <|im_end|>; the answer is graded from the whole output."""
-    from data import Tokenizer, render_chat
-    from eval import GenConfig, generate, grade_sample
     tok = Tokenizer(str(env / "model"))
     cfg = GenConfig(protocol="plain", max_context=200)
     prompt = tok.encode(render_chat([{"role": "user", "content": "q"}],
@@ -152,7 +150,6 @@ def test_plain_protocol_is_one_chat_answer(env):
 
 
 def test_recovery_table_hand_computed():
-    from eval import recovery_table
 
     def res(acc, per):
         return {"results": {"math500": {"accuracy": acc, "per_problem": per}}}
@@ -168,7 +165,6 @@ def test_recovery_table_hand_computed():
 
 
 def test_compare_reports_protocols_and_warns_on_s1_base(tmp_path, capsys):
-    from eval import main
 
     def run(name, protocol, per):
         d = tmp_path / name
@@ -190,7 +186,6 @@ def test_compare_reports_protocols_and_warns_on_s1_base(tmp_path, capsys):
 
 
 def test_ablation_kl(env, tmp_path):
-    from eval import main
     gen = "<|im_start|>think\nfour\n<|im_start|>answer\n4"
     (tmp_path / "s.jsonl").write_text(json.dumps({"benchmark": "math500", "id": "x",
                                                   "question": "What is 2+2?", "generation": gen})
@@ -223,7 +218,6 @@ def test_ablation_kl(env, tmp_path):
 
 
 def test_error_unknown_benchmark(env, tmp_path):
-    from eval import load_benchmark, main
     with pytest.raises(ValueError, match="unknown benchmark 'mmlu'"):
         load_benchmark("mmlu", str(env / "math.jsonl"))
     with pytest.raises(SystemExit, match="unknown benchmark 'mmlu'"):
@@ -232,7 +226,6 @@ def test_error_unknown_benchmark(env, tmp_path):
 
 
 def test_error_missing_fields(tmp_path):
-    from eval import load_benchmark
     f = tmp_path / "b.jsonl"
     f.write_text(json.dumps({"problem": "1+1",
                              "answer": "2"}) + "\n" + json.dumps({"problem": "2+2"}) + "\n")
@@ -248,7 +241,6 @@ def test_error_missing_fields(tmp_path):
 
 
 def test_gpqa_csv_layout_shuffles_with_a_seed(tmp_path):
-    from eval import load_benchmark
     c = tmp_path / "g.csv"
     c.write_text("Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer "
                  "3\n"
@@ -265,7 +257,6 @@ def test_gpqa_csv_layout_shuffles_with_a_seed(tmp_path):
                                                     "gpqa_diamond_mcq.zip")),
                     reason="../shared/data is not beside the checkout")
 def test_gpqa_zip_counts_and_wrong_password():
-    from eval import load_benchmark
     z = os.path.join(SHARED_DATA, "gpqa-diamond", "gpqa_diamond_mcq.zip")
     pw = open(os.path.join(SHARED_DATA, "README.md")).read().split('pwd=b"')[1].split('"')[0]
     items = load_benchmark("gpqa", z, password=pw)
@@ -276,7 +267,6 @@ def test_gpqa_zip_counts_and_wrong_password():
 
 
 def test_error_adapter_for_another_base(env, tmp_path):
-    from eval import main
     other = tmp_path / "other"
     save_hf(hf_tiny(vocab_size=300, hidden_size=64, num_attention_heads=4), other)
     tiny_tokenizer(other)
@@ -290,8 +280,6 @@ def test_ablation_kl_is_full_to_ablated_averaged_over_assistant_predictions(env)
     """KL(full || ablated) = sum_v p_full (log p_full - log p_ablated), averaged over the positions
     that predict an assistant token (position t when token t + 1 is the assistant's); the reverse
     direction and the all-position mean are reported under their own names. Hand-computed here."""
-    from eval import kl_stats
-    from lora import ablate, load_model
     model, _ = load_model(str(env / "model"), str(env / "adapter"))
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     mask = [0] * 5 + [1] * 7
@@ -315,12 +303,7 @@ def test_greedy_ablation_matches_a_brute_force_order_over_four_adapters():
     """PAPER.md F5's iterative MLP ablation on 4 adapters (gate and down of two layers): the order
     is each adapter's KL alone, ascending, and each cumulative KL is that of the prefix set
     ablated by hand; both computed here from all 16 subsets."""
-    import itertools
 
-    from conftest import TINY
-    from eval import greedy_ablation
-    from lora import ablate, adapters, apply_lora
-    from model import Qwen2, Qwen2Config
     torch.manual_seed(0)
     m = Qwen2(Qwen2Config(**TINY))
     m.init_weights()

@@ -10,6 +10,7 @@ from autointerp import autointerp, balanced_accuracy, compare_populations, expla
 from collect import ActivationStore
 from collect import main as collect_main
 from conftest import FakeLLM, fake_store, hf_tiny, save_hf, tiny_tokenizer
+from data import Tokenizer
 from interpret import feature_names, feature_values, main, mine, quantiles
 from llm import LLM
 from lora import adapters, apply_lora, capture, load_adapter, save_adapter, sites, steer
@@ -326,7 +327,6 @@ def test_residual_steering_is_a_bias_on_the_attention_output(tmp_path):
             "--prompt", "What is 2+2?", "--strengths", "0,20", "--out", str(tmp_path / "s.json"),
             "--thinking-budget", "12", "--max-answer-tokens", "4", "--temperature", "0"]
     out = main(args + ["--residual", "L1.up_proj"])
-    from data import Tokenizer
     norm = attention_norm(ma, Tokenizer(str(tmp_path / "m")), ["What is 2+2?"], 1)
     assert out["residual"] == "L1.up_proj" and out["attention_norm"] == pytest.approx(norm)
     assert out["results"][0]["examples"] != out["results"][1]["examples"]

@@ -10,7 +10,7 @@ import torch
 
 from autointerp import CATEGORIES, parse_category, parse_rubric
 from conftest import CHROMIUM, TINY, chromium_dom
-from lora import adapters, apply_lora, save_adapter
+from lora import adapter_identity, adapters, apply_lora, save_adapter
 from model import Qwen2, Qwen2Config
 from report import (bootstrap_shares, category_shares, chi2_sf, chi2_test, interference,
                     lora_vs_mlp, main, populations)
@@ -124,7 +124,6 @@ def report_inputs(tmp_path):
         for a in adapters(m):
             a.lora_B.normal_(0, 0.1)
     save_adapter(m, tmp_path / "ad")
-    from lora import adapter_identity
     ident = adapter_identity(str(tmp_path / "ad"))
     sites = [[l, t] for l in range(3) for t in ("gate_proj", "up_proj", "down_proj", "q_proj",
                                                   "k_proj", "v_proj", "o_proj")]
