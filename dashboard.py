@@ -115,6 +115,25 @@ def frontier_chart(rows, width=520, height=300):
     return "".join(svg)
 
 
+def site_heatmap(values, what):
+    """The layer x type grid of one value per adapter, {(layer, target): v}: a row per adapter
+    type (in SITE_ORDER), a column per layer, one colour scale 0 ... max, stated in the title."""
+    types = [t for t in SITE_ORDER if any(t == s for _, s in values)]
+    cells = {(t, l): v for (l, t), v in values.items()}
+    vmax = max(values.values(), default=0)
+    return (f"<h3>{escape(what)}, colour scale 0 … {vmax:.3g}</h3>"
+            + heatmap(cells, types, sorted({l for l, _ in values}),
+                      lambda t, l, v: f"layer {l} {t}: {v:.4g}"))
+
+
+def table(head, rows):
+    """An HTML table of escaped cells: a header row, then rows of values."""
+    th = "".join(f"<th>{escape(str(h))}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table border=1 cellpadding=3><tr>{th}</tr>{body}</table>"
+
+
 def line_chart(points, xlabel, ylabel, width=520, height=240, ref=None):
     """A polyline through points [(x, y)] on linear axes from 0, with a dashed horizontal line at
     ref (a reference level) when given."""
@@ -188,22 +207,16 @@ def ablation_html(out):
         parts.append("<h2>Leave one layer out</h2>" + bar_chart(rows))
     single = out["results"].get("single", [])
     if single:
-        cells = {(t, l): r[f"{key}_mean"] for (l, t), r in zip(out["sites"], single)}
-        ls = sorted({l for l, _ in out["sites"]})
-        ts = [t for t in SITE_ORDER if any(t == s for _, s in out["sites"])]
-        vmax = max(cells.values(), default=1) or 1
-        parts.append(f"<h2>Single adapters (layer × type), colour scale 0 … {vmax:.3g}</h2>"
-                     + heatmap(cells, ts, ls, lambda t, l, v: f"layer {l} {t}: {v:.4g}"))
+        parts.append(site_heatmap({tuple(s): r[f"{key}_mean"] for s, r in
+                                   zip(out["sites"], single)}, "Single adapters (layer × type)"))
     for e in ("type", "mlp_vs_attn", "block"):
         if out["results"].get(e):
-            rows = "".join(f"<tr><td>{escape(r['label'])}</td><td>{r[f'{key}_mean']:.4g}</td>"
-                           f"<td>{r[f'{key}_std']:.3g}</td>"
-                           f"<td>{r['kl_abl_full_assistant_mean']:.4g}</td>"
-                           f"<td>{r['kl_full_abl_all_mean']:.4g}</td></tr>"
-                           for r in out["results"][e])
-            parts.append(f"<h2>{escape(e)}</h2><table border=1 cellpadding=3><tr><th>ablated</th>"
-                         "<th>KL(full||abl)</th><th>std</th><th>KL(abl||full)</th>"
-                         f"<th>KL(full||abl), all tokens</th></tr>{rows}</table>")
+            rows = [[r["label"], f"{r[f'{key}_mean']:.4g}", f"{r[f'{key}_std']:.3g}",
+                     f"{r['kl_abl_full_assistant_mean']:.4g}", f"{r['kl_full_abl_all_mean']:.4g}"]
+                    for r in out["results"][e]]
+            parts.append(f"<h2>{escape(e)}</h2>" + table(
+                ["ablated", "KL(full||abl)", "std", "KL(abl||full)", "KL(full||abl), all tokens"],
+                rows))
     return "\n".join(parts)
 
 

@@ -631,13 +631,13 @@ def cmd_ablate(args):
                      s1=file_identity(args.s1) if args.s1 else None, max_tokens=args.max_tokens,
                      max_sequences=args.max_sequences, s1_rows=args.s1_rows, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
-    sets = dict(ablation_sets(model, args.block), greedy=None)
+    sets = ablation_sets(model, args.block)
     chosen = [e for e in args.experiments.split(",") if e]
-    unknown = [e for e in chosen if e not in sets]
+    unknown = [e for e in chosen if e not in sets and e != "greedy"]
     if unknown:
-        raise SystemExit(f"ablate: unknown experiments {unknown}; expected some of {list(sets)}")
-    results = ablation_pass(model, seqs, {e: sets[e] for e in ["none"] + chosen
-                                          if e != "greedy"})
+        raise SystemExit(f"ablate: unknown experiments {unknown}; expected some of "
+                         f"{list(sets) + ['greedy']}")
+    results = ablation_pass(model, seqs, {e: sets[e] for e in ["none"] + chosen if e in sets})
     if "greedy" in chosen:
         made_from["greedy_metric"] = args.greedy_metric
         results["greedy_score"], results["greedy"] = greedy_ablation(

@@ -37,7 +37,7 @@ from autointerp import autointerp, categorise, compare_populations
 from collect import ActivationStore
 from common import (add_config_flags, check_out, differences, file_identity, fresh_outputs,
                     read_json, same_origin, user_errors, write_atomic, write_json)
-from data import Tokenizer
+from data import Tokenizer, read_rows
 from eval import GenConfig, add_model_flags
 from llm import LLM
 from batchtopk import SAE
@@ -307,8 +307,7 @@ def cmd_autointerp(args):
 def cmd_compare(args):
     check_out(args.out, {"--lora": args.lora, "--mlp": args.mlp})
     fresh_outputs([args.out], args.overwrite)
-    load = lambda f: [json.loads(l) for l in open(f, encoding="utf-8") if l.strip()]
-    table = compare_populations(load(args.lora), load(args.mlp))
+    table = compare_populations(read_rows(args.lora)[0], read_rows(args.mlp)[0])
     for k, r in table.items():
         print(f"{k}: lora {r['lora']:.3f} {r['lora_ci95']} (n={r['n_lora']}) | mlp {r['mlp']:.3f} "
               f"{r['mlp_ci95']} (n={r['n_mlp']}) | difference {r['diff']:+.3f} {r['diff_ci95']}")

@@ -22,7 +22,6 @@ the larger top activation), as collect.py --mlp-neurons 6 stores them (up_proj's
 channels per layer). --populations all keeps every feature the autointerp files hold.
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -32,8 +31,10 @@ import numpy as np
 
 from common import (check_out, differences, file_identity, fresh_outputs, read_json,
                     read_safetensors, user_errors, write_atomic, write_json)
-from dashboard import bar_chart, donut_chart, heatmap, line_chart, provenance_lines
-from lora import MLP, SITE_ORDER, adapter_identity, read_adapter_config
+from dashboard import (bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
+                       site_heatmap, table)
+from data import read_rows
+from lora import MLP, adapter_identity, read_adapter_config
 
 # PAPER.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
 PAPER = dict(
@@ -214,7 +215,8 @@ def ablation_summary(ab):
         out["mlp_over_attn"] = both["mlp"] / both["attn"]
     if out["types"]:
         out["most_important_type"] = max(out["types"], key=out["types"].get)
-    out["single"] = {r["label"]: r[key] for r in res.get("single", [])}
+    out["single"] = [dict(layer=l, target=t, kl=r[key])
+                     for (l, t), r in zip(ab.get("sites", []), res.get("single", []))]
     greedy = res.get("greedy") or []
     if greedy:
         out["greedy"] = [dict(n_ablated=r["n_ablated"], added=r["added"], kl=r[key])
@@ -262,48 +264,20 @@ def interference(vec, seed=0):
     rc = np.abs((r[0] * r[1]).sum(1) / np.linalg.norm(r[0], axis=1) / np.linalg.norm(r[1], axis=1))
     return dict(pairs=len(cos), mean_abs_cos=float(np.mean(cos)), max_abs_cos=float(max(cos)),
                 random_mean_abs_cos=float(rc.mean()), random_max_abs_cos=float(rc.max()),
-                by_layers={f"{i},{j}": float(np.mean(v)) for (i, j), v in by.items()})
+                by_layers=[dict(i=i, j=j, mean_abs_cos=float(np.mean(v)))
+                           for (i, j), v in by.items()])
 
 
 def geometry(adapter_dir):
     vec, scale = adapter_vectors(adapter_dir)
-    norms = {f"L{l}.{t}": dict(a=float(np.linalg.norm(a)), b=float(np.linalg.norm(b)),
-                               s_ab=float(scale * np.linalg.norm(a) * np.linalg.norm(b)))
-             for (l, t), (a, b) in sorted(vec.items())}
+    norms = [dict(layer=l, target=t, a=float(np.linalg.norm(a)), b=float(np.linalg.norm(b)),
+                  s_ab=float(scale * np.linalg.norm(a) * np.linalg.norm(b)))
+             for (l, t), (a, b) in sorted(vec.items())]
     return dict(scale=scale, norms=norms, interference=interference(vec))
 
 
 # -----------------------------------------------------------------------------
 # the page
-
-
-def read_jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-    return rows
-
-
-def site_cells(values):
-    """{"L{l}.{t}": v} -> (cells {(t, l): v}, types, layers) for dashboard.heatmap."""
-    cells = {}
-    for name, v in values.items():
-        layer, _, t = name.partition(".")
-        cells[(t, int(layer[1:]))] = v
-    types = [t for t in SITE_ORDER if any(t == c[0] for c in cells)]
-    return cells, types, sorted({c[1] for c in cells})
-
-
-def table(head, rows):
-    th = "".join(f"<th>{escape(str(h))}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
 
 
 def pct(s):
@@ -339,9 +313,8 @@ def section_ablation(a):
         h.append(f"<p>Peak: {escape(a['peak_layer'])}, at depth {a['peak_depth']:.2f} of the "
                  "adapted layers (paper: 0.68-0.75 and 0.98).</p>")
     if a["single"]:
-        cells, types, layers = site_cells(a["single"])
-        h.append(f"<h3>Single adapters, one colour scale 0 … {max(cells.values()):.3g}</h3>"
-                 + heatmap(cells, types, layers, lambda t, l, v: f"layer {l} {t}: {v:.4g}"))
+        h.append(site_heatmap({(r["layer"], r["target"]): r["kl"] for r in a["single"]},
+                              "Single adapters"))
     if a["types"]:
         ratio = f"{a['mlp_over_attn']:.3g}" if "mlp_over_attn" in a else "n/a"
         h.append(table(["type"] + list(a["types"]), [["KL"] + [f"{v:.4g}" for v in
@@ -364,13 +337,10 @@ def section_geometry(g):
     h = ["<h2>Adapter geometry</h2>", f"<p class=in>Scale s = {g['scale']:.4g}.</p>"]
     for key, what in (("a", "‖a‖ (reading direction)"), ("b", "‖b‖ (writing direction)"),
                       ("s_ab", "s·‖a‖·‖b‖ (the update's size per unit u)")):
-        cells, types, layers = site_cells({k: v[key] for k, v in g["norms"].items()})
-        h.append(f"<h3>{what}</h3>" + heatmap(cells, types, layers,
-                                             lambda t, l, v: f"layer {l} {t}: {v:.4g}"))
+        h.append(site_heatmap({(r["layer"], r["target"]): r[key] for r in g["norms"]}, what))
     i = g["interference"]
     if i:
-        cells = {(int(k.split(",")[0]), int(k.split(",")[1])): v for k, v in
-                 i["by_layers"].items()}
+        cells = {(r["i"], r["j"]): r["mean_abs_cos"] for r in i["by_layers"]}
         layers = sorted({c[0] for c in cells} | {c[1] for c in cells})
         h.append("<h3>Weight interference (F7): |cos(a of gate/up at layer i, b of down at layer "
                  "j &lt; i)|</h3>" + heatmap(cells, layers, layers,
@@ -464,10 +434,10 @@ def report_html(rep):
     return "\n".join(parts)
 
 
-def check_same_adapter(args, rep):
-    """Every input must describe one adapter: the ablations', the features' store's, --adapter's;
-    categories.jsonl must come from --features (its autointerp.json says which file)."""
-    feats = read_json(args.features) if args.features else {}
+def check_same_adapter(args, rep, feats):
+    """Every input must describe one adapter: the ablations', the features' (feats: features.json)
+    store's, --adapter's; categories.jsonl must come from --features (its autointerp.json says
+    which file)."""
     store = ((feats.get("made_from") or {}).get("store") or {}).get("made_from") or {}
     found = [(w, a) for w, a in (("--ablations", (rep.get("ablation") or {}).get("adapter")),
                                  ("--features", store.get("adapter")),
@@ -505,19 +475,19 @@ def build(args):
     if args.adapter:
         made_from["adapter"] = adapter_identity(args.adapter)
         rep["geometry"] = geometry(args.adapter)
-    check_same_adapter(args, rep)
+    feats = read_json(args.features) if args.features else {}
+    check_same_adapter(args, rep, feats)
     if args.autointerp and args.mlp_autointerp:
-        rep["lora_vs_mlp"] = lora_vs_mlp(read_jsonl(args.autointerp),
-                                         read_jsonl(args.mlp_autointerp), args.populations)
+        rep["lora_vs_mlp"] = lora_vs_mlp(read_rows(args.autointerp)[0],
+                                         read_rows(args.mlp_autointerp)[0], args.populations)
     else:
         rep["missing"]["lora_vs_mlp"] = "autointerp" if not args.autointerp else "mlp_autointerp"
     if args.categories and args.features:
-        feats = read_json(args.features)["features"]
-        mass = {f["id"]: f["mass"] for f in feats if "mass" in f}
+        mass = {f["id"]: f["mass"] for f in feats["features"] if "mass" in f}
         if not mass:
             raise ValueError(f"{args.features}: no activation masses (written by an older "
                              "version); rerun interpret.py mine")
-        rows = read_jsonl(args.categories)
+        rows = read_rows(args.categories)[0]
         unknown = [r["id"] for r in rows if r.get("category") and r["id"] not in mass]
         if unknown:
             raise ValueError(f"{args.categories}: feature {unknown[0]} has no mass in "

@@ -102,7 +102,8 @@ def test_interference_cosines_by_hand():
     i = interference(vec)
     # pairs (1 gate, 0 down) 0.6, (1 up, 0 down) 0.8, (2 gate, 0 down) 0, (2 gate, 1 down) 1
     assert i["pairs"] == 4 and i["mean_abs_cos"] == pytest.approx(0.6)
-    assert i["by_layers"] == {"1,0": pytest.approx(0.7), "2,0": 0.0, "2,1": 1.0}
+    assert {(r["i"], r["j"]): r["mean_abs_cos"] for r in i["by_layers"]} == {
+        (1, 0): pytest.approx(0.7), (2, 0): 0.0, (2, 1): 1.0}
     # the baseline: random vectors of the residual stream's width (here 4, E|cos| = 0.424; the
     # 50-wide b of gate_proj must not set it), over 30 layers' 870 pairs
     rng = np.random.default_rng(0)
