@@ -27,8 +27,9 @@ DETECT_SYSTEM = ("You are given an explanation of a feature and numbered text sn
                  "JSON list of the numbers of the snippets where you think it fires, and nothing "
                  "else.")
 # PAPER.md F2's three classes, in our words; the reply is JSON, validated (else no score)
-RUBRIC_SYSTEM = ("Classify this feature from its top examples. 0: one specific, clear meaning that "
-                 "every example fits. 1: a broad or noisy meaning, but every example still fits. "
+RUBRIC_SYSTEM = ("Classify this feature from its explanation and its top examples. 0: one "
+                 "specific, clear meaning that every example fits. 1: a broad or noisy meaning, "
+                 "but every example still fits. "
                  "2: polysemantic, some examples do not fit any single meaning. Reply with JSON "
                  '{"classification": 0, 1 or 2, "classification_reasoning": "one sentence"}.')
 # PAPER.md A/F4: the 7 top-level categories of SAE features, with subcategories (the official
@@ -64,6 +65,16 @@ def explain_messages(f, n=10):
     lines += [f"r{i + 1}. ({e['value']:.3g}) {snippet(e)}" for i, e in enumerate(f["random"][:3])]
     return [{"role": "system", "content": EXPLAIN_SYSTEM},
             {"role": "user", "content": "\n".join(lines)}]
+
+
+def rubric_messages(f, explanation, n=10):
+    """The rubric rates the feature's own explanation against its top examples only, as the
+    official prompt does (2.2_autointerp_lora.py): no random weak examples."""
+    top = sorted(f["top"], key=lambda e: -e["value"])[:n]
+    lines = [f"{i + 1}. ({e['value']:.3g}) {snippet(e)}" for i, e in enumerate(top)]
+    return [{"role": "system", "content": RUBRIC_SYSTEM},
+            {"role": "user", "content": f"Explanation: {explanation}\n\nTop examples:\n"
+                                        + "\n".join(lines)}]
 
 
 def detection_set(f, n_explain=10, n=6, seed=0):
@@ -110,7 +121,7 @@ def autointerp(features, llm=None, rubric=False, n_explain=10):
                                                   else balanced_accuracy(items, chosen))
             row["detection_items"] = len(items)
             if rubric:
-                reply = llm([{"role": "system", "content": RUBRIC_SYSTEM}] + row["messages"][1:])
+                reply = llm(rubric_messages(f, row["explanation"], n_explain))
                 row["rubric"], row["rubric_reasoning"] = parse_rubric(reply)
         except LLMError as e:  # one feature's failure leaves the others' results standing
             row["error"] = f"feature {f['id']} ({f['name']}): {e}"

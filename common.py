@@ -17,6 +17,7 @@ Outputs lose nothing (the README's "Outputs and resuming" states it for users):
 """
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -406,15 +407,37 @@ def user_errors(script):
         raise SystemExit(f"{script}: {e}") from None
 
 
-def add_config_flags(parser, cls, skip=()):
+def field_comments(cls):
+    """{field: its comment} from the dataclass's source: the text after `#` on the field's line and
+    on the comment lines that follow it, so a config's comments are also its --help."""
+    out, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+        if m and not line.lstrip().startswith("#"):
+            name = m.group(1)
+            out[name] = (m.group(2) or "").strip()
+        elif name and line.lstrip().startswith("#"):
+            out[name] = (out[name] + " " + line.split("#", 1)[1].strip()).strip()
+        else:
+            name = None
+    return out
+
+
+def add_config_flags(parser, cls, skip=(), choices=None):
     """One --dashed-flag per field of the dataclass `cls` (but those in skip), default None so
-    that config_from_flags can tell what was given; booleans take --flag / --no-flag."""
+    that config_from_flags can tell what was given; booleans take --flag / --no-flag. Each flag's
+    help is the field's comment and its default; choices: {field: allowed values}."""
+    notes = field_comments(cls)
     for f in (f for f in fields(cls) if f.name not in skip):
         flag = "--" + f.name.replace("_", "-")
+        text = (notes.get(f.name) or f.name.replace("_", " ")) + f" (default: {f.default!r})"
+        text = text.replace("%", "%%")  # argparse formats help with %
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=None)
+            parser.add_argument(flag, type=type(f.default), default=None, help=text,
+                                choices=(choices or {}).get(f.name))
 
 
 def config_from_flags(cls, ns, base=None):

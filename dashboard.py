@@ -157,6 +157,7 @@ def line_chart(points, xlabel, ylabel, width=520, height=240, ref=None):
 
 
 CATEGORY_COLOURS = ["#4a78b5", "#d9822b", "#3a9a5b", "#b54a78", "#8a6bbf", "#c9b22f", "#777"]
+UNCATEGORIZED = "uncategorized"  # the latents whose categorisation failed: a grey slice
 
 
 def donut_chart(shares, sub_shares, size=300):
@@ -176,7 +177,7 @@ def donut_chart(shares, sub_shares, size=300):
            'font-size="12">']
     a = 0.0
     for i, (cat, s) in enumerate(shares.items()):
-        colour = CATEGORY_COLOURS[i % len(CATEGORY_COLOURS)]
+        colour = "#ccc" if cat == UNCATEGORIZED else CATEGORY_COLOURS[i % len(CATEGORY_COLOURS)]
         svg.append(arc(a, a + 2 * math.pi * s, 0.3 * size / 2, 0.62 * size / 2, colour,
                        f"{cat}: {100 * s:.1f}%"))
         b = a

@@ -33,9 +33,11 @@ size and the step counts are small. `--fast` is the CI variant (fewer steps and 
 """
 import argparse
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import os
+import platform
 import random
 import re
 import shutil
@@ -119,8 +121,12 @@ def drill(rng, n=16):
     return "Exercises:\n" + "\n".join(out) + "\n"
 
 
+# a textbook page opens like this; given the same opening, the base model shows what it can do
+PAGE = "Problem: {question}\nSolution:\n"
+
+
 def textbook(question, lines, answer):
-    return f"Problem: {question}\nSolution:\n" + "\n".join(lines) + f"\nAnswer: {answer}\n"
+    return PAGE.replace("{question}", question) + "\n".join(lines) + f"\nAnswer: {answer}\n"
 
 
 def chat_turn(question, answer):
@@ -165,11 +171,11 @@ def train_tokenizer(texts, out_dir, vocab_size):
 # settings: the default run and the CI variant
 
 PROFILES = {
-    "default": dict(seed=0, corpus_docs=26000, tokenizer_docs=5000, vocab=512, s1k_rows=1000,
+    "default": dict(world_seed=0, corpus_docs=26000, tokenizer_docs=5000, vocab=512, s1k_rows=1000,
                     s1k_steps=[2, 8],
                     heldout=500, heldout_steps=[7, 8], ft_epochs=5, eval_batch=125, sae_steps=5000,
                     ablate_sequences=32),
-    "fast": dict(seed=0, corpus_docs=3000, tokenizer_docs=1000, vocab=512, s1k_rows=160,
+    "fast": dict(world_seed=0, corpus_docs=3000, tokenizer_docs=1000, vocab=512, s1k_rows=160,
                  s1k_steps=[2, 8],
                  heldout=64, heldout_steps=[7, 8], ft_epochs=2, eval_batch=64, sae_steps=300,
                  ablate_sequences=8),
@@ -246,7 +252,7 @@ def write_jsonl(path, rows):
 def make_data(d, p):
     """Tokenizer, pretraining corpus, mini s1K and held-out problems (no held-out question occurs in
     the corpus or the mini s1K)."""
-    rng = random.Random(p["seed"])
+    rng = random.Random(p["world_seed"])
     heldout = {}  # drawn first; the corpus and the mini s1K never contain these questions
     while len(heldout) < p["heldout"]:
         q, lines, ans = problem(rng, rng.randint(*p["heldout_steps"]))
@@ -280,37 +286,40 @@ def copy_tokenizer(src, dst):
         shutil.copy(os.path.join(src, f), os.path.join(dst, f))
 
 
-def make_base(d, p, data):
+def make_base(d, p, data, seed):
     """A random Qwen2 checkpoint, then train.py (full mode, PRESETS["pretrain"]) from it."""
     tok_dir = os.path.join(data, "tokenizer")
     vocab = -(-Tokenizer(tok_dir).vocab_size // 64) * 64
     cfg = Qwen2Config.from_dict({**DEMO_MODEL, "vocab_size": vocab})
-    torch.manual_seed(p["seed"])
+    torch.manual_seed(seed)
     model = Qwen2(cfg)
     model.init_weights()
     init = d + "-init"  # beside the stage: train.py's --out may not hold its --model
     tok_files = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json")]
     save_hf_checkpoint(init, model.hf_tensors(), cfg.to_hf_dict(), copy_files=tok_files,
                        overwrite=True)
-    run_script("train.py", [*flags(PRESETS["pretrain"]), "--model", init,
+    run_script("train.py", [*flags(PRESETS["pretrain"]), "--seed", seed, "--model", init,
                             "--data", os.path.join(data, "pretrain.jsonl"), "--out", d],
                os.path.join(d, "log.txt"))
     copy_tokenizer(tok_dir, os.path.join(d, "model"))
     shutil.rmtree(init)
 
 
-def make_finetune(d, p, data, base, preset):
-    run_script("train.py", [*flags({**PRESETS[preset], "epochs": p["ft_epochs"]}), "--model", base,
-                            "--data", os.path.join(data, "s1k.jsonl"), "--out", d],
-               os.path.join(d, "log.txt"))
+def make_finetune(d, p, data, base, preset, seed):
+    run_script("train.py", [*flags({**PRESETS[preset], "epochs": p["ft_epochs"]}), "--seed", seed,
+                            "--model", base, "--data", os.path.join(data, "s1k.jsonl"),
+                            "--out", d], os.path.join(d, "log.txt"))
     if preset == "full":
         copy_tokenizer(base, os.path.join(d, "model"))
 
 
-# the two protocols at the demo's scale: s1 (think, then answer) for the fine-tunes and, as s1 ran
-# its base model, plain (one chat answer) for the base; the base is run both ways
+# the protocols at the demo's scale: s1 (think, then answer) for the fine-tunes and, as s1 ran its
+# base model, plain (one chat answer) for the base; the base is run under s1 too, and given a
+# textbook page's opening (the capability ceiling: what finetuning can elicit, measured)
 EVAL_ARGS = dict(s1=["--max-context", 512, "--thinking-budget", 256, "--max-answer-tokens", 24],
-                 plain=["--protocol", "plain", "--max-context", 512, "--max-answer-tokens", 280])
+                 plain=["--protocol", "plain", "--max-context", 512, "--max-answer-tokens", 280],
+                 textbook=["--protocol", "completion", "--template", PAGE, "--max-context", 512,
+                           "--max-answer-tokens", 280])
 
 
 def make_eval(d, p, data, models):
@@ -431,54 +440,112 @@ def token_labels(features_json, n=5, min_top=10):
 # summary
 
 
-def summarize(out, p):
+# eval runs: (row label, protocol)
+ROWS = dict(base_plain=("base", "plain"), base_textbook=("base", "textbook"), base=("base", "s1"),
+            full=("full", "s1"), rank1=("rank1", "s1"))
+PAPER_RECOVERY = (0.73, 0.90)
+
+
+def seed_figures(run):
+    """The headline numbers of one seed's eval stage."""
+    load = lambda *a: json.load(open(os.path.join(run, "eval", *a)))
+    res = {n: load(n, "results.json")["results"]["math"] for n in ROWS}
+    rec, rec_s1 = (load(f)["table"]["math"] for f in ("recovery.json", "recovery_s1.json"))
+    ceiling = res["base_textbook"]["accuracy"]
+    return dict(problems=rec["problems"],
+                accuracy={n: dict(accuracy=r["accuracy"], ci95=r["ci95"],
+                                  mean_thinking_tokens=r["mean_thinking_tokens"],
+                                  unparseable=r["unparseable"]) for n, r in res.items()},
+                of_ceiling={n: res[n]["accuracy"] / ceiling if ceiling else None
+                            for n in ("full", "rank1")},
+                recovery=dict(recovery=rec["recovery"], ci95=rec["recovery_ci95"], base="plain",
+                              over_s1_base=rec_s1["recovery"],
+                              over_s1_base_ci95=rec_s1["recovery_ci95"]))
+
+
+def spread(values):
+    """mean, min and max of a list of numbers (None where one is missing)."""
+    if any(v is None for v in values):
+        return dict(mean=None, min=None, max=None)
+    return dict(mean=sum(values) / len(values), min=min(values), max=max(values))
+
+
+def summarize(out, p, runs, env):
     load = lambda *a: json.load(open(os.path.join(out, *a)))
-    runs = dict(base_plain="plain", base="s1", full="s1", rank1="s1")  # eval run: protocol
-    res = {n: load("eval", n, "results.json")["results"]["math"] for n in runs}
-    rec = load("eval", "recovery.json")["table"]["math"]
-    rec_s1 = load("eval", "recovery_s1.json")["table"]["math"]
+    per_seed = {s: seed_figures(r) for s, r in runs.items()}
+    first = per_seed[next(iter(runs))]
+    heads = {"ceiling": lambda f: f["accuracy"]["base_textbook"]["accuracy"],
+             "full": lambda f: f["accuracy"]["full"]["accuracy"],
+             "rank1": lambda f: f["accuracy"]["rank1"]["accuracy"],
+             "recovery": lambda f: f["recovery"]["recovery"]}
+    seeds = {k: spread([get(f) for f in per_seed.values()]) for k, get in heads.items()}
     abl = load("interpret", "ablate", "ablations.json")["results"]
     key = "kl_full_abl_assistant_mean"
     top_layer = max(abl["layer"], key=lambda r: r[key])
-    types = sorted(abl["type"], key=lambda r: -r[key])
+    rep = load("interpret", "report", "report.json")["ablation"]  # the paper's statistics
+    by_type = lambda d: sorted(d.items(), key=lambda kv: -kv[1])
     run_dir = lambda *a: os.path.join(out, "interpret", *a)
     carry = carry_features(run_dir("acts"), run_dir("sae"), os.path.join(out, "base", "model"))
     sae_m = load("interpret", "sae", "metrics.json")["heldout"]
     labels = token_labels(run_dir("interp", "features.json"))
     n_adapter = load("rank1", "result.json")["trainable_params"]
     n_full = load("full", "result.json")["trainable_params"]
-    summary = dict(profile=p, heldout_problems=rec["problems"],
-                   accuracy={n: dict(accuracy=r["accuracy"], ci95=r["ci95"],
-                                     mean_thinking_tokens=r["mean_thinking_tokens"],
-                                     unparseable=r["unparseable"]) for n, r in res.items()},
-                   recovery=dict(recovery=rec["recovery"], ci95=rec["recovery_ci95"],
-                                 base="plain", over_s1_base=rec_s1["recovery"],
-                                 over_s1_base_ci95=rec_s1["recovery_ci95"]),
+    summary = dict(profile=p, environment=env, seeds=list(runs), heldout_problems=first["problems"],
+                   **{k: first[k] for k in ("accuracy", "of_ceiling", "recovery")},
+                   per_seed=per_seed, spread=seeds,
                    trainable_params=dict(rank1=n_adapter, full=n_full),
                    ablation=dict(top_layer=top_layer["label"], top_layer_kl=top_layer[key],
-                                 by_type=[(r["label"], r[key]) for r in types]),
+                                 by_type=by_type(rep["types"]),
+                                 mlp_over_attn=rep.get("mlp_over_attn"),
+                                 by_type_joint=by_type(rep["types_joint"]),
+                                 mlp_over_attn_joint=rep.get("mlp_over_attn_joint")),
                    carry=carry, token_labels=labels,
                    sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction", "convergence")},
                    dashboard=os.path.abspath(run_dir("interp", "dashboard.html")),
                    report=os.path.abspath(run_dir("report", "report.html")))
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     steps, s1k_steps = p["heldout_steps"], p["s1k_steps"]
-    lines = [f"rank1 demo: {rec['problems']} held-out problems of {steps[0]}-{steps[1]} steps "
-             f"(the mini s1K has {s1k_steps[0]}-{s1k_steps[1]}), greedy",
-             f"  {'model':6s} {'protocol':8s} {'accuracy':>9s}  95% CI            thinking tokens"]
-    for n, r in res.items():
+    lines = [f"rank1 demo: {first['problems']} held-out problems of {steps[0]}-{steps[1]} steps "
+             f"(the mini s1K has {s1k_steps[0]}-{s1k_steps[1]}), greedy, seed {next(iter(runs))}",
+             f"  {'model':6s} {'protocol':8s} {'accuracy':>9s}  95% CI            of ceiling  "
+             "thinking tokens"]
+    for n, (label, protocol) in ROWS.items():
+        r = first["accuracy"][n]
         lo, hi = r["ci95"]
-        lines.append(f"  {n.split('_')[0]:6s} {runs[n]:8s} {pct(r['accuracy']):>9s}  "
-                     f"[{pct(lo)}, {pct(hi)}]  {r['mean_thinking_tokens']:.0f}")
-    lo, hi = rec["recovery_ci95"]
+        share = pct(first["of_ceiling"].get(n)) if n in first["of_ceiling"] else ""
+        lines.append(f"  {label:6s} {protocol:8s} {pct(r['accuracy']):>9s}  [{pct(lo)}, {pct(hi)}]"
+                     f"  {share:>10s}  {r['mean_thinking_tokens']:.0f}")
+    rec = first["recovery"]
+    lo, hi = rec["ci95"]
+    lines.append("  (textbook: the base given a textbook page's opening, the ceiling finetuning "
+                 "can elicit)")
+    lines.append(f"  rank-1 LoRA recovers {pct(rec['recovery'])} of the full finetune's gain over "
+                 f"the base asked plainly, as s1 evaluated its base (paired bootstrap 95% CI "
+                 f"[{pct(lo)}, {pct(hi)}]; over the base under the s1 protocol: "
+                 f"{pct(rec['over_s1_base'])}) with {n_adapter:,} trainable parameters vs "
+                 f"{n_full:,}")
+    fmt = lambda d: f"{pct(d['mean'])} [{pct(d['min'])}, {pct(d['max'])}]"
+    if len(runs) > 1:
+        lines.append(f"over seeds {','.join(map(str, runs))} (mean [min, max]): ceiling "
+                     f"{fmt(seeds['ceiling'])}, full {fmt(seeds['full'])}, rank-1 "
+                     f"{fmt(seeds['rank1'])}, recovery {fmt(seeds['recovery'])}")
+    r = seeds["recovery"]
+    lo_p, hi_p = PAPER_RECOVERY
+    shown = r["min"] is not None and r["min"] >= lo_p
+    where = "on every seed" if len(runs) > 1 else "on this seed"
+    lines.append(("the miniature shows the paper's effect: " if shown else
+                  "the miniature does NOT show the paper's effect: ")
+                 + f"recovery {fmt(r) if len(runs) > 1 else pct(r['mean'])} {where}, against the "
+                 f"paper's {pct(lo_p)}-{pct(hi_p)}")
+    summary["shows_paper_effect"] = shown
     sc, lat = carry["scalar"], carry["sae_latent"]
-    lines += [f"  rank-1 LoRA recovers {pct(rec['recovery'])} of the full finetune's gain over the "
-              f"base asked plainly, as s1 evaluated its base (paired bootstrap 95% CI [{pct(lo)}, "
-              f"{pct(hi)}]; over the base under the s1 protocol: {pct(rec_s1['recovery'])}) with "
-              f"{n_adapter:,} trainable parameters vs {n_full:,}",
-              f"ablations (KL(full || ablated) on assistant tokens): {top_layer['label']} matters "
-              f"most ({top_layer[key]:.3g}); by type: "
-              + ", ".join(f"{l} {v:.3g}" for l, v in summary["ablation"]["by_type"]),
+    ab = summary["ablation"]
+    types = lambda rows: ", ".join(f"{l} {v:.3g}" for l, v in rows)
+    lines += [f"ablations (KL(full || ablated) on assistant tokens): {top_layer['label']} matters "
+              f"most ({top_layer[key]:.3g}); by type, the mean of its single-adapter ablations "
+              f"(the paper's): {types(ab['by_type'])}; MLP / attention {ab['mlp_over_attn']:.3g}",
+              f"  one type off in every layer at once (joint): {types(ab['by_type_joint'])}; "
+              f"MLP / attention {ab['mlp_over_attn_joint']:.3g}",
               f"carries: of {carry['lines']} worked lines ({carry['carries']} with a carry or "
               f"borrow), the adapter scalar {sc['name']} ({sc['sign']}) separates them with AUROC "
               f"{sc['auroc']:.3f}; SAE latent {lat['latent']} with AUROC {lat['auroc']:.3f} (fires "
@@ -499,35 +566,77 @@ def summarize(out, p):
     return summary
 
 
+def pin_cpu_numerics():
+    """Training here is chaotic: a change in the last bit of a sum early in pretraining ends in
+    another model. The CPU kernels torch and MKL pick depend on the processor (AVX2 or AVX-512) and
+    on the thread count, so the scripts the demo starts use one kernel path (AVX2, which x86 CPUs
+    of the last decade have) and two threads everywhere, unless the user set these already."""
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+        os.environ.setdefault("MKL_CBWR", "AVX2")
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    return {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")}
+
+
+def environment(pins):
+    """What the figures came from: package versions, the processor and the numerics pins."""
+    pkgs = {}
+    for name in ("torch", "numpy", "tokenizers", "safetensors", "tqdm"):
+        try:
+            pkgs[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pkgs[name] = None
+    return dict(python=platform.python_version(), packages=pkgs, machine=platform.machine(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), pins=pins)
+
+
+def train_and_eval(out, p, seed, data, k_data):
+    """The base, both finetunes and their evaluation for one seed (stages cached in out/)."""
+    k_base = stage(out, "base", dict(data=k_data, p=p, seed=seed, preset=PRESETS["pretrain"]),
+                   lambda d: make_base(d, p, data, seed))
+    base = os.path.join(out, "base", "model")
+    k_r1 = stage(out, "rank1", dict(base=k_base, p=p, seed=seed, preset=PRESETS["rank1"]),
+                 lambda d: make_finetune(d, p, data, base, "rank1", seed))
+    k_full = stage(out, "full", dict(base=k_base, p=p, seed=seed, preset=PRESETS["full"]),
+                   lambda d: make_finetune(d, p, data, base, "full", seed))
+    adapter = os.path.join(out, "rank1", "adapter")
+    models = dict(base_plain=(base, None, "plain"), base_textbook=(base, None, "textbook"),
+                  base=(base, None, "s1"), full=(os.path.join(out, "full", "model"), None, "s1"),
+                  rank1=(base, adapter, "s1"))
+    k_eval = stage(out, "eval", dict(models=[k_base, k_full, k_r1], p=p, args=EVAL_ARGS),
+                   lambda d: make_eval(d, p, data, models))
+    return base, adapter, k_eval
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="where every stage writes (and is cached)")
     ap.add_argument("--fast", action="store_true", help="the CI variant: fewer steps and problems")
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated training seeds: each trains and evaluates its own base "
+                    "and finetunes (the first in --out, the others in --out/seed-N); the summary "
+                    "reports every headline number as mean [min, max] over them")
     args = ap.parse_args(argv)
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))
+    except ValueError:
+        raise SystemExit(f"demo: --seeds {args.seeds!r}: expected integers separated by commas")
     p = PROFILES["fast" if args.fast else "default"]
     out = os.path.abspath(args.out)
     claim(out)
+    env = environment(pin_cpu_numerics())
     t0 = time.time()
     data = os.path.join(out, "data")
     code = inspect_hash(problem, drill, textbook, chat_turn, s1_row, train_tokenizer, make_data)
     k_data = stage(out, "data", dict(p=p, model=DEMO_MODEL, code=code), lambda d: make_data(d, p))
-    # the presets' values are part of each training stage's key
-    k_base = stage(out, "base", dict(data=k_data, p=p, preset=PRESETS["pretrain"]),
-                   lambda d: make_base(d, p, data))
-    base = os.path.join(out, "base", "model")
-    k_r1 = stage(out, "rank1", dict(base=k_base, p=p, preset=PRESETS["rank1"]),
-                 lambda d: make_finetune(d, p, data, base, "rank1"))
-    k_full = stage(out, "full", dict(base=k_base, p=p, preset=PRESETS["full"]),
-                   lambda d: make_finetune(d, p, data, base, "full"))
-    adapter = os.path.join(out, "rank1", "adapter")
-    models = dict(base_plain=(base, None, "plain"), base=(base, None, "s1"),
-                  full=(os.path.join(out, "full", "model"), None, "s1"),
-                  rank1=(base, adapter, "s1"))
-    k_eval = stage(out, "eval", dict(models=[k_base, k_full, k_r1], p=p, args=EVAL_ARGS),
-                   lambda d: make_eval(d, p, data, models))
-    stage(out, "interpret", dict(eval=k_eval, p=p, code=inspect_hash(make_interpret)),
-          lambda d: make_interpret(d, p, data, base, adapter, os.path.join(out, "eval")))
-    summary = summarize(out, p)
+    runs = {}
+    for i, seed in enumerate(seeds):
+        runs[seed] = out if i == 0 else os.path.join(out, f"seed-{seed}")
+        base, adapter, k_eval = train_and_eval(runs[seed], p, seed, data, k_data)
+        if i == 0:  # the interpretation runs on the first seed's models
+            stage(out, "interpret", dict(eval=k_eval, p=p, code=inspect_hash(make_interpret)),
+                  lambda d: make_interpret(d, p, data, base, adapter, os.path.join(out, "eval")))
+    summary = summarize(out, p, runs, env)
     print(f"demo: finished in {(time.time() - t0) / 60:.1f} min; summary in "
           f"{os.path.join(out, 'summary.txt')}")
     return summary

@@ -60,12 +60,25 @@ from lora import ATTN, MLP, SITE_ORDER, ablate, adapter_identity, load_model, si
 # benchmark files
 
 
-def load_benchmark(name, path, password=None, seed=0):
+# GPQA's option order is a property of the benchmark, not of a run: lm-eval seeds Python's random
+# with 0 before its process_docs shuffles each row's options (s1's gpqa_diamond_openai task)
+GPQA_OPTION_SEED = 0
+
+
+def gpqa_option_order(path):
+    """Where a GPQA file's option order comes from (run.json records it)."""
+    if path.endswith(".csv"):
+        return ("s1's: [Incorrect 1-3, Correct] shuffled per row by "
+                f"random.Random({GPQA_OPTION_SEED})")
+    return "the file's own (options already in the question text; s1's order needs the CSV)"
+
+
+def load_benchmark(name, path, password=None):
     """[{id, question, gold}] from a benchmark file; errors name the file, line and field."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
     if name == "gpqa":
-        items, where = _load_gpqa(path, password, seed)
+        items, where = _load_gpqa(path, password)
     else:
         rows, where = read_rows(path)
         items = []
@@ -85,10 +98,12 @@ def load_benchmark(name, path, password=None, seed=0):
     return items
 
 
-def _load_gpqa(path, password, seed):
+def _load_gpqa(path, password):
     """GPQA-Diamond: the MCQ jsonl ({question with options, answer letter}), optionally inside a
     password-protected zip, or the original CSV (Question, Correct Answer, Incorrect Answer 1-3),
-    whose options are ordered as s1's harness orders them (seed 0 reproduces it)."""
+    whose options are ordered as s1's harness orders them. An MCQ file keeps its own order: it no
+    longer says which option was which incorrect answer, so s1's order cannot be rebuilt from it
+    (the zip beside this project agrees with s1's order on 38 of 198 rows)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such benchmark file")
     if path.endswith(".zip"):
@@ -120,7 +135,7 @@ def _load_gpqa(path, password, seed):
         # Correct Answer] shuffled by Python's random seeded with lm-eval's seed (0), and the
         # question and options as they are in the file
         with open(path, newline="", encoding="utf-8") as f:
-            rng = random.Random(seed)
+            rng = random.Random(GPQA_OPTION_SEED)
             rows = []
             for n, r in enumerate(csv.DictReader(f), 2):
                 need = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
@@ -151,10 +166,15 @@ def _load_gpqa(path, password, seed):
 # -----------------------------------------------------------------------------
 # the s1 generation protocol
 
+PROTOCOLS = ("s1", "plain", "completion")
+
+
 @dataclass
 class GenConfig:
     """How eval.py generates: the protocol, its budgets, budget forcing and sampling."""
-    protocol: str = "s1"          # s1: think, then answer; plain: one chat answer (s1's base runs)
+    protocol: str = "s1"          # s1: think, then answer; plain: one chat answer (s1's base runs);
+    #                               completion: --template filled with the question, no chat turn
+    template: str = "{question}"  # completion's prompt text ("Problem: {question}\nSolution:\n")
     max_context: int = 32768      # prompt + all generated tokens (s1: max_gen_toks, the context)
     thinking_budget: int = 0      # 0: auto = max_context - prompt - len(FINAL_ANSWER) - reserve
     answer_reserve: int = 100     # what auto leaves for the answer at least (s1's 100)
@@ -164,22 +184,29 @@ class GenConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.protocol not in ("s1", "plain"):
-            raise ValueError(f"--protocol must be s1 or plain, got {self.protocol!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, "
+                             f"got {self.protocol!r}")
+        if "{question}" not in self.template:
+            raise ValueError(f"--template must contain {{question}}, got {self.template!r}")
 
 
 def generate(model, tok, questions, cfg, generator=None):
     """Answers to a batch of questions under cfg.protocol: one dict per question."""
+    if cfg.protocol == "s1":
+        return s1_generate(model, tok, questions, cfg, generator)
     if cfg.protocol == "plain":
-        return plain_generate(model, tok, questions, cfg, generator)
-    return s1_generate(model, tok, questions, cfg, generator)
+        texts = [render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+                 for q in questions]
+    else:  # completion: the text a base model saw in pretraining, e.g. a textbook's page
+        texts = [cfg.template.replace("{question}", q) for q in questions]
+    return plain_generate(model, tok, [tok.encode(t) for t in texts], cfg, generator)
 
 
-def plain_generate(model, tok, questions, cfg, generator=None):
-    """s1's base-model protocol: the chat template and one generation up to the context limit
-    (or --max-answer-tokens); the answer is read from the whole output."""
-    prompts = [tok.encode(render_chat([{"role": "user", "content": q}],
-                                      add_generation_prompt=True)) for q in questions]
+def plain_generate(model, tok, prompts, cfg, generator=None):
+    """One generation from each prompt (token ids) up to the context limit (or
+    --max-answer-tokens); the answer is read from the whole output. With the chat template this is
+    s1's base-model protocol."""
     budgets = [cfg.max_context - len(p) for p in prompts]
     if cfg.max_answer_tokens:
         budgets = [min(b, cfg.max_answer_tokens) for b in budgets]
@@ -288,7 +315,8 @@ def run_settings(args, gen, benches, tok, n_samples):
     return dict(model=model_identity(args.model),
                 adapter=adapter_identity(args.adapter) if args.adapter else None,
                 merge=bool(args.merge), dtype=args.dtype, tokenizer=file_identity(tok.path),
-                benchmarks=[dict(name=n, file=file_identity(p), problems=len(items))
+                benchmarks=[dict(name=n, file=file_identity(p), problems=len(items),
+                                 **(dict(option_order=gpqa_option_order(p)) if n == "gpqa" else {}))
                             for n, p, items in benches],
                 generation=asdict(gen), batch_size=args.batch_size, seed=args.seed,
                 samples_per_problem=n_samples)
@@ -326,7 +354,7 @@ def cmd_run(args):
         if not path:
             raise SystemExit(f"--bench {spec!r}: expected NAME=PATH with NAME one of "
                              f"{list(BENCHMARKS)}")
-        items = load_benchmark(name, path, args.zip_password, args.seed)
+        items = load_benchmark(name, path, args.zip_password)
         benches.append((name, path, items[:args.limit] if args.limit else items))
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
                          **{f"--bench {n}": p for n, p, _ in benches}})
@@ -593,12 +621,15 @@ def ablation_pass(model, seqs, sets, desc="ablate"):
     return results
 
 
-def greedy_ablation(model, seqs, metric, single=None):
-    """PAPER.md F5's iterative MLP ablation: score each MLP adapter alone by `metric` (mean over
-    the sequences; the paper's max_kl is kl_full_abl_assistant_maxpos), then switch them off
-    cumulatively, least important first (ties in site order), measuring after each addition.
-    single: the "single" experiment's rows when it ran (their MLP rows are the scores).
-    -> (score rows, cumulative rows with n_ablated and the site added)."""
+def greedy_ablation(model, seqs, metric, single=None, order="rescore"):
+    """The official iterative MLP ablation (iterative_mlp_ablation_by_matrix.py): MLP adapters are
+    switched off one at a time, always the one whose removal, on top of those already off, raises
+    `metric` least (mean over the sequences; the paper's max_kl is kl_full_abl_assistant_maxpos;
+    ties in site order). Every remaining adapter is re-scored against the current state at each
+    step: n(n+1)/2 adapter-sets for n adapters, the first n of them the single ablations, reused
+    from `single` (the "single" experiment's rows) when it ran. order="fixed" is a cheaper
+    variant (n passes after the scores): one order from the single scores, applied cumulatively.
+    -> (single score rows, cumulative rows with n_ablated and the site added)."""
     mlp = [(l, t) for l, t in sites(model) if t in MLP]
     labels = [f"L{l}.{t}" for l, t in mlp]
     known = {r["label"]: r for r in single or []}
@@ -607,12 +638,25 @@ def greedy_ablation(model, seqs, metric, single=None):
     else:
         sets = {"score": [(lab, dict(sites=[s])) for lab, s in zip(labels, mlp)]}
         scores = ablation_pass(model, seqs, sets, "greedy: score")["score"]
-    order = sorted(range(len(mlp)), key=lambda i: (scores[i][f"{metric}_mean"], i))
-    steps = [(f"+{scores[i]['label']}", dict(sites=[mlp[j] for j in order[:n + 1]]))
-             for n, i in enumerate(order)]
-    cumulative = ablation_pass(model, seqs, {"greedy": steps}, "greedy: cumulative")["greedy"]
+    least = lambda rows, idx: min(idx, key=lambda i: (rows[i][f"{metric}_mean"], i))
+    if order == "fixed":
+        ranked = sorted(range(len(mlp)), key=lambda i: (scores[i][f"{metric}_mean"], i))
+        steps = [(f"+{labels[i]}", dict(sites=[mlp[j] for j in ranked[:n + 1]]))
+                 for n, i in enumerate(ranked)]
+        cumulative = ablation_pass(model, seqs, {"greedy": steps}, "greedy: cumulative")["greedy"]
+    else:
+        first = least(scores, range(len(mlp)))
+        ranked, cumulative = [first], [dict(scores[first])]
+        while len(ranked) < len(mlp):
+            left = [i for i in range(len(mlp)) if i not in ranked]
+            sets = {"step": [(f"+{labels[i]}", dict(sites=[mlp[j] for j in ranked + [i]]))
+                             for i in left]}
+            rows = ablation_pass(model, seqs, sets, f"greedy: step {len(ranked) + 1}")["step"]
+            k = least(rows, range(len(left)))
+            ranked.append(left[k])
+            cumulative.append(rows[k])
     for n, row in enumerate(cumulative):
-        row.update(n_ablated=n + 1, added=scores[order[n]]["label"])
+        row.update(label=f"+{labels[ranked[n]]}", n_ablated=n + 1, added=labels[ranked[n]])
     return scores, cumulative
 
 
@@ -640,8 +684,9 @@ def cmd_ablate(args):
     results = ablation_pass(model, seqs, {e: sets[e] for e in ["none"] + chosen if e in sets})
     if "greedy" in chosen:
         made_from["greedy_metric"] = args.greedy_metric
+        made_from["greedy_order"] = args.greedy
         results["greedy_score"], results["greedy"] = greedy_ablation(
-            model, seqs, args.greedy_metric, results.get("single"))
+            model, seqs, args.greedy_metric, results.get("single"), args.greedy)
     out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
                tokens=sum(len(s[1]) for s in seqs), sites=[list(s) for s in sites(model)],
                results=results)
@@ -694,7 +739,7 @@ def main(argv=None):
     r.add_argument("--samples-per-problem", type=int, default=1)
     r.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run with other settings")
-    add_config_flags(r, GenConfig)
+    add_config_flags(r, GenConfig, choices=dict(protocol=PROTOCOLS))
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="recovery table: (lora - base) / (full - base)")
@@ -722,6 +767,10 @@ def main(argv=None):
                    choices=["kl_full_abl_assistant_maxpos", "kl_full_abl_assistant"],
                    help="what scores each MLP adapter in the greedy ablation (the paper's max_kl: "
                    "the mean over sequences of the largest KL at one position)")
+    a.add_argument("--greedy", default="rescore", choices=["rescore", "fixed"],
+                   help="rescore (the official): every remaining MLP adapter re-scored against "
+                   "the current state at each step, n(n+1)/2 sets; fixed: one order from the "
+                   "single scores, n sets")
     a.add_argument("--out", required=True, help="directory for ablations.json and ablations.html")
     a.add_argument("--overwrite", action="store_true", help="replace ablations.* in --out")
     a.set_defaults(func=cmd_ablate)

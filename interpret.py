@@ -38,7 +38,7 @@ from collect import ActivationStore
 from common import (add_config_flags, check_out, differences, file_identity, fresh_outputs,
                     read_json, same_origin, user_errors, write_atomic, write_json)
 from data import Tokenizer, read_rows
-from eval import GenConfig, add_model_flags
+from eval import PROTOCOLS, GenConfig, add_model_flags
 from llm import LLM
 from batchtopk import SAE
 from steering import cmd_steer
@@ -356,7 +356,7 @@ def main(argv=None):
     st.add_argument("--words", default="Wait,Hmm,But")
     st.add_argument("--out", required=True)
     st.add_argument("--batch-size", type=int, default=8)
-    add_config_flags(st, GenConfig)
+    add_config_flags(st, GenConfig, choices=dict(protocol=PROTOCOLS))
     st.add_argument("--overwrite", action="store_true", help="replace the --out file")
     st.set_defaults(func=cmd_steer)
     a = sub.add_parser("autointerp", help="prompts; with --llm-url explanations and scores")

@@ -31,10 +31,10 @@ import numpy as np
 
 from common import (check_out, differences, file_identity, fresh_outputs, read_json,
                     read_safetensors, user_errors, write_atomic, write_json)
-from dashboard import (bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
-                       site_heatmap, table)
+from dashboard import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart,
+                       provenance_lines, site_heatmap, table)
 from data import read_rows
-from lora import MLP, adapter_identity, read_adapter_config
+from lora import ATTN, MLP, adapter_identity, read_adapter_config
 
 # PAPER.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
 PAPER = dict(
@@ -171,20 +171,22 @@ def lora_vs_mlp(lora_rows, mlp_rows, which="paper"):
 
 def category_shares(mass, categories):
     """F4's activation-mass shares: mass {latent id: activation summed over the corpus};
-    categories [{id, category, subcategory}] (rows with an error are uncategorised and left out of
-    the total). -> (category shares summing to 1, {category: subcategory shares within it})."""
+    categories [{id, category, subcategory}]. A row whose categorisation failed keeps its mass in
+    an "uncategorized" slice, as the official donut does, so the shares are of all the mass.
+    -> (category shares summing to 1, largest first and uncategorized last,
+        {category: subcategory shares within it})."""
     cat_mass, sub_mass = {}, {}
     for r in categories:
-        if r.get("category") is None:
-            continue
+        cat, sub = ((r["category"], r["subcategory"]) if r.get("category") is not None
+                    else (UNCATEGORIZED, UNCATEGORIZED))
         m = mass[r["id"]]
-        cat_mass[r["category"]] = cat_mass.get(r["category"], 0.0) + m
-        sub = sub_mass.setdefault(r["category"], {})
-        sub[r["subcategory"]] = sub.get(r["subcategory"], 0.0) + m
+        cat_mass[cat] = cat_mass.get(cat, 0.0) + m
+        sub_mass.setdefault(cat, {})
+        sub_mass[cat][sub] = sub_mass[cat].get(sub, 0.0) + m
     total = sum(cat_mass.values())
     if total <= 0:
         return {}, {}
-    order = sorted(cat_mass, key=lambda c: -cat_mass[c])
+    order = sorted(cat_mass, key=lambda c: (c == UNCATEGORIZED, -cat_mass[c]))
     shares = {c: cat_mass[c] / total for c in order}
     subs = {c: {s: v / cat_mass[c] for s, v in sorted(sub_mass[c].items(), key=lambda kv: -kv[1])}
             for c in order if cat_mass[c] > 0}
@@ -193,6 +195,23 @@ def category_shares(mass, categories):
 
 # -----------------------------------------------------------------------------
 # ablations and geometry
+
+
+def type_means(single):
+    """The official per-type statistics (1.1_visualize_ablation_results.py): from the types x
+    layers matrix of single-adapter ablations, each type's mean over its layers, the most
+    important type, and the MLP rows' mean over the attention rows' mean."""
+    by = {}
+    for r in single:
+        by.setdefault(r["target"], []).append(r["kl"])
+    out = dict(types={t: float(np.mean(v)) for t, v in by.items()})
+    if out["types"]:
+        out["most_important_type"] = max(out["types"], key=out["types"].get)
+    mlp = [v for t, vs in by.items() if t in MLP for v in vs]
+    attn = [v for t, vs in by.items() if t in ATTN for v in vs]
+    if mlp and attn and np.mean(attn) > 0:
+        out["mlp_over_attn"] = float(np.mean(mlp) / np.mean(attn))
+    return out
 
 
 def ablation_summary(ab):
@@ -209,14 +228,17 @@ def ablation_summary(ab):
         i = max(range(len(layers)), key=lambda i: out["layers"][i]["mean"])
         out["peak_layer"] = out["layers"][i]["label"]
         out["peak_depth"] = layers[i] / max(1, layers[-1])
-    out["types"] = {r["label"]: r[key] for r in res.get("type", [])}
-    both = {r["label"]: r[key] for r in res.get("mlp_vs_attn", [])}
-    if both.get("attn"):
-        out["mlp_over_attn"] = both["mlp"] / both["attn"]
-    if out["types"]:
-        out["most_important_type"] = max(out["types"], key=out["types"].get)
     out["single"] = [dict(layer=l, target=t, kl=r[key])
                      for (l, t), r in zip(ab.get("sites", []), res.get("single", []))]
+    out.update(type_means(out["single"]))
+    # the joint ablations (one type off in every layer at once; all MLP vs all attention
+    # adapters off): our extra rows, labelled as such
+    out["types_joint"] = {r["label"]: r[key] for r in res.get("type", [])}
+    both = {r["label"]: r[key] for r in res.get("mlp_vs_attn", [])}
+    if both.get("attn"):
+        out["mlp_over_attn_joint"] = both["mlp"] / both["attn"]
+    if out["types_joint"]:
+        out["most_important_type_joint"] = max(out["types_joint"], key=out["types_joint"].get)
     greedy = res.get("greedy") or []
     if greedy:
         out["greedy"] = [dict(n_ablated=r["n_ablated"], added=r["added"], kl=r[key])
@@ -244,12 +266,13 @@ def adapter_vectors(adapter_dir):
 
 def interference(vec, seed=0):
     """F7: |cos| between the reading directions a of gate_proj and up_proj at layer i and the
-    writing direction b of down_proj at each layer j < i, against as many pairs of random
+    writing direction b of down_proj at each layer j <= i (the official causal mask keeps
+    writing_layer <= reading_layer: same-layer pairs count), against as many pairs of random
     Gaussian vectors of the same width. -> {mean_abs_cos, random_mean_abs_cos, pairs, by_layers}"""
     layers = sorted({l for l, _ in vec})
     by, cos = {}, []
     for i in layers:
-        for j in (j for j in layers if j < i and (j, "down_proj") in vec):
+        for j in (j for j in layers if j <= i and (j, "down_proj") in vec):
             b = vec[(j, "down_proj")][1]
             for t in ("gate_proj", "up_proj"):
                 if (i, t) in vec:
@@ -315,12 +338,18 @@ def section_ablation(a):
     if a["single"]:
         h.append(site_heatmap({(r["layer"], r["target"]): r["kl"] for r in a["single"]},
                               "Single adapters"))
-    if a["types"]:
-        ratio = f"{a['mlp_over_attn']:.3g}" if "mlp_over_attn" in a else "n/a"
-        h.append(table(["type"] + list(a["types"]), [["KL"] + [f"{v:.4g}" for v in
-                                                               a["types"].values()]])
-                 + f"<p>Most important type: {escape(a['most_important_type'])}; MLP / attention"
-                 f" KL ratio: {ratio}.</p>")
+    for suffix, how in (("", "mean over layers of the single-adapter ablations (the paper's "
+                              "statistic)"),
+                        ("_joint", "joint ablations: one type off in every layer at once (ours)")):
+        types = a.get("types" + suffix)
+        if types:
+            ratio = a.get("mlp_over_attn" + suffix)
+            h.append(f"<h3>By type: {escape(how)}</h3>"
+                     + table(["type"] + list(types), [["KL"] + [f"{v:.4g}" for v in
+                                                               types.values()]])
+                     + f"<p>Most important type: {escape(a['most_important_type' + suffix])}; "
+                     f"MLP / attention KL ratio: {'n/a' if ratio is None else f'{ratio:.3g}'}"
+                     ".</p>")
     if a.get("greedy"):
         n = len(a["greedy"])
         h.append("<h3>Greedy MLP ablation (F5): least important first, cumulative</h3>"
@@ -343,7 +372,7 @@ def section_geometry(g):
         cells = {(r["i"], r["j"]): r["mean_abs_cos"] for r in i["by_layers"]}
         layers = sorted({c[0] for c in cells} | {c[1] for c in cells})
         h.append("<h3>Weight interference (F7): |cos(a of gate/up at layer i, b of down at layer "
-                 "j &lt; i)|</h3>" + heatmap(cells, layers, layers,
+                 "j ≤ i)|</h3>" + heatmap(cells, layers, layers,
                                              lambda r, c, v: f"i {r}, j {c}: {v:.3g}")
                  + f"<p>Mean |cos| {i['mean_abs_cos']:.4f} (max {i['max_abs_cos']:.3f}) over "
                  f"{i['pairs']} pairs; random vectors of the same width: "

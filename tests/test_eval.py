@@ -1,5 +1,6 @@
 """eval.py end to end on a tiny random model: files, 1 vs 2 processes, determinism, recovery table,
 ablations, and bad input."""
+import argparse
 import itertools
 import json
 import os
@@ -10,7 +11,8 @@ import torch
 
 from conftest import SHARED_DATA, TINY, hf_tiny, run_script, save_hf, tiny_tokenizer
 from data import FINAL_ANSWER, Tokenizer, render_chat, s1_prompt
-from eval import (GenConfig, generate, grade_sample, greedy_ablation, kl_stats, load_benchmark,
+from eval import (GenConfig, ablation_sequences, generate, grade_sample, greedy_ablation, kl_stats,
+                  load_benchmark,
                   main, recovery_table, s1_generate)
 from lora import ablate, adapters, apply_lora, load_model, save_adapter
 from model import Qwen2, Qwen2Config
@@ -240,17 +242,34 @@ def test_error_missing_fields(tmp_path):
         load_benchmark("gpqa", str(c))
 
 
-def test_gpqa_csv_layout_shuffles_with_a_seed(tmp_path):
+def test_gpqa_option_order_belongs_to_the_benchmark_not_the_run(env, tmp_path):
+    """s1's option order (seed 0) whatever a run's --seed; run.json says where the order comes
+    from; ablate rebuilds the same prompt text the run generated from."""
     c = tmp_path / "g.csv"
     c.write_text("Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer "
-                 "3\n"
-                 + "".join(f"Q{i},right{i},w1,w2,w3\n" for i in range(8)))
-    items = load_benchmark("gpqa", str(c), seed=0)
-    assert len(items) == 8 and len({it["gold"] for it in items}) > 1
+                 "3\n" + "".join(f"Q{i},right{i},w1,w2,w3\n" for i in range(8)))
+    items = load_benchmark("gpqa", str(c))
     for it in items:
         line = next(l for l in it["question"].splitlines() if l.startswith(it["gold"] + ")"))
         assert "right" in line
-    assert items == load_benchmark("gpqa", str(c), seed=0) != load_benchmark("gpqa", str(c), seed=1)
+    golds = {}
+    for seed in (0, 5):
+        out = tmp_path / f"run{seed}"
+        main(["run", "--model", str(env / "model"), "--out", str(out), "--bench", f"gpqa={c}",
+              "--limit", "4", "--thinking-budget", "4", "--max-answer-tokens", "2",
+              "--seed", str(seed)])
+        golds[seed] = [json.loads(l)["gold"] for l in open(out / "samples.jsonl")]
+        assert "random.Random(0)" in json.load(open(out / "run.json"))["benchmarks"][0][
+            "option_order"]
+    assert golds[0] == golds[5] == list("DCDC")
+    tok = Tokenizer(str(env / "model"))
+    args = argparse.Namespace(samples=str(tmp_path / "run5" / "samples.jsonl"),
+                              bench=[f"gpqa={c}"], zip_password=None, max_sequences=4,
+                              max_tokens=4096, s1=None, seed=5)
+    gens = [json.loads(l)["generation"] for l in open(tmp_path / "run5" / "samples.jsonl")]
+    for (_, ids, mask), it, g in zip(ablation_sequences(args, tok), items, gens):
+        assert tok.decode(ids) == render_chat([{"role": "user", "content": it["question"]}],
+                                              add_generation_prompt=True) + g
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_DATA, "gpqa-diamond",
@@ -299,10 +318,11 @@ def test_ablation_kl_is_full_to_ablated_averaged_over_assistant_predictions(env)
     assert abs(fa[pos].mean() - fa.mean()) > 1e-3 * fa[pos].mean()
 
 
-def test_greedy_ablation_matches_a_brute_force_order_over_four_adapters():
-    """PAPER.md F5's iterative MLP ablation on 4 adapters (gate and down of two layers): the order
-    is each adapter's KL alone, ascending, and each cumulative KL is that of the prefix set
-    ablated by hand; both computed here from all 16 subsets."""
+def test_greedy_ablation_matches_a_brute_force_search_over_four_adapters():
+    """The official iterative MLP ablation on 4 adapters (gate and down of two layers), against a
+    brute force over all 16 subsets ablated by hand: at every step the adapter whose removal on
+    top of those already off raises the metric least (re-scored each step), and each cumulative
+    KL is that set's; the fixed variant applies the single scores' order."""
 
     torch.manual_seed(0)
     m = Qwen2(Qwen2Config(**TINY))
@@ -328,13 +348,23 @@ def test_greedy_ablation_matches_a_brute_force_order_over_four_adapters():
                     kl = (full.exp() * (full - abl)).sum(-1)[torch.tensor(mask[1:] + [0]) == 1]
                     vals.append((kl.max().item(), kl.mean().item()))
                 brute[frozenset(sub)] = [sum(v[j] for v in vals) / len(vals) for j in (0, 1)]
+    rescored_differs = False
     for key, j in ((metric, 0), ("kl_full_abl_assistant", 1)):
-        order = sorted(mlp, key=lambda s: brute[frozenset([s])][j])
-        assert order != mlp  # the test would pass for a method that keeps the site order
-        scores, steps = greedy_ablation(m, seqs, key)
-        assert [r["added"] for r in steps] == [f"L{l}.{t}" for l, t in order]
-        for n, r in enumerate(steps):
-            want = brute[frozenset(order[:n + 1])]
-            assert r["n_ablated"] == n + 1
-            assert r[f"{metric}_mean"] == pytest.approx(want[0], rel=1e-5)
-            assert r["kl_full_abl_assistant_mean"] == pytest.approx(want[1], rel=1e-5)
+        fixed = sorted(mlp, key=lambda s: brute[frozenset([s])][j])
+        greedy, off = [], frozenset()
+        for _ in mlp:
+            best = min((s for s in mlp if s not in off), key=lambda s: (brute[off | {s}][j],
+                                                                        mlp.index(s)))
+            greedy.append(best)
+            off = off | {best}
+        assert fixed != mlp  # the test would pass for a method that keeps the site order
+        rescored_differs |= greedy != fixed
+        for how, order in (("rescore", greedy), ("fixed", fixed)):
+            scores, steps = greedy_ablation(m, seqs, key, order=how)
+            assert [r["added"] for r in steps] == [f"L{l}.{t}" for l, t in order], how
+            for n, r in enumerate(steps):
+                want = brute[frozenset(order[:n + 1])]
+                assert r["n_ablated"] == n + 1
+                assert r[f"{metric}_mean"] == pytest.approx(want[0], rel=1e-5)
+                assert r["kl_full_abl_assistant_mean"] == pytest.approx(want[1], rel=1e-5)
+    assert rescored_differs  # else a fixed order would pass as the re-scored one

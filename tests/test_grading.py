@@ -322,7 +322,7 @@ def test_gpqa_options_in_s1_order(tmp_path):
     c = tmp_path / "g.csv"
     header = "Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3\n"
     c.write_text(header + "".join(f"Q{i},right{i},w1,w2,w3\n" for i in range(8)))
-    items = load_benchmark("gpqa", str(c), seed=0)
+    items = load_benchmark("gpqa", str(c))
     assert [it["gold"] for it in items] == list("DCDCCACA")
     assert items[0]["question"] == "Q0\n\nA) w3\nB) w1\nC) w2\nD) right0"
 

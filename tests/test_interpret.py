@@ -189,6 +189,15 @@ def test_autointerp_rubric_and_categories_through_the_cli(tmp_path, fake_llm):
     rows = [json.loads(l) for l in open(tmp_path / "ai" / "autointerp.jsonl")]
     assert [(r["rubric"], r["rubric_reasoning"], r["top_value"]) for r in rows] == \
         [(1, "all fit", 14.0)] * 3
+    # the rubric rates the feature's own explanation against its top 10 examples, nothing else
+    rated = [r["messages"][-1]["content"] for r in FakeLLM.requests
+             if r["messages"][0]["content"].startswith("Classify this feature")]
+    assert len(rated) == 3
+    for text in rated:
+        assert text.startswith("Explanation: Fires on the letter X.\n")
+        shown = [l for l in text.split("\n") if l[:1].isdigit()]
+        assert [float(l.split("(")[1].split(")")[0]) for l in shown] == list(range(14, 4, -1))
+        assert not any(l.startswith("r") for l in text.split("\n"))  # no random weak examples
     cats = [json.loads(l) for l in open(tmp_path / "ai" / "categories.jsonl")]
     assert [c["name"] for c in cats] == ["sae0", "sae1"]
     assert cats[0]["category"] == "result_formulation" and "error" in cats[1]

@@ -46,15 +46,17 @@ def test_bootstrap_shares_follow_the_binomial():
 
 
 def test_category_mass_shares_by_hand():
-    mass = {0: 3.0, 1: 1.0, 2: 4.0, 3: 2.0, 4: 100.0}
+    mass = {0: 3.0, 1: 1.0, 2: 4.0, 3: 2.0, 4: 5.0, 5: 5.0}
     cats = [dict(id=0, category="symbolic_manipulation", subcategory="latex_commands"),
             dict(id=1, category="symbolic_manipulation", subcategory="math_operators"),
             dict(id=2, category="reasoning_flow_control", subcategory="hesitation_markers"),
             dict(id=3, category="symbolic_manipulation", subcategory="latex_commands"),
-            dict(id=4, error="unknown category")]  # uncategorised: not in the total
+            dict(id=4, error="unknown category"), dict(id=5, error="timeout")]
     shares, subs = category_shares(mass, cats)
-    assert shares == {"symbolic_manipulation": 0.6, "reasoning_flow_control": 0.4}
-    assert list(shares) == ["symbolic_manipulation", "reasoning_flow_control"]  # largest first
+    # the failed rows keep their mass as the official donut's "uncategorized" slice, drawn last
+    assert shares == {"symbolic_manipulation": 0.3, "reasoning_flow_control": 0.2,
+                      "uncategorized": 0.5}
+    assert list(shares) == ["symbolic_manipulation", "reasoning_flow_control", "uncategorized"]
     assert subs["symbolic_manipulation"] == {"latex_commands": 5 / 6, "math_operators": 1 / 6}
     assert subs["reasoning_flow_control"] == {"hesitation_markers": 1.0}
     assert sum(shares.values()) == pytest.approx(1.0)
@@ -100,17 +102,22 @@ def test_interference_cosines_by_hand():
            (1, "gate_proj"): (e[1], e[3]), (1, "up_proj"): (-e[2], e[3]),
            (1, "down_proj"): (e[0], e[3]), (2, "gate_proj"): (e[3], e[0])}
     i = interference(vec)
-    # pairs (1 gate, 0 down) 0.6, (1 up, 0 down) 0.8, (2 gate, 0 down) 0, (2 gate, 1 down) 1
-    assert i["pairs"] == 4 and i["mean_abs_cos"] == pytest.approx(0.6)
+    # the official causal mask keeps writing layer j <= reading layer i: pairs (1 gate, 0 down)
+    # 0.6, (1 up, 0 down) 0.8, (1 gate, 1 down) 0, (1 up, 1 down) 0, (2 gate, 0 down) 0,
+    # (2 gate, 1 down) 1
+    assert i["pairs"] == 6 and i["mean_abs_cos"] == pytest.approx(0.4)
     assert {(r["i"], r["j"]): r["mean_abs_cos"] for r in i["by_layers"]} == {
-        (1, 0): pytest.approx(0.7), (2, 0): 0.0, (2, 1): 1.0}
+        (1, 0): pytest.approx(0.7), (1, 1): 0.0, (2, 0): 0.0, (2, 1): 1.0}
+    # 3 full layers: 2 reading types x 6 (i, j <= i) = 12 pairs (4,160 at 64 layers)
+    full = {(l, t): (e[0], e[1]) for l in range(3) for t in ("gate_proj", "up_proj", "down_proj")}
+    assert interference(full)["pairs"] == 12
     # the baseline: random vectors of the residual stream's width (here 4, E|cos| = 0.424; the
-    # 50-wide b of gate_proj must not set it), over 30 layers' 870 pairs
+    # 50-wide b of gate_proj must not set it), over 30 layers' 930 pairs
     rng = np.random.default_rng(0)
     vec = {(l, t): (rng.standard_normal(4), rng.standard_normal(50 if t == "gate_proj" else 4))
            for l in range(30) for t in ("gate_proj", "up_proj", "down_proj")}
     i = interference(vec)
-    assert i["pairs"] == 870 and i["random_mean_abs_cos"] == pytest.approx(0.424, abs=0.04)
+    assert i["pairs"] == 930 and i["random_mean_abs_cos"] == pytest.approx(0.424, abs=0.04)
     assert i["mean_abs_cos"] == pytest.approx(0.424, abs=0.04)  # random adapters: the same
 
 
@@ -176,9 +183,18 @@ def test_report_json_holds_every_section_and_checks_the_adapter(tmp_path):
     rep = main(args + ["--out", str(tmp_path / "r")])
     saved = json.load(open(tmp_path / "r" / "report.json"))
     assert saved["ablation"]["greedy_carriers_90"] == 6  # 0.01 n^2 <= 0.064 up to n = 2 (3 off)
-    assert saved["ablation"]["mlp_over_attn"] == pytest.approx(10)
+    # the paper's statistics from the single-adapter matrix: row 7l + p holds 0.01 (7l + p + 1),
+    # so type p's mean over the 3 layers is 0.01 (8 + p); MLP rows 0.09, attention rows 0.125
+    a = saved["ablation"]
+    assert a["types"] == pytest.approx({t: 0.01 * (8 + p) for p, t in enumerate(
+        ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"))})
+    assert a["most_important_type"] == "o_proj" and a["mlp_over_attn"] == pytest.approx(0.72)
+    # the joint ablations stay beside them, labelled
+    assert a["mlp_over_attn_joint"] == pytest.approx(10)
+    assert a["most_important_type_joint"] == "gate_proj"
     assert (saved["ablation"]["peak_layer"], saved["ablation"]["peak_depth"]) == ("L2", 1.0)
-    assert saved["categories"]["shares"][EVIL] == pytest.approx(1 / 3)
+    assert saved["categories"]["shares"][EVIL] == pytest.approx(1 / 6)
+    assert saved["categories"]["shares"]["uncategorized"] == pytest.approx(1 / 2)
     assert saved["lora_vs_mlp"]["lora"]["counts"] == [2, 3, 1]
     assert saved["lora_vs_mlp"]["chi2"] == pytest.approx(rep["lora_vs_mlp"]["chi2"])
     assert len(saved["geometry"]["norms"]) == 21
