@@ -14,9 +14,11 @@ compare_populations sets LoRA features against MLP neurons on both scores.
 """
 import json
 import random
+import re
 
 from common import bootstrap_ci
 from llm import LLMError
+from lora import MLP
 
 EXPLAIN_SYSTEM = ("You study a feature of a language model that reads reasoning traces. You are "
                   "shown text snippets where it fires, strongest first; the token it fires on is "
@@ -195,9 +197,52 @@ def categorise(features, explanations, llm, n=5):
     return llm.map(one, [r for r in explanations if r.get("explanation") and r["id"] in by_id])
 
 
-def compare_populations(lora_rows, mlp_rows, n=1000, seed=0):
-    """LoRA features vs MLP neurons: mean detection balanced accuracy and (when rated) the 0/1/2
-    rubric shares, each with a bootstrap 95% interval, and the difference of the means."""
+# the 0/1/2 rubric's classes, and feature names: L{layer}.{target}{+-} (an adapter's polarity),
+# N{layer}.{index}{+-} (an MLP neuron's), sae{i} (an SAE latent)
+CLASSES = (0, 1, 2)
+FEATURE = re.compile(r"L(\d+)\.(\w+)([+-])|N(\d+)\.(\d+)([+-])")
+
+
+def parse_name(name):
+    """(layer, kind, polarity) of `L{l}.{target}{+-}` (an adapter) or `N{l}.{i}{+-}` (a neuron, kind
+    = its index); None for SAE latents."""
+    m = FEATURE.fullmatch(name)
+    if not m:
+        return None
+    return (int(m[1]), m[2], m[3]) if m[1] else (int(m[4]), int(m[5]), m[6])
+
+
+def paper_rows(lora_rows, mlp_rows):
+    """The paper's populations (2.6_analyze_mlp_interpretability.py): the MLP-adapter features
+    (gate, up, down; both polarities), and each MLP neuron in its dominant polarity (the larger
+    top activation, chosen before rating: a failed rating drops the neuron)."""
+    lora = [r for r in lora_rows if parse_name(r["name"]) and parse_name(r["name"])[1] in MLP]
+    best = {}
+    for r in (r for r in mlp_rows if parse_name(r["name"])):
+        if "top_value" not in r:
+            raise ValueError(f"feature {r['name']}: no top_value (autointerp.jsonl from an older "
+                             "version); rerun interpret.py autointerp, or --populations all")
+        key = parse_name(r["name"])[:2]
+        if key not in best or r["top_value"] > best[key]["top_value"]:
+            best[key] = r
+    return lora, list(best.values())
+
+
+def populations(lora_rows, mlp_rows, which="paper"):
+    """The two rated populations: (LoRA rows, MLP rows), each row with a rubric class: the
+    paper's (paper_rows), or all: every rated row of both files (SAE latents and all 7 adapter
+    types, both polarities of the neurons)."""
+    rated = lambda rows: [r for r in rows if r.get("rubric") in CLASSES]
+    lora, mlp = paper_rows(lora_rows, mlp_rows) if which == "paper" else (lora_rows, mlp_rows)
+    return rated(lora), rated(mlp)
+
+
+def compare_populations(lora_rows, mlp_rows, n=1000, seed=0, which="paper"):
+    """LoRA features vs MLP neurons, in the populations `which` picks (see populations): mean
+    detection balanced accuracy and (when rated) the 0/1/2 rubric shares, each with a bootstrap
+    95% interval, and the difference of the means."""
+    if which == "paper":
+        lora_rows, mlp_rows = paper_rows(lora_rows, mlp_rows)
     mean = lambda xs, idx: sum(xs[i] for i in idx) / len(idx)
     table = {}
     for key in ("detection_balanced_accuracy", "rubric"):

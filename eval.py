@@ -293,12 +293,14 @@ def accuracy_ci(scores, seed=0):
     return bootstrap_ci(lambda i: sum(scores[j] for j in i) / len(i), [len(scores)], seed=seed)
 
 
-def grade_sample(bench, generation, gold):
+def grade_sample(bench, generation, gold, question=None):
     """(extracted answer, correct, error). Grading never raises: an answer the grader fails on is
-    ungradeable, counted as wrong and reported with its id (results.json)."""
+    ungradeable, counted as wrong and reported with its id (results.json). GPQA's question lets
+    an answer that restates one option's text count as that option."""
     try:
-        pred = extract_letter(generation) if bench == "gpqa" else extract_answer(generation)
-        return pred, grade(bench, generation, gold), None
+        pred = (extract_letter(generation, question) if bench == "gpqa"
+                else extract_answer(generation))
+        return pred, grade(bench, generation, gold, question), None
     except Exception as e:  # e.g. RecursionError on a degenerate answer: never lose the run
         return None, False, f"{type(e).__name__}: {str(e)[:200]}"
 
@@ -383,7 +385,8 @@ def cmd_run(args):
             g = torch.Generator(device=device).manual_seed(args.seed + bi)
             outs = generate(model, tok, [it["question"] for _, it, _ in batch], gen, g)
             for (name, it, k), o in zip(batch, outs):
-                pred, correct, error = grade_sample(name, o["generation"], it["gold"])
+                pred, correct, error = grade_sample(name, o["generation"], it["gold"],
+                                                    it["question"])
                 # GPQA's authors ask that its questions never be written out
                 rec = dict(benchmark=name, id=it["id"], sample=k, gold=it["gold"], extracted=pred,
                            correct=correct, grading_error=error, **o,
@@ -515,6 +518,12 @@ def cmd_compare(args):
         print(f"{name:10s} {fmt(r['base']):>6s} {fmt(r['full']):>6s} {fmt(r['lora']):>6s} "
               f"{fmt(r['recovery']):>11s} {'[' + fmt(lo) + ', ' + fmt(hi) + ']':>16s} "
               f"{r['problems']}")
+    for name, r in table.items():  # who loses answers to the grader's extraction
+        res = [run["results"][name] for run in runs]
+        r["unparseable"] = {k: x.get("unparseable", 0) / max(1, x.get("samples", 1))
+                            for k, x in zip(("base", "full", "lora"), res)}
+        print(f"{name}: no answer found in " + ", ".join(
+            f"{k} {fmt(v)}%" for k, v in r["unparseable"].items()))
     if args.out:
         write_json(args.out, dict(base=args.base, full=args.full, lora=args.lora,
                                   intersect=args.intersect, protocols=protocols, table=table))

@@ -417,31 +417,65 @@ LETTER = re.compile(r"([A-D])|\(([A-D])\)(?:\s.*)?|([A-D])[).:](?:\s.*)?"
                     r"|(?:Option|Choice)\s+\(?([A-D])\)?[.)]?", re.DOTALL)
 
 
-def extract_letter(generation):
-    """The chosen option A-D, from the answer phase only (never the thinking): the last \\boxed{}
-    there, else what follows its last "Answer:" / "Final Answer:", in a canonical form (LETTER),
-    or a bare lowercase letter (as s1's harness takes it). None otherwise: unparseable, and wrong
-    (the official harness defaulted it to "A")."""
+# a letter stated in prose: "the answer is (C)", "the correct option is D", "Answer: The correct
+# choice is B", "answer is **C**"; the letter must stand alone (not the article in "A lot")
+PROSE_LETTER = re.compile(
+    r"(?i:answer|option|choice)(?:\s+(?i:is|would\s+be|should\s+be|must\s+be))?\s*:?\s*"
+    r"(?:(?i:the\s+)?(?i:correct\s+|best\s+|right\s+)?(?i:answer|option|choice)\s*"
+    r"(?:(?i:is)\s*)?:?\s*)?[*_$(\[{\\text]*\s*([A-D])(?=$|[\s*$)\]}]*(?:$|[).,:;!?\n]))")
+# an option named on a line of its own or in bold: "**B) 7 m/s**", "B) 7 m/s", "**C**"
+LINE_LETTER = re.compile(r"(?m)^[\s>*_]*\(?([A-D])\)(?:\s|$)"
+                         r"|\*\*\(?([A-D])\)?[).:]?(?:\s[^*\n]*)?\*\*")
+
+
+def options(question):
+    """{letter: option text} from a GPQA question's "A) ..." lines."""
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"(?m)^([A-D])\) (.*)$", question or "")}
+
+
+def _squash(s):
+    return re.sub(r"[\s$*_{}\\]+", " ", s).strip().lower()
+
+
+def extract_letter(generation, question=None):
+    """The chosen option A-D, from the answer phase only (never the thinking). First the s1
+    harness's forms: the last \\boxed{} there, else what follows its last "Answer:" / "Final
+    Answer:" in a canonical form (LETTER), or a bare lowercase letter (as s1's harness takes it).
+    s1's harness hands any other answer to an LLM that reads the chosen letter off the prose;
+    here, deterministically: the last letter stated in prose ("the answer is (C)", "the correct
+    option is D"), else the last option on a line of its own or in bold ("**B) 7 m/s**"), else,
+    given the question, the one option whose text the answer restates. None otherwise:
+    unparseable, and wrong (the official harness defaulted it to "A")."""
     text = answer_part(generation)
     cand = last_boxed(text)
     if cand is None:
         m = list(re.finditer(r"(?i)answer\s*:\s*([^\n]*)", text))
-        if not m:
-            return None
-        cand = m[-1].group(1)
-    cand = _strip_text_commands(cand.strip().strip("$*").strip())
-    if cand in ("a", "b", "c", "d"):
-        return cand.upper()
-    m = LETTER.fullmatch(cand)
-    return next(g for g in m.groups() if g) if m else None
+        cand = m[-1].group(1) if m else None
+    if cand is not None:
+        cand = _strip_text_commands(cand.strip().strip("$*").strip())
+        if cand in ("a", "b", "c", "d"):
+            return cand.upper()
+        m = LETTER.fullmatch(cand)
+        if m:
+            return next(g for g in m.groups() if g)
+    for pattern in (PROSE_LETTER, LINE_LETTER):
+        found = [next(g for g in m.groups() if g) for m in pattern.finditer(text)]
+        if found:
+            return found[-1]
+    said = _squash(text)
+    named = [k for k, v in options(question).items() if len(_squash(v)) >= 2
+             and re.search(r"(?<![\w.])" + re.escape(_squash(v)) + r"(?![\w])", said)]
+    return named[0] if len(named) == 1 else None
 
 
-def grade(benchmark, generation, gold):
-    """True when the final answer in `generation` is correct for `gold`."""
+def grade(benchmark, generation, gold, question=None):
+    """True when the final answer in `generation` is correct for `gold` (GPQA: `question` lets an
+    answer that restates one option's text count as that option)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {list(BENCHMARKS)}")
     if benchmark == "gpqa":
-        return extract_letter(generation) == str(gold).strip().upper()
+        return extract_letter(generation, question) == str(gold).strip().upper()
     pred = extract_answer(generation)
     if pred is None:
         return False

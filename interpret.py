@@ -307,7 +307,8 @@ def cmd_autointerp(args):
 def cmd_compare(args):
     check_out(args.out, {"--lora": args.lora, "--mlp": args.mlp})
     fresh_outputs([args.out], args.overwrite)
-    table = compare_populations(read_rows(args.lora)[0], read_rows(args.mlp)[0])
+    table = compare_populations(read_rows(args.lora)[0], read_rows(args.mlp)[0],
+                                which=args.populations)
     for k, r in table.items():
         print(f"{k}: lora {r['lora']:.3f} {r['lora_ci95']} (n={r['n_lora']}) | mlp {r['mlp']:.3f} "
               f"{r['mlp_ci95']} (n={r['n_mlp']}) | difference {r['diff']:+.3f} {r['diff_ci95']}")
@@ -380,6 +381,9 @@ def main(argv=None):
     c.add_argument("--lora", required=True)
     c.add_argument("--mlp", required=True)
     c.add_argument("--out", required=True)
+    c.add_argument("--populations", choices=["paper", "all"], default="paper",
+                   help="paper: MLP-adapter features vs each neuron in its dominant polarity "
+                   "(as report.py); all: every row of both files")
     c.add_argument("--overwrite", action="store_true", help="replace the --out file")
     c.set_defaults(func=cmd_compare)
     args = p.parse_args(argv)

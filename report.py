@@ -29,6 +29,7 @@ from html import escape
 
 import numpy as np
 
+from autointerp import CLASSES, parse_name, populations
 from common import (check_out, differences, file_identity, fresh_outputs, read_json,
                     read_safetensors, user_errors, write_atomic, write_json)
 from dashboard import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart,
@@ -47,7 +48,6 @@ PAPER = dict(
               "adapters near 0; gate_proj is the most important type, then up_proj, then "
               "down_proj"),
     sae="3,584 latents, k = 16; 7 categories by activation mass (the shares are not published)")
-CLASSES = (0, 1, 2)
 COMMANDS = dict(
     recovery="python eval.py compare results/base results/full results/lora --out recovery.json",
     ablations="python eval.py ablate --model M --adapter A --samples RUN/samples.jsonl --out abl/",
@@ -107,38 +107,6 @@ def rubric_summary(rows):
         return dict(n=0)
     return dict(n=len(y), counts=[y.count(c) for c in CLASSES], shares=bootstrap_shares(y),
                 mean=float(np.mean(y)), median=float(np.median(y)))
-
-
-FEATURE = re.compile(r"L(\d+)\.(\w+)([+-])|N(\d+)\.(\d+)([+-])")
-
-
-def parse_name(name):
-    """(layer, kind, polarity) of `L{l}.{target}{+-}` (an adapter) or `N{l}.{i}{+-}` (a neuron, kind
-    = its index); None for SAE latents."""
-    m = FEATURE.fullmatch(name)
-    if not m:
-        return None
-    return (int(m[1]), m[2], m[3]) if m[1] else (int(m[4]), int(m[5]), m[6])
-
-
-def populations(lora_rows, mlp_rows, which="paper"):
-    """The two rated populations: (LoRA rows, MLP rows), each row with a rubric class. paper: the
-    MLP-adapter features, and each neuron in its dominant polarity (the larger top activation,
-    chosen before rating as the paper did: a failed rating drops the neuron); all: every rated
-    row of both files (SAE latents and all 7 adapter types, both polarities of the neurons)."""
-    rated = lambda rows: [r for r in rows if r.get("rubric") in CLASSES]
-    if which == "all":
-        return rated(lora_rows), rated(mlp_rows)
-    lora = [r for r in lora_rows if parse_name(r["name"]) and parse_name(r["name"])[1] in MLP]
-    best = {}
-    for r in (r for r in mlp_rows if parse_name(r["name"])):
-        if "top_value" not in r:
-            raise ValueError(f"feature {r['name']}: no top_value (autointerp.jsonl from an older "
-                             "version); rerun interpret.py autointerp, or --populations all")
-        key = parse_name(r["name"])[:2]
-        if key not in best or r["top_value"] > best[key]["top_value"]:
-            best[key] = r
-    return rated(lora), rated(best.values())
 
 
 def lora_vs_mlp(lora_rows, mlp_rows, which="paper"):

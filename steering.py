@@ -107,7 +107,7 @@ def cmd_steer(args):
                 for i in range(0, len(items), args.batch_size):
                     batch = items[i:i + args.batch_size]
                     outs += generate(model, tok, [it["question"] for it in batch], gen, g)
-            correct = [grade(it["bench"], o["generation"], it["gold"])
+            correct = [grade(it["bench"], o["generation"], it["gold"], it["question"])
                        for it, o in zip(items, outs) if it["bench"]]
             results.append(dict(
                 strength=c, seed=seed, n=len(outs),

@@ -168,16 +168,17 @@ def test_recovery_table_hand_computed():
 
 def test_compare_reports_protocols_and_warns_on_s1_base(tmp_path, capsys):
 
-    def run(name, protocol, per):
+    def run(name, protocol, per, unparseable=0):
         d = tmp_path / name
         d.mkdir()
         (d / "results.json").write_text(json.dumps(dict(protocol=protocol, results={
-            "math500": dict(accuracy=sum(per) / len(per),
+            "math500": dict(accuracy=sum(per) / len(per), samples=len(per),
+                            unparseable=unparseable,
                             per_problem={str(i): x for i, x in enumerate(per)})})))
         return str(d)
     full, lora = run("full", "s1", [1.0, 1.0, 1.0, 0.0]), run("lora", "s1", [1.0, 1.0, 0.0, 0.0])
     for protocol, warned in (("plain", False), ("s1", True)):
-        base = run(f"base_{protocol}", protocol, [1.0, 0.0, 0.0, 0.0])
+        base = run(f"base_{protocol}", protocol, [1.0, 0.0, 0.0, 0.0], unparseable=3)
         t = main(["compare", base, full, lora, "--out", str(tmp_path / f"{protocol}.json")])
         text = capsys.readouterr().out
         assert f"protocols: base {protocol}, full s1, lora s1" in text
@@ -185,6 +186,9 @@ def test_compare_reports_protocols_and_warns_on_s1_base(tmp_path, capsys):
         assert t["math500"]["recovery"] == pytest.approx(0.5)
         saved = json.load(open(tmp_path / f"{protocol}.json"))
         assert saved["protocols"]["base"] == protocol
+        # the share of answers the grader found none in, per model
+        assert saved["table"]["math500"]["unparseable"] == dict(base=0.75, full=0.0, lora=0.0)
+        assert "math500: no answer found in base 75.0%, full 0.0%, lora 0.0%" in text
 
 
 def test_ablation_kl(env, tmp_path):

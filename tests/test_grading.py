@@ -300,8 +300,9 @@ def test_math500_rewrites_agree_with_math_verify():
     ("\\boxed{B}", "B"), ("\\boxed{(C)}", "C"), ("\\boxed{\\text{D}}", "D"), ("Answer: a", "A"),
     ("Answer: (B)", "B"), ("\\boxed{C) 42 kJ}", "C"), ("answer: B.", "B"), ("Answer: **D**", "D"),
     ("Final Answer: (A) 7", "A"), ("Answer: Option C", "C"), ("Answer: $B$", "B"),
-    # not canonical, or not after an answer marker: unparseable (the old fallback took these)
-    ("The answer is C.", None), ("So the correct option is (D)", None), ("I pick choice A", None),
+    # a letter stated in prose counts (s1's harness has an LLM read it off the answer)
+    ("The answer is C.", "C"), ("So the correct option is (D)", "D"), ("I pick choice A", "A"),
+    # a letter that is a word does not
     ("Answer: a prime number is the key", None), ("Answer: A prime number", None),
     ("Answer: c is larger", None), ("nothing to see", None), ("\\boxed{42}", None),
     # the thinking never counts: only what follows the answer marker
@@ -334,3 +335,65 @@ def test_gpqa_no_default_to_a():
 def test_unknown_benchmark():
     with pytest.raises(ValueError, match="unknown benchmark 'mmlu'"):
         grade("mmlu", "x", "y")
+
+
+def test_gpqa_letters_stated_in_prose():
+    """s1's harness has an LLM read the chosen letter off an answer in prose; ours reads it
+    deterministically: 35 phrasings that name a letter or restate one option, and 9 that name
+    none (the article in "A lot", an unclear answer) and must stay unparseable."""
+    Q = "What is it?\n\nA) 7 m/s\nB) 12 m/s\nC) a proton\nD) none of the above"
+    cases = [
+     ("the correct answer is:\n\n**B) 12 m/s**", "B"),
+     ("the answer is (C).", "C"),
+     ("The correct option is D.", "D"),
+     ("Answer: The correct choice is B", "B"),
+     ("the answer is **C**.", "C"),
+     ("So the answer is C", "C"),
+     ("Therefore, the answer would be (A).", "A"),
+     ("The best option is B) 12 m/s.", "B"),
+     ("I choose option D", "D"),
+     ("Choice (B) is correct.", "B"),
+     ("**C**", "C"),
+     ("C) a proton", "C"),
+     ("(D) none of the above", "D"),
+     ("Final answer: the correct answer is A", "A"),
+     ("The answer is: D", "D"),
+     ("answer is $\\text{B}$", "B"),
+     ("The right answer is [C]", "C"),
+     ("After weighing it all, it must be a proton.", "C"),
+     ("The speed is 12 m/s.", "B"),
+     ("So it is none of the above", "D"),
+     ("Thus the correct choice: A", "A"),
+     ("The answer should be B.", "B"),
+     ("Hence the correct answer is option C.", "C"),
+     ("My final answer is (B)", "B"),
+     ("The answer is D) none of the above.", "D"),
+     ("**Answer: C**", "C"),
+     ("Answer: (A) 7 m/s", "A"),
+     ("\\boxed{B}", "B"),
+     ("Answer: c", "C"),
+     ("The correct answer is **(D)**", "D"),
+     ("Option A is wrong, so the answer is C.", "C"),
+     ("We pick B.\n\n**B) 12 m/s**", "B"),
+     ("The answer is option **A**.", "A"),
+     ("It has to be A) 7 m/s", "A"),
+     ("The answer is A.", "A"),
+     # names no letter or option
+     ("A lot depends on the mass.", None),
+     ("I cannot decide.", None),
+     ("An electron, probably.", None),
+     ("The answer is unclear.", None),
+     ("A)nswer withheld", None),
+     ("It is 7 m/s or 12 m/s.", None),
+     ("Answer: I don't know", None),
+     ("Around 9 m/s.", None),
+     ("A careful analysis is needed. Best guess unavailable.", None),
+    ]
+    assert sum(w is not None for _, w in cases) >= 30
+    for text, want in cases:
+        assert extract_letter("<|im_start|>answer\n" + text, Q) == want, text
+    # the option text counts only when the question is known and exactly one option is named
+    assert extract_letter("It must be a proton.") is None
+    assert extract_letter("7 m/s or 12 m/s", Q) is None
+    # the thinking never counts: only the answer phase is read
+    assert extract_letter("<|im_start|>think\nthe answer is B<|im_start|>answer\nunsure", Q) is None

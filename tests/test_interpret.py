@@ -213,21 +213,23 @@ def test_balanced_accuracy_hand_values():
 
 
 def test_compare_populations_hand_values():
-    lora = [{"detection_balanced_accuracy": v, "rubric": r} for v, r in [(0.9, 0), (0.8, 1), (0.7,
-                                                                                              1),
-                                                                                              (0.6,
-                                                                                               2)]]
-    mlp = [{"detection_balanced_accuracy": v, "rubric": r} for v, r in [(0.6, 2), (0.5, 2), (0.7,
-                                                                                             1),
-                                                                                             (0.6,
-                                                                                              2)]]
+    """The paper's populations by default: MLP-adapter features (the q_proj row is left out) and
+    each neuron in its dominant polarity (N1.0- and N3.0+ lose to their other polarity)."""
+    row = lambda n, v, r, top=1.0: dict(name=n, detection_balanced_accuracy=v, rubric=r,
+                                        top_value=top)
+    lora = [row("L0.gate_proj+", 0.9, 0), row("L0.up_proj-", 0.8, 1), row("L1.down_proj+", 0.7, 1),
+            row("L1.gate_proj-", 0.6, 2), row("L0.q_proj+", 0.1, 2)]
+    mlp = [row("N0.0+", 0.6, 2, 3), row("N1.0+", 0.5, 2, 3), row("N1.0-", 0.1, 0, 1),
+           row("N2.0-", 0.7, 1, 3), row("N3.0+", 0.2, 0, 1), row("N3.0-", 0.6, 2, 3)]
     t = compare_populations(lora, mlp)
     d = t["detection_balanced_accuracy"]
     assert (d["lora"] == pytest.approx(0.75) and d["mlp"] == pytest.approx(0.6) and d["diff"]
             == pytest.approx(0.15))
     assert d["lora_ci95"][0] <= 0.75 <= d["lora_ci95"][1]
-    assert t["rubric"]["shares"]["lora"] == {0: 0.25, 1: 0.5,
-                                             2: 0.25} and t["rubric"]["shares"]["mlp"][2] == 0.75
+    assert t["rubric"]["shares"]["lora"] == {0: 0.25, 1: 0.5, 2: 0.25}
+    assert t["rubric"]["shares"]["mlp"][2] == 0.75
+    every = compare_populations(lora, mlp, which="all")["detection_balanced_accuracy"]
+    assert (every["n_lora"], every["n_mlp"]) == (5, 6) and every["lora"] == pytest.approx(0.62)
 
 
 @pytest.mark.parametrize("baseline", ["up_proj", "swiglu"])
