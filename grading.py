@@ -133,8 +133,10 @@ def normalize(s):
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
     # numbers: trailing zeros, leading dot, leading plus
+    # (a decimal written to 6 or more places keeps them: it stands for what rounds to it)
     s = re.sub(r"(?<![\d.])(\d+)\.(\d*?)0+(?![\d])",
-               lambda m: m.group(1) + ("." + m.group(2) if m.group(2) else ""), s)
+               lambda m: m.group(0) if len(m.group(0)) - len(m.group(1)) > 6
+               else m.group(1) + ("." + m.group(2) if m.group(2) else ""), s)
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
     s = re.sub(r"^\+", "", s)
     return s
@@ -235,6 +237,12 @@ class _Parser:
         if t == "\\frac":
             return ("/", self.group(), self.group())
         if t == "\\sqrt":
+            if self.peek() == "[":  # \sqrt[n]{x} = x^(1/n)
+                self.take("[")
+                n = self.expr()
+                self.take("]")
+                return ("^", self.group() if self.peek() == "{" else self.atom(),
+                        ("/", ("num", Fraction(1)), n))
             return ("sqrt", self.group() if self.peek() == "{" else self.atom())
         if t in ("(", "{"):
             e = self.expr()
@@ -365,6 +373,27 @@ def _split_top(s):
     return parts
 
 
+def _pm(s):
+    """The values `x \\pm y` stands for, as a list (one \\pm), else None."""
+    if s.count("\\pm") != 1:
+        return None
+    left, right = s.split("\\pm")
+    return [left + "+" + right, left + "-" + right] if left else ["+" + right, "-" + right]
+
+
+def _same_items(xa, xb):
+    """Two lists equal as multisets (each item matched once, by _equal_norm)."""
+    if len(xa) != len(xb):
+        return False
+    left = list(xb)
+    for x in xa:
+        k = next((i for i, y in enumerate(left) if _equal_norm(x, y)), None)
+        if k is None:
+            return False
+        left.pop(k)
+    return True
+
+
 def _equal_norm(a, b):
     if a == b:
         return True
@@ -376,23 +405,29 @@ def _equal_norm(a, b):
             return va is not None and vb is not None and va == vb
         except (ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError):
             return False
-    # tuples / intervals / lists: same brackets, same length, equal components in order
-    if "," in a or "," in b:
-        pa, pb = a, b
+    # words ("\\text{Neither}" and "neither"): case does not matter
+    if re.fullmatch(r"[A-Za-z]{2,}", a) and re.fullmatch(r"[A-Za-z]{2,}", b):
+        return a.lower() == b.lower()
+    if "\\cup" in a or "\\cup" in b:  # a union is a set of intervals: order-free
+        return _same_items(a.split("\\cup"), b.split("\\cup"))
+    # a set \\{...\\} or a bare list "3, 5, 7" is order-free, and x \\pm y stands for its two
+    # values (as math-verify reads them); tuples and intervals keep order and bracket types
+    unset = lambda x: x[2:-2] if x.startswith("\\{") and x.endswith("\\}") else x
+    pa, pb = unset(a), unset(b)
+    if "," in pa + pb or "\\pm" in pa + pb:
         brackets = lambda x: (x[0], x[-1]) if x and x[0] in "([{" and x[-1] in ")]}" else ("", "")
         if brackets(pa) != brackets(pb):
             return False
         if brackets(pa) != ("", ""):
-            pa, pb = pa[1:-1], pb[1:-1]
-        xa, xb = _split_top(pa), _split_top(pb)
-        return len(xa) == len(xb) and len(xa) > 1 and all(_equal_norm(x, y) for x, y in zip(xa, xb))
-    if "\\cup" in a or "\\cup" in b:
-        xa, xb = a.split("\\cup"), b.split("\\cup")
-        return len(xa) == len(xb) and all(_equal_norm(x, y) for x, y in zip(xa, xb))
+            xa, xb = _split_top(pa[1:-1]), _split_top(pb[1:-1])
+            return len(xa) == len(xb) > 1 and all(_equal_norm(x, y) for x, y in zip(xa, xb))
+        values = lambda x: [v for item in _split_top(x) for v in (_pm(item) or [item])]
+        xa, xb = values(pa), values(pb)
+        return len(xa) > 1 and _same_items(xa, xb)
     if a.count("=") == 1 and b.count("=") == 1:
         (la, ra), (lb, rb) = a.split("="), b.split("=")
         return _equal_norm(la, lb) and _equal_norm(ra, rb)
-    if any(c in a + b for c in "[]") or "\\begin" in a + b or "\\pm" in a + b:
+    if any(c in a + b for c in "[]") and "\\sqrt[" not in a + b or "\\begin" in a + b:
         return False
     return _value_equal(a, b)
 
