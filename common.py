@@ -61,6 +61,31 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
+def read_log(path, repair=False):
+    """The rows of an append-only jsonl file (metrics, answers), [] when there is none. A last
+    line without its newline is what a kill or a full disk leaves mid-write: it is not a row (its
+    item is redone), and with repair (the file's writer, before it appends again) it is cut off the
+    file. Damage anywhere else is an error naming the file and the line."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if repair and end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+    rows = []
+    for n, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if raw.strip():
+            try:
+                rows.append(json.loads(raw.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({type(e).__name__}); only a "
+                                 "cut last line is repaired, this one needs a look") from None
+    return rows
+
+
 def write_json(path, obj, indent=1):
     write_atomic(path, json.dumps(obj, indent=indent))
 

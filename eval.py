@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from common import (DTYPES, add_config_flags, bootstrap_ci, check_out, cleanup_dist,
                     config_from_flags, file_identity, fresh_outputs, model_identity, setup_dist,
-                    start_run, user_errors, write_atomic, write_json)
+                    read_log, start_run, user_errors, write_atomic, write_json)
 from dashboard import ablation_html
 from data import (ANSWER, FINAL_ANSWER, THINK, Tokenizer, read_rows, render_chat, s1_example,
                   s1_prompt)
@@ -324,25 +324,16 @@ def run_settings(args, gen, benches, tok, n_samples):
                 samples_per_problem=n_samples)
 
 
-def finished_records(out):
+def finished_records(out, rank=None):
     """{(benchmark, id, sample): record} of the answers already generated and graded in --out:
     the per-rank files being appended, and samples.jsonl once a run has finished. A last line cut
-    by a kill is ignored (its problem is simply redone)."""
+    by a kill or a full disk is no record (its problem is simply redone); `rank` cuts it off that
+    rank's own file before the rank appends to it again."""
     done = {}
     files = sorted(glob.glob(os.path.join(out, "samples.rank-*.jsonl")))
     for f in [os.path.join(out, "samples.jsonl")] + files:
-        if not os.path.isfile(f):
-            continue
-        lines = open(f, encoding="utf-8").read().split("\n")
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines):  # the unterminated last line of a killed writer
-                    continue
-                raise ValueError(f"{f} line {n}: not valid JSON") from None
+        mine = rank is not None and f == os.path.join(out, f"samples.rank-{rank:05d}.jsonl")
+        for r in read_log(f, repair=mine):
             done.setdefault((r["benchmark"], r["id"], r["sample"]), r)
     return done
 
@@ -373,7 +364,7 @@ def cmd_run(args):
     # fixed batches, batch i on rank i % world, seeded per batch: the same answers for any world
     # size, and for a run that was killed and continued
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
-    done = finished_records(args.out)
+    done = finished_records(args.out, rank)
     mine = [(bi, batch) for bi, batch in enumerate(batches) if bi % world == rank
             and not all((name, it["id"], k) in done for name, it, k in batch)]
     bar = tqdm(total=sum(len(b) for _, b in mine), desc=f"eval rank {rank}", disable=rank != 0,

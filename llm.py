@@ -44,11 +44,15 @@ class LLM:
         body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens,
                            "temperature": 0})
         f = os.path.join(self.cache_dir, hashlib.sha256(body.encode()).hexdigest() + ".json")
-        if os.path.isfile(f):
-            with open(f) as fh:
+        try:
+            with open(f, encoding="utf-8") as fh:
                 content = json.load(fh).get("content")
             if isinstance(content, str):
                 return content
+        except FileNotFoundError:
+            pass
+        except (ValueError, AttributeError):  # a damaged cache entry is a miss, then replaced
+            pass
         headers = {"Content-Type": "application/json",
                    **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
         req = urllib.request.Request(self.url + "/chat/completions", data=body.encode(),

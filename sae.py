@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from batchtopk import SAE, batch_topk, evaluate, sparse_decode
 from collect import ActivationStore
-from common import (add_config_flags, check_out, config_from_flags, read_json, read_safetensors,
+from common import (add_config_flags, check_out, config_from_flags, read_json, read_log,
+                    read_safetensors,
                     safetensors_metadata, same_origin, start_run, user_errors, write_atomic,
                     write_json)
 from dashboard import frontier_chart
@@ -287,9 +288,10 @@ def cmd_train(args):
     state_file = out("train-state.safetensors")
     step = (json.loads(safetensors_metadata(state_file)["rank1"])["step"]
             if os.path.isfile(state_file) else 0)
-    kept = ([l for l in open(out("metrics.jsonl")) if l.strip() and json.loads(l)["step"] <= step]
-            if step and os.path.isfile(out("metrics.jsonl")) else [])
-    write_atomic(out("metrics.jsonl"), "".join(kept))  # each logged step once, after a resume
+    kept = [r for r in read_log(out("metrics.jsonl"), repair=True) if r["step"] <= step] if step \
+        else []
+    # each logged step once, after a resume
+    write_atomic(out("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
     with open(out("metrics.jsonl"), "a") as mf:
         sae = train_sae(store.load_all(), cfg, metrics_file=mf, state_file=state_file)
     write_json(out("metrics.json"), dict(heldout=sae.metrics, sites=store.index["sites"],

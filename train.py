@@ -56,8 +56,8 @@ from tqdm import tqdm
 
 from common import (DTYPES, add_config_flags, check_out, checkpoint_tensors, cleanup_dist,
                     config_from_flags, differences, file_identity, model_identity, print0,
-                    read_json, read_safetensors, save_hf_checkpoint, setup_dist, user_errors,
-                    write_atomic, write_json)
+                    read_json, read_log, read_safetensors, save_hf_checkpoint, setup_dist,
+                    user_errors, write_atomic, write_json)
 from data import Tokenizer, data_identity, load_examples
 from lora import ADAPTER_FILES, SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
 from model import Qwen2, Qwen2Config
@@ -541,8 +541,8 @@ def train(cfg, rank, world, device):
         start, losses = load_checkpoint(cfg, model, opt, rank, world, made_from)
     metrics_file = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0 and os.path.isfile(metrics_file):  # each step once: drop what a resume redoes
-        kept = [l for l in open(metrics_file) if l.strip() and json.loads(l)["step"] <= start]
-        write_atomic(metrics_file, "".join(kept))
+        kept = [r for r in read_log(metrics_file, repair=True) if r["step"] <= start]
+        write_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
     lora_params = [p for _, p in trainable(model)] if cfg.mode == "lora" else []
 
     stop = {"term": False}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from autointerp import autointerp
 from collect import ActivationStore
-from common import read_json, safetensors_metadata
+from common import read_json, read_log, safetensors_metadata
 from conftest import (ROOT, SHARED_DATA, FakeLLM, hf_tiny, kill_when, run_script, save_hf,
                       script_cmd, tiny_tokenizer)
 from eval import grade_sample, load_benchmark, recovery_table
@@ -152,6 +152,8 @@ def test_2_eval_run_killed_three_times_gives_the_uninterrupted_results(env, tmp_
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(p, lambda: lines() >= n)
         assert not (out / "results.json").exists()
+    with open(part, "a") as f:  # killed inside a write, or a full disk: a cut last line
+        f.write('{"benchmark": "math500", "id": "p9", "sam')
     run_script("eval.py", eval_args(env, out))
     for f in ("results.json", "samples.jsonl"):
         assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
@@ -230,12 +232,29 @@ def test_4_train_killed_three_times_gives_the_uninterrupted_run(env, tmp_path):
         p = subprocess.Popen(script_cmd("train.py", train_args(env, out, *extra)), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(p, lambda: steps() >= n)
+    with open(metrics, "a") as f:  # a cut last line of the step log
+        f.write('{"step": 99, "lo')
     run_script("train.py", train_args(env, out, "--save-every", 1, "--resume"))
     ref, got = (read_json(d / "result.json") for d in (tmp_path / "ref", out))
     assert got["losses"] == ref["losses"]
     assert [json.loads(l)["step"] for l in open(metrics)] == list(range(1, ref["steps"] + 1))
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "ref", out))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_append_only_logs_survive_a_cut_last_line_and_name_other_damage(tmp_path):
+    """read_log drops a last line without its newline (and, for its writer, cuts it off the
+    file so appending continues cleanly); damage anywhere else names the file and line."""
+    f = tmp_path / "metrics.jsonl"
+    f.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_log(str(f)) == [{"step": 1}, {"step": 2}]
+    assert f.read_bytes().endswith(b'"lo')  # a reader leaves the file alone
+    assert read_log(str(f), repair=True) == [{"step": 1}, {"step": 2}]
+    assert f.read_bytes() == b'{"step": 1}\n{"step": 2}\n'
+    f.write_bytes(b'{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"{f} line 2: not valid JSON"):
+        read_log(str(f))
+    assert read_log(str(tmp_path / "none.jsonl")) == []
 
 
 # --- 5. no trained-on tokens ----------------------------------------------------------------------
@@ -479,6 +498,8 @@ def test_sae_train_killed_three_times_gives_the_uninterrupted_sae(env, tmp_path)
         p = subprocess.Popen(script_cmd("sae.py", sae_args(tmp_path / "acts", out)), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(p, saved_step(n))
+    with open(out / "metrics.jsonl", "a") as f:  # a cut last line of the step log
+        f.write('{"step": 39, "fv')
     run_script("sae.py", sae_args(tmp_path / "acts", out))
     ref = tmp_path / "ref"
     assert (out / "sae.safetensors").read_bytes() == (ref / "sae.safetensors").read_bytes()
