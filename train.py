@@ -93,7 +93,9 @@ class TrainConfig:
     activation_checkpointing: bool = True
     loss_chunk: int = 1024      # rows of logits at a time in the loss
     seed: int = 42
-    save_every: int = 0         # checkpoint every N steps (0: only at the end / on SIGTERM)
+    save_every: int = 0         # checkpoint every N steps (0: by --save-minutes only)
+    save_minutes: float = 20.0  # also checkpoint when this much wall time passed since the last
+    #                             save (0: never by time); and always on SIGINT / SIGTERM
     max_steps: int = 0          # stop after this many steps (0: the full schedule); for smoke tests
     resume: bool = False        # continue from the newest checkpoint in out/ckpt
     overwrite: bool = False     # start over in an --out that holds an earlier run (its files only)
@@ -545,8 +547,12 @@ def train(cfg, rank, world, device):
         write_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
     lora_params = [p for _, p in trainable(model)] if cfg.mode == "lora" else []
 
-    stop = {"term": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("term", True))
+    # Ctrl-C (SIGINT) and a scheduler's SIGTERM finish the step, save a checkpoint and exit
+    # with 128 + the signal's number, so that `train.py && eval.py` stops there
+    stop = {"sig": 0}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: stop.__setitem__("sig", s))
+    t_saved = time.time()
     metrics = open(metrics_file, "a") if rank == 0 else None
     bar = tqdm(total=total_run, initial=start, disable=rank != 0, desc="train", file=sys.stderr)
     t_start = time.time()
@@ -602,12 +608,21 @@ def train(cfg, rank, world, device):
             metrics.flush()
         bar.update(1)
         last = step + 1 == total_run
-        if stop["term"] or last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+        sig = stop["sig"]
+        if world > 1:  # every rank stops after the same step: the save is collective
+            flag = torch.tensor([float(sig)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            sig = int(flag.item())
+        due = (cfg.save_every and (step + 1) % cfg.save_every == 0
+               or cfg.save_minutes and time.time() - t_saved >= 60 * cfg.save_minutes)
+        if sig or last or due:
             save_checkpoint(cfg, model, opt, step, losses, rank, world, made_from)
-        if stop["term"]:
-            print0(f"SIGTERM: saved the checkpoint after step {step + 1} to {cfg.out}/ckpt; "
-                   "exiting")
-            return losses
+            t_saved = time.time()
+        if sig:
+            bar.close()
+            print0(f"{signal.Signals(sig).name}: saved the checkpoint after step {step + 1} in "
+                   f"{cfg.out}/ckpt; to continue, run the same command with --resume")
+            raise SystemExit(128 + sig)
     bar.close()
     result = dict(steps=total_run, final_loss=losses[-1] if losses else None, losses=losses,
                   trainable_params=n_train, world=world, data_stats=stats, origin=made_from)

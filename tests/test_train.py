@@ -126,17 +126,33 @@ def test_resume_after_sigkill_and_across_world_sizes(setup, tmp_path):
         assert max((a[k] - ref_ad[k]).abs().max().item() for k in a) < 1e-5, d
 
 
-def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
-    p = run(setup, tmp_path / "t", "--epochs", "50", wait=False)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_save_exit_nonzero_and_resume_equals_an_uninterrupted_run(setup, tmp_path, sig):
+    """A scheduler's SIGTERM and Ctrl-C both finish the step, save a checkpoint and exit with
+    128 + the signal (so `train.py && eval.py` stops); --resume then gives the uninterrupted run."""
+    run(setup, tmp_path / "ref", "--epochs", "10")
+    p = run(setup, tmp_path / "t", "--epochs", "10", wait=False)
     wait_for_steps(tmp_path / "t", 1)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out[-2000:]
-    assert "SIGTERM: saved the checkpoint" in out
+    assert p.returncode == 128 + sig, out[-2000:]
+    assert f"{sig.name}: saved the checkpoint" in out and "--resume" in out
+    assert "Traceback" not in out
     (step_dir,) = (tmp_path / "t" / "ckpt").iterdir()  # the one complete checkpoint
     meta = json.load(open(step_dir / "meta.json"))
     assert step_dir.name == f"step-{meta['step'] + 1:06d}"
-    assert meta["step"] + 1 == len(losses(tmp_path / "t"))
+    assert meta["step"] + 1 == len(losses(tmp_path / "t")) < 20
+    run(setup, tmp_path / "t", "--epochs", "10", "--resume")
+    assert losses(tmp_path / "t") == losses(tmp_path / "ref")
+    a, b = adapter(tmp_path / "t"), adapter(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_by_wall_time_by_default(setup, tmp_path):
+    """Without --save-every, a run still checkpoints every --save-minutes (20 by default)."""
+    run(setup, tmp_path / "m", "--save-minutes", "1e-9", "--max-steps", "3")
+    assert sorted(d.name for d in (tmp_path / "m" / "ckpt").iterdir()) == ["step-000003"]
+    assert json.load(open(tmp_path / "m" / "config.json"))["save_minutes"] == 1e-9
 
 
 def test_loss_normalised_by_tokens_of_the_global_batch(setup, tmp_path):
