@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -428,8 +429,12 @@ def user_errors(script):
     ends the command with that one line instead of a traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a full disk, a read-only or missing path
         raise SystemExit(f"{script}: {e}") from None
+    except (RuntimeError, AssertionError) as e:
+        if "CUDA" not in str(e):
+            raise
+        raise SystemExit(f"{script}: {e} (no such device here: check --device)") from None
 
 
 def field_comments(cls):
@@ -463,6 +468,20 @@ def add_config_flags(parser, cls, skip=(), choices=None):
         else:
             parser.add_argument(flag, type=type(f.default), default=None, help=text,
                                 choices=(choices or {}).get(f.name))
+
+
+def check_numbers(cfg, positive=(), nonnegative=(), unit=(), below_one=()):
+    """One line naming the flag when a number of cfg is not finite or out of its range: positive
+    (> 0), nonnegative (>= 0), unit ([0, 1]), below_one ([0, 1))."""
+    for names, ok, want in ((positive, lambda v: v > 0, "> 0"),
+                            (nonnegative, lambda v: v >= 0, ">= 0"),
+                            (unit, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                            (below_one, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            v = getattr(cfg, name)
+            if not math.isfinite(v) or not ok(v):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {want}, "
+                                 f"got {v}")
 
 
 def config_from_flags(cls, ns, base=None):

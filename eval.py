@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, add_config_flags, bootstrap_ci, check_out, cleanup_dist,
-                    config_from_flags, file_identity, fresh_outputs, model_identity, setup_dist,
-                    read_log, start_run, user_errors, write_atomic, write_json)
+from common import (DTYPES, add_config_flags, bootstrap_ci, check_numbers, check_out, cleanup_dist,
+                    config_from_flags, file_identity, fresh_outputs, model_identity, read_log,
+                    setup_dist, start_run, user_errors, write_atomic, write_json)
 from dashboard import ablation_html
 from data import (ANSWER, FINAL_ANSWER, THINK, Tokenizer, read_rows, render_chat, s1_example,
                   s1_prompt)
@@ -187,6 +187,9 @@ class GenConfig:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, "
                              f"got {self.protocol!r}")
+        check_numbers(self, positive=("max_context",), unit=("top_p",),
+                      nonnegative=("thinking_budget", "answer_reserve", "max_answer_tokens",
+                                   "wait", "temperature"))
         if "{question}" not in self.template:
             raise ValueError(f"--template must contain {{question}}, got {self.template!r}")
 

@@ -36,10 +36,9 @@ from tqdm import tqdm
 
 from batchtopk import SAE, batch_topk, evaluate, sparse_decode
 from collect import ActivationStore
-from common import (add_config_flags, check_out, config_from_flags, read_json, read_log,
-                    read_safetensors,
-                    safetensors_metadata, same_origin, start_run, user_errors, write_atomic,
-                    write_json)
+from common import (add_config_flags, check_numbers, check_out, config_from_flags, read_json,
+                    read_log, read_safetensors, safetensors_metadata, same_origin, start_run,
+                    user_errors, write_atomic, write_json)
 from dashboard import frontier_chart
 
 # -----------------------------------------------------------------------------
@@ -73,8 +72,14 @@ class SAEConfig:
         for f in ("expansion", "k", "batch_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"SAEConfig.{f} must be >= 1")
-        if not 0 <= self.holdout < 1 or self.init not in ("random", "data"):
-            raise ValueError("SAEConfig: holdout must be in [0, 1), init random or data")
+        if self.init not in ("random", "data"):
+            raise ValueError(f"--init must be random or data, got {self.init!r}")
+        check_numbers(self, positive=("lr",), below_one=("holdout", "threshold_beta"),
+                      nonnegative=("epochs", "min_tokens", "steps", "warmup", "aux_coeff",
+                                   "k_aux", "dead_tokens", "plateau"))
+        for f in ("log_every", "save_every"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"--{f.replace('_', '-')} must be >= 1")
 
 
 def train_step(sae, xn, cfg, state):

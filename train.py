@@ -54,9 +54,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
-from common import (DTYPES, add_config_flags, check_out, checkpoint_tensors, cleanup_dist,
-                    config_from_flags, differences, file_identity, model_identity, print0,
-                    read_json, read_log, read_safetensors, save_hf_checkpoint, setup_dist,
+from common import (DTYPES, add_config_flags, check_numbers, check_out, checkpoint_tensors,
+                    cleanup_dist, config_from_flags, differences, file_identity, model_identity,
+                    print0, read_json, read_log, read_safetensors, save_hf_checkpoint, setup_dist,
                     user_errors, write_atomic, write_json)
 from data import Tokenizer, data_identity, load_examples
 from lora import ADAPTER_FILES, SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
@@ -113,6 +113,11 @@ class TrainConfig:
         for k in ("rank", "epochs", "global_batch", "micro_batch", "block_size", "loss_chunk"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+        # --grad-clip 0 is no clipping, as HF reads it
+        check_numbers(self, positive=("lr", "alpha", "eps"),
+                      nonnegative=("weight_decay", "grad_clip", "save_every", "save_minutes",
+                                   "max_steps"),
+                      unit=("warmup_ratio",), below_one=("beta1", "beta2"))
 
     @property
     def target_list(self):
@@ -581,7 +586,8 @@ def train(cfg, rank, world, device):
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         dist.all_reduce(local_loss)
         loss = local_loss.item() / max(n_tok, 1)
-        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable(model)], cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable(model)],
+                                               cfg.grad_clip or math.inf)  # 0: no clipping
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"

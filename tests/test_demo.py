@@ -69,8 +69,8 @@ def test_adapter_loads_in_peft_and_matches_ours(demo_run):
 def test_eval_results_schema(demo_run):
     out, _, _ = demo_run
     n = len(open(out / "data" / "heldout.jsonl").readlines())
-    for run, protocol in (("base_plain", "plain"), ("base", "s1"), ("full", "s1"),
-                          ("rank1", "s1")):
+    for run, protocol in (("base_plain", "plain"), ("base_textbook", "completion"),
+                          ("base", "s1"), ("full", "s1"), ("rank1", "s1")):
         res = json.load(open(out / "eval" / run / "results.json"))
         r = res["results"]["math"]
         assert res["protocol"] == protocol
@@ -83,6 +83,17 @@ def test_eval_results_schema(demo_run):
     assert t["table"]["math"]["problems"] == n
     s = json.load(open(out / "summary.json"))
     assert s["accuracy"]["full"]["accuracy"] == pytest.approx(t["table"]["math"]["full"])
+    # the premise, measured: the base given a textbook page's opening, and the share of it
+    ceiling = json.load(open(out / "eval" / "base_textbook" / "results.json"))
+    c = ceiling["results"]["math"]["accuracy"]
+    assert s["accuracy"]["base_textbook"]["accuracy"] == c
+    assert ceiling["settings"]["generation"]["template"] == "Problem: {question}\nSolution:\n"
+    if c:
+        assert s["of_ceiling"]["rank1"] == pytest.approx(s["accuracy"]["rank1"]["accuracy"] / c)
+    # what the figures came from
+    env = s["environment"]
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert env["pins"]["OMP_NUM_THREADS"] and "cpu_capability" in env
     assert s["recovery"]["recovery"] == t["table"]["math"]["recovery"]
     s1 = json.load(open(out / "eval" / "recovery_s1.json"))
     assert s1["protocols"]["base"] == "s1"
@@ -136,3 +147,25 @@ def test_report_opens_and_shows_the_llm_commands(demo_run):
     dom, log = chromium_dom((out / "interpret" / "report" / "report.html").as_uri())
     assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
     assert "Greedy MLP ablation" in dom and "interpret.py autointerp" in dom
+
+
+@pytest.mark.multiseed
+def test_two_seeds_report_the_spread(demo_run):
+    """`--seeds 0,1` on the fast profile: seed 0's stages are reused, seed 1 trains and evaluates
+    its own base and finetunes, and every headline number is reported as mean [min, max]. Not in
+    the default run (`python -m pytest -m multiseed`)."""
+    out, _, _ = demo_run
+    cmd = [sys.executable, os.path.join(ROOT, "demo.py"), "--fast", "--out", str(out),
+           "--seeds", "0,1"]
+    r = subprocess.run(cmd, capture_output=True, text=True,
+                       env={**os.environ, "RANK1_DEMO_QUIET": "1"}, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[base] cached" in r.stdout and "[interpret] cached" in r.stdout
+    s = json.load(open(out / "summary.json"))
+    assert s["seeds"] == [0, 1] and set(s["per_seed"]) == {"0", "1"}
+    ceilings = [f["accuracy"]["base_textbook"]["accuracy"] for f in s["per_seed"].values()]
+    assert all(0 <= c <= 1 for c in ceilings)
+    assert s["spread"]["ceiling"] == dict(mean=sum(ceilings) / 2, min=min(ceilings),
+                                          max=max(ceilings))
+    assert (out / "seed-1" / "eval" / "base_textbook" / "results.json").exists()
+    assert "over seeds 0,1 (mean [min, max]): ceiling" in r.stdout

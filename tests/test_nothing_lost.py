@@ -508,3 +508,37 @@ def test_sae_train_killed_three_times_gives_the_uninterrupted_sae(env, tmp_path)
                       for l in open(f)]
     assert drop(out / "metrics.jsonl") == drop(tmp_path / "ref" / "metrics.jsonl")
     assert not state.exists()
+
+
+def test_numbers_are_checked_where_they_enter():
+    """A NaN, a negative or an out-of-range number is one line naming the flag; --grad-clip 0 is
+    no clipping (as HF reads it)."""
+    from eval import GenConfig
+    from sae import SAEConfig
+    from train import TrainConfig
+    for cls, field, value, want in (
+            (TrainConfig, "lr", float("nan"), "--lr must be a finite number > 0"),
+            (TrainConfig, "grad_clip", -1.0, "--grad-clip must be a finite number >= 0"),
+            (TrainConfig, "beta2", 1.0, "--beta2 must be a finite number in \\[0, 1\\)"),
+            (TrainConfig, "warmup_ratio", 1.5, "--warmup-ratio must be a finite number in"),
+            (SAEConfig, "threshold_beta", float("nan"), "--threshold-beta must be a finite"),
+            (SAEConfig, "steps", -3, "--steps must be a finite number >= 0"),
+            (SAEConfig, "lr", float("inf"), "--lr must be a finite number > 0"),
+            (GenConfig, "temperature", -0.5, "--temperature must be a finite number >= 0"),
+            (GenConfig, "top_p", 2.0, "--top-p must be a finite number in \\[0, 1\\]")):
+        with pytest.raises(ValueError, match=want):
+            cls(**{field: value})
+    assert TrainConfig(grad_clip=0.0).grad_clip == 0.0
+
+
+def test_grad_clip_zero_means_no_clipping(env, tmp_path):
+    """With --grad-clip 0 the first step equals an unclipped one (clip_grad_norm_'s own reading of
+    0 zeroes every gradient, and B would stay 0)."""
+    outs = {}
+    for clip in ("0", "1e9"):
+        out = tmp_path / clip
+        run_script("train.py", train_args(env, out, "--grad-clip", clip, "--max-steps", 1))
+        outs[clip] = load_file(out / "adapter" / "adapter_model.safetensors")
+    same = lambda a, b: all(torch.equal(outs[a][k], outs[b][k]) for k in outs[a])
+    assert same("0", "1e9")
+    assert any(v.abs().max() > 0 for k, v in outs["0"].items() if "lora_B" in k)
