@@ -208,7 +208,8 @@ def collect(args):
     if rank == 0:
         start_run(args.out, "collect.json", settings, STORE_FILE.fullmatch, args.overwrite)
     torch.distributed.barrier()
-    model, _ = load_model(args.model, args.adapter, args.dtype, device=dev)
+    model, _ = load_model(args.model, args.adapter, args.dtype, device=dev,
+                          other_base=args.other_base)
     layout = [list(s) for s in sites(model)]
     if not 0 <= args.mlp_neurons <= model.cfg.intermediate_size:
         raise ValueError(f"--mlp-neurons {args.mlp_neurons}: expected 0 to the MLP width "
@@ -272,7 +273,9 @@ def collect(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    p.add_argument("--other-base", action="store_true",
+                   help="use an adapter trained on another base than --model")
     p.add_argument("--data", required=True,
                    help="s1K-1.1 rows (.jsonl/.parquet) or eval.py samples.jsonl")
     p.add_argument("--format", default="s1", choices=["s1", "paper", "samples"])

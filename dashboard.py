@@ -269,6 +269,8 @@ def main(argv=None):
     p.add_argument("--sae", help="SAE directory (for its metrics)")
     p.add_argument("--model")
     p.add_argument("--adapter", help="with --model: tokens promoted by down_proj / o_proj adapters")
+    p.add_argument("--other-base", action="store_true",
+                   help="use an adapter trained on another base than --model")
     p.add_argument("--tokenizer")
     p.add_argument("--overwrite", action="store_true", help="replace the --out file")
     args = p.parse_args(argv)
@@ -307,7 +309,7 @@ def build(args):
                                if not isinstance(v, dict)}
     if args.model and args.adapter:
         same_adapter(adapter_identity(args.adapter), args.adapter)
-        model, _ = load_model(args.model, args.adapter)
+        model, _ = load_model(args.model, args.adapter, other_base=args.other_base)
         prom = promoted_tokens(model, Tokenizer(args.tokenizer or args.model))
         for f in data["features"]:
             if f["name"] in prom:

@@ -21,13 +21,17 @@ finished; a changed setting or generator reruns that stage and the ones after it
             --mode full on the packed corpus): the "instruct" base.
  rank1      `train.py` (PRESETS["rank1"]): rank-1 LoRA on all 7 projections, the paper's recipe.
  full       `train.py` (PRESETS["full"]): the full-finetune baseline.
- eval       `eval.py run` (s1 protocol, greedy) of base, full and rank-1; `eval.py compare`.
+ eval       `eval.py run` (greedy) of full and rank-1 (s1 protocol) and of the base: plain (as s1
+            ran its base), s1, and given a textbook page's opening (`--protocol completion`):
+            the capability ceiling the finetunes can elicit, measured; `eval.py compare`.
  interpret  `collect.py` on the mini-s1K traces, `sae.py train`, `eval.py ablate`,
             `interpret.py mine`, `dashboard.py` and `report.py`.
 
-The summary (printed, and saved as summary.txt / summary.json) holds the recovery table, ablation
-highlights, and the adapter scalar and SAE latent that best separate carry/borrow steps from the
-rest.
+The summary (printed, and saved as summary.txt / summary.json with the package versions and CPU
+numerics it ran with) holds the recovery table, ablation highlights, and the adapter scalar and
+SAE latent that best separate carry/borrow steps from the rest. `--seeds 0,1,2` trains and
+evaluates a base and both finetunes per seed (cached per seed) and reports each headline number
+as its mean and range.
 Every stage runs the same scripts and code paths a 32B run uses; only this data generator, the model
 size and the step counts are small. `--fast` is the CI variant (fewer steps and problems).
 """

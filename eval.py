@@ -361,7 +361,8 @@ def cmd_run(args):
         start_run(args.out, "run.json", settings, lambda n: n in RUN_FILES or re.fullmatch(
             r"samples\.rank-\d{5}\.jsonl", n), args.overwrite)
     torch.distributed.barrier()
-    model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device)
+    model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device,
+                                 args.other_base)
     jobs = [(benches[b][0], it, k) for b, (_, _, items) in enumerate(benches) for it in items
             for k in range(n_samples)]
     # fixed batches, batch i on rank i % world, seeded per batch: the same answers for any world
@@ -672,7 +673,8 @@ def cmd_ablate(args):
     outputs = [os.path.join(args.out, f) for f in ("ablations.json", "ablations.html")]
     fresh_outputs(outputs, args.overwrite)
     tok = Tokenizer(args.tokenizer or args.model)
-    model, identity = load_model(args.model, args.adapter, args.dtype, device=device)
+    model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
+                                 other_base=args.other_base)
     seqs = ablation_sequences(args, tok)
     made_from = dict(samples=file_identity(args.samples) if args.samples else None,
                      s1=file_identity(args.s1) if args.s1 else None, max_tokens=args.max_tokens,
@@ -716,6 +718,8 @@ def add_model_flags(p, adapter_required=False):
     """--model, --adapter, --tokenizer, --dtype: what load_model and the tokenizer need."""
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--adapter", required=adapter_required, help="PEFT adapter directory")
+    p.add_argument("--other-base", action="store_true",
+                   help="use an adapter trained on another base than --model")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
 

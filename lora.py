@@ -595,9 +595,28 @@ def adapter_identity(adapter_dir):
                 weights_sha256=sha256_file(os.path.join(adapter_dir, "adapter_model.safetensors")))
 
 
-def load_model(path, adapter=None, dtype=None, merge=False, device="cpu"):
-    """An HF model directory, optionally with a PEFT adapter (merged into the weights with merge):
-    (model in eval mode, identity), identity being what results record about the weights."""
+def check_base(path, adapter, other_base=False):
+    """An adapter trained here records its base (rank1.json): another base is an error unless
+    other_base (--other-base) says it is meant. The base's path may differ; its config and weight
+    files may not."""
+    f = os.path.join(adapter, "rank1.json")
+    if other_base or not os.path.isfile(f):
+        return
+    with open(f) as fh:
+        was = (json.load(fh).get("made_from") or {}).get("model")
+    now = model_identity(path)
+    if was and {k: v for k, v in was.items() if k != "path"} != \
+            {k: v for k, v in now.items() if k != "path"}:
+        raise ValueError(f"{adapter} was trained on {was.get('path')}, whose config or weight "
+                         f"files differ from {path}'s; pass --other-base to use it anyway")
+
+
+def load_model(path, adapter=None, dtype=None, merge=False, device="cpu", other_base=False):
+    """An HF model directory, optionally with a PEFT adapter (merged into the weights with merge;
+    its recorded base checked, see check_base): (model in eval mode, identity), identity being
+    what results record about the weights."""
+    if adapter:
+        check_base(path, adapter, other_base)
     model = Qwen2.from_pretrained(path, dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype,
                                   device=device)
     identity = dict(model=model_identity(path), adapter=None, merged=False,
@@ -645,13 +664,16 @@ def main(argv=None):
     e = sub.add_parser("export", help="write base + adapter, merged, as an HF checkpoint")
     e.add_argument("--model", required=True, help="HF model directory (the base)")
     e.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    e.add_argument("--other-base", action="store_true",
+                   help="use an adapter trained on another base than --model")
     e.add_argument("--out", required=True, help="output directory (safetensors, config.json)")
     e.add_argument("--dtype", choices=sorted(DTYPES), help="default: the base checkpoint's")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     args = p.parse_args(argv)
     with user_errors("lora.py"):
         check_out(args.out, {"--model": args.model, "--adapter": args.adapter})
-        model, identity = load_model(args.model, args.adapter, args.dtype)
+        model, identity = load_model(args.model, args.adapter, args.dtype,
+                                     other_base=args.other_base)
         export_merged(model, args.out, tokenizer_dir=args.model,
                       provenance=dict(made_from=identity), overwrite=args.overwrite)
     print(f"export: {args.model} + {args.adapter} merged -> {args.out}")

@@ -66,7 +66,8 @@ def cmd_steer(args):
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--sae": args.sae})
     fresh_outputs([args.out], args.overwrite)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, identity = load_model(args.model, args.adapter, args.dtype, device=device)
+    model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
+                                 other_base=args.other_base)
     tok = Tokenizer(args.tokenizer or args.model)
     gen = config_from_flags(GenConfig, args, STEER_GEN)
     if args.bench:

@@ -372,3 +372,32 @@ def test_greedy_ablation_matches_a_brute_force_search_over_four_adapters():
                 assert r[f"{metric}_mean"] == pytest.approx(want[0], rel=1e-5)
                 assert r["kl_full_abl_assistant_mean"] == pytest.approx(want[1], rel=1e-5)
     assert rescored_differs  # else a fixed order would pass as the re-scored one
+
+
+def test_adapter_of_another_base_of_the_same_shape_is_refused(env, tmp_path):
+    """An adapter records its base (rank1.json): a base of the same shape but other weights is an
+    error naming both, unless --other-base; the same base at another path is fine."""
+    import shutil
+
+    from common import model_identity
+    other = tmp_path / "other"
+    save_hf(hf_tiny(vocab_size=300, seed=1), other)  # the same shape
+    tiny_tokenizer(other)
+    moved = tmp_path / "moved"
+    shutil.copytree(env / "model", moved)
+    ad = tmp_path / "adapter"
+    shutil.copytree(env / "adapter", ad)
+    (ad / "rank1.json").write_text(json.dumps(dict(made_from=dict(
+        model=model_identity(str(env / "model"))))))
+    args = lambda base, *extra: ["run", "--model", str(base), "--adapter", str(ad), "--out",
+                                 str(tmp_path / f"o-{base.name}{len(extra)}"), "--bench",
+                                 f"math500={env / 'math.jsonl'}", "--limit", "1",
+                                 "--thinking-budget", "2", "--max-answer-tokens", "2", *extra]
+    other_cfg = json.loads((other / "config.json").read_text())
+    other_cfg["rope_theta"] = 1234.0  # weights are identified by file sizes: change the config
+    (other / "config.json").write_text(json.dumps(other_cfg))
+    with pytest.raises(SystemExit, match="was trained on .*model, whose config or weight files "
+                                         "differ from .*other's; pass --other-base"):
+        main(args(other))
+    main(args(other, "--other-base"))
+    main(args(moved))  # the same base, moved
