@@ -6,7 +6,7 @@ llm.py talks to the server.
     rows = autointerp(features, llm=None)            # the explanation prompts only
     rows = autointerp(features, LLM(url, model, cache_dir), rubric=True)
 
-Explanation: the top examples sorted by activation (the official code forgot to sort, PAPER.md
+Explanation: the top examples sorted by activation (the official code forgot to sort, docs/paper.md
 G2) and a few random non-zero ones, each a snippet with the firing token marked <<like this>>.
 Detection (the official code had no score): the explanation must pick, among held-out positives
 and as many inactive snippets, those where the feature fires; balanced accuracy.
@@ -28,13 +28,13 @@ DETECT_SYSTEM = ("You are given an explanation of a feature and numbered text sn
                  "feature fires on the token marked <<like this>> in some of them. Answer with a "
                  "JSON list of the numbers of the snippets where you think it fires, and nothing "
                  "else.")
-# PAPER.md F2's three classes, in our words; the reply is JSON, validated (else no score)
+# docs/paper.md F2's three classes, in our words; the reply is JSON, validated (else no score)
 RUBRIC_SYSTEM = ("Classify this feature from its explanation and its top examples. 0: one "
                  "specific, clear meaning that every example fits. 1: a broad or noisy meaning, "
                  "but every example still fits. "
                  "2: polysemantic, some examples do not fit any single meaning. Reply with JSON "
                  '{"classification": 0, 1 or 2, "classification_reasoning": "one sentence"}.')
-# PAPER.md A/F4: the 7 top-level categories of SAE features, with subcategories (the official
+# docs/paper.md A/F4: the 7 top-level categories of SAE features, with subcategories (the official
 # hierarchical list was not published: the ids it names are kept, the rest are ours)
 CATEGORIES = {
     "symbolic_manipulation": ["latex_commands", "math_operators", "equation_structure"],
@@ -61,7 +61,7 @@ def snippet(e, window=12):
 
 def explain_messages(f, n=10):
     """The explanation prompt: the top examples sorted by activation (the official code forgot to
-    sort, PAPER.md G2), then a few random non-zero ones."""
+    sort, docs/paper.md G2), then a few random non-zero ones."""
     top = sorted(f["top"], key=lambda e: -e["value"])[:n]
     lines = [f"{i + 1}. ({e['value']:.3g}) {snippet(e)}" for i, e in enumerate(top)]
     lines += [f"r{i + 1}. ({e['value']:.3g}) {snippet(e)}" for i, e in enumerate(f["random"][:3])]
@@ -177,8 +177,8 @@ def parse_category(reply):
 
 
 def categorise(features, explanations, llm, n=5):
-    """PAPER.md F4's categoriser: each explained feature with its top n examples -> rows {id, name,
-    category, subcategory}, or an error for a reply that names no listed (sub)category."""
+    """The categoriser (docs/paper.md F4): each explained feature with its top n examples -> rows
+    {id, name, category, subcategory}, or an error for a reply that names no listed (sub)category."""
     by_id = {f["id"]: f for f in features}
 
     def one(row):

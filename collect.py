@@ -10,8 +10,8 @@ token for Qwen2.5-32B), stored for the SAE and for interpretation.
     store = ActivationStore("acts/"); x = store.load_all()        # (N, 448) float32
 
 Documents: s1K-1.1 rows in the training format (default), the official code's collection format
-(--format paper, PAPER.md section D), or eval.py generations (--format samples). Each document runs
-in windows of --window tokens with a KV cache (Qwen2.forward_cached), so a 20,000-token trace fits
+(--format paper, docs/paper.md section D), or eval.py generations (--format samples). Each
+document runs in windows of --window tokens with a KV cache (Qwen2.forward_cached), so a 20,000-token trace fits
 in memory and gives what one full forward gives.
 
 Store layout: documents are grouped into shards of --docs-per-shard; shard j is written by rank
@@ -21,7 +21,7 @@ sidecar with their sha256, written last: a rerun keeps finished shards, provided
 column layout (sites in lora.py's capture order: column 7 * layer + p, p in gate, up, down, q, k,
 v, o), what it was collected from, and every document's shard and offsets. With --mlp-neurons N,
 also N MLP neurons per layer as mlp-XXXXX.npy, the baseline: up_proj's first N output channels
-(the paper's, PAPER.md F1) or a seeded sample of down_proj's input (--mlp-baseline swiglu).
+(the paper's, docs/paper.md F1) or a seeded sample of down_proj's input (--mlp-baseline swiglu).
 """
 import argparse
 import hashlib

@@ -161,8 +161,8 @@ UNCATEGORIZED = "uncategorized"  # the latents whose categorisation failed: a gr
 
 
 def donut_chart(shares, sub_shares, size=300):
-    """PAPER.md F4's two-ring donut: the inner ring holds the categories' shares, the outer ring
-    each subcategory's share of its category times the category's share; a legend with the
+    """The two-ring donut (docs/paper.md F4): the inner ring holds the categories' shares, the
+    outer ring each subcategory's share of its category times the category's share; a legend with the
     percentages. shares {category: share}, sub_shares {category: {subcategory: share within}}."""
     c = size / 2
 

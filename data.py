@@ -11,7 +11,7 @@ The chat format is Qwen2.5's ChatML, rendered in plain Python (no jinja): each t
 `<|im_start|>{role}\\n{content}<|im_end|>\\n`, and when the first message is not a system message
 Qwen's default system prompt is inserted. Tool calls are not supported.
 
-The s1 format (PAPER.md sections B-D): the assistant turn is `<|im_start|>think\\n{trace}\\n
+The s1 format (docs/paper.md sections B-D): the assistant turn is `<|im_start|>think\\n{trace}\\n
 <|im_start|>answer\\n{attempt}`. Training sequences (s1_example) wrap it in the chat template;
 generation (s1_prompt) stops after the think marker; when the thinking budget runs out, the answer
 phase starts with FINAL_ANSWER; grading reads what follows the last ANSWER marker. The paper's
@@ -109,7 +109,7 @@ def s1_prompt(question):
 
 
 def paper_collection_text(row):
-    """The official code's activation corpus format (PAPER.md section D): no chat template, no
+    """The official code's activation corpus format (docs/paper.md section D): no chat template, no
     <|im_end|> between turns, its own system prompt, the trace and attempt as they are."""
     return (f"{IM_START}system\n{PAPER_SYSTEM}\n{IM_START}user\n{row['question']}\n"
             f"{ASSISTANT_HEADER}{THINK}\n{row['deepseek_thinking_trajectory']}\n"

@@ -15,7 +15,7 @@ adapter ablations.
     python eval.py ablate --model ... --adapter runs/rank1/adapter \\
         --samples results/lora/samples.jsonl --out results/ablate
 
-Protocols (PAPER.md section C). s1 (the fine-tunes): chat prompt + `<|im_start|>think`; think
+Protocols (docs/paper.md section C). s1 (the fine-tunes): chat prompt + `<|im_start|>think`; think
 until `<|im_start|>` (or <|im_end|>) or the thinking budget (auto = max context - prompt -
 len(FINAL_ANSWER) - 100, s1's formula); then `<|im_start|>answer` (with `\\nFinal Answer:` when
 the budget ran out) and the answer until <|im_end|>, in all the context thinking left. --wait N

@@ -21,8 +21,8 @@ baseline, both polarities (`N{layer}.{index}+/-`). An example is a token where t
 Top-k, exact and deterministic: per document, a greedy pick of the largest value (the earliest
 token on ties), then the next, each pick hiding its +-dedup neighbours, at most per_doc picks; the
 documents' picks are merged into the global top-k by (value desc, token index asc). Plain top-k is
-dedup = 0, per_doc = k. The official code's trackers kept the wrong examples (PAPER.md G1-2); the
-brute-force oracle in tests/test_interpret.py checks this one.
+dedup = 0, per_doc = k. The official code's trackers kept the wrong examples (docs/paper.md G1-2);
+the brute-force oracle in tests/test_interpret.py checks this one.
 """
 import argparse
 import json
@@ -122,7 +122,7 @@ def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, popu
     Returns (top_v, top_i, rnd_v, rnd_i, fired, neg_i, mass): (k or n_random, F) values and global
     token indices (-inf / -1 where a feature has fewer), per-feature counts of tokens > 0, the
     indices of a uniform sample of tokens where each feature is not active, and per-feature sums of
-    the values > 0 (an SAE latent's activation mass, PAPER.md F4)."""
+    the values > 0 (an SAE latent's activation mass, docs/paper.md F4)."""
     per_doc = per_doc or k
     F = len(feature_names(population_sites(store, population), sae, population))
     top_v, top_i = torch.full((0, F), -torch.inf), torch.zeros((0, F), dtype=torch.long)
@@ -286,7 +286,7 @@ def cmd_autointerp(args):
     write_atomic(os.path.join(args.out, "autointerp.jsonl"),
                  "".join(json.dumps(r) + "\n" for r in rows))
     cats = []
-    if args.categorise:  # the SAE latents' categories (PAPER.md F4)
+    if args.categorise:  # the SAE latents' categories (docs/paper.md F4)
         cats = categorise([f for f in feats if f["name"].startswith("sae")], rows, llm)
         write_atomic(os.path.join(args.out, "categories.jsonl"),
                      "".join(json.dumps(r) + "\n" for r in cats))
@@ -346,8 +346,8 @@ def main(argv=None):
     st.add_argument("--feature", type=int, default=0)
     st.add_argument("--site", help="steer one adapter scalar instead, e.g. L12.gate_proj")
     st.add_argument("--residual", help="or add the a vector of this gate_proj / up_proj adapter "
-                    "to the residual stream after that layer's attention (PAPER.md F6), strength "
-                    "in units of the attention output's mean norm, e.g. L12.up_proj")
+                    "to the residual stream after that layer's attention (docs/paper.md F6), "
+                    "strength in units of the attention output's mean norm, e.g. L12.up_proj")
     st.add_argument("--strengths", default="0,10,30")
     st.add_argument("--seeds", default="0")
     st.add_argument("--bench", help="NAME=PATH: measure accuracy on these problems")

@@ -19,7 +19,7 @@ LoRA math runs in the adapter's dtype (fp32) whatever the base dtype, as PEFT do
 The scalar u = x . a (before the scale and before B) is the adapter's activation. Layout of the
 captured state: one column per (layer, target) site, sorted by layer, then by target in the
 paper's order SITE_ORDER = (gate, up, down, q, k, v, o); with all 7 targets on every layer the
-column of (layer l, target p) is 7*l + p, the index PAPER.md uses. With a subset of targets or
+column of (layer l, target p) is 7*l + p, the index docs/paper.md uses. With a subset of targets or
 layers the same order is kept over the sites present (`sites(model)` lists them). At rank r > 1
 each site contributes r consecutive columns.
 

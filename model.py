@@ -120,7 +120,7 @@ class Qwen2Config:
         return d
 
 
-# Qwen2.5-32B-Instruct's config.json (PAPER.md section H), for dry runs and parameter counts.
+# Qwen2.5-32B-Instruct's config.json (docs/paper.md section H), for dry runs and parameter counts.
 QWEN2_5_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
                    num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
                    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,

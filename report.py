@@ -1,6 +1,6 @@
 """
-The paper's analyses recomputed from one run, beside the paper's values (PAPER.md A, F2-F7): one
-self-contained HTML page (figures drawn here as inline SVG, no network, every text escaped) and
+The paper's analyses recomputed from one run, beside the paper's values (docs/paper.md A,
+F2-F7): one self-contained HTML page (figures drawn here as inline SVG, no network, every text escaped) and
 report.json with every number on the page.
 
     python report.py --recovery recovery.json --ablations abl/ablations.json --adapter A \\
@@ -37,7 +37,7 @@ from dashboard import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_char
 from data import read_rows
 from lora import ATTN, MLP, adapter_identity, read_adapter_config
 
-# PAPER.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
+# docs/paper.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
 PAPER = dict(
     recovery="73-90% of the full finetune's gain; s1's reference scores (AIME24 / MATH500 / "
              "GPQA-D): base 26.7 / 84.0 / 49.0, s1.1-32B 56.7 / 95.4 / 63.6 with budget forcing",

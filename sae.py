@@ -9,7 +9,7 @@ Training the BatchTopK SAE (batchtopk.py) on the adapter scalars (collect.py sto
     from sae import SAEConfig, train_sae
     sae = train_sae(x, SAEConfig(expansion=8, k=16))      # x: (N, d) float tensor
 
-The paper's recipe (PAPER.md section E) with the official code's flaws fixed (section G, 4 and 5):
+The paper's recipe (docs/paper.md section E) with the official code's flaws fixed (G4 and G5):
 - Per-dimension input scale (the std) and b_dec from the data mean; each decoder row starts at a
   different training row (--init random: random directions), W_enc at W_dec^T, calibrated. Decoder
   rows keep unit norm: the parallel gradient is removed before a step, rows renormalised after.

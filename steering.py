@@ -1,5 +1,5 @@
 """
-Steering (PAPER.md F6), measured: generate while pushing the adapter's state, for each strength
+Steering (docs/paper.md F6), measured: generate while pushing the adapter's state, for each strength
 and seed, and record what changes (thinking length, counts of marker words, accuracy). Three modes:
 
 - an SAE feature (--sae, --feature): its decoder direction added to the adapter scalars u;
@@ -34,7 +34,8 @@ def sae_offsets(sae, feature, strength, sites):
 @contextmanager
 def steer_residual(model, layer, vec):
     """Add vec to the attention output of `layer` (the residual stream after attention) at every
-    position of every forward in the context, as PAPER.md F6's LoRA-A steering; removed on exit."""
+    position of every forward in the context, as the LoRA-A steering of docs/paper.md F6; removed
+    on exit."""
     h = model.model.layers[layer].self_attn.register_forward_hook(
         lambda mod, inp, out: out + vec.to(out.dtype))
     try:

@@ -15,7 +15,7 @@ Train a rank-1 LoRA (or a full finetune) of Qwen2 on s1K-1.1 with the paper's re
     python train.py --preset s1.1-rank1-32b --model /models/Qwen2.5-32B-Instruct \\
         --data s1K-1.1.parquet --dry-run
 
-Recipe details (PAPER.md section B) and our choices:
+Recipe details (docs/paper.md section B) and our choices:
 - Global batch = micro-batch (1 in the paper) x world x accumulation. The sequences of step k
   are positions [k*G, (k+1)*G) of the epoch's permutation (seeded by seed + epoch); sequence i of
   a step goes to rank i % world. So 1 process and N processes see the same batches and, up to
@@ -137,7 +137,7 @@ class TrainConfig:
         return select_layers(n_layers, indices=[int(i) for i in s.split(",")])
 
 
-PRESETS = {  # the paper's two runs (PAPER.md section B)
+PRESETS = {  # the paper's two runs (docs/paper.md section B)
     "s1.1-rank1-32b": dict(mode="lora", rank=1, alpha=16.0, rslora=True,
                            targets=",".join(SITE_ORDER), lr=1e-3, warmup_ratio=0.05, epochs=5,
                            global_batch=16, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=1e-4,

@@ -120,7 +120,7 @@ def test_loss_with_ignore_index_and_chunked_loss(tiny_dir):
 def test_param_count_32b_on_meta():
     with torch.device("meta"):
         m = Qwen2(Qwen2Config(**QWEN2_5_32B))
-    assert m.num_params() == 32_763_876_352  # PAPER.md section H
+    assert m.num_params() == 32_763_876_352  # docs/paper.md section H
     layer = sum(p.numel() for p in m.model.layers[0].parameters())
     assert layer == 487_605_248
 

@@ -19,7 +19,7 @@ EVIL = "<script>document.title='pwned'</script>&\"x\""
 
 
 def test_chi2_against_hand_computed_tables():
-    # the paper's rubric counts (PAPER.md A): expected counts 367*108/743 = 53.35 ...; dof 2, so
+    # the paper's rubric counts (docs/paper.md A): expected 367*108/743 = 53.35 ...; dof 2, so
     # p = exp(-chi2 / 2)
     chi2, dof, p = chi2_test([[59, 146, 162], [49, 100, 227]])
     assert (round(chi2, 4), dof) == (20.2827, 2) and p == pytest.approx(math.exp(-chi2 / 2))
