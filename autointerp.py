@@ -178,7 +178,8 @@ def parse_category(reply):
 
 def categorise(features, explanations, llm, n=5):
     """The categoriser (docs/paper.md F4): each explained feature with its top n examples -> rows
-    {id, name, category, subcategory}, or an error for a reply that names no listed (sub)category."""
+    {id, name, category, subcategory}, or an error for a reply that names no listed
+    (sub)category."""
     by_id = {f["id"]: f for f in features}
 
     def one(row):

@@ -11,8 +11,8 @@ token for Qwen2.5-32B), stored for the SAE and for interpretation.
 
 Documents: s1K-1.1 rows in the training format (default), the official code's collection format
 (--format paper, docs/paper.md section D), or eval.py generations (--format samples). Each
-document runs in windows of --window tokens with a KV cache (Qwen2.forward_cached), so a 20,000-token trace fits
-in memory and gives what one full forward gives.
+document runs in windows of --window tokens with a KV cache (Qwen2.forward_cached), so a
+20,000-token trace fits in memory and gives what one full forward gives.
 
 Store layout: documents are grouped into shards of --docs-per-shard; shard j is written by rank
 j % world as acts-XXXXX.npy (N_j, n_sites) + tokens-XXXXX.npy (N_j,) int32 and a shard-XXXXX.json

@@ -1,7 +1,7 @@
 """
 The paper's analyses recomputed from one run, beside the paper's values (docs/paper.md A,
-F2-F7): one self-contained HTML page (figures drawn here as inline SVG, no network, every text escaped) and
-report.json with every number on the page.
+F2-F7): one self-contained HTML page (figures drawn here as inline SVG, no network, every text
+escaped) and report.json with every number on the page.
 
     python report.py --recovery recovery.json --ablations abl/ablations.json --adapter A \\
         --features interp/features.json --autointerp interp/autointerp.jsonl \\
