@@ -162,8 +162,9 @@ UNCATEGORIZED = "uncategorized"  # the latents whose categorisation failed: a gr
 
 def donut_chart(shares, sub_shares, size=300):
     """The two-ring donut (docs/paper.md F4): the inner ring holds the categories' shares, the
-    outer ring each subcategory's share of its category times the category's share; a legend with
-    the percentages. shares {category: share}, sub_shares {category: {subcategory: share within}}."""
+    outer ring each subcategory's share of its category times the category's share; a legend
+    with the percentages. shares {category: share}, sub_shares {category: {subcategory: share
+    within}}."""
     c = size / 2
 
     def arc(a0, a1, r0, r1, colour, tip):
