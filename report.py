@@ -188,7 +188,8 @@ def ablation_summary(ab):
     key = "kl_full_abl_assistant_mean"
     res = ab["results"]
     out = dict(adapter=(ab.get("identity") or {}).get("adapter"), sequences=len(ab["sequences"]),
-               tokens=ab["tokens"], greedy_metric=(ab.get("made_from") or {}).get("greedy_metric"))
+               tokens=ab["tokens"], greedy_metric=(ab.get("made_from") or {}).get("greedy_metric"),
+               greedy_order=(ab.get("made_from") or {}).get("greedy_order", "fixed"))
     out["layers"] = [dict(label=r["label"], mean=r[key], std=r["kl_full_abl_assistant_std"])
                      for r in res.get("layer", [])]
     layers = sorted({l for l, _ in ab.get("sites", [])})  # the layer rows' order (eval.py)
@@ -320,7 +321,9 @@ def section_ablation(a):
                      ".</p>")
     if a.get("greedy"):
         n = len(a["greedy"])
-        h.append("<h3>Greedy MLP ablation (F5): least important first, cumulative</h3>"
+        how = ("every remaining adapter re-scored at each step" if a["greedy_order"] == "rescore"
+               else "one order from the single scores (--greedy fixed)")
+        h.append(f"<h3>Greedy MLP ablation (F5), least important first: {escape(how)}</h3>"
                  + line_chart([(0, 0.0)] + [(r["n_ablated"], r["kl"]) for r in a["greedy"]],
                               "MLP adapters switched off", "KL(full || ablated)",
                               ref=0.1 * a["greedy"][-1]["kl"])
