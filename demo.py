@@ -536,7 +536,7 @@ def summarize(out, p, runs, env):
     r = seeds["recovery"]
     lo_p, hi_p = PAPER_RECOVERY
     shown = r["min"] is not None and r["min"] >= lo_p
-    where = "on every seed" if len(runs) > 1 else "on this seed"
+    where = f"over {len(runs)} seeds" if len(runs) > 1 else "on this seed"
     lines.append(("the miniature shows the paper's effect: " if shown else
                   "the miniature does NOT show the paper's effect: ")
                  + f"recovery {fmt(r) if len(runs) > 1 else pct(r['mean'])} {where}, against the "
