@@ -130,8 +130,8 @@ def test_resume_after_sigkill_and_across_world_sizes(setup, tmp_path):
 def test_signals_save_exit_nonzero_and_resume_equals_an_uninterrupted_run(setup, tmp_path, sig):
     """A scheduler's SIGTERM and Ctrl-C both finish the step, save a checkpoint and exit with
     128 + the signal (so `train.py && eval.py` stops); --resume then gives the uninterrupted run."""
-    run(setup, tmp_path / "ref", "--epochs", "10")
-    p = run(setup, tmp_path / "t", "--epochs", "10", wait=False)
+    run(setup, tmp_path / "ref", "--epochs", "30")
+    p = run(setup, tmp_path / "t", "--epochs", "30", wait=False)
     wait_for_steps(tmp_path / "t", 1)
     p.send_signal(sig)
     out, _ = p.communicate(timeout=120)
@@ -141,8 +141,8 @@ def test_signals_save_exit_nonzero_and_resume_equals_an_uninterrupted_run(setup,
     (step_dir,) = (tmp_path / "t" / "ckpt").iterdir()  # the one complete checkpoint
     meta = json.load(open(step_dir / "meta.json"))
     assert step_dir.name == f"step-{meta['step'] + 1:06d}"
-    assert meta["step"] + 1 == len(losses(tmp_path / "t")) < 20
-    run(setup, tmp_path / "t", "--epochs", "10", "--resume")
+    assert meta["step"] + 1 == len(losses(tmp_path / "t")) < 60
+    run(setup, tmp_path / "t", "--epochs", "30", "--resume")
     assert losses(tmp_path / "t") == losses(tmp_path / "ref")
     a, b = adapter(tmp_path / "t"), adapter(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
