@@ -178,6 +178,7 @@ def build_model(cfg, mcfg, device, world):
     with torch.device("meta"):
         model = Qwen2(mcfg)
     if cfg.mode == "lora":
+        model.to(dtype)  # the frozen base in `dtype` (bf16 attention takes the flash kernels)
         apply_lora(model, rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora,
                    targets=cfg.target_list, layers=cfg.layer_list(mcfg.num_hidden_layers),
                    verbose=False)

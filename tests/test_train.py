@@ -207,6 +207,25 @@ def test_lr_schedule_and_plan_match_hf():
         sch.step()
 
 
+def test_lora_base_is_stored_in_dtype_and_full_mode_keeps_fp32_masters(setup):
+    """A bf16 LoRA run holds (and computes with) a bf16 base and fp32 adapters; full mode holds
+    fp32 masters that FSDP casts to bf16 for compute. Copying a checkpoint into a model built in
+    fp32 kept the base in fp32: twice the memory, and attention off the flash kernels."""
+    code = ("import json, common, train; from model import Qwen2Config\n"
+            "dev = common.setup_dist()[2]\n"
+            f"mcfg = Qwen2Config.from_pretrained({str(setup / 'model')!r})\n"
+            "for mode in ('lora', 'full'):\n"
+            f"    cfg = train.TrainConfig(model={str(setup / 'model')!r}, mode=mode,"
+            " dtype='bfloat16')\n"
+            "    m = train.build_model(cfg, mcfg, dev, 1)\n"
+            "    print(json.dumps(sorted({f'{p.dtype} {p.requires_grad}' for p in m.parameters()})))")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lora, full = (json.loads(line) for line in r.stdout.splitlines())
+    assert lora == ["torch.bfloat16 False", "torch.float32 True"]
+    assert full == ["torch.float32 True"]
+
+
 def test_dry_run_paper_preset_on_32b_config(tmp_path, setup):
     (tmp_path / "config.json").write_text(QWEN2_5_32B_JSON)
     (tmp_path / "s1k.jsonl").write_text("\n".join(json.dumps(r) for r in rows(1000)) + "\n")
