@@ -374,6 +374,10 @@ def setup_dist():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK",
                                                      0))) if use_cuda else torch.device("cpu")
     if use_cuda:
+        if device.index >= torch.cuda.device_count():
+            raise SystemExit(f"LOCAL_RANK {device.index}: this machine has "
+                             f"{torch.cuda.device_count()} GPU(s); give torchrun "
+                             "--nproc-per-node at most that many")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
