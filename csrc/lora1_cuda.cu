@@ -5,17 +5,17 @@
 //
 // The frozen matmuls (y = x W^T + bias, dx = g W) stay with cuBLAS; these kernels add the rank-1
 // part around them. Per token row t, with a (in,), b (out,) fp32 and s the LoRA scale:
-//   forward   u_t = x_t . a                y_t += s u_t b               (fwd_kernel)
-//   backward  gb_t = g_t . b               dB = s sum_t u_t g_t          (bwd_g_kernel)
-//             dx_t += s gb_t a             dA = s sum_t gb_t x_t         (bwd_x_kernel)
+//   forward   u_t = x_t . a                y_t += s u_t b               (rank1_fwd_kernel)
+//   backward  gb_t = g_t . b               dB = s sum_t u_t g_t          (rank1_bwd_g_kernel)
+//             dx_t += s gb_t a             dA = s sum_t gb_t x_t         (rank1_bwd_x_kernel)
 // All sums accumulate in fp32. The cross-row sums (dA, dB) are two-stage and deterministic: each
-// block writes its partial for a chunk of rows, then reduce_kernel adds the chunks in order; no
+// block writes its partial for a chunk of rows, then rank1_reduce_kernel adds the chunks in order; no
 // atomics touch a result.
 //
 // Memory traffic per token (the whole cost of a rank-1 update; arithmetic is negligible):
-//   fwd_kernel    reads x_t (in) and y_t (out), writes y_t (out)
-//   bwd_g_kernel  reads g_t (out)
-//   bwd_x_kernel  reads x_t (in) and dx_t (in), writes dx_t (in)
+//   rank1_fwd_kernel    reads x_t (in) and y_t (out), writes y_t (out)
+//   rank1_bwd_g_kernel  reads g_t (out)
+//   rank1_bwd_x_kernel  reads x_t (in) and dx_t (in), writes dx_t (in)
 // Vector width: 16-byte loads (of x, y, g, dx, and of a and b as float4) when both widths are
 // multiples of 16 / sizeof(T) and the pointers are aligned, else one element at a time (odd widths
 // work, just slower). Built for float32, float16 and bfloat16 only (what the op accepts).
@@ -62,7 +62,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // One warp per row: u_t = x_t . a, then y_t += s u_t b. Grid: ceil(N / WARPS) blocks.
 template <typename T, int V>
-__global__ void fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ a,
+__global__ void rank1_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ a,
                            const float* __restrict__ b, float* __restrict__ u, float s, int64_t N, int in,
                            int out) {
   const int64_t t = (int64_t)blockIdx.x * WARPS + threadIdx.x / 32;
@@ -131,9 +131,9 @@ __device__ __forceinline__ void write_chunk_partial(float (&acc)[ITERS][V], floa
 }
 
 //
-// bwd_g_kernel: gb_part[tile, t] = g_t[tile] . b[tile];  dB_part[chunk, cols] = sum_t u_t g_t[cols].
+// rank1_bwd_g_kernel: gb_part[tile, t] = g_t[tile] . b[tile];  dB_part[chunk, cols] = sum_t u_t g_t[cols].
 template <typename T, int V>
-__global__ void bwd_g_kernel(const T* __restrict__ g, const float* __restrict__ b, const float* __restrict__ u,
+__global__ void rank1_bwd_g_kernel(const T* __restrict__ g, const float* __restrict__ b, const float* __restrict__ u,
                              float* __restrict__ gb_part, float* __restrict__ dB_part, int64_t N, int out,
                              int64_t R) {
   constexpr int C = 32 * V * ITERS;
@@ -166,10 +166,10 @@ __global__ void bwd_g_kernel(const T* __restrict__ g, const float* __restrict__ 
   write_chunk_partial<V>(acc, sm, c0, out, dB_part + blockIdx.y * (int64_t)out);
 }
 
-// bwd_x_kernel: gb_t = sum over g-tiles of gb_part;  dx_t[cols] += s gb_t a[cols] (when dx is given);
+// rank1_bwd_x_kernel: gb_t = sum over g-tiles of gb_part;  dx_t[cols] += s gb_t a[cols] (when dx is given);
 // dA_part[chunk, cols] = sum_t gb_t x_t[cols].
 template <typename T, int V>
-__global__ void bwd_x_kernel(const T* __restrict__ x, T* __restrict__ dx, const float* __restrict__ a,
+__global__ void rank1_bwd_x_kernel(const T* __restrict__ x, T* __restrict__ dx, const float* __restrict__ a,
                              const float* __restrict__ gb_part, int n_gtiles, float* __restrict__ dA_part,
                              float s, int64_t N, int in, int64_t R) {
   constexpr int C = 32 * V * ITERS;
@@ -204,7 +204,7 @@ __global__ void bwd_x_kernel(const T* __restrict__ x, T* __restrict__ dx, const 
 }
 
 // out[c] = s * sum_chunk part[chunk, c], chunks added in order.
-__global__ void reduce_kernel(const float* __restrict__ part, int64_t n_chunks, int width, float s,
+__global__ void rank1_reduce_kernel(const float* __restrict__ part, int64_t n_chunks, int width, float s,
                               float* __restrict__ out) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= width) return;
@@ -265,7 +265,7 @@ void launch_fwd(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, const a
                 float s) {
   const int64_t N = x.size(0);
   const int64_t blocks = (N + WARPS - 1) / WARPS;
-  fwd_kernel<T, V><<<blocks, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  rank1_fwd_kernel<T, V><<<blocks, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<T>(), y.data_ptr<T>(), a.data_ptr<float>(), b.data_ptr<float>(), u.data_ptr<float>(), s, N,
       (int)x.size(1), (int)y.size(1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -282,21 +282,21 @@ void launch_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& u, c
   const int64_t gt = (out + C - 1) / C, Rg = rows_per_chunk(N, gt), gc = (N + Rg - 1) / Rg;
   auto gb_part = at::empty({gt, N}, f32);
   auto dB_part = at::empty({gc, out}, f32);
-  bwd_g_kernel<T, V><<<dim3(gt, gc), THREADS, 0, stream>>>(g.data_ptr<T>(), b.data_ptr<float>(), u.data_ptr<float>(),
+  rank1_bwd_g_kernel<T, V><<<dim3(gt, gc), THREADS, 0, stream>>>(g.data_ptr<T>(), b.data_ptr<float>(), u.data_ptr<float>(),
                                                             gb_part.data_ptr<float>(), dB_part.data_ptr<float>(), N,
                                                             (int)out, Rg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // stage 1 over x's columns (needs every gb partial: runs after bwd_g on the same stream)
   const int64_t xt = (in + C - 1) / C, Rx = rows_per_chunk(N, xt), xc = (N + Rx - 1) / Rx;
   auto dA_part = at::empty({xc, in}, f32);
-  bwd_x_kernel<T, V><<<dim3(xt, xc), THREADS, 0, stream>>>(
+  rank1_bwd_x_kernel<T, V><<<dim3(xt, xc), THREADS, 0, stream>>>(
       x.data_ptr<T>(), dx ? dx->data_ptr<T>() : nullptr, a.data_ptr<float>(), gb_part.data_ptr<float>(), (int)gt,
       dA_part.data_ptr<float>(), s, N, (int)in, Rx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // stage 2: fixed-order sums over row chunks
-  reduce_kernel<<<(in + 255) / 256, 256, 0, stream>>>(dA_part.data_ptr<float>(), xc, (int)in, s, dA.data_ptr<float>());
+  rank1_reduce_kernel<<<(in + 255) / 256, 256, 0, stream>>>(dA_part.data_ptr<float>(), xc, (int)in, s, dA.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_kernel<<<(out + 255) / 256, 256, 0, stream>>>(dB_part.data_ptr<float>(), gc, (int)out, s, dB.data_ptr<float>());
+  rank1_reduce_kernel<<<(out + 255) / 256, 256, 0, stream>>>(dB_part.data_ptr<float>(), gc, (int)out, s, dB.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -184,7 +184,8 @@ def test_fused_zero_tokens_and_widths(T, din, dout):
 @gpu
 def test_fused_u_gradient_and_misaligned_adapter_vectors():
     """A loss through u reaches A and x as on the reference path; a and b at an odd offset take
-    the scalar loads and give the same result."""
+    the scalar loads and give the same result to rounding (the scalar loop sums x . a in another
+    order: on an H200, bitwise equality failed)."""
     import lora_cuda
     from lora import lora_linear_ref
     x, W, bias, A, B, gy = _case(33, 256, 128, torch.bfloat16)
@@ -203,7 +204,8 @@ def test_fused_u_gradient_and_misaligned_adapter_vectors():
     y1, u1 = torch.ops.rank1.lora1_linear(x.detach(), W, bias, a, b, 16.0)
     y2, u2 = torch.ops.rank1.lora1_linear(x.detach(), W, bias, A.detach().view(-1).clone(),
                                           B.detach().view(-1).clone(), 16.0)
-    assert torch.equal(u1, u2) and torch.equal(y1, y2)
+    torch.testing.assert_close(u1, u2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y1, y2)  # bf16: one rounding step apart at most
 
 
 @gpu
