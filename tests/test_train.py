@@ -218,7 +218,8 @@ def test_lora_base_is_stored_in_dtype_and_full_mode_keeps_fp32_masters(setup):
             f"    cfg = train.TrainConfig(model={str(setup / 'model')!r}, mode=mode,"
             " dtype='bfloat16')\n"
             "    m = train.build_model(cfg, mcfg, dev, 1)\n"
-            "    print(json.dumps(sorted({f'{p.dtype} {p.requires_grad}' for p in m.parameters()})))")
+            "    print(json.dumps(sorted({f'{p.dtype} {p.requires_grad}'"
+            " for p in m.parameters()})))")
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     lora, full = (json.loads(line) for line in r.stdout.splitlines())
