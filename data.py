@@ -191,11 +191,13 @@ def load_s1(path, tok, block_size=None):
     """An s1K-1.1 file -> (examples, stats). Each example is (inputs, targets): next-token pairs of
     the s1 sequence, targets -100 where the loss mask is 0. Sequences longer than block_size are
     truncated, and counted: stats says how many, and how many trained-on tokens were cut (the
-    official code dropped them silently)."""
+    official code dropped them silently), as are rows whose thinking trace is empty."""
     rows, where = read_rows(path)
-    examples, truncated, lost = [], 0, 0
+    examples, truncated, lost, empty = [], 0, 0, 0
     for row, w in zip(rows, where):
         ids, mask = s1_example(row, tok, source=w)
+        trace = row["deepseek_thinking_trajectory"]
+        empty += not "".join(trace if isinstance(trace, list) else [trace]).strip()
         if block_size and len(ids) > block_size:
             truncated += 1
             lost += sum(mask[block_size:])
@@ -203,7 +205,7 @@ def load_s1(path, tok, block_size=None):
         targets = [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
         examples.append((ids[:-1], targets))
     stats = dict(rows=len(rows), truncated=truncated, target_tokens_lost=lost,
-                 tokens=sum(len(i) for i, _ in examples),
+                 empty_thinking=empty, tokens=sum(len(i) for i, _ in examples),
                  target_tokens=sum(sum(t != -100 for t in ts) for _, ts in examples))
     return examples, stats
 

@@ -84,6 +84,9 @@ class Qwen2Config:
         d = dict(d)
         if d.get("model_type", "qwen2") != "qwen2":
             raise ValueError(f"{source}: model_type is {d['model_type']!r}, expected 'qwen2'")
+        arch = d.get("architectures") or ["Qwen2ForCausalLM"]
+        if "Qwen2ForCausalLM" not in arch:  # e.g. a Mistral config that omits model_type
+            raise ValueError(f"{source}: architectures is {arch}, expected Qwen2ForCausalLM")
         # transformers >= 5 writes `dtype` and `rope_parameters`, not `torch_dtype`/`rope_theta`
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
@@ -379,6 +382,9 @@ class Qwen2(nn.Module):
         for step in range(max_new_tokens):
             h = self.forward_cached(idx, positions, cache, padded, rope)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            if not torch.isfinite(logits).all():  # NaN would sample token 0 without a word
+                raise ValueError(f"generate: non-finite logits at new token {step + 1} (NaN or "
+                                 "inf in the weights or activations; try --dtype float32)")
             nxt = _sample(logits, temperature, top_p, generator)
             out.append(nxt)
             done |= torch.isin(nxt, stop)
