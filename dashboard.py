@@ -8,7 +8,6 @@ and the figures (inline SVG, drawn here, so no plotting dependency).
 Safety: dataset text reaches a page only as escaped SVG/HTML text or inside JSON script elements
 (with <, > and & escaped, so no text can close them) that the page reads with textContent.
 """
-import argparse
 import json
 import math
 import os
@@ -16,7 +15,8 @@ from html import escape
 
 import torch
 
-from common import check_out, differences, fresh_outputs, read_json, user_errors, write_atomic
+from common import (Parser, check_out, differences, fresh_outputs, read_json, user_errors,
+                    write_atomic)
 from data import Tokenizer
 from lora import SITE_ORDER, adapter_identity, adapters, load_model
 
@@ -253,28 +253,38 @@ def dashboard_html(data):
     with textContent: dataset text is never parsed as HTML. The page parses a small index at load;
     each feature's examples sit in their own element, parsed when the feature is shown, so
     thousands of features stay responsive."""
+    for i, f in enumerate(data["features"]):  # ids name elements: integers only
+        if not isinstance(f.get("id"), int) or isinstance(f["id"], bool):
+            raise ValueError(f"features[{i}]: 'id' must be an integer, got {f.get('id')!r}")
     index = {**data, "features": [{k: f[k] for k in ("id", "name", "freq", "quantiles")}
                                   for f in data["features"]]}
-    parts = [f'<script type="application/json" id="f{f["id"]}">{safe_json(f)}</script>'
-             for f in data["features"]]
+    parts = [f'<script type="application/json" id="f{escape(str(f["id"]))}">{safe_json(f)}'
+             '</script>' for f in data["features"]]
     with open(TEMPLATE, encoding="utf-8") as f:
         page = f.read()
-    return page.replace("__DATA__", safe_json(index)).replace("__FEATURES__", "\n".join(parts))
+    # filled in one pass: a placeholder's name inside the data is never substituted
+    head, rest = page.split("__DATA__")
+    mid, tail = rest.split("__FEATURES__")
+    return head + safe_json(index) + mid + "\n".join(parts) + tail
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[1].strip())
     p.add_argument("--features", required=True, help="features.json from `interpret.py mine`")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the HTML file to write")
     p.add_argument("--ablations", help="ablations.json from `eval.py ablate`")
     p.add_argument("--sae", help="SAE directory (for its metrics)")
-    p.add_argument("--model")
+    p.add_argument("--model", help="HF model directory (the base), for the token views")
     p.add_argument("--adapter", help="with --model: tokens promoted by down_proj / o_proj adapters")
     p.add_argument("--other-base", action="store_true",
                    help="use an adapter trained on another base than --model")
-    p.add_argument("--tokenizer")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
     p.add_argument("--overwrite", action="store_true", help="replace the --out file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with user_errors("dashboard.py"):
         build(args)
 

@@ -10,7 +10,7 @@ from dashboard import main
 
 # --- dashboard in a real headless browser ---------------------------------------------------------
 EVIL = ["<script>document.title='pwned'</script>", "</textarea>", "\"quoted\" & 'single'",
-        "a<b>c</b>"]
+        "a<b>c</b>", "__DATA__ __FEATURES__"]  # the template's placeholders, as data
 
 
 def features_json(tmp_path):
@@ -18,12 +18,12 @@ def features_json(tmp_path):
     for i, name in enumerate(["L0.gate_proj+", "L0.q_proj+", "L1.down_proj+", "L0.gate_proj-",
                               "sae0", "sae1"]):
         ex = dict(value=1.5 + i, doc=i, source=f"row {i}", pos=3, doc_length=9, target=1,
-                  tokens=EVIL[:3], acts=[0.1, 1.5 + i, -0.4])
+                  tokens=EVIL[:3] + EVIL[4:], acts=[0.1, 1.5 + i, -0.4, 0.2])
         q = dict(q50=0.0, q90=0.1 * i, q99=0.5 * i + 0.1, q999=1.0)
         feats.append(dict(id=i, name=name, freq=10 ** -(i + 1), quantiles=q, top=[ex],
                           random=[dict(ex, value=0.2)],
                           promotes=EVIL if name == "L1.down_proj+" else None))
-    d = dict(acts="x", tokens=123, features=feats)
+    d = dict(acts="runs/__FEATURES__/acts", tokens=123, features=feats)
     for f in feats:
         if f["promotes"] is None:
             del f["promotes"]
@@ -48,8 +48,20 @@ def test_dashboard_renders_navigates_searches_and_escapes(tmp_path):
     assert ("&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom
             and "&lt;/textarea&gt;" in dom)
     assert "\"quoted\" &amp; 'single'" in dom
+    assert "__DATA__ __FEATURES__" in dom  # placeholders in the data stay as they are
     assert "promotes through the unembedding" in dom
     assert "Adapter scalar magnitude" in dom and "SAE feature frequency" in dom
     dom, _ = chromium_dom(out.as_uri() + "#q=sae")
     # the search keeps sae0 and sae1, and shows the first
     assert dom.count('class="it') == 2 and "#4  sae0" in dom
+
+
+def test_feature_ids_are_integers_so_no_attribute_can_be_injected(tmp_path):
+    f = features_json(tmp_path)
+    d = json.loads(f.read_text())
+    for bad in ('0"><img src=x onerror="document.title=1', "3", 2.0, True, None):
+        d["features"][1]["id"] = bad
+        f.write_text(json.dumps(d))
+        with pytest.raises(SystemExit, match=r"features\[1\]: 'id' must be an integer"):
+            main(["--features", str(f), "--out", str(tmp_path / "d.html")])
+    assert not (tmp_path / "d.html").exists()
