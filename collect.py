@@ -23,7 +23,6 @@ v, o), what it was collected from, and every document's shard and offsets. With 
 also N MLP neurons per layer as mlp-XXXXX.npy, the baseline: up_proj's first N output channels
 (the paper's, docs/paper.md F1) or a seeded sample of down_proj's input (--mlp-baseline swiglu).
 """
-import argparse
 import hashlib
 import io
 import math
@@ -36,8 +35,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (check_out, cleanup_dist, file_identity, model_identity, read_json, setup_dist,
-                    sha256_file, start_run, user_errors, write_atomic, write_json)
+from common import (Parser, check_out, cleanup_dist, file_identity, model_identity, number,
+                    read_json, setup_dist, sha256_file, start_run, user_errors, write_atomic,
+                    write_json)
 from data import (Tokenizer, data_identity, paper_collection_text, read_rows, render_chat,
                   s1_example)
 from lora import adapter_identity, adapters, capture, load_model, sites
@@ -193,6 +193,16 @@ def save_shard(out, j, arrays, sidecar):
     write_json(os.path.join(out, f"shard-{j:05d}.json"), sidecar, indent=None)
 
 
+def shard_finished(out, j):
+    """Whether shard j was saved whole: its sidecar and every array file the sidecar names are
+    there (a shard whose file was deleted since is collected again)."""
+    f = os.path.join(out, f"shard-{j:05d}.json")
+    if not os.path.isfile(f):
+        return False
+    sidecar = read_json(f)
+    return all(os.path.isfile(os.path.join(out, sidecar[k])) for k in sidecar["sha256"])
+
+
 def collect(args):
     rank, world, dev = setup_dist()
     tok = Tokenizer(args.tokenizer or args.model)
@@ -206,7 +216,8 @@ def collect(args):
                     docs_per_shard=args.docs_per_shard, max_docs=args.max_docs,
                     mlp_neurons=args.mlp_neurons, mlp_baseline=args.mlp_baseline, seed=args.seed)
     if rank == 0:
-        start_run(args.out, "collect.json", settings, STORE_FILE.fullmatch, args.overwrite)
+        start_run(args.out, "collect.json", settings, STORE_FILE.fullmatch, args.overwrite,
+                  "collect.py")
     torch.distributed.barrier()
     model, _ = load_model(args.model, args.adapter, args.dtype, device=dev,
                           other_base=args.other_base)
@@ -229,7 +240,7 @@ def collect(args):
     t0, n_tok = time.time(), 0
     for j in mine:
         part = shard_docs(j)
-        if os.path.isfile(os.path.join(args.out, f"shard-{j:05d}.json")):  # finished earlier
+        if shard_finished(args.out, j):  # earlier
             bar.update(sum(len(ids) for _, ids in part))
             continue
         acts, toks, mlps, meta, off = [], [], [], [], 0
@@ -270,32 +281,43 @@ def collect(args):
     cleanup_dist()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--model", required=True)
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--model", required=True, help="HF model directory (the base)")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory")
     p.add_argument("--other-base", action="store_true",
                    help="use an adapter trained on another base than --model")
     p.add_argument("--data", required=True,
                    help="s1K-1.1 rows (.jsonl/.parquet) or eval.py samples.jsonl")
-    p.add_argument("--format", default="s1", choices=["s1", "paper", "samples"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--tokenizer")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--docs-per-shard", type=int, default=64)
-    p.add_argument("--window", type=int, default=4096,
+    p.add_argument("--format", default="s1", choices=["s1", "paper", "samples"],
+                   help="s1: the chat template + s1 markers; paper: the official code's text; "
+                   "samples: eval.py generations")
+    p.add_argument("--out", required=True, help="store directory (index.json, shards)")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                   help="dtype of the stored scalars")
+    p.add_argument("--docs-per-shard", type=number(int, "positive"), default=64,
+                   help="documents per shard file (the unit a rerun resumes by)")
+    p.add_argument("--window", type=number(int, "positive"), default=4096,
                    help="tokens per forward (KV-cached) for long documents")
-    p.add_argument("--max-docs", type=int, default=0)
-    p.add_argument("--mlp-neurons", type=int, default=0,
+    p.add_argument("--max-docs", type=number(int, "nonnegative"), default=0,
+                   help="first N documents (0: all)")
+    p.add_argument("--mlp-neurons", type=number(int, "nonnegative"), default=0,
                    help="also store this many MLP neurons per layer, the baseline (the paper: 6)")
     p.add_argument("--mlp-baseline", default="up_proj", choices=["up_proj", "swiglu"],
                    help="up_proj: its first N output channels (the paper's); swiglu: a seeded "
                    "sample of down_proj's input act(gate(x)) * up(x)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, "seed"), default=0,
+                   help="seeds the sample of --mlp-baseline swiglu neurons")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a store collected otherwise")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with user_errors("collect.py"):
         return collect(args)
 

@@ -16,6 +16,7 @@ Outputs lose nothing (the README's "Outputs and resuming" states it for users):
   and its consumers compare (differences) before they resume or combine.
 """
 import argparse
+import glob
 import hashlib
 import inspect
 import json
@@ -24,6 +25,9 @@ import os
 import random
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -33,6 +37,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,15 +96,18 @@ def write_json(path, obj, indent=1):
     write_atomic(path, json.dumps(obj, indent=indent))
 
 
-def publish_dir(out_dir, write, owned, overwrite=False, flag="--overwrite"):
+def publish_dir(out_dir, write, owned, overwrite=False, flag="--overwrite", command="lora.py"):
     """Call write(tmp) on a fresh directory beside out_dir, then rename it to out_dir: there is
-    never a half-written out_dir. An existing out_dir is replaced only with overwrite, and only
-    when every file in it is one that owned(name) says this writer writes: nothing else is lost."""
+    never a half-written out_dir. An existing out_dir is replaced only with overwrite, only when
+    `command` made it (its owner file) and only when every file in it is one that owned(name) says
+    this writer writes: nothing else is lost. Temp directories that a killed writer left beside
+    out_dir are removed first."""
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        if not os.path.isdir(out_dir):
-            raise ValueError(f"{out_dir}: exists and is not a directory")
-        foreign = sorted(n for n in os.listdir(out_dir) if not owned(n))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        check_owner(out_dir, command, [n for n in os.listdir(out_dir) if n != OWNER_FILE])
+        foreign = sorted(n for n in os.listdir(out_dir) if not owned(n) and n != OWNER_FILE)
         if foreign:
             raise ValueError(f"{out_dir}: holds files this command did not write ({foreign[:3]}); "
                              "choose another output directory")
@@ -107,11 +115,14 @@ def publish_dir(out_dir, write, owned, overwrite=False, flag="--overwrite"):
             raise ValueError(f"{out_dir}: exists; pass {flag} to replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    remove_stale_temps(parent, os.path.basename(out_dir))
+    tag = f"{os.path.basename(out_dir)}-{socket.gethostname()}-{os.getpid()}-"
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + tag, dir=parent)
     try:
         write(tmp)
+        write_json(os.path.join(tmp, OWNER_FILE), dict(command=command))
         if os.path.isdir(out_dir):  # only files it owns: move aside, publish, then delete
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=parent)
+            old = tempfile.mkdtemp(prefix=".old-" + tag, dir=parent)
             os.replace(out_dir, os.path.join(old, "d"))
             os.replace(tmp, out_dir)
             shutil.rmtree(old)
@@ -122,6 +133,59 @@ def publish_dir(out_dir, write, owned, overwrite=False, flag="--overwrite"):
         raise
 
 
+def remove_stale_temps(parent, name):
+    """Delete the .tmp-/.old- directories that publish_dir made for `name` on this host in a
+    process that no longer runs (killed mid-write: at 32B such a leftover holds 65 GB)."""
+    host = socket.gethostname()
+    for n in os.listdir(parent):
+        m = re.fullmatch(r"\.(?:tmp|old)-(.+)-(\d+)-\w+", n)
+        if not m or m.group(1) != f"{name}-{host}":
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+# -----------------------------------------------------------------------------
+# ownership: which command made a directory
+
+OWNER_FILE = "made_by.json"
+
+
+def owner(d):
+    """The command that made directory d (named by its made_by.json), or None."""
+    f = os.path.join(d, OWNER_FILE)
+    if not os.path.isfile(f):
+        return None
+    try:
+        return read_json(f).get("command")
+    except (ValueError, AttributeError):
+        return None
+
+
+def check_owner(d, command, own_files):
+    """Refuse, in one line, to continue, replace or delete in a directory that `command` did not
+    make: one marked by another command, or one that holds files by this command's names
+    (own_files) without a mark (made by hand, or by a version before the marks)."""
+    made_by = owner(d)
+    if made_by not in (None, command):
+        raise ValueError(f"{d}: made by {made_by}, not {command}; choose another output directory")
+    if made_by is None and own_files:
+        raise ValueError(f"{d}: holds {sorted(own_files)[:3]}, which {command} did not make (no "
+                         f"{OWNER_FILE}); choose another output directory")
+
+
+def claim_dir(d, command, own_files=()):
+    """Make d (new, or holding no file of this command's) command's own, or check that it is."""
+    os.makedirs(d, exist_ok=True)
+    check_owner(d, command, own_files)
+    if owner(d) is None:
+        write_json(os.path.join(d, OWNER_FILE), dict(command=command))
+
+
 def fresh_outputs(paths, overwrite, flag="--overwrite"):
     """Stop before writing when an output file exists, unless overwrite: one line naming it."""
     there = [p for p in paths if os.path.exists(p)]
@@ -129,23 +193,27 @@ def fresh_outputs(paths, overwrite, flag="--overwrite"):
         raise ValueError(f"{there[0]}: exists; pass {flag} to replace it")
 
 
-def start_run(out, run_file, settings, owns, overwrite):
+def start_run(out, run_file, settings, owns, overwrite, command):
     """The output directory of a resumable command: a new one gets run_file (the settings it is
-    made from); one that holds the command's files (owns(name)) is continued when run_file
-    matches, or with overwrite cleared of those files and nothing else."""
+    made from) and this command's mark; one that this command made and that holds its files
+    (owns(name)) is continued when run_file matches, or with overwrite cleared of those files and
+    nothing else. run_file also records the code (code_version), which a rerun does not compare."""
     os.makedirs(out, exist_ok=True)
     own = [n for n in os.listdir(out) if owns(n)]
+    claim_dir(out, command, own)
     path = os.path.join(out, run_file)
     if own and overwrite:
         for n in own:
             os.remove(os.path.join(out, n))
     elif own:
         if not os.path.isfile(path):
-            raise ValueError(f"{out}: holds this command's outputs without {run_file} (an older "
-                             "version's?); pass --overwrite or choose another --out")
-        same_origin(read_json(path), settings, path)
+            raise ValueError(f"{out}: holds this command's outputs without {run_file}; pass "
+                             "--overwrite or choose another --out")
+        recorded = read_json(path)
+        recorded.pop("code", None)
+        same_origin(recorded, settings, path)
         return
-    write_json(path, settings)
+    write_json(path, {**settings, "code": code_version()})
 
 
 def check_out(out, inputs, flag="--out"):
@@ -246,7 +314,7 @@ def read_safetensors(file, keys=None, device="cpu", dtype=None):
 
 
 def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=(),
-                       extra=None, overwrite=False):
+                       extra=None, overwrite=False, command="lora.py"):
     """Write (name, tensor) pairs as an HF checkpoint: model-XXXXX-of-YYYYY.safetensors shards
     (each written as soon as it fills), model.safetensors.index.json and config.json, copies of
     `copy_files`, and rank1.json with `extra` (what it was made from); published whole (see
@@ -284,7 +352,7 @@ def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30
         if extra is not None:
             with open(os.path.join(tmp, "rank1.json"), "w") as f:
                 json.dump(extra, f, indent=1)
-    publish_dir(out_dir, write, owned, overwrite)
+    publish_dir(out_dir, write, owned, overwrite, command=command)
 
 
 # -----------------------------------------------------------------------------
@@ -336,6 +404,8 @@ def checkpoint_tensors(path, expected, dtype=None, device="cpu"):
             if tuple(t.shape) != expected[k]:
                 raise ValueError(f"{file}: tensor {k} has shape {tuple(t.shape)}, expected "
                                  f"{expected[k]}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{file}: tensor {k} holds non-finite values (NaN or inf)")
             yield k, t
 
 
@@ -360,6 +430,27 @@ def model_identity(path):
                 config_sha256=sha256_file(os.path.join(path, "config.json")),
                 index_sha256=sha256_file(index) if os.path.isfile(index) else None,
                 weights={os.path.basename(f): os.path.getsize(f) for f in checkpoint_files(path)})
+
+
+def code_version():
+    """The code an artifact was made by: the sha256 of the scripts (*.py, csrc/), and the git
+    commit when they are a checkout ("+changes" when the work tree differs from it)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    files = glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "csrc", "*"))
+    for f in sorted(files):
+        with open(f, "rb") as fh:
+            h.update(os.path.relpath(f, root).encode() + b"\0" + fh.read() + b"\0")
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
+                                    timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else None
+        if commit and git("status", "--porcelain", "--untracked-files=no").stdout.strip():
+            commit += "+changes"
+    except (OSError, subprocess.SubprocessError):  # no git here
+        commit = None
+    return dict(scripts_sha256=h.hexdigest(), commit=commit)
 
 
 # -----------------------------------------------------------------------------
@@ -427,18 +518,71 @@ def bootstrap_ci(stat, sizes, n=1000, seed=0, min_kept=1):
 # command lines
 
 
+class AppendLog:
+    """An append-only log (jsonl) that survives a kill or a full disk: write() hands the text to
+    the OS whole or raises an OSError naming the file (a torn last line, which read_log drops on
+    the next run); nothing is buffered, so closing writes nothing; flush() is an fsync."""
+
+    def __init__(self, path):
+        self.path, self.f = path, open(path, "ab", buffering=0)
+
+    def write(self, text):
+        data = text.encode()
+        with naming(self.path):
+            while data:  # a raw write may take part of it
+                data = data[self.f.write(data):]
+
+    def flush(self):
+        with naming(self.path):
+            os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextmanager
+def naming(path):
+    """An OSError inside that names no file (a write to an open file when the disk fills) is
+    raised again naming `path`, so that user_errors' one line says which file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 @contextmanager
 def user_errors(script):
     """Bad input (a ValueError or a missing file, whose messages name the file and what is wrong)
-    ends the command with that one line instead of a traceback."""
+    ends the command with that one line instead of a traceback; so does Ctrl-C (exit 130)."""
     try:
         yield
+    except KeyboardInterrupt:
+        close_bars()
+        print(f"{script}: interrupted (SIGINT); run the same command again to continue",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     except (ValueError, OSError) as e:  # bad input, a full disk, a read-only or missing path
+        close_bars()
         raise SystemExit(f"{script}: {e}") from None
     except (RuntimeError, AssertionError) as e:
         if "CUDA" not in str(e):
             raise
+        close_bars()
         raise SystemExit(f"{script}: {e} (no such device here: check --device)") from None
+
+
+def close_bars():
+    """End the open progress bars, so that an error line starts on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def field_comments(cls):
@@ -469,23 +613,75 @@ def add_config_flags(parser, cls, skip=(), choices=None):
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=text)
+        elif isinstance(f.default, (int, float)):
+            kind = getattr(cls, "RANGES", {}).get(f.name, "any")
+            parser.add_argument(flag, type=number(type(f.default), kind), default=None, help=text)
         else:
             parser.add_argument(flag, type=type(f.default), default=None, help=text,
                                 choices=(choices or {}).get(f.name))
 
 
-def check_numbers(cfg, positive=(), nonnegative=(), unit=(), below_one=()):
-    """One line naming the flag when a number of cfg is not finite or out of its range: positive
-    (> 0), nonnegative (>= 0), unit ([0, 1]), below_one ([0, 1))."""
-    for names, ok, want in ((positive, lambda v: v > 0, "> 0"),
-                            (nonnegative, lambda v: v >= 0, ">= 0"),
-                            (unit, lambda v: 0 <= v <= 1, "in [0, 1]"),
-                            (below_one, lambda v: 0 <= v < 1, "in [0, 1)")):
-        for name in names:
-            v = getattr(cfg, name)
-            if not math.isfinite(v) or not ok(v):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {want}, "
-                                 f"got {v}")
+# the ranges a number given on the command line may take: (test, what it must be)
+RANGES = {"any": (lambda v: True, ""), "positive": (lambda v: v > 0, " > 0"),
+          "nonnegative": (lambda v: v >= 0, " >= 0"), "unit": (lambda v: 0 <= v <= 1, " in [0, 1]"),
+          "below_one": (lambda v: 0 <= v < 1, " in [0, 1)"),
+          "seed": (lambda v: 0 <= v < 2**32, " in [0, 2**32)")}
+BIGGEST_INT = 2**62  # any count beyond this is a typo (and overflows torch's int64 arithmetic)
+
+
+def check_number(v, kind="any"):
+    """v when it is a finite number in RANGES[kind] (an int no larger than BIGGEST_INT), else a
+    ValueError saying what it must be."""
+    ok, want = RANGES[kind]
+    too_big = isinstance(v, int) and abs(v) > BIGGEST_INT
+    if isinstance(v, bool) or not math.isfinite(v) or too_big or not ok(v):
+        raise ValueError(f"must be a finite number{want}"
+                         f"{f' up to {BIGGEST_INT}' if too_big else ''}")
+    return v
+
+
+def number(cast, kind="any"):
+    """An argparse type: a number of type cast (int, float) in RANGES[kind]; a bad value ends the
+    command with one line naming the flag (see Parser)."""
+    def parse(text):
+        try:
+            return check_number(cast(text), kind)
+        except ValueError as e:
+            msg = str(e) if str(e).startswith("must") else f"expected {cast.__name__}"
+            raise argparse.ArgumentTypeError(f"{msg}, got {text!r}") from None
+    parse.__name__ = cast.__name__
+    parse.kind = kind
+    return parse
+
+
+def numbers(cast, kind="any"):
+    """An argparse type: a comma-separated list of number(cast, kind)."""
+    one = number(cast, kind)
+
+    def parse(text):
+        return [one(t) for t in text.split(",") if t.strip()] or one("")
+    parse.__name__, parse.kind = f"list of {cast.__name__}", kind
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends the command with one line (`prog: argument --x: ...`), not
+    the usage text and the error on two."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def check_numbers(cfg):
+    """One line naming the flag when a number of the config cfg is not finite or out of the range
+    its class declares in RANGES ({field: kind}; unnamed numeric fields: "any")."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                check_number(v, getattr(type(cfg), "RANGES", {}).get(f.name, "any"))
+            except ValueError as e:
+                raise ValueError(f"--{f.name.replace('_', '-')} {e}, got {v}") from None
 
 
 def config_from_flags(cls, ns, base=None):

@@ -35,7 +35,6 @@ as its mean and range.
 Every stage runs the same scripts and code paths a 32B run uses; only this data generator, the model
 size and the step counts are small. `--fast` is the CI variant (fewer steps and problems).
 """
-import argparse
 import hashlib
 import importlib.metadata
 import inspect
@@ -56,7 +55,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from collect import ActivationStore
-from common import save_hf_checkpoint, write_atomic
+from common import Parser, numbers, save_hf_checkpoint, write_atomic
 from data import ENDOFTEXT, IM_END, IM_START, Tokenizer, render_chat, s1_assistant
 from model import Qwen2, Qwen2Config
 from batchtopk import SAE
@@ -301,7 +300,7 @@ def make_base(d, p, data, seed):
     init = d + "-init"  # beside the stage: train.py's --out may not hold its --model
     tok_files = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json")]
     save_hf_checkpoint(init, model.hf_tensors(), cfg.to_hf_dict(), copy_files=tok_files,
-                       overwrite=True)
+                       overwrite=True, command="demo.py")
     run_script("train.py", [*flags(PRESETS["pretrain"]), "--seed", seed, "--model", init,
                             "--data", os.path.join(data, "pretrain.jsonl"), "--out", d],
                os.path.join(d, "log.txt"))
@@ -612,19 +611,20 @@ def train_and_eval(out, p, seed, data, k_data):
     return base, adapter, k_eval
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser():
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="where every stage writes (and is cached)")
     ap.add_argument("--fast", action="store_true", help="the CI variant: fewer steps and problems")
-    ap.add_argument("--seeds", default="0",
+    ap.add_argument("--seeds", type=numbers(int, "seed"), default=[0],
                     help="comma-separated training seeds: each trains and evaluates its own base "
                     "and finetunes (the first in --out, the others in --out/seed-N); the summary "
-                    "reports every headline number as mean [min, max] over them")
-    args = ap.parse_args(argv)
-    try:
-        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))
-    except ValueError:
-        raise SystemExit(f"demo: --seeds {args.seeds!r}: expected integers separated by commas")
+                    "reports every headline number as mean [min, max] over them (default: 0)")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    seeds = list(dict.fromkeys(args.seeds))
     p = PROFILES["fast" if args.fast else "default"]
     out = os.path.abspath(args.out)
     claim(out)

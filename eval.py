@@ -47,9 +47,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, add_config_flags, bootstrap_ci, check_numbers, check_out, cleanup_dist,
-                    config_from_flags, file_identity, fresh_outputs, model_identity, read_log,
-                    setup_dist, start_run, user_errors, write_atomic, write_json)
+from common import (DTYPES, AppendLog, Parser, add_config_flags, bootstrap_ci, check_numbers,
+                    check_out, cleanup_dist, code_version, config_from_flags, file_identity,
+                    fresh_outputs, model_identity, number, read_log, setup_dist, start_run,
+                    user_errors, write_atomic, write_json)
 from dashboard import ablation_html
 from data import (ANSWER, FINAL_ANSWER, THINK, Tokenizer, read_rows, render_chat, s1_example,
                   s1_prompt)
@@ -183,13 +184,15 @@ class GenConfig:
     temperature: float = 0.0      # 0: greedy
     top_p: float = 1.0
 
+    RANGES = dict(max_context="positive", top_p="unit", thinking_budget="nonnegative",
+                  answer_reserve="nonnegative", max_answer_tokens="nonnegative",
+                  wait="nonnegative", temperature="nonnegative")
+
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, "
                              f"got {self.protocol!r}")
-        check_numbers(self, positive=("max_context",), unit=("top_p",),
-                      nonnegative=("thinking_budget", "answer_reserve", "max_answer_tokens",
-                                   "wait", "temperature"))
+        check_numbers(self)
         if "{question}" not in self.template:
             raise ValueError(f"--template must contain {{question}}, got {self.template!r}")
 
@@ -308,6 +311,16 @@ def grade_sample(bench, generation, gold, question=None):
         return None, False, f"{type(e).__name__}: {str(e)[:200]}"
 
 
+def regrade(rec, item):
+    """rec graded by this version of the grader (cheap and deterministic, so a rerun of a finished
+    run after a change to grading.py updates its grades); rec["regraded"] says whether it moved."""
+    pred, correct, error = grade_sample(rec["benchmark"], rec["generation"], item["gold"],
+                                        item["question"])
+    moved = (pred, correct, error) != (rec["extracted"], rec["correct"], rec.get("grading_error"))
+    return {**rec, "extracted": pred, "correct": correct, "grading_error": error,
+            "regraded": moved}
+
+
 SAMPLE_KEYS = ("benchmark", "id", "sample", "question", "gold", "extracted", "correct",
                "generation", "thinking_tokens", "thinking_truncated", "answer_truncated",
                "grading_error")
@@ -350,6 +363,8 @@ def cmd_run(args):
         if not path:
             raise SystemExit(f"--bench {spec!r}: expected NAME=PATH with NAME one of "
                              f"{list(BENCHMARKS)}")
+        if name in [n for n, _, _ in benches]:
+            raise SystemExit(f"--bench {spec!r}: {name} is given twice (each benchmark once)")
         items = load_benchmark(name, path, args.zip_password)
         benches.append((name, path, items[:args.limit] if args.limit else items))
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
@@ -359,7 +374,7 @@ def cmd_run(args):
     settings = run_settings(args, gen, benches, tok, n_samples)
     if rank == 0:
         start_run(args.out, "run.json", settings, lambda n: n in RUN_FILES or re.fullmatch(
-            r"samples\.rank-\d{5}\.jsonl", n), args.overwrite)
+            r"samples\.rank-\d{5}\.jsonl", n), args.overwrite, "eval.py run")
     torch.distributed.barrier()
     model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device,
                                  args.other_base)
@@ -375,10 +390,11 @@ def cmd_run(args):
                file=sys.stderr)
     t0, n_tok = time.time(), 0
     part_file = os.path.join(args.out, f"samples.rank-{rank:05d}.jsonl")
-    with open(part_file, "a", encoding="utf-8") as part:
+    with AppendLog(part_file) as part:
         for bi, batch in mine:
             g = torch.Generator(device=device).manual_seed(args.seed + bi)
             outs = generate(model, tok, [it["question"] for _, it, _ in batch], gen, g)
+            lines = []
             for (name, it, k), o in zip(batch, outs):
                 pred, correct, error = grade_sample(name, o["generation"], it["gold"],
                                                     it["question"])
@@ -386,17 +402,21 @@ def cmd_run(args):
                 rec = dict(benchmark=name, id=it["id"], sample=k, gold=it["gold"], extracted=pred,
                            correct=correct, grading_error=error, **o,
                            question=None if name == "gpqa" else it["question"])
-                part.write(json.dumps(rec) + "\n")
+                lines.append(json.dumps(rec) + "\n")
                 n_tok += o["thinking_tokens"] + o["answer_tokens"]
-            part.flush()  # each finished batch reaches the disk before the next starts
-            os.fsync(part.fileno())
+            part.write("".join(lines))
+            part.flush()  # each finished batch is on disk before the next starts
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
     bar.close()
     torch.distributed.barrier()
     if rank == 0:
         done = finished_records(args.out)
-        records = [done[(name, it["id"], k)] for name, it, k in jobs]
+        records = [regrade(done[(name, it["id"], k)], it) for name, it, k in jobs]
+        changed = sum(r.pop("regraded") for r in records)
+        if changed:  # answers graded by an earlier version of grading.py
+            print(f"eval: {changed} answers graded anew: this version of the grader differs from "
+                  "the one that graded them first")
         write_results(args.out, benches, records, settings, identity)
         for f in glob.glob(os.path.join(args.out, "samples.rank-*.jsonl")):
             os.remove(f)  # all of it is in samples.jsonl now
@@ -426,7 +446,7 @@ def write_results(out, benches, records, settings, identity):
                  "".join(json.dumps({k: r.get(k) for k in SAMPLE_KEYS}) + "\n" for r in records))
     write_json(os.path.join(out, "results.json"),
                dict(results=results, protocol=settings["generation"]["protocol"],
-                    settings=settings, identity=identity))
+                    settings=settings, identity=identity, code=code_version()))
     for name, r in results.items():
         lo, hi = r["ci95"]
         print(f"{name}: accuracy {r['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] on {r['problems']} "
@@ -452,6 +472,11 @@ def recovery_table(base, full, lora, n=1000, seed=0, intersect=False):
                          "to compare the ones all three have")
     table = {}
     for name in names:
+        files = {k: bench_file(r, name) for k, r in runs.items()}
+        if len({f for f in files.values() if f}) > 1:
+            raise ValueError(f"{name}: the runs read different benchmark files ("
+                             + ", ".join(f"{k} sha256 {f[:12]}" for k, f in files.items() if f)
+                             + "); compare runs on the same file")
         per = {k: r["results"][name]["per_problem"] for k, r in runs.items()}
         ids = sorted(set(per["base"]) & set(per["full"]) & set(per["lora"]))
         if not ids:
@@ -472,6 +497,15 @@ def recovery_table(base, full, lora, n=1000, seed=0, intersect=False):
         table[name] = dict(base=acc["base"], full=acc["full"], lora=acc["lora"], gain=gain,
                            recovery=rec, recovery_ci95=ci, problems=len(ids))
     return table
+
+
+def bench_file(results, name):
+    """The sha256 of the file a results.json's benchmark `name` was read from (GPQA: with its
+    option order), or None for results that do not record it."""
+    for b in results.get("settings", {}).get("benchmarks", []):
+        if b.get("name") == name:
+            return b["file"]["sha256"] + str(b.get("option_order", ""))
+    return None
 
 
 def read_results(run_dir):
@@ -587,6 +621,9 @@ def kl_stats(model, ids, mask, ref_logp, sel):
     (those predicting an assistant token) and over all positions; fp32 log-softmax."""
     with ablate(model, **sel):
         logp = torch.log_softmax(model(ids).float(), dim=-1)[0]
+    if not (torch.isfinite(logp).all() and torch.isfinite(ref_logp).all()):
+        raise ValueError(f"ablate: non-finite logits with {sel} switched off (NaN or inf in the "
+                         "weights or activations; try --dtype float32)")
     p_ref, p = ref_logp.exp(), logp.exp()
     kl_fa = (p_ref * (ref_logp - logp)).sum(-1)  # (T,)
     kl_af = (p * (logp - ref_logp)).sum(-1)
@@ -724,35 +761,41 @@ def add_model_flags(p, adapter_required=False):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def model_flags(s):
         add_model_flags(s)
         s.add_argument("--zip-password", help="password of a GPQA zip")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=number(int, "seed"), default=0,
+                       help="seeds the sampling of batch i with seed + i (run); --s1 rows (ablate)")
 
     r = sub.add_parser("run", help="generate and grade")
     model_flags(r)
     r.add_argument("--bench", action="append", required=True,
                    help="NAME=PATH, NAME in " + ", ".join(BENCHMARKS))
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, help="run directory: run.json, samples.jsonl, "
+                   "results.json")
     r.add_argument("--merge", action="store_true",
                    help="merge the adapter into the weights before decoding")
-    r.add_argument("--limit", type=int, default=0, help="first N problems of each benchmark")
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--samples-per-problem", type=int, default=1)
+    r.add_argument("--limit", type=number(int, "nonnegative"), default=0,
+                   help="first N problems of each benchmark (0: all)")
+    r.add_argument("--batch-size", type=number(int, "positive"), default=8,
+                   help="questions generated together")
+    r.add_argument("--samples-per-problem", type=number(int, "positive"), default=1,
+                   help="answers per problem when sampling (--temperature > 0); accuracy is "
+                   "their mean")
     r.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run with other settings")
     add_config_flags(r, GenConfig, choices=dict(protocol=PROTOCOLS))
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="recovery table: (lora - base) / (full - base)")
-    c.add_argument("base")
-    c.add_argument("full")
-    c.add_argument("lora")
+    c.add_argument("base", help="the base model's run directory (eval.py run --out)")
+    c.add_argument("full", help="the full finetune's run directory")
+    c.add_argument("lora", help="the rank-1 adapter's run directory")
     c.add_argument("--out", help="also write the table to this JSON file")
     c.add_argument("--overwrite", action="store_true", help="replace the --out file")
     c.add_argument("--intersect", action="store_true",
@@ -765,11 +808,16 @@ def main(argv=None):
     a.add_argument("--bench", action="append",
                    help="NAME=PATH to recover the questions of --samples")
     a.add_argument("--s1", help="s1K-1.1 rows to add (training sequences)")
-    a.add_argument("--s1-rows", type=int, default=16)
-    a.add_argument("--max-sequences", type=int, default=16)
-    a.add_argument("--max-tokens", type=int, default=4096)
-    a.add_argument("--block", type=int, default=8, help="layers per block ablation")
-    a.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn,greedy")
+    a.add_argument("--s1-rows", type=number(int, "positive"), default=16,
+                   help="training rows drawn from --s1 (seeded by --seed)")
+    a.add_argument("--max-sequences", type=number(int, "positive"), default=16,
+                   help="first N generations of --samples")
+    a.add_argument("--max-tokens", type=number(int, "positive"), default=4096,
+                   help="each sequence cut to this many tokens")
+    a.add_argument("--block", type=number(int, "positive"), default=8,
+                   help="layers per block ablation")
+    a.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn,greedy",
+                   help="comma-separated, among layer, block, single, type, mlp_vs_attn, greedy")
     a.add_argument("--greedy-metric", default="kl_full_abl_assistant_maxpos",
                    choices=["kl_full_abl_assistant_maxpos", "kl_full_abl_assistant"],
                    help="what scores each MLP adapter in the greedy ablation (the paper's max_kl: "
@@ -781,7 +829,11 @@ def main(argv=None):
     a.add_argument("--out", required=True, help="directory for ablations.json and ablations.html")
     a.add_argument("--overwrite", action="store_true", help="replace ablations.* in --out")
     a.set_defaults(func=cmd_ablate)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with user_errors("eval.py"):
         return args.func(args)
 

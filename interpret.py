@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from autointerp import autointerp, categorise, compare_populations
 from collect import ActivationStore
-from common import (add_config_flags, check_out, differences, file_identity, fresh_outputs,
-                    read_json, same_origin, user_errors, write_atomic, write_json)
+from common import (Parser, add_config_flags, check_out, differences, file_identity, fresh_outputs,
+                    number, numbers, read_json, same_origin, user_errors, write_atomic, write_json)
 from data import Tokenizer, read_rows
 from eval import PROTOCOLS, GenConfig, add_model_flags
 from llm import LLM
@@ -316,23 +316,27 @@ def cmd_compare(args):
     return table
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mine", help="exact top-k examples, random samples, statistics per feature")
-    m.add_argument("--acts", required=True)
-    m.add_argument("--tokenizer", required=True)
-    m.add_argument("--sae")
-    m.add_argument("--out", required=True)
-    m.add_argument("--k", type=int, default=32)
-    m.add_argument("--dedup", type=int, default=0,
+    m.add_argument("--acts", required=True, help="a store written by collect.py")
+    m.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
+    m.add_argument("--sae", help="SAE directory: mine its latents too")
+    m.add_argument("--out", required=True, help="directory for features.json")
+    m.add_argument("--k", type=number(int, "positive"), default=32,
+                   help="top examples per feature and polarity")
+    m.add_argument("--dedup", type=number(int, "nonnegative"), default=0,
                    help="hide picks within this many tokens of a better one")
-    m.add_argument("--per-doc", type=int, default=0,
+    m.add_argument("--per-doc", type=number(int, "nonnegative"), default=0,
                    help="at most this many examples per document (0: k)")
-    m.add_argument("--n-random", type=int, default=16)
-    m.add_argument("--context", type=int, default=24)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--n-random", type=number(int, "nonnegative"), default=16,
+                   help="random firing examples per feature (autointerp's weak ones)")
+    m.add_argument("--context", type=number(int, "nonnegative"), default=24,
+                   help="tokens shown on each side of an example")
+    m.add_argument("--seed", type=number(int, "seed"), default=0,
+                   help="seeds the random examples")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the features are computed")
     m.add_argument("--population", default="lora", choices=["lora", "mlp"],
@@ -342,51 +346,64 @@ def main(argv=None):
     m.set_defaults(func=cmd_mine)
     st = sub.add_parser("steer", help="generate while adding to adapter scalars; measure it")
     add_model_flags(st, adapter_required=True)
-    st.add_argument("--sae")
-    st.add_argument("--feature", type=int, default=0)
+    st.add_argument("--sae", help="SAE directory: steer along one latent's decoder direction")
+    st.add_argument("--feature", type=number(int, "nonnegative"), default=0,
+                    help="the latent to steer with --sae")
     st.add_argument("--site", help="steer one adapter scalar instead, e.g. L12.gate_proj")
     st.add_argument("--residual", help="or add the a vector of this gate_proj / up_proj adapter "
                     "to the residual stream after that layer's attention (docs/paper.md F6), "
                     "strength in units of the attention output's mean norm, e.g. L12.up_proj")
-    st.add_argument("--strengths", default="0,10,30")
-    st.add_argument("--seeds", default="0")
+    st.add_argument("--strengths", type=numbers(float), default=[0.0, 10.0, 30.0],
+                    help="comma-separated steering strengths (default: 0,10,30)")
+    st.add_argument("--seeds", type=numbers(int, "seed"), default=[0],
+                    help="comma-separated sampling seeds (default: 0)")
     st.add_argument("--bench", help="NAME=PATH: measure accuracy on these problems")
-    st.add_argument("--zip-password")
-    st.add_argument("--limit", type=int, default=20)
-    st.add_argument("--prompt", action="append")
-    st.add_argument("--words", default="Wait,Hmm,But")
-    st.add_argument("--out", required=True)
-    st.add_argument("--batch-size", type=int, default=8)
+    st.add_argument("--zip-password", help="password of a GPQA zip")
+    st.add_argument("--limit", type=number(int, "nonnegative"), default=20,
+                    help="first N problems of --bench (0: all)")
+    st.add_argument("--prompt", action="append", help="a question to steer on (repeatable)")
+    st.add_argument("--words", default="Wait,Hmm,But",
+                    help="comma-separated words counted in the generations")
+    st.add_argument("--out", required=True, help="the JSON file to write")
+    st.add_argument("--batch-size", type=number(int, "positive"), default=8,
+                    help="questions generated together")
     add_config_flags(st, GenConfig, choices=dict(protocol=PROTOCOLS))
     st.add_argument("--overwrite", action="store_true", help="replace the --out file")
     st.set_defaults(func=cmd_steer)
     a = sub.add_parser("autointerp", help="prompts; with --llm-url explanations and scores")
-    a.add_argument("--features", required=True)
-    a.add_argument("--out", required=True)
+    a.add_argument("--features", required=True, help="features.json from `interpret.py mine`")
+    a.add_argument("--out", required=True, help="directory for autointerp.jsonl (+ prompts)")
     a.add_argument("--llm-url", help="OpenAI-compatible base URL (key from RANK1_LLM_API_KEY)")
-    a.add_argument("--llm-model", default="gpt-4o-mini")
+    a.add_argument("--llm-model", default="gpt-4o-mini", help="the model name sent to --llm-url")
     a.add_argument("--cache", help="response cache directory (default OUT/llm-cache)")
-    a.add_argument("--concurrency", type=int, default=8)
+    a.add_argument("--concurrency", type=number(int, "positive"), default=8,
+                   help="requests in flight at once")
     a.add_argument("--rubric", action="store_true",
                    help="also the paper's 0/1/2 monosemanticity rubric")
     a.add_argument("--categorise", action="store_true",
                    help="also sort the SAE latents into the paper's 7 categories "
                    "(OUT/categories.jsonl)")
-    a.add_argument("--n-explain", type=int, default=10)
-    a.add_argument("--limit", type=int, default=0)
+    a.add_argument("--n-explain", type=number(int, "positive"), default=10,
+                   help="top examples in the explanation prompt")
+    a.add_argument("--limit", type=number(int, "nonnegative"), default=0,
+                   help="first N features (0: all)")
     a.add_argument("--overwrite", action="store_true",
                    help="replace autointerp.jsonl made from other features")
     a.set_defaults(func=cmd_autointerp)
     c = sub.add_parser("compare", help="LoRA features vs MLP neurons from two autointerp.jsonl")
-    c.add_argument("--lora", required=True)
-    c.add_argument("--mlp", required=True)
-    c.add_argument("--out", required=True)
+    c.add_argument("--lora", required=True, help="autointerp.jsonl of the LoRA features")
+    c.add_argument("--mlp", required=True, help="autointerp.jsonl of the MLP neurons")
+    c.add_argument("--out", required=True, help="the JSON file to write")
     c.add_argument("--populations", choices=["paper", "all"], default="paper",
                    help="paper: MLP-adapter features vs each neuron in its dominant polarity "
                    "(as report.py); all: every row of both files")
     c.add_argument("--overwrite", action="store_true", help="replace the --out file")
     c.set_defaults(func=cmd_compare)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with user_errors("interpret.py"):
         return args.func(args)
 

@@ -29,7 +29,6 @@ Implementations of the adapted linear (chosen once; LORA_IMPL=ref|cuda|auto over
 - `cuda`: the fused kernels of csrc/ (rank 1, CUDA tensors; see lora_cuda.py).
 Dropout and trainable base weights take plain autograd ops instead (lora_linear decides).
 """
-import argparse
 import json
 import math
 import os
@@ -41,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from common import (DTYPES, check_out, model_identity, publish_dir, read_json, read_safetensors,
-                    save_hf_checkpoint, sha256_file, user_errors)
+from common import (DTYPES, Parser, check_out, model_identity, publish_dir, read_json,
+                    read_safetensors, save_hf_checkpoint, sha256_file, user_errors)
 from model import Qwen2
 
 SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -464,7 +463,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "rank1.json
 
 
 def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None, provenance=None,
-                 overwrite=False):
+                 overwrite=False, command="lora.py"):
     """Write a PEFT-loadable adapter (adapter_model.safetensors + adapter_config.json) and, with
     provenance, rank1.json (what it was made from); published whole (common.publish_dir).
 
@@ -497,7 +496,7 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None, 
         if provenance is not None:
             with open(os.path.join(tmp, "rank1.json"), "w") as f:
                 json.dump(provenance, f, indent=1)
-    publish_dir(out_dir, write, lambda n: n in ADAPTER_FILES, overwrite)
+    publish_dir(out_dir, write, lambda n: n in ADAPTER_FILES, overwrite, command=command)
 
 
 def read_adapter_config(adapter_dir):
@@ -631,7 +630,7 @@ def load_model(path, adapter=None, dtype=None, merge=False, device="cpu", other_
 
 
 def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes=5 * 2**30,
-                  provenance=None, overwrite=False):
+                  provenance=None, overwrite=False, command="lora.py export"):
     """Write an HF checkpoint with the adapters merged (W + s B A) that transformers and vLLM load:
     sharded safetensors + index + config.json (+ tokenizer files, + rank1.json with provenance).
     `model` is not modified."""
@@ -649,15 +648,16 @@ def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_byte
     cfg = {**model.cfg.to_hf_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
     files = [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES
              if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, n))]
-    save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files, provenance, overwrite)
+    save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files, provenance, overwrite,
+                       command)
 
 
 # -----------------------------------------------------------------------------
 # command line: export a merged checkpoint
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model and write an "
+def parser():
+    p = Parser(description="Merge a LoRA adapter into its base model and write an "
                                 "HF checkpoint (for transformers, vLLM or eval.py without "
                                 "--adapter).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -669,7 +669,11 @@ def main(argv=None):
     e.add_argument("--out", required=True, help="output directory (safetensors, config.json)")
     e.add_argument("--dtype", choices=sorted(DTYPES), help="default: the base checkpoint's")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with user_errors("lora.py"):
         check_out(args.out, {"--model": args.model, "--adapter": args.adapter})
         model, identity = load_model(args.model, args.adapter, args.dtype,

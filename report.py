@@ -21,7 +21,6 @@ down x layers x both polarities) against the MLP neurons in their dominant polar
 the larger top activation), as collect.py --mlp-neurons 6 stores them (up_proj's first 6 output
 channels per layer). --populations all keeps every feature the autointerp files hold.
 """
-import argparse
 import math
 import os
 import re
@@ -30,10 +29,10 @@ from html import escape
 import numpy as np
 
 from autointerp import CLASSES, parse_name, populations
-from common import (check_out, differences, file_identity, fresh_outputs, read_json,
+from common import (Parser, check_out, differences, file_identity, fresh_outputs, read_json,
                     read_safetensors, user_errors, write_atomic, write_json)
-from dashboard import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart,
-                       provenance_lines, site_heatmap, table)
+from dashboard import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
+                       site_heatmap, table)
 from data import read_rows
 from lora import ATTN, MLP, adapter_identity, read_adapter_config
 
@@ -509,8 +508,8 @@ def build(args):
     return rep
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[1].strip())
     p.add_argument("--recovery", help="the JSON of `eval.py compare --out`")
     p.add_argument("--ablations", help="ablations.json from `eval.py ablate`")
     p.add_argument("--adapter", help="the adapter directory (geometry)")
@@ -521,10 +520,16 @@ def main(argv=None):
                    "--categorise`")
     p.add_argument("--steer", action="append", help="a JSON file of `interpret.py steer` "
                    "(repeatable)")
-    p.add_argument("--populations", default="paper", choices=["paper", "all"])
+    p.add_argument("--populations", default="paper", choices=["paper", "all"],
+                   help="paper: MLP-adapter features vs each neuron in its dominant polarity; "
+                   "all: every row of both autointerp files")
     p.add_argument("--out", required=True, help="directory for report.html and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace report.* in --out")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with user_errors("report.py"):
         return build(args)
 

@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 from batchtopk import SAE, batch_topk, evaluate, sparse_decode
 from collect import ActivationStore
-from common import (add_config_flags, check_numbers, check_out, config_from_flags, read_json,
-                    read_log, read_safetensors, safetensors_metadata, same_origin, start_run,
-                    user_errors, write_atomic, write_json)
+from common import (AppendLog, Parser, add_config_flags, check_numbers, check_out,
+                    config_from_flags, numbers, read_json, read_log, read_safetensors,
+                    safetensors_metadata, same_origin, start_run, user_errors, write_atomic,
+                    write_json)
 from dashboard import frontier_chart
 
 # -----------------------------------------------------------------------------
@@ -68,18 +69,17 @@ class SAEConfig:
     save_every: int = 1000      # steps between saves of the training state (sae.py train resumes)
     device: str = "cpu"
 
+    # ranges of the numbers (common.RANGES); lr 0 trains nothing, which shows the initialisation
+    RANGES = dict(expansion="positive", k="positive", batch_size="positive", lr="nonnegative",
+                  epochs="nonnegative", min_tokens="nonnegative", steps="nonnegative",
+                  warmup="nonnegative", aux_coeff="nonnegative", k_aux="nonnegative",
+                  dead_tokens="nonnegative", threshold_beta="below_one", holdout="below_one",
+                  plateau="nonnegative", seed="seed", log_every="positive", save_every="positive")
+
     def __post_init__(self):
-        for f in ("expansion", "k", "batch_size"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"SAEConfig.{f} must be >= 1")
         if self.init not in ("random", "data"):
             raise ValueError(f"--init must be random or data, got {self.init!r}")
-        check_numbers(self, positive=("lr",), below_one=("holdout", "threshold_beta"),
-                      nonnegative=("epochs", "min_tokens", "steps", "warmup", "aux_coeff",
-                                   "k_aux", "dead_tokens", "plateau"))
-        for f in ("log_every", "save_every"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"--{f.replace('_', '-')} must be >= 1")
+        check_numbers(self)
 
 
 def train_step(sae, xn, cfg, state):
@@ -205,6 +205,9 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
     perm = torch.randperm(len(x), generator=g)
     n_hold = int(len(x) * cfg.holdout)
     hold, train = x[perm[:n_hold]].float().to(dev), perm[n_hold:]
+    if cfg.k > cfg.expansion * x.shape[1]:
+        raise ValueError(f"--k {cfg.k}: more than the {cfg.expansion * x.shape[1]} latents "
+                         f"(--expansion {cfg.expansion} x {x.shape[1]} inputs)")
     sae = SAE(x.shape[1], cfg.expansion * x.shape[1], cfg.k).to(dev)
     with torch.no_grad():
         sample = x[train[:200_000]].float().to(dev)
@@ -235,6 +238,10 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
         for grp in opt.param_groups:
             grp["lr"] = lr
         m = update(sae, opt, xb, cfg, state)
+        bad = [k for k, v in m.items() if not math.isfinite(v)]
+        if bad:  # stop before a diverged SAE is saved, mined or resumed from
+            raise ValueError(f"sae: training diverged at step {step + 1} (non-finite {bad[0]}); "
+                             "lower --lr")
         for k, v in m.items():
             agg[k] = agg.get(k, 0.0) + v
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
@@ -289,7 +296,8 @@ def cmd_train(args):
         same_origin(read_json(out("cfg.json")).get("made_from") or {}, made_from, out("cfg.json"))
         print(f"sae: {args.out} already holds this SAE")
         return SAE.load(args.out)
-    start_run(args.out, "run.json", made_from, SAE_FILES.__contains__, args.overwrite)
+    start_run(args.out, "run.json", made_from, SAE_FILES.__contains__, args.overwrite,
+              "sae.py train")
     state_file = out("train-state.safetensors")
     step = (json.loads(safetensors_metadata(state_file)["rank1"])["step"]
             if os.path.isfile(state_file) else 0)
@@ -297,7 +305,7 @@ def cmd_train(args):
         else []
     # each logged step once, after a resume
     write_atomic(out("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
-    with open(out("metrics.jsonl"), "a") as mf:
+    with AppendLog(out("metrics.jsonl")) as mf:
         sae = train_sae(store.load_all(), cfg, metrics_file=mf, state_file=state_file)
     write_json(out("metrics.json"), dict(heldout=sae.metrics, sites=store.index["sites"],
                                          made_from=made_from))
@@ -320,8 +328,8 @@ def cmd_sweep(args):
     if os.path.isfile(summary) and not args.overwrite:
         same_origin(read_json(summary).get("made_from") or {}, made_from, summary)
     rows = []
-    for e in (int(v) for v in args.expansions.split(",")):
-        for k in (int(v) for v in args.ks.split(",")):
+    for e in args.expansions:
+        for k in args.ks:
             sub = os.path.join(args.out, f"k{k}-x{e}")
             cmd_train(argparse.Namespace(**{**vars(args), "k": k, "expansion": e, "out": sub}))
             c = read_json(os.path.join(sub, "cfg.json"))
@@ -334,21 +342,28 @@ def cmd_sweep(args):
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[0].strip())
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the BatchTopK SAE on a collected store")
     s = sub.add_parser("sweep", help="train over k x expansion: the FVU-L0 frontier")
-    s.add_argument("--ks", default="8,16,32", help="comma-separated k values")
-    s.add_argument("--expansions", default="4,8,16", help="comma-separated expansion factors")
+    s.add_argument("--ks", type=numbers(int, "positive"), default=[8, 16, 32],
+                   help="comma-separated k values (default: 8,16,32)")
+    s.add_argument("--expansions", type=numbers(int, "positive"), default=[4, 8, 16],
+                   help="comma-separated expansion factors (default: 4,8,16)")
     for c, func in ((t, cmd_train), (s, cmd_sweep)):
         c.add_argument("--acts", required=True, help="a store written by collect.py")
-        c.add_argument("--out", required=True)
+        c.add_argument("--out", required=True, help="SAE directory (sweep: one per k x expansion)")
         c.add_argument("--overwrite", action="store_true",
                        help="replace SAEs trained in --out with other settings")
-        add_config_flags(c, SAEConfig, skip=("k", "expansion") if c is s else ())
+        add_config_flags(c, SAEConfig, skip=("k", "expansion") if c is s else (),
+                         choices=dict(init=("data", "random")))
         c.set_defaults(func=func)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with user_errors("sae.py"):
         return args.func(args)
 

@@ -84,6 +84,9 @@ def cmd_steer(args):
     site = lambda s: (int(s.split(".")[0].lstrip("L")), s.split(".")[1])
     if args.sae:
         sae = SAE.load(args.sae)
+        if args.feature >= sae.W_dec.shape[0]:
+            raise SystemExit(f"steer: --feature {args.feature}: the SAE has "
+                             f"{sae.W_dec.shape[0]} latents")
         steering = lambda c: steer(model, sae_offsets(sae, args.feature, c, layout))
     elif args.site:
         steering = lambda c: steer(model, {site(args.site): c})
@@ -101,8 +104,8 @@ def cmd_steer(args):
                          "--residual L12.up_proj")
     words = [w for w in args.words.split(",") if w]
     results = []
-    for c in [float(x) for x in args.strengths.split(",")]:
-        for seed in [int(x) for x in args.seeds.split(",")]:
+    for c in args.strengths:
+        for seed in args.seeds:
             g = torch.Generator(device=device).manual_seed(seed)
             outs = []
             with steering(c) if c != 0 else nullcontext():

@@ -54,9 +54,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
-from common import (DTYPES, add_config_flags, check_numbers, check_out, checkpoint_tensors,
-                    cleanup_dist, config_from_flags, differences, file_identity, model_identity,
-                    print0, read_json, read_log, read_safetensors, save_hf_checkpoint, setup_dist,
+from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, check_numbers,
+                    check_out, checkpoint_tensors, claim_dir, cleanup_dist, code_version,
+                    config_from_flags, differences, file_identity, model_identity, print0,
+                    read_json, read_log, read_safetensors, save_hf_checkpoint, setup_dist,
                     user_errors, write_atomic, write_json)
 from data import Tokenizer, data_identity, load_examples
 from lora import ADAPTER_FILES, SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
@@ -102,6 +103,14 @@ class TrainConfig:
     dry_run: bool = False
     preset: str = ""
 
+    # ranges of the numbers (common.RANGES); --grad-clip 0 is no clipping, as HF reads it
+    RANGES = dict(rank="positive", epochs="positive", global_batch="positive",
+                  micro_batch="positive", block_size="positive", loss_chunk="positive",
+                  lr="positive", alpha="positive", eps="positive", weight_decay="nonnegative",
+                  grad_clip="nonnegative", save_every="nonnegative", save_minutes="nonnegative",
+                  max_steps="nonnegative", warmup_ratio="unit", beta1="below_one",
+                  beta2="below_one", seed="seed")
+
     def __post_init__(self):
         if self.mode not in ("lora", "full"):
             raise ValueError(f"--mode must be lora or full, got {self.mode!r}")
@@ -110,14 +119,7 @@ class TrainConfig:
         bad = [t for t in self.target_list if t not in SITE_ORDER]
         if bad:
             raise ValueError(f"--targets: unknown {bad}; expected names among {list(SITE_ORDER)}")
-        for k in ("rank", "epochs", "global_batch", "micro_batch", "block_size", "loss_chunk"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
-        # --grad-clip 0 is no clipping, as HF reads it
-        check_numbers(self, positive=("lr", "alpha", "eps"),
-                      nonnegative=("weight_decay", "grad_clip", "save_every", "save_minutes",
-                                   "max_steps"),
-                      unit=("warmup_ratio",), below_one=("beta1", "beta2"))
+        check_numbers(self)
 
     @property
     def target_list(self):
@@ -149,16 +151,21 @@ PRESETS = {  # the paper's two runs (docs/paper.md section B)
 }
 # settings that must agree between a checkpoint and the run resuming it (the model, data and
 # tokenizer are compared by what they are: see origin())
-RESUME_KEYS = ("mode", "rank", "alpha", "rslora", "targets", "layers", "lr", "warmup_ratio",
-               "epochs", "global_batch", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
-               "block_size", "seed")
+RESUME_KEYS = ("mode", "dtype", "rank", "alpha", "rslora", "targets", "layers", "lr",
+               "warmup_ratio", "epochs", "global_batch", "beta1", "beta2", "eps", "weight_decay",
+               "grad_clip", "block_size", "seed")
+
+
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p, TrainConfig, choices=dict(mode=("lora", "full"), dtype=sorted(DTYPES),
+                                                   preset=sorted(PRESETS)))
+    return p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p, TrainConfig)
-    ns = p.parse_args(argv)
+    ns = parser().parse_args(argv)
     if ns.preset and ns.preset not in PRESETS:
         raise SystemExit(f"--preset {ns.preset!r}: expected one of {sorted(PRESETS)}")
     try:
@@ -397,14 +404,15 @@ def save_final(cfg, model, rank, provenance):
         sd = {n: full(p) for n, p in model.named_parameters() if ".lora_" in n}
         if rank == 0:
             save_adapter(model, os.path.join(cfg.out, "adapter"), base_model_name_or_path=cfg.model,
-                         state_dict=sd, provenance=provenance, overwrite=True)
+                         state_dict=sd, provenance=provenance, overwrite=True,
+                         command="train.py")
         return
     dtype = DTYPES[cfg.dtype]
     gathered = ((n, full(t).to(dtype)) for n, t in model.hf_tensors())  # all ranks gather each
     if rank == 0:
         save_hf_checkpoint(os.path.join(cfg.out, "model"), gathered,
                            {**model.cfg.to_hf_dict(), "torch_dtype": cfg.dtype},
-                           extra=provenance, overwrite=True)
+                           extra=provenance, overwrite=True, command="train.py")
     else:
         for _ in gathered:
             pass
@@ -466,25 +474,19 @@ OUTPUTS = ("config.json", "metrics.jsonl", "result.json", "ckpt", "adapter", "mo
 
 
 def prepare_out(cfg):
-    """Rank 0, before anything is written: --out must not touch the inputs; an --out holding an
-    earlier run is continued (--resume) or, with --overwrite, cleared of this script's outputs
-    (and of nothing else)."""
+    """Rank 0, before anything is written: --out must not touch the inputs and must be a directory
+    train.py made (or a new one); an earlier run there is continued (--resume) or, with
+    --overwrite, cleared of this script's outputs (and of nothing else)."""
     check_out(cfg.out, {"--model": cfg.model, "--data": cfg.data, "--tokenizer": cfg.tokenizer})
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"train.py: cannot create the output directory {cfg.out}: "
-                         f"{e.strerror}") from None
-    if not os.access(cfg.out, os.W_OK):
-        raise SystemExit(f"train.py: the output directory {cfg.out} is not writable")
     found = [n for n in OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
+    claim_dir(cfg.out, "train.py", found)
     if cfg.resume or not found:
         return
     if not cfg.overwrite:
         raise SystemExit(f"train.py: {cfg.out} already holds a run ({', '.join(found)}); pass "
                          "--resume to continue it or --overwrite to start over")
     owned = dict(ckpt=lambda n: re.fullmatch(r"(\.tmp-)?step-\d{6}", n),
-                 adapter=lambda n: n in ADAPTER_FILES,
+                 adapter=lambda n: n in ADAPTER_FILES + (OWNER_FILE,),
                  model=lambda n: n.endswith((".safetensors", ".json")) or n in ("merges.txt",))
     for n in found:
         path = os.path.join(cfg.out, n)
@@ -530,11 +532,13 @@ def train(cfg, rank, world, device):
         prepare_out(cfg)
         write_json(os.path.join(cfg.out, "config.json"),
                    {**asdict(cfg), "world": world, "model_config": asdict(mcfg),
-                    "data_stats": stats, "origin": made_from})
+                    "data_stats": stats, "origin": made_from, "code": code_version()})
     dist.barrier()
     print0(f"data: {stats['rows']} rows, {stats['tokens']:,} tokens, {stats['target_tokens']:,} "
            f"trained-on; {stats['truncated']} truncated at {cfg.block_size} tokens, losing "
-           f"{stats['target_tokens_lost']:,} trained-on tokens")
+           f"{stats['target_tokens_lost']:,} trained-on tokens"
+           + (f"; {stats['empty_thinking']} with an empty thinking trace (trained on the answer "
+              "alone)" if stats.get("empty_thinking") else ""))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, mcfg, device, world)
     model.train()
@@ -559,7 +563,7 @@ def train(cfg, rank, world, device):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.__setitem__("sig", s))
     t_saved = time.time()
-    metrics = open(metrics_file, "a") if rank == 0 else None
+    metrics = AppendLog(metrics_file) if rank == 0 else None
     bar = tqdm(total=total_run, initial=start, disable=rank != 0, desc="train", file=sys.stderr)
     t_start = time.time()
     for step in range(start, total_run):
