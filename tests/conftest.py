@@ -3,6 +3,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -100,17 +101,19 @@ def tiny_dir(tmp_path):
     return m, save_hf(m, tmp_path / "tiny")
 
 
-def kill_when(proc, condition, timeout=120):
-    """SIGKILL a running command as soon as condition() holds (polled every 10 ms), and check
-    that it was killed rather than finished: the fault-injection tests' kill -9."""
+def kill_when(proc, condition, timeout=120, sig=signal.SIGKILL):
+    """Send sig (SIGKILL: the fault-injection tests' kill -9) to a running command as soon as
+    condition() holds (polled every 10 ms); with SIGKILL, check that it was killed rather than
+    finished. Returns the exit status."""
     t0 = time.time()
     while not condition():
         assert proc.poll() is None, "the command finished before the kill point"
         assert time.time() - t0 < timeout, "the kill point never came"
         time.sleep(0.01)
-    proc.kill()
+    proc.send_signal(sig)
     proc.wait()
-    assert proc.returncode == -9
+    assert sig != signal.SIGKILL or proc.returncode == -9
+    return proc.returncode
 
 
 class FakeLLM(http.server.BaseHTTPRequestHandler):

@@ -47,11 +47,12 @@ def nvcc_compile(archs=(80, 90), out="/tmp/rank1_lora1_check.o", mode="-c"):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-def test_nvcc_compiles_for_sm80_and_sm90():
+def test_nvcc_compiles_for_sm80():
     """With the JIT build's flags (no half/bf16 operator overloads, relaxed constexpr): no warning
-    in our file, and kernels for the op's three dtypes only (no double kernels)."""
+    in our file, and kernels for the op's three dtypes only (no double kernels). sm_90 goes to PTX
+    in the next test (and was built and run on an H200); one arch here keeps the suite short."""
     out = "/tmp/rank1_lora1_check.o"
-    err = nvcc_compile(out=out)
+    err = nvcc_compile(archs=(80,), out=out)
     ours = [l for l in err.splitlines() if "lora1_cuda.cu" in l and "warning" in l.lower()]
     assert not ours, "warnings in our kernel:\n" + "\n".join(ours)
     symbols = subprocess.run(["nm", "-C", out], capture_output=True, text=True).stdout

@@ -8,7 +8,10 @@ command killed with SIGKILL at three points giving, once rerun, what an uninterr
 import hashlib
 import json
 import os
+import resource
 import shutil
+import signal
+import socket
 import subprocess
 import zipfile
 
@@ -18,14 +21,17 @@ from safetensors.torch import load_file, save_file
 
 from autointerp import autointerp
 from collect import ActivationStore
-from common import read_json, read_log, safetensors_metadata
+from common import publish_dir, read_json, read_log, safetensors_metadata
 from conftest import (ROOT, SHARED_DATA, FakeLLM, hf_tiny, kill_when, run_script, save_hf,
                       script_cmd, tiny_tokenizer)
-from eval import grade_sample, load_benchmark, recovery_table
+from data import Tokenizer, load_s1
+from eval import GenConfig, grade_sample, kl_stats, load_benchmark, recovery_table
 from llm import LLM
 from lora import LoRALinear, adapters, apply_lora, load_adapter, save_adapter
 from model import Qwen2, Qwen2Config
 from batchtopk import SAE
+from sae import SAEConfig
+from train import TrainConfig
 
 
 def rows(n, long=1):
@@ -120,16 +126,34 @@ def test_1_outputs_never_replace_inputs_or_other_outputs(env, tmp_path):
     assert r.returncode != 0 and "ablations.json: exists; pass --overwrite" in r.stderr
     # sae.py train keeps the metrics.jsonl it writes
     run_script("sae.py", sae_args(tmp_path / "acts", tmp_path / "sae"))
-    assert sorted(os.listdir(tmp_path / "sae")) == ["cfg.json", "metrics.json", "metrics.jsonl",
-                                                    "sae.safetensors"]
+    assert sorted(os.listdir(tmp_path / "sae")) == ["cfg.json", "made_by.json", "metrics.json",
+                                                    "metrics.jsonl", "sae.safetensors"]
     assert len((tmp_path / "sae" / "metrics.jsonl").read_text().splitlines()) == 10
     # an export stops before replacing a directory it did not write
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     r = run_script("lora.py", ["export", "--model", env / "model", "--adapter", env / "adapter",
                                "--out", tmp_path / "mine", "--overwrite"], check=False)
-    assert r.returncode != 0 and "holds files this command did not write" in r.stderr
+    assert r.returncode != 0 and "which lora.py export did not make (no made_by.json)" in r.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # --overwrite and --resume act only in a directory the same command made
+    shutil.copytree(env / "model", tmp_path / "hf")
+    refusals = [("train.py", train_args(env, tmp_path / "hf", "--overwrite"), "hf", "which "
+                 "train.py did not make"),
+                ("train.py", train_args(env, tmp_path / "sae", "--resume"), "sae", "made by sae.py "
+                 "train, not train.py"),
+                ("sae.py", sae_args(tmp_path / "acts", tmp_path / "lora", "--overwrite"), "lora",
+                 "made by eval.py run, not sae.py train"),
+                ("eval.py", eval_args(env, tmp_path / "sae", "--overwrite"), "sae",
+                 "made by sae.py train, not eval.py run"),
+                ("collect.py", ["--model", env / "model", "--adapter", env / "adapter", "--data",
+                                env / "rows.jsonl", "--out", tmp_path / "lora", "--overwrite"],
+                 "lora", "made by eval.py run, not collect.py")]
+    for script, args, d, want in refusals:
+        before = snapshot(tmp_path / d)
+        r = run_script(script, args, check=False)
+        assert r.returncode != 0 and want in r.stderr, (script, r.stderr[-1000:])
+        assert "Traceback" not in r.stderr and snapshot(tmp_path / d) == before
 
 
 # --- 2. evaluation loses nothing -----------------------------------------------------------------
@@ -193,6 +217,9 @@ def test_3_collect_killed_three_times_gives_the_uninterrupted_store(env, tmp_pat
     assert all(got[k] == ref[k] for k in ref if k.endswith(".npy"))
     a, b = (read_json(d / "index.json") for d in (tmp_path / "ref", out))
     assert a["shards"] == b["shards"] and a["shape"] == b["shape"]
+    (out / "acts-00002.npy").unlink()  # a finished shard deleted: the rerun collects it again
+    collect(env, out)
+    assert snapshot(out) == got
 
 
 # --- 4. training: same data, each step once, crash-safe checkpoints ----------------------------
@@ -339,18 +366,21 @@ def test_7_failed_replies_are_retried_never_cached_and_reported(tmp_path, fake_l
 
 
 def test_7_autointerp_command_keeps_the_others_and_a_rerun_finishes(tmp_path, fake_llm):
-    (tmp_path / "features.json").write_text(json.dumps(dict(features=[feature(0), feature(1)])))
-    args = ["autointerp", "--features", tmp_path / "features.json", "--out", tmp_path / "ai",
-            "--llm-url", fake_llm, "--concurrency", 1]
+    (tmp_path / "interp").mkdir()  # the README's layout: --out interp/auto/ beside features.json
+    (tmp_path / "interp" / "features.json").write_text(
+        json.dumps(dict(features=[feature(0), feature(1)])))
+    args = ["autointerp", "--features", tmp_path / "interp" / "features.json",
+            "--out", tmp_path / "interp" / "auto", "--llm-url", fake_llm, "--concurrency", 1]
     FakeLLM.script[:] = [400]
     r = run_script("interpret.py", args, check=False)
     assert r.returncode != 0 and "1 features failed" in r.stderr and "feature 0 (f0)" in r.stderr
-    got = [json.loads(l) for l in open(tmp_path / "ai" / "autointerp.jsonl")]
+    got = [json.loads(l) for l in open(tmp_path / "interp" / "auto" / "autointerp.jsonl")]
     assert "error" in got[0] and got[1]["detection_balanced_accuracy"] == 1.0
     n = len(FakeLLM.requests)
     run_script("interpret.py", args)
     assert len(FakeLLM.requests) == n + 2  # only feature 0 is asked again
-    assert all("error" not in json.loads(l) for l in open(tmp_path / "ai" / "autointerp.jsonl"))
+    assert all("error" not in json.loads(l)
+               for l in open(tmp_path / "interp" / "auto" / "autointerp.jsonl"))
 
 
 # --- 8. bad input: one line naming the file and what is wrong -----------------------------------
@@ -498,6 +528,11 @@ def test_sae_train_killed_three_times_gives_the_uninterrupted_sae(env, tmp_path)
         p = subprocess.Popen(script_cmd("sae.py", sae_args(tmp_path / "acts", out)), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(p, saved_step(n))
+    p = subprocess.Popen(script_cmd("sae.py", sae_args(tmp_path / "acts", out)), cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert kill_when(p, saved_step(34), sig=signal.SIGINT) == 130  # Ctrl-C: one line, exit 130
+    assert p.stderr.read().splitlines()[-1:] == [
+        "sae.py: interrupted (SIGINT); run the same command again to continue"]
     with open(out / "metrics.jsonl", "a") as f:  # a cut last line of the step log
         f.write('{"step": 39, "fv')
     run_script("sae.py", sae_args(tmp_path / "acts", out))
@@ -513,9 +548,6 @@ def test_sae_train_killed_three_times_gives_the_uninterrupted_sae(env, tmp_path)
 def test_numbers_are_checked_where_they_enter():
     """A NaN, a negative or an out-of-range number is one line naming the flag; --grad-clip 0 is
     no clipping (as HF reads it)."""
-    from eval import GenConfig
-    from sae import SAEConfig
-    from train import TrainConfig
     for cls, field, value, want in (
             (TrainConfig, "lr", float("nan"), "--lr must be a finite number > 0"),
             (TrainConfig, "grad_clip", -1.0, "--grad-clip must be a finite number >= 0"),
@@ -523,7 +555,7 @@ def test_numbers_are_checked_where_they_enter():
             (TrainConfig, "warmup_ratio", 1.5, "--warmup-ratio must be a finite number in"),
             (SAEConfig, "threshold_beta", float("nan"), "--threshold-beta must be a finite"),
             (SAEConfig, "steps", -3, "--steps must be a finite number >= 0"),
-            (SAEConfig, "lr", float("inf"), "--lr must be a finite number > 0"),
+            (SAEConfig, "lr", float("inf"), "--lr must be a finite number >= 0"),
             (GenConfig, "temperature", -0.5, "--temperature must be a finite number >= 0"),
             (GenConfig, "top_p", 2.0, "--top-p must be a finite number in \\[0, 1\\]")):
         with pytest.raises(ValueError, match=want):
@@ -543,3 +575,137 @@ def test_grad_clip_zero_means_no_clipping(env, tmp_path):
     same = lambda a, b: all(torch.equal(outs[a][k], outs[b][k]) for k in outs[a])
     assert same("0", "1e9")
     assert any(v.abs().max() > 0 for k, v in outs["0"].items() if "lora_B" in k)
+
+
+# --- round two: non-finite numbers, provenance, full disks, unwritable outputs -------------------
+
+
+def test_non_finite_weights_and_logits_are_errors(env, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(env / "model", m)
+    sd = load_file(m / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, m / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="tensor model.layers.1.mlp.up_proj.weight holds "
+                                         "non-finite values"):
+        Qwen2.from_pretrained(str(m))
+    ad = tmp_path / "ad"
+    shutil.copytree(env / "adapter", ad)
+    sd = load_file(ad / "adapter_model.safetensors")
+    k = sorted(k for k in sd if "lora_B" in k)[0]
+    sd[k][0] = float("inf")
+    save_file(sd, ad / "adapter_model.safetensors")
+    model = Qwen2.from_pretrained(str(env / "model"))
+    with pytest.raises(ValueError, match=f"{k} has non-finite values"):
+        load_adapter(model, str(ad))
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("inf")
+    with pytest.raises(ValueError, match="non-finite logits at new token 1"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    ref = torch.full((4, 300), float("nan"))
+    with pytest.raises(ValueError, match="ablate: non-finite logits"):
+        kl_stats(apply_lora(Qwen2.from_pretrained(str(env / "model")), verbose=False),
+                 torch.tensor([[1, 2, 3, 4]]), [0, 1, 1, 1], ref, {})
+
+
+def test_a_diverged_sae_is_not_saved_and_bad_outputs_are_one_line(env, tmp_path):
+    collect(env, tmp_path / "acts")
+    r = run_script("sae.py", sae_args(tmp_path / "acts", tmp_path / "sae", "--lr", "1e30"),
+                   check=False)
+    assert r.returncode != 0 and "training diverged at step" in r.stderr, r.stderr[-1000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "sae" / "sae.safetensors").exists()
+    (tmp_path / "file").write_text("x")
+    for out, want in ((tmp_path / "file", "file"), ("/sys/rank1-test/sae", "/sys/rank1-test")):
+        r = run_script("sae.py", sae_args(tmp_path / "acts", out), check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-1000:]
+        assert [l for l in r.stderr.splitlines() if want in l], r.stderr
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_gives_the_uninterrupted_results(env, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the write that crosses it fails (EFBIG) midway,
+    leaving a torn last line in the samples file."""
+    run_script("eval.py", eval_args(env, tmp_path / "ref"))
+    size = (tmp_path / "ref" / "samples.jsonl").stat().st_size
+    limit = max(size // 2, (tmp_path / "ref" / "run.json").stat().st_size + 1)
+    assert limit < size
+
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
+    out = tmp_path / "full"
+    r = subprocess.run(script_cmd("eval.py", eval_args(env, out)), cwd=ROOT, text=True,
+                       capture_output=True, preexec_fn=full_disk)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if "File too large" in l]
+    assert len(errors) == 1 and "samples.rank-00000.jsonl" in errors[0], r.stderr[-2000:]
+    part = (out / "samples.rank-00000.jsonl").read_bytes()
+    assert len(part) == limit and not part.endswith(b"\n")  # the tear
+    run_script("eval.py", eval_args(env, out))
+    for f in ("results.json", "samples.jsonl"):
+        assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+
+
+def test_a_rerun_regrades_with_this_grader_and_results_name_the_code(env, tmp_path):
+    out = tmp_path / "e"
+    run_script("eval.py", eval_args(env, out, "--limit", 3))
+    first = read_json(out / "results.json")
+    assert len(first["code"]["scripts_sha256"]) == 64 and "commit" in first["code"]
+    recs = [json.loads(l) for l in open(out / "samples.jsonl")]
+    recs[1] = {**recs[1], "extracted": "999", "correct": not recs[1]["correct"]}  # old grader
+    write_jsonl(out / "samples.jsonl", recs)
+    r = run_script("eval.py", eval_args(env, out, "--limit", 3))
+    assert "1 answers graded anew" in r.stdout + r.stderr
+    assert read_json(out / "results.json") == first
+
+
+def test_compare_refuses_runs_on_different_benchmark_files():
+    def run(sha):
+        r = results({"a": 0.0, "b": 1.0})
+        r["settings"] = {"benchmarks": [{"name": "math500", "file": {"sha256": sha}}]}
+        return r
+    full = run("f" * 64)
+    full["results"]["math500"]["per_problem"] = {"a": 1.0, "b": 1.0}
+    recovery_table(run("f" * 64), full, run("f" * 64))
+    with pytest.raises(ValueError, match="math500: the runs read different benchmark files"):
+        recovery_table(run("f" * 64), full, run("0" * 64))
+
+
+def test_benchmark_names_are_unique(env, tmp_path):
+    r = run_script("eval.py", eval_args(env, tmp_path / "e", "--bench",
+                                        f"math500={env / 'math.jsonl'}"), check=False)
+    assert r.returncode != 0 and "math500 is given twice" in r.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_stale_temp_dirs_of_killed_writers_are_removed(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".tmp-out-{host}-{dead.pid}-abc123"
+    alive = tmp_path / f".tmp-out-{host}-{os.getpid()}-def456"
+    other = tmp_path / f".tmp-other-{host}-{dead.pid}-abc123"
+    for d in (stale, alive, other):
+        d.mkdir()
+        (d / "shard").write_text("65 GB at 32B")
+    publish_dir(tmp_path / "out", lambda t: open(os.path.join(t, "x"), "w").close(), lambda n: True,
+                command="test")
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert sorted(os.listdir(tmp_path / "out")) == ["made_by.json", "x"]
+
+
+def test_other_configs_and_empty_traces_are_named(env, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(env / "model", m)
+    c = read_json(m / "config.json")
+    c.pop("model_type")
+    c["architectures"] = ["MistralForCausalLM"]
+    (m / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="architectures is \\['MistralForCausalLM'\\], expected "
+                                         "Qwen2ForCausalLM"):
+        Qwen2Config.from_pretrained(str(m))
+    rs = rows(3)
+    rs[1]["deepseek_thinking_trajectory"] = " \n"
+    _, stats = load_s1(str(write_jsonl(tmp_path / "r.jsonl", rs)), Tokenizer(str(env / "model")))
+    assert stats["empty_thinking"] == 1 and stats["rows"] == 3

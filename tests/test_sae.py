@@ -35,7 +35,7 @@ def recovered(sae, atoms, scales):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed,init", [(0, "data"), (1, "data"), (0, "random")])
+@pytest.mark.parametrize("seed,init", [(1, "data"), (0, "random")])
 def test_planted_dictionary_is_recovered(seed, init):
     """d 64, 256 atoms, 4 active, scales over two decades, 200k samples; expansion 8, k 4, 8
     epochs: >= 95% of the atoms found at cosine > 0.9, held-out FVU <= 0.14, from either start.
