@@ -7,9 +7,7 @@ Rank-1 LoRA (any rank on the reference path) for model.Qwen2: the adapter the pa
         model(idx)
     cap.acts                                          # (B, T, 448) float32 for Qwen2.5-32B
     model, identity = load_model("/models/Qwen2.5-32B-Instruct", adapter="runs/rank1/adapter")
-    # merge an adapter into its base and write an HF checkpoint (transformers, vLLM)
-    python lora.py export --model /models/Qwen2.5-32B-Instruct --adapter runs/rank1/adapter \\
-        --out merged/
+    export_merged(model, "merged/")                 # an HF checkpoint, adapters merged (export.py)
 
 An adapted linear computes y = W x + b + s * B (A x) with A (r, in), B (out, r), s = alpha / r
 (alpha / sqrt(r) with rsLoRA; the same at r = 1, where the paper's s = 16). A gets PEFT's
@@ -40,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from common import (DTYPES, Parser, check_out, model_identity, publish_dir, read_json,
-                    read_safetensors, save_hf_checkpoint, sha256_file, user_errors)
+from checkpoint import (model_identity, read_safetensors, save_hf_checkpoint)
+from common import (DTYPES, publish_dir, read_json, sha256_file)
 from model import Qwen2
 
 SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -630,7 +628,7 @@ def load_model(path, adapter=None, dtype=None, merge=False, device="cpu", other_
 
 
 def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes=5 * 2**30,
-                  provenance=None, overwrite=False, command="lora.py export"):
+                  provenance=None, overwrite=False, command="export.py"):
     """Write an HF checkpoint with the adapters merged (W + s B A) that transformers and vLLM load:
     sharded safetensors + index + config.json (+ tokenizer files, + rank1.json with provenance).
     `model` is not modified."""
@@ -650,38 +648,3 @@ def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_byte
              if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, n))]
     save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files, provenance, overwrite,
                        command)
-
-
-# -----------------------------------------------------------------------------
-# command line: export a merged checkpoint
-
-
-def parser():
-    p = Parser(description="Merge a LoRA adapter into its base model and write an "
-                                "HF checkpoint (for transformers, vLLM or eval.py without "
-                                "--adapter).")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="write base + adapter, merged, as an HF checkpoint")
-    e.add_argument("--model", required=True, help="HF model directory (the base)")
-    e.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    e.add_argument("--other-base", action="store_true",
-                   help="use an adapter trained on another base than --model")
-    e.add_argument("--out", required=True, help="output directory (safetensors, config.json)")
-    e.add_argument("--dtype", choices=sorted(DTYPES), help="default: the base checkpoint's")
-    e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
-    return p
-
-
-def main(argv=None):
-    args = parser().parse_args(argv)
-    with user_errors("lora.py"):
-        check_out(args.out, {"--model": args.model, "--adapter": args.adapter})
-        model, identity = load_model(args.model, args.adapter, args.dtype,
-                                     other_base=args.other_base)
-        export_merged(model, args.out, tokenizer_dir=args.model,
-                      provenance=dict(made_from=identity), overwrite=args.overwrite)
-    print(f"export: {args.model} + {args.adapter} merged -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()
