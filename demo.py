@@ -24,7 +24,7 @@ finished; a changed setting or generator reruns that stage and the ones after it
  eval       `eval.py run` (greedy) of full and rank-1 (s1 protocol) and of the base: plain (as s1
             ran its base), s1, and given a textbook page's opening (`--protocol completion`):
             the capability ceiling the finetunes can elicit, measured; `eval.py compare`.
- interpret  `collect.py` on the mini-s1K traces, `sae.py train`, `eval.py ablate`,
+ interpret  `collect.py` on the mini-s1K traces, `sae.py train`, `ablate.py`,
             `interpret.py mine`, `dashboard.py` and `report.py`.
 
 The summary (printed, and saved as summary.txt / summary.json with the package versions and CPU
@@ -54,11 +54,12 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from collect import ActivationStore
-from common import Parser, numbers, save_hf_checkpoint, write_atomic
+from batchtopk import SAE
+from checkpoint import (save_hf_checkpoint)
+from common import (Parser, numbers, write_atomic)
 from data import ENDOFTEXT, IM_END, IM_START, Tokenizer, render_chat, s1_assistant
 from model import Qwen2, Qwen2Config
-from batchtopk import SAE
+from store import ActivationStore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -352,9 +353,9 @@ def make_interpret(d, p, data, base, adapter, evals):
                           "--steps", p["sae_steps"], "--warmup", 50, "--batch-size", 1024,
                           "--lr", 2e-3], log)
     samples = os.path.join(evals, "rank1", "samples.jsonl")
-    run_script("eval.py", ["ablate", "--model", base, "--adapter", adapter, "--samples", samples,
-                           "--bench", "math=" + os.path.join(data, "heldout.jsonl"), "--block", 2,
-                           "--max-sequences", p["ablate_sequences"], "--out", abl], log)
+    run_script("ablate.py", ["--model", base, "--adapter", adapter, "--samples", samples,
+                             "--bench", "math=" + os.path.join(data, "heldout.jsonl"), "--block", 2,
+                             "--max-sequences", p["ablate_sequences"], "--out", abl], log)
     run_script("interpret.py", ["mine", "--acts", acts, "--sae", sae, "--tokenizer", base,
                                 "--out", interp, "--k", 24, "--dedup", 2], log)
     run_script("dashboard.py", ["--features", os.path.join(interp, "features.json"), "--sae", sae,

@@ -1,6 +1,5 @@
 """
-Benchmarks as s1 evaluates them (AIME24/25, MATH500, GPQA-Diamond), the recovery table, and
-adapter ablations.
+Benchmarks as s1 evaluates them (AIME24/25, MATH500, GPQA-Diamond) and the recovery table.
 
     # generate and grade (--adapter DIR [--merge] for the LoRA; torchrun splits problems over GPUs);
     # the base model as s1 evaluated it: --protocol plain
@@ -11,282 +10,39 @@ adapter ablations.
         --out results/lora ...
     # (lora - base) / (full - base) per benchmark, with bootstrap intervals
     python eval.py compare results/base results/full results/lora
-    # KL(full adapter || ablated) and the reverse, per layer / block / adapter / type
-    python eval.py ablate --model ... --adapter runs/rank1/adapter \\
-        --samples results/lora/samples.jsonl --out results/ablate
 
-Protocols (docs/paper.md section C). s1 (the fine-tunes): chat prompt + `<|im_start|>think`; think
-until `<|im_start|>` (or <|im_end|>) or the thinking budget (auto = max context - prompt -
-len(FINAL_ANSWER) - 100, s1's formula); then `<|im_start|>answer` (with `\\nFinal Answer:` when
-the budget ran out) and the answer until <|im_end|>, in all the context thinking left. --wait N
-replaces an early end of thinking by "Wait" up to N times (budget forcing). plain (s1's runs of
-Qwen2.5-32B-Instruct): the chat prompt and one answer up to the context limit, graded on the
-whole output.
+The benchmark files: benchmarks.py; how a model is asked (s1, plain, completion): protocols.py;
+grading: grading.py; ablations: ablate.py.
 Greedy by default; --temperature > 0 samples --samples-per-problem answers with --seed (pass@1
 averaged). Problems are cut into fixed batches and batch i runs on rank i % world, so results do
 not depend on the number of processes. Each finished batch is appended to its rank's
 samples.rank-NNNNN.jsonl; a rerun into the same --out (same run.json) skips what is done, and the
-end result is what an uninterrupted run writes. Grading is local (grading.py) and never stops a
-run (a failure is an ungradeable answer, listed); GPQA answers that name no letter count as
-wrong (the official harness defaulted them to "A") and are counted.
+end result is what an uninterrupted run writes; a rerun of a finished run regrades every answer
+with this version's grader. Grading never stops a run (a failure is an ungradeable answer,
+listed); GPQA answers that name no letter count as wrong (the official harness defaulted them to
+"A") and are counted.
 """
 import argparse
-import csv
 import glob
 import json
-import math
 import os
-import random
 import re
 import sys
 import time
-import zipfile
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, AppendLog, Parser, add_config_flags, bootstrap_ci, check_numbers,
-                    check_out, cleanup_dist, code_version, config_from_flags, file_identity,
-                    fresh_outputs, model_identity, number, read_log, setup_dist, start_run,
-                    user_errors, write_atomic, write_json)
-from dashboard import ablation_html
-from data import (ANSWER, FINAL_ANSWER, THINK, Tokenizer, read_rows, render_chat, s1_example,
-                  s1_prompt)
-from grading import BENCHMARKS, extract_answer, extract_letter, grade
-from lora import ATTN, MLP, SITE_ORDER, ablate, adapter_identity, load_model, sites
-
-# -----------------------------------------------------------------------------
-# benchmark files
-
-
-# GPQA's option order is a property of the benchmark, not of a run: lm-eval seeds Python's random
-# with 0 before its process_docs shuffles each row's options (s1's gpqa_diamond_openai task)
-GPQA_OPTION_SEED = 0
-
-
-def gpqa_option_order(path):
-    """Where a GPQA file's option order comes from (run.json records it)."""
-    if path.endswith(".csv"):
-        return ("s1's: [Incorrect 1-3, Correct] shuffled per row by "
-                f"random.Random({GPQA_OPTION_SEED})")
-    return "the file's own (options already in the question text; s1's order needs the CSV)"
-
-
-def load_benchmark(name, path, password=None):
-    """[{id, question, gold}] from a benchmark file; errors name the file, line and field."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
-    if name == "gpqa":
-        items, where = _load_gpqa(path, password)
-    else:
-        rows, where = read_rows(path)
-        items = []
-        for i, (r, w) in enumerate(zip(rows, where)):
-            q = next((r[k] for k in ("problem", "Problem", "question") if k in r), None)
-            a = next((r[k] for k in ("answer", "Answer") if k in r), None)
-            if q is None:
-                raise ValueError(f"{w}: missing field 'problem' (or 'Problem' / 'question')")
-            if a is None:
-                raise ValueError(f"{w}: missing field 'answer'")
-            items.append(dict(id=str(r.get("id", r.get("unique_id", i))), question=q, gold=str(a)))
-    first = {}
-    for it, w in zip(items, where):
-        if it["id"] in first:
-            raise ValueError(f"{w}: problem id {it['id']!r} is already used at {first[it['id']]}")
-        first[it["id"]] = w
-    return items
-
-
-def _load_gpqa(path, password):
-    """GPQA-Diamond: the MCQ jsonl ({question with options, answer letter}), optionally inside a
-    password-protected zip, or the original CSV (Question, Correct Answer, Incorrect Answer 1-3),
-    whose options are ordered as s1's harness orders them. An MCQ file keeps its own order: it no
-    longer says which option was which incorrect answer, so s1's order cannot be rebuilt from it
-    (the zip beside this project agrees with s1's order on 38 of 198 rows)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such benchmark file")
-    if path.endswith(".zip"):
-        try:
-            z = zipfile.ZipFile(path)
-        except zipfile.BadZipFile as e:
-            raise ValueError(f"{path}: not a readable zip file ({e})") from None
-        with z:
-            member = next((n for n in z.namelist() if n.endswith(".jsonl")), None)
-            if member is None:
-                raise ValueError(f"{path}: no .jsonl member")
-            # a wrong password fails zipfile's one-byte check ("Bad password"), or, one time in
-            # 256, passes it and yields garbage: a zlib error, a bad CRC or text that is not UTF-8
-            try:
-                text = z.read(member, pwd=password.encode() if password else None).decode()
-            except (RuntimeError, zlib.error, zipfile.BadZipFile, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: cannot decrypt {member}: wrong or missing "
-                                 f"--zip-password ({type(e).__name__})") from None
-        # split at "\n" only: str.splitlines would also split at a \u2028 inside a string
-        lines = [(n, l) for n, l in enumerate(text.split("\n"), 1) if l.strip()]
-        rows = []
-        for n, l in lines:
-            try:
-                rows.append((json.loads(l), f"{path}:{member} line {n}"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{member} line {n}: not valid JSON ({e.msg})") from None
-    elif path.endswith(".csv"):
-        # s1's gpqa_diamond_openai task: per row, in file order, the list [Incorrect Answer 1-3,
-        # Correct Answer] shuffled by Python's random seeded with lm-eval's seed (0), and the
-        # question and options as they are in the file
-        with open(path, newline="", encoding="utf-8") as f:
-            rng = random.Random(GPQA_OPTION_SEED)
-            rows = []
-            for n, r in enumerate(csv.DictReader(f), 2):
-                need = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-                        "Incorrect Answer 3"]
-                miss = [k for k in need if not r.get(k)]
-                if miss:
-                    raise ValueError(f"{path} line {n}: missing field {miss[0]!r}")
-                choices = [r[f"Incorrect Answer {k}"] for k in (1, 2, 3)] + [r["Correct Answer"]]
-                rng.shuffle(choices)
-                listing = "\n".join(f"{'ABCD'[j]}) {c}" for j, c in enumerate(choices))
-                rows.append(({"question": r["Question"] + "\n\n" + listing,
-                              "answer": "ABCD"[choices.index(r["Correct Answer"])],
-                              "id": r.get("Record ID", n)}, f"{path} line {n}"))
-    else:
-        rows = list(zip(*read_rows(path)))
-    items = []
-    for i, (r, w) in enumerate(rows):
-        for k in ("question", "answer"):
-            if k not in r:
-                raise ValueError(f"{w}: missing field {k!r}")
-        if str(r["answer"]).strip().upper() not in ("A", "B", "C", "D"):
-            raise ValueError(f"{w}: field 'answer' must be a letter A-D")
-        items.append(dict(id=str(r.get("id", i)), question=r["question"],
-                          gold=str(r["answer"]).strip().upper()))
-    return items, [w for _, w in rows]
-
-
-# -----------------------------------------------------------------------------
-# the s1 generation protocol
-
-PROTOCOLS = ("s1", "plain", "completion")
-
-
-@dataclass
-class GenConfig:
-    """How eval.py generates: the protocol, its budgets, budget forcing and sampling."""
-    protocol: str = "s1"          # s1: think, then answer; plain: one chat answer (s1's base runs);
-    #                               completion: --template filled with the question, no chat turn
-    template: str = "{question}"  # completion's prompt text ("Problem: {question}\nSolution:\n")
-    max_context: int = 32768      # prompt + all generated tokens (s1: max_gen_toks, the context)
-    thinking_budget: int = 0      # 0: auto = max_context - prompt - len(FINAL_ANSWER) - reserve
-    answer_reserve: int = 100     # what auto leaves for the answer at least (s1's 100)
-    max_answer_tokens: int = 0    # a cap on the answer (0: all that thinking left, as s1)
-    wait: int = 0                 # budget forcing: an early end of thinking -> "Wait", N times
-    temperature: float = 0.0      # 0: greedy
-    top_p: float = 1.0
-
-    RANGES = dict(max_context="positive", top_p="unit", thinking_budget="nonnegative",
-                  answer_reserve="nonnegative", max_answer_tokens="nonnegative",
-                  wait="nonnegative", temperature="nonnegative")
-
-    def __post_init__(self):
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, "
-                             f"got {self.protocol!r}")
-        check_numbers(self)
-        if "{question}" not in self.template:
-            raise ValueError(f"--template must contain {{question}}, got {self.template!r}")
-
-
-def generate(model, tok, questions, cfg, generator=None):
-    """Answers to a batch of questions under cfg.protocol: one dict per question."""
-    if cfg.protocol == "s1":
-        return s1_generate(model, tok, questions, cfg, generator)
-    if cfg.protocol == "plain":
-        texts = [render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
-                 for q in questions]
-    else:  # completion: the text a base model saw in pretraining, e.g. a textbook's page
-        texts = [cfg.template.replace("{question}", q) for q in questions]
-    return plain_generate(model, tok, [tok.encode(t) for t in texts], cfg, generator)
-
-
-def plain_generate(model, tok, prompts, cfg, generator=None):
-    """One generation from each prompt (token ids) up to the context limit (or
-    --max-answer-tokens); the answer is read from the whole output. With the chat template this is
-    s1's base-model protocol."""
-    budgets = [cfg.max_context - len(p) for p in prompts]
-    if cfg.max_answer_tokens:
-        budgets = [min(b, cfg.max_answer_tokens) for b in budgets]
-    if min(budgets) < 1:
-        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens fills --max-context")
-    outs = model.generate(prompts, max(budgets), temperature=cfg.temperature, top_p=cfg.top_p,
-                          stop_ids=[tok.im_end, tok.eot], generator=generator)
-    res = []
-    for o, budget in zip(outs, budgets):
-        o = o[:budget]
-        ended = bool(o) and o[-1] in (tok.im_end, tok.eot)
-        res.append(dict(generation=tok.decode(o[:-1] if ended else o), thinking_tokens=0,
-                        answer_tokens=len(o), thinking_truncated=False, answer_truncated=not ended))
-    return res
-
-
-def s1_generate(model, tok, questions, cfg, generator=None):
-    """Two-phase s1 generation for a batch of questions (cfg: a GenConfig); a dict per question.
-
-    With P the prompt (chat template + think marker) and F = FINAL_ANSWER, in tokens:
-        thinking budget (auto) = max_context - |P| - |F| - answer_reserve    (s1's "auto")
-        answer budget = max_context - |P| - |thinking| - |answer head|, capped by max_answer_tokens
-    so the answer may use all that thinking left of the context, as s1's second call may."""
-    stops = [tok.im_start, tok.im_end, tok.eot]
-    prompts = [tok.encode(s1_prompt(q)) for q in questions]
-    reserve = len(tok.encode(FINAL_ANSWER)) + cfg.answer_reserve
-    auto = cfg.thinking_budget <= 0
-    budgets = [cfg.max_context - len(p) - reserve if auto else cfg.thinking_budget for p in prompts]
-    if min(budgets) < 1:
-        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no thinking budget "
-                         "within --max-context")
-    think = [[] for _ in prompts]
-    natural = [False] * len(prompts)
-    waits_left = [cfg.wait] * len(prompts)
-    todo = list(range(len(prompts)))
-    wait_ids = tok.encode("Wait")
-    while todo:
-        outs = model.generate([prompts[i] + think[i] for i in todo],
-                              max(budgets[i] - len(think[i]) for i in todo),
-                              temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stops,
-                              generator=generator)
-        nxt = []
-        for i, o in zip(todo, outs):
-            o = o[:budgets[i] - len(think[i])]  # a batch shares one length: cut each to its budget
-            stopped = bool(o) and o[-1] in stops
-            think[i] += o[:-1] if stopped else o
-            natural[i] = stopped
-            if stopped and waits_left[i] > 0 and len(think[i]) + len(wait_ids) < budgets[i]:
-                waits_left[i] -= 1
-                think[i] += wait_ids  # budget forcing: suppress the end of thinking, continue
-                nxt.append(i)
-        todo = nxt
-    heads = []
-    for i in range(len(prompts)):
-        text = tok.decode(think[i])
-        heads.append(ANSWER if natural[i] else ("" if text.endswith("\n") else "\n") + FINAL_ANSWER)
-    inputs = [p + t + tok.encode(h) for p, t, h in zip(prompts, think, heads)]
-    room = [cfg.max_context - len(x) for x in inputs]
-    if cfg.max_answer_tokens:
-        room = [min(r, cfg.max_answer_tokens) for r in room]
-    if min(room) < 1:
-        raise ValueError("a prompt and its thinking leave no room for the answer within "
-                         "--max-context (set --thinking-budget lower)")
-    answers = model.generate(inputs, max(room), temperature=cfg.temperature, top_p=cfg.top_p,
-                             stop_ids=[tok.im_end, tok.eot], generator=generator)
-    res = []
-    for i, a in enumerate(answers):
-        a = a[:room[i]]  # a batch shares one length: cut each to its room
-        ended = bool(a) and a[-1] in (tok.im_end, tok.eot)
-        gen = THINK + tok.decode(think[i]) + heads[i] + tok.decode(a[:-1] if ended else a)
-        res.append(dict(generation=gen, thinking_tokens=len(think[i]), answer_tokens=len(a),
-                        thinking_truncated=not natural[i], answer_truncated=not ended))
-    return res
-
+from benchmarks import gpqa_option_order, load_benchmark
+from checkpoint import model_identity
+from common import (AppendLog, Parser, add_config_flags, add_model_flags, bootstrap_ci, check_out,
+                    cleanup_dist, code_version, config_from_flags, file_identity, fresh_outputs,
+                    number, read_log, setup_dist, start_run, user_errors, write_atomic, write_json)
+from data import Tokenizer
+from grading import BENCHMARKS, grade_sample
+from lora import adapter_identity, load_model
+from protocols import PROTOCOLS, GenConfig, generate
 
 # -----------------------------------------------------------------------------
 # run
@@ -297,18 +53,6 @@ def accuracy_ci(scores, seed=0):
     if not scores:
         return [None, None]
     return bootstrap_ci(lambda i: sum(scores[j] for j in i) / len(i), [len(scores)], seed=seed)
-
-
-def grade_sample(bench, generation, gold, question=None):
-    """(extracted answer, correct, error). Grading never raises: an answer the grader fails on is
-    ungradeable, counted as wrong and reported with its id (results.json). GPQA's question lets
-    an answer that restates one option's text count as that option."""
-    try:
-        pred = (extract_letter(generation, question) if bench == "gpqa"
-                else extract_answer(generation))
-        return pred, grade(bench, generation, gold, question), None
-    except Exception as e:  # e.g. RecursionError on a degenerate answer: never lose the run
-        return None, False, f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def regrade(rec, item):
@@ -560,205 +304,7 @@ def cmd_compare(args):
 
 
 # -----------------------------------------------------------------------------
-# ablations
-
-
-def ablation_sequences(args, tok):
-    """[(name, ids, assistant mask)]: the model's own generations (held out), optional s1 rows."""
-    seqs = []
-    if args.samples:
-        rows, where = read_rows(args.samples, required=("generation",))
-        qs = {}
-        for spec in args.bench or []:
-            name, _, path = spec.partition("=")
-            items = load_benchmark(name, path, args.zip_password)
-            qs.update({(name, it["id"]): it["question"] for it in items})
-        for r, w in list(zip(rows, where))[:args.max_sequences]:
-            q = r.get("question") or qs.get((r.get("benchmark"), str(r.get("id"))))
-            if q is None:
-                raise SystemExit(f"ablate: {w} has no question (GPQA samples): pass "
-                                 "--bench gpqa=PATH")
-            prompt = tok.encode(render_chat([{"role": "user", "content": q}],
-                                            add_generation_prompt=True))
-            ids = (prompt + tok.encode(r["generation"]))[:args.max_tokens]
-            seqs.append((f"{w}", ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))))
-    if args.s1:
-        rows, where = read_rows(args.s1)
-        rng = random.Random(args.seed)
-        pick = sorted(rng.sample(range(len(rows)), min(args.s1_rows, len(rows))))
-        for i in pick:
-            ids, mask = s1_example(rows[i], tok, where[i])
-            seqs.append((where[i], ids[:args.max_tokens], mask[:args.max_tokens]))
-    if not seqs:
-        raise SystemExit("ablate: give --samples (eval.py generations) and/or --s1 (training rows)")
-    for w, ids, mask in seqs:
-        if sum(mask[1:]) == 0:
-            raise ValueError(f"{w}: no assistant token within --max-tokens {args.max_tokens} (its "
-                             "prompt is at least as long); raise --max-tokens")
-    return seqs
-
-
-def ablation_sets(model, block):
-    """{experiment: [(label, selection kwargs for lora.ablate)]}."""
-    layers = sorted({l for l, _ in sites(model)})
-    types = [t for t in SITE_ORDER if any(t == s for _, s in sites(model))]
-    return {
-        "none": [("none", dict(sites=[]))],
-        "layer": [(f"L{l}", dict(layers=[l])) for l in layers],
-        "block": [(f"L{layers[i]}-{layers[min(i + block, len(layers)) - 1]}",
-                   dict(layers=layers[i:i + block]))
-                  for i in range(0, len(layers), block)],
-        "single": [(f"L{l}.{t}", dict(sites=[(l, t)])) for l, t in sites(model)],
-        "type": [(t, dict(types=[t])) for t in types],
-        "mlp_vs_attn": [("mlp", dict(types=[t for t in MLP if t in types])),
-                        ("attn", dict(types=[t for t in ATTN if t in types]))],
-    }
-
-
-@torch.no_grad()
-def kl_stats(model, ids, mask, ref_logp, sel):
-    """KL(full || ablated) and KL(ablated || full) per position, averaged over assistant positions
-    (those predicting an assistant token) and over all positions; fp32 log-softmax."""
-    with ablate(model, **sel):
-        logp = torch.log_softmax(model(ids).float(), dim=-1)[0]
-    if not (torch.isfinite(logp).all() and torch.isfinite(ref_logp).all()):
-        raise ValueError(f"ablate: non-finite logits with {sel} switched off (NaN or inf in the "
-                         "weights or activations; try --dtype float32)")
-    p_ref, p = ref_logp.exp(), logp.exp()
-    kl_fa = (p_ref * (ref_logp - logp)).sum(-1)  # (T,)
-    kl_af = (p * (logp - ref_logp)).sum(-1)
-    m = torch.tensor(mask[1:] + [0], dtype=torch.bool, device=kl_fa.device)
-    avg = lambda v, w: (v[w].mean().item() if w.any() else float("nan"))
-    allm = torch.ones_like(m)
-    return dict(kl_full_abl_assistant=avg(kl_fa, m), kl_abl_full_assistant=avg(kl_af, m),
-                kl_full_abl_all=avg(kl_fa, allm), kl_abl_full_all=avg(kl_af, allm),
-                kl_full_abl_assistant_maxpos=kl_fa[m].max().item() if m.any() else float("nan"))
-
-
-def ablation_pass(model, seqs, sets, desc="ablate"):
-    """{experiment: [row]} for sets {experiment: [(label, selection)]}: each row holds the mean,
-    std and max over the sequences of every kl_stats value."""
-    device = model.lm_head.weight.device
-    per = {e: {lab: [] for lab, _ in s} for e, s in sets.items()}
-    for _, ids, mask in tqdm(seqs, desc=desc, file=sys.stderr):
-        x = torch.tensor([ids], device=device)
-        with torch.no_grad():
-            ref = torch.log_softmax(model(x).float(), dim=-1)[0]
-        for e, s in sets.items():
-            for lab, sel in s:
-                per[e][lab].append(kl_stats(model, x, mask, ref, sel))
-    results = {}
-    for e, d in per.items():
-        results[e] = []
-        for lab, stats in d.items():
-            row = dict(label=lab)
-            for k in stats[0]:
-                v = [s[k] for s in stats if not math.isnan(s[k])]
-                mean = sum(v) / len(v) if v else float("nan")
-                std = math.sqrt(sum((a - mean) ** 2 for a in v) / len(v)) if v else float("nan")
-                row.update({f"{k}_mean": mean, f"{k}_std": std,
-                            f"{k}_max": max(v) if v else float("nan")})
-            results[e].append(row)
-    return results
-
-
-def greedy_ablation(model, seqs, metric, single=None, order="rescore"):
-    """The official iterative MLP ablation (iterative_mlp_ablation_by_matrix.py): MLP adapters are
-    switched off one at a time, always the one whose removal, on top of those already off, raises
-    `metric` least (mean over the sequences; the paper's max_kl is kl_full_abl_assistant_maxpos;
-    ties in site order). Every remaining adapter is re-scored against the current state at each
-    step: n(n+1)/2 adapter-sets for n adapters, the first n of them the single ablations, reused
-    from `single` (the "single" experiment's rows) when it ran. order="fixed" is a cheaper
-    variant (n passes after the scores): one order from the single scores, applied cumulatively.
-    -> (single score rows, cumulative rows with n_ablated and the site added)."""
-    mlp = [(l, t) for l, t in sites(model) if t in MLP]
-    labels = [f"L{l}.{t}" for l, t in mlp]
-    known = {r["label"]: r for r in single or []}
-    if all(lab in known for lab in labels):
-        scores = [known[lab] for lab in labels]
-    else:
-        sets = {"score": [(lab, dict(sites=[s])) for lab, s in zip(labels, mlp)]}
-        scores = ablation_pass(model, seqs, sets, "greedy: score")["score"]
-    least = lambda rows, idx: min(idx, key=lambda i: (rows[i][f"{metric}_mean"], i))
-    if order == "fixed":
-        ranked = sorted(range(len(mlp)), key=lambda i: (scores[i][f"{metric}_mean"], i))
-        steps = [(f"+{labels[i]}", dict(sites=[mlp[j] for j in ranked[:n + 1]]))
-                 for n, i in enumerate(ranked)]
-        cumulative = ablation_pass(model, seqs, {"greedy": steps}, "greedy: cumulative")["greedy"]
-    else:
-        first = least(scores, range(len(mlp)))
-        ranked, cumulative = [first], [dict(scores[first])]
-        while len(ranked) < len(mlp):
-            left = [i for i in range(len(mlp)) if i not in ranked]
-            sets = {"step": [(f"+{labels[i]}", dict(sites=[mlp[j] for j in ranked + [i]]))
-                             for i in left]}
-            rows = ablation_pass(model, seqs, sets, f"greedy: step {len(ranked) + 1}")["step"]
-            k = least(rows, range(len(left)))
-            ranked.append(left[k])
-            cumulative.append(rows[k])
-    for n, row in enumerate(cumulative):
-        row.update(label=f"+{labels[ranked[n]]}", n_ablated=n + 1, added=labels[ranked[n]])
-    return scores, cumulative
-
-
-def cmd_ablate(args):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not args.adapter:
-        raise SystemExit("ablate: --adapter is required")
-    check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
-                         "--samples": args.samples, "--s1": args.s1})
-    outputs = [os.path.join(args.out, f) for f in ("ablations.json", "ablations.html")]
-    fresh_outputs(outputs, args.overwrite)
-    tok = Tokenizer(args.tokenizer or args.model)
-    model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
-                                 other_base=args.other_base)
-    seqs = ablation_sequences(args, tok)
-    made_from = dict(samples=file_identity(args.samples) if args.samples else None,
-                     s1=file_identity(args.s1) if args.s1 else None, max_tokens=args.max_tokens,
-                     max_sequences=args.max_sequences, s1_rows=args.s1_rows, seed=args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    sets = ablation_sets(model, args.block)
-    chosen = [e for e in args.experiments.split(",") if e]
-    unknown = [e for e in chosen if e not in sets and e != "greedy"]
-    if unknown:
-        raise SystemExit(f"ablate: unknown experiments {unknown}; expected some of "
-                         f"{list(sets) + ['greedy']}")
-    results = ablation_pass(model, seqs, {e: sets[e] for e in ["none"] + chosen if e in sets})
-    if "greedy" in chosen:
-        made_from["greedy_metric"] = args.greedy_metric
-        made_from["greedy_order"] = args.greedy
-        results["greedy_score"], results["greedy"] = greedy_ablation(
-            model, seqs, args.greedy_metric, results.get("single"), args.greedy)
-    out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
-               tokens=sum(len(s[1]) for s in seqs), sites=[list(s) for s in sites(model)],
-               results=results)
-    write_json(os.path.join(args.out, "ablations.json"), out)
-    write_atomic(os.path.join(args.out, "ablations.html"), ablation_html(out))
-    for e in chosen:
-        if e == "greedy":
-            quarters = results[e][max(len(results[e]) // 4 - 1, 0)::max(len(results[e]) // 4, 1)]
-            print("greedy: KL(full||ablated) with the n least important MLP adapters off: "
-                  + ", ".join(f"n={r['n_ablated']} {r['kl_full_abl_assistant_mean']:.3g}"
-                              for r in quarters))
-            continue
-        top = sorted(results[e], key=lambda r: -r["kl_full_abl_assistant_mean"])[:5]
-        print(f"{e}: top by KL(full||ablated) on assistant tokens: "
-              + ", ".join(f"{r['label']} {r['kl_full_abl_assistant_mean']:.3g}" for r in top))
-    return out
-
-
-# -----------------------------------------------------------------------------
 # CLI
-
-
-def add_model_flags(p, adapter_required=False):
-    """--model, --adapter, --tokenizer, --dtype: what load_model and the tokenizer need."""
-    p.add_argument("--model", required=True, help="HF model directory")
-    p.add_argument("--adapter", required=adapter_required, help="PEFT adapter directory")
-    p.add_argument("--other-base", action="store_true",
-                   help="use an adapter trained on another base than --model")
-    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
 
 
 def parser():
@@ -802,33 +348,6 @@ def parser():
                    help="compare on the problems (and benchmarks) all three runs share")
     c.set_defaults(func=cmd_compare)
 
-    a = sub.add_parser("ablate", help="KL of ablated vs full adapter")
-    model_flags(a)
-    a.add_argument("--samples", help="samples.jsonl from `eval.py run` (held-out generations)")
-    a.add_argument("--bench", action="append",
-                   help="NAME=PATH to recover the questions of --samples")
-    a.add_argument("--s1", help="s1K-1.1 rows to add (training sequences)")
-    a.add_argument("--s1-rows", type=number(int, "positive"), default=16,
-                   help="training rows drawn from --s1 (seeded by --seed)")
-    a.add_argument("--max-sequences", type=number(int, "positive"), default=16,
-                   help="first N generations of --samples")
-    a.add_argument("--max-tokens", type=number(int, "positive"), default=4096,
-                   help="each sequence cut to this many tokens")
-    a.add_argument("--block", type=number(int, "positive"), default=8,
-                   help="layers per block ablation")
-    a.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn,greedy",
-                   help="comma-separated, among layer, block, single, type, mlp_vs_attn, greedy")
-    a.add_argument("--greedy-metric", default="kl_full_abl_assistant_maxpos",
-                   choices=["kl_full_abl_assistant_maxpos", "kl_full_abl_assistant"],
-                   help="what scores each MLP adapter in the greedy ablation (the paper's max_kl: "
-                   "the mean over sequences of the largest KL at one position)")
-    a.add_argument("--greedy", default="rescore", choices=["rescore", "fixed"],
-                   help="rescore (the official): every remaining MLP adapter re-scored against "
-                   "the current state at each step, n(n+1)/2 sets; fixed: one order from the "
-                   "single scores, n sets")
-    a.add_argument("--out", required=True, help="directory for ablations.json and ablations.html")
-    a.add_argument("--overwrite", action="store_true", help="replace ablations.* in --out")
-    a.set_defaults(func=cmd_ablate)
     return p
 
 

@@ -1,6 +1,6 @@
 """
-Local, deterministic answer grading for AIME / MATH500 / GPQA (no LLM judge). eval.py re-exports
-`grade` and `extract_answer`.
+Local, deterministic answer grading for AIME / MATH500 / GPQA (no LLM judge); grade_sample grades
+a generation and never raises.
 
     grade("math500", "... so the answer is $\\boxed{\\frac{1}{2}}$.", "0.5")   # True
 
@@ -520,3 +520,15 @@ def grade(benchmark, generation, gold, question=None):
             return int(p) == int(g)
         return math_equal(pred, str(gold))
     return math_equal(pred, str(gold))
+
+
+def grade_sample(bench, generation, gold, question=None):
+    """(extracted answer, correct, error). Grading never raises: an answer the grader fails on is
+    ungradeable, counted as wrong and reported with its id (results.json). GPQA's question lets
+    an answer that restates one option's text count as that option."""
+    try:
+        pred = (extract_letter(generation, question) if bench == "gpqa"
+                else extract_answer(generation))
+        return pred, grade(bench, generation, gold, question), None
+    except Exception as e:  # e.g. RecursionError on a degenerate answer: never lose the run
+        return None, False, f"{type(e).__name__}: {str(e)[:200]}"

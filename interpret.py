@@ -34,14 +34,14 @@ import torch
 from tqdm import tqdm
 
 from autointerp import autointerp, categorise, compare_populations
-from collect import ActivationStore
-from common import (Parser, add_config_flags, check_out, differences, file_identity, fresh_outputs,
-                    number, numbers, read_json, same_origin, user_errors, write_atomic, write_json)
-from data import Tokenizer, read_rows
-from eval import PROTOCOLS, GenConfig, add_model_flags
-from llm import LLM
 from batchtopk import SAE
-from steering import cmd_steer
+from common import (Parser, check_out, differences,
+                    file_identity, fresh_outputs, number, read_json, same_origin,
+                    user_errors, write_atomic, write_json)
+from data import Tokenizer, read_rows
+from llm import LLM
+from steering import add_steer_flags, cmd_steer
+from store import ActivationStore
 
 # -----------------------------------------------------------------------------
 # features
@@ -345,30 +345,7 @@ def parser():
     m.add_argument("--overwrite", action="store_true", help="replace features.json in --out")
     m.set_defaults(func=cmd_mine)
     st = sub.add_parser("steer", help="generate while adding to adapter scalars; measure it")
-    add_model_flags(st, adapter_required=True)
-    st.add_argument("--sae", help="SAE directory: steer along one latent's decoder direction")
-    st.add_argument("--feature", type=number(int, "nonnegative"), default=0,
-                    help="the latent to steer with --sae")
-    st.add_argument("--site", help="steer one adapter scalar instead, e.g. L12.gate_proj")
-    st.add_argument("--residual", help="or add the a vector of this gate_proj / up_proj adapter "
-                    "to the residual stream after that layer's attention (docs/paper.md F6), "
-                    "strength in units of the attention output's mean norm, e.g. L12.up_proj")
-    st.add_argument("--strengths", type=numbers(float), default=[0.0, 10.0, 30.0],
-                    help="comma-separated steering strengths (default: 0,10,30)")
-    st.add_argument("--seeds", type=numbers(int, "seed"), default=[0],
-                    help="comma-separated sampling seeds (default: 0)")
-    st.add_argument("--bench", help="NAME=PATH: measure accuracy on these problems")
-    st.add_argument("--zip-password", help="password of a GPQA zip")
-    st.add_argument("--limit", type=number(int, "nonnegative"), default=20,
-                    help="first N problems of --bench (0: all)")
-    st.add_argument("--prompt", action="append", help="a question to steer on (repeatable)")
-    st.add_argument("--words", default="Wait,Hmm,But",
-                    help="comma-separated words counted in the generations")
-    st.add_argument("--out", required=True, help="the JSON file to write")
-    st.add_argument("--batch-size", type=number(int, "positive"), default=8,
-                    help="questions generated together")
-    add_config_flags(st, GenConfig, choices=dict(protocol=PROTOCOLS))
-    st.add_argument("--overwrite", action="store_true", help="replace the --out file")
+    add_steer_flags(st)
     st.set_defaults(func=cmd_steer)
     a = sub.add_parser("autointerp", help="prompts; with --llm-url explanations and scores")
     a.add_argument("--features", required=True, help="features.json from `interpret.py mine`")

@@ -29,12 +29,13 @@ from html import escape
 import numpy as np
 
 from autointerp import CLASSES, parse_name, populations
+from checkpoint import (read_safetensors)
 from common import (Parser, check_out, differences, file_identity, fresh_outputs, read_json,
-                    read_safetensors, user_errors, write_atomic, write_json)
-from dashboard import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
-                       site_heatmap, table)
+                    user_errors, write_atomic, write_json)
 from data import read_rows
-from lora import ATTN, MLP, adapter_identity, read_adapter_config
+from figures import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
+                     site_heatmap, table)
+from lora import ATTN, MLP, SITE_ORDER, adapter_identity, read_adapter_config
 
 # docs/paper.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
 PAPER = dict(
@@ -49,7 +50,7 @@ PAPER = dict(
     sae="3,584 latents, k = 16; 7 categories by activation mass (the shares are not published)")
 COMMANDS = dict(
     recovery="python eval.py compare results/base results/full results/lora --out recovery.json",
-    ablations="python eval.py ablate --model M --adapter A --samples RUN/samples.jsonl --out abl/",
+    ablations="python ablate.py --model M --adapter A --samples RUN/samples.jsonl --out abl/",
     adapter="pass --adapter (the adapter directory)",
     autointerp="python interpret.py autointerp --features interp/features.json --out interp/ "
                "--llm-url URL --rubric --categorise",
@@ -305,7 +306,7 @@ def section_ablation(a):
                  "adapted layers (paper: 0.68-0.75 and 0.98).</p>")
     if a["single"]:
         h.append(site_heatmap({(r["layer"], r["target"]): r["kl"] for r in a["single"]},
-                              "Single adapters"))
+                              "Single adapters", SITE_ORDER))
     for suffix, how in (("", "mean over layers of the single-adapter ablations (the paper's "
                               "statistic)"),
                         ("_joint", "joint ablations: one type off in every layer at once (ours)")):
@@ -336,7 +337,8 @@ def section_geometry(g):
     h = ["<h2>Adapter geometry</h2>", f"<p class=in>Scale s = {g['scale']:.4g}.</p>"]
     for key, what in (("a", "‖a‖ (reading direction)"), ("b", "‖b‖ (writing direction)"),
                       ("s_ab", "s·‖a‖·‖b‖ (the update's size per unit u)")):
-        h.append(site_heatmap({(r["layer"], r["target"]): r[key] for r in g["norms"]}, what))
+        h.append(site_heatmap({(r["layer"], r["target"]): r[key] for r in g["norms"]}, what,
+                              SITE_ORDER))
     i = g["interference"]
     if i:
         cells = {(r["i"], r["j"]): r["mean_abs_cos"] for r in i["by_layers"]}
@@ -511,7 +513,7 @@ def build(args):
 def parser():
     p = Parser(description=__doc__.split("\n\n")[1].strip())
     p.add_argument("--recovery", help="the JSON of `eval.py compare --out`")
-    p.add_argument("--ablations", help="ablations.json from `eval.py ablate`")
+    p.add_argument("--ablations", help="ablations.json from `ablate.py`")
     p.add_argument("--adapter", help="the adapter directory (geometry)")
     p.add_argument("--features", help="features.json from `interpret.py mine --sae` (masses)")
     p.add_argument("--autointerp", help="autointerp.jsonl of the LoRA features, with --rubric")

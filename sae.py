@@ -35,12 +35,12 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from batchtopk import SAE, batch_topk, evaluate, sparse_decode
-from collect import ActivationStore
+from checkpoint import (read_safetensors, safetensors_metadata)
 from common import (AppendLog, Parser, add_config_flags, check_numbers, check_out,
-                    config_from_flags, numbers, read_json, read_log, read_safetensors,
-                    safetensors_metadata, same_origin, start_run, user_errors, write_atomic,
-                    write_json)
-from dashboard import frontier_chart
+                    config_from_flags, numbers, read_json, read_log, same_origin, start_run,
+                    user_errors, write_atomic, write_json)
+from figures import frontier_chart
+from store import ActivationStore
 
 # -----------------------------------------------------------------------------
 # the recipe

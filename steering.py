@@ -19,10 +19,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from batchtopk import SAE
-from common import check_out, config_from_flags, fresh_outputs, write_atomic
+from benchmarks import load_benchmark
+from common import (add_config_flags, add_model_flags, check_out, config_from_flags,
+                    fresh_outputs, number, numbers, write_atomic)
 from data import Tokenizer, render_chat
-from eval import GenConfig, generate, grade, load_benchmark
+from grading import grade
 from lora import adapters, load_model, sites, steer
+from protocols import PROTOCOLS, GenConfig, generate
 
 
 def sae_offsets(sae, feature, strength, sites):
@@ -135,3 +138,31 @@ def cmd_steer(args):
 
 # steer's generation defaults: short budgets, sampling (eval.py's are the s1 protocol's)
 STEER_GEN = dict(max_context=4096, max_answer_tokens=256, temperature=0.7)
+
+
+def add_steer_flags(st):
+    """`interpret.py steer`'s flags."""
+    add_model_flags(st, adapter_required=True)
+    st.add_argument("--sae", help="SAE directory: steer along one latent's decoder direction")
+    st.add_argument("--feature", type=number(int, "nonnegative"), default=0,
+                    help="the latent to steer with --sae")
+    st.add_argument("--site", help="steer one adapter scalar instead, e.g. L12.gate_proj")
+    st.add_argument("--residual", help="or add the a vector of this gate_proj / up_proj adapter "
+                    "to the residual stream after that layer's attention (docs/paper.md F6), "
+                    "strength in units of the attention output's mean norm, e.g. L12.up_proj")
+    st.add_argument("--strengths", type=numbers(float), default=[0.0, 10.0, 30.0],
+                    help="comma-separated steering strengths (default: 0,10,30)")
+    st.add_argument("--seeds", type=numbers(int, "seed"), default=[0],
+                    help="comma-separated sampling seeds (default: 0)")
+    st.add_argument("--bench", help="NAME=PATH: measure accuracy on these problems")
+    st.add_argument("--zip-password", help="password of a GPQA zip")
+    st.add_argument("--limit", type=number(int, "nonnegative"), default=20,
+                    help="first N problems of --bench (0: all)")
+    st.add_argument("--prompt", action="append", help="a question to steer on (repeatable)")
+    st.add_argument("--words", default="Wait,Hmm,But",
+                    help="comma-separated words counted in the generations")
+    st.add_argument("--out", required=True, help="the JSON file to write")
+    st.add_argument("--batch-size", type=number(int, "positive"), default=8,
+                    help="questions generated together")
+    add_config_flags(st, GenConfig, choices=dict(protocol=PROTOCOLS))
+    st.add_argument("--overwrite", action="store_true", help="replace the --out file")

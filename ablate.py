@@ -1,0 +1,280 @@
+"""
+Adapter ablations (docs/paper.md section F): switch adapters off and measure KL(full adapter ||
+ablated) and the reverse on the model's own held-out generations (and optionally s1 training
+rows): per layer, per 8-layer block, per single adapter (the layer x type matrix), per type, MLP vs
+attention, and the greedy MLP ablation (re-scored at every step, as the official code does).
+
+    python ablate.py --model /models/Qwen2.5-32B-Instruct --adapter runs/rank1/adapter \\
+        --samples results/lora/samples.jsonl --bench gpqa=data/gpqa_diamond_mcq.zip \\
+        --zip-password ... --out results/ablate
+
+Writes ablations.json (every statistic, the sites, what it was made from) and ablations.html.
+"""
+import math
+import os
+import random
+import sys
+from html import escape
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import load_benchmark
+from common import (Parser, add_model_flags, check_out, file_identity, fresh_outputs, number,
+                    user_errors, write_atomic, write_json)
+from data import Tokenizer, read_rows, render_chat, s1_example
+from figures import bar_chart, site_heatmap, table
+from lora import ATTN, MLP, SITE_ORDER, ablate, load_model, sites
+
+
+def ablation_sequences(args, tok):
+    """[(name, ids, assistant mask)]: the model's own generations (held out), optional s1 rows."""
+    seqs = []
+    if args.samples:
+        rows, where = read_rows(args.samples, required=("generation",))
+        qs = {}
+        for spec in args.bench or []:
+            name, _, path = spec.partition("=")
+            items = load_benchmark(name, path, args.zip_password)
+            qs.update({(name, it["id"]): it["question"] for it in items})
+        for r, w in list(zip(rows, where))[:args.max_sequences]:
+            q = r.get("question") or qs.get((r.get("benchmark"), str(r.get("id"))))
+            if q is None:
+                raise SystemExit(f"ablate: {w} has no question (GPQA samples): pass "
+                                 "--bench gpqa=PATH")
+            prompt = tok.encode(render_chat([{"role": "user", "content": q}],
+                                            add_generation_prompt=True))
+            ids = (prompt + tok.encode(r["generation"]))[:args.max_tokens]
+            seqs.append((f"{w}", ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))))
+    if args.s1:
+        rows, where = read_rows(args.s1)
+        rng = random.Random(args.seed)
+        pick = sorted(rng.sample(range(len(rows)), min(args.s1_rows, len(rows))))
+        for i in pick:
+            ids, mask = s1_example(rows[i], tok, where[i])
+            seqs.append((where[i], ids[:args.max_tokens], mask[:args.max_tokens]))
+    if not seqs:
+        raise SystemExit("ablate: give --samples (eval.py generations) and/or --s1 (training rows)")
+    for w, ids, mask in seqs:
+        if sum(mask[1:]) == 0:
+            raise ValueError(f"{w}: no assistant token within --max-tokens {args.max_tokens} (its "
+                             "prompt is at least as long); raise --max-tokens")
+    return seqs
+
+
+def ablation_sets(model, block):
+    """{experiment: [(label, selection kwargs for lora.ablate)]}."""
+    layers = sorted({l for l, _ in sites(model)})
+    types = [t for t in SITE_ORDER if any(t == s for _, s in sites(model))]
+    return {
+        "none": [("none", dict(sites=[]))],
+        "layer": [(f"L{l}", dict(layers=[l])) for l in layers],
+        "block": [(f"L{layers[i]}-{layers[min(i + block, len(layers)) - 1]}",
+                   dict(layers=layers[i:i + block]))
+                  for i in range(0, len(layers), block)],
+        "single": [(f"L{l}.{t}", dict(sites=[(l, t)])) for l, t in sites(model)],
+        "type": [(t, dict(types=[t])) for t in types],
+        "mlp_vs_attn": [("mlp", dict(types=[t for t in MLP if t in types])),
+                        ("attn", dict(types=[t for t in ATTN if t in types]))],
+    }
+
+
+@torch.no_grad()
+def kl_stats(model, ids, mask, ref_logp, sel):
+    """KL(full || ablated) and KL(ablated || full) per position, averaged over assistant positions
+    (those predicting an assistant token) and over all positions; fp32 log-softmax."""
+    with ablate(model, **sel):
+        logp = torch.log_softmax(model(ids).float(), dim=-1)[0]
+    if not (torch.isfinite(logp).all() and torch.isfinite(ref_logp).all()):
+        raise ValueError(f"ablate: non-finite logits with {sel} switched off (NaN or inf in the "
+                         "weights or activations; try --dtype float32)")
+    p_ref, p = ref_logp.exp(), logp.exp()
+    kl_fa = (p_ref * (ref_logp - logp)).sum(-1)  # (T,)
+    kl_af = (p * (logp - ref_logp)).sum(-1)
+    m = torch.tensor(mask[1:] + [0], dtype=torch.bool, device=kl_fa.device)
+    avg = lambda v, w: (v[w].mean().item() if w.any() else float("nan"))
+    allm = torch.ones_like(m)
+    return dict(kl_full_abl_assistant=avg(kl_fa, m), kl_abl_full_assistant=avg(kl_af, m),
+                kl_full_abl_all=avg(kl_fa, allm), kl_abl_full_all=avg(kl_af, allm),
+                kl_full_abl_assistant_maxpos=kl_fa[m].max().item() if m.any() else float("nan"))
+
+
+def ablation_pass(model, seqs, sets, desc="ablate"):
+    """{experiment: [row]} for sets {experiment: [(label, selection)]}: each row holds the mean,
+    std and max over the sequences of every kl_stats value."""
+    device = model.lm_head.weight.device
+    per = {e: {lab: [] for lab, _ in s} for e, s in sets.items()}
+    for _, ids, mask in tqdm(seqs, desc=desc, file=sys.stderr):
+        x = torch.tensor([ids], device=device)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(x).float(), dim=-1)[0]
+        for e, s in sets.items():
+            for lab, sel in s:
+                per[e][lab].append(kl_stats(model, x, mask, ref, sel))
+    results = {}
+    for e, d in per.items():
+        results[e] = []
+        for lab, stats in d.items():
+            row = dict(label=lab)
+            for k in stats[0]:
+                v = [s[k] for s in stats if not math.isnan(s[k])]
+                mean = sum(v) / len(v) if v else float("nan")
+                std = math.sqrt(sum((a - mean) ** 2 for a in v) / len(v)) if v else float("nan")
+                row.update({f"{k}_mean": mean, f"{k}_std": std,
+                            f"{k}_max": max(v) if v else float("nan")})
+            results[e].append(row)
+    return results
+
+
+def greedy_ablation(model, seqs, metric, single=None, order="rescore"):
+    """The official iterative MLP ablation (iterative_mlp_ablation_by_matrix.py): MLP adapters are
+    switched off one at a time, always the one whose removal, on top of those already off, raises
+    `metric` least (mean over the sequences; the paper's max_kl is kl_full_abl_assistant_maxpos;
+    ties in site order). Every remaining adapter is re-scored against the current state at each
+    step: n(n+1)/2 adapter-sets for n adapters, the first n of them the single ablations, reused
+    from `single` (the "single" experiment's rows) when it ran. order="fixed" is a cheaper
+    variant (n passes after the scores): one order from the single scores, applied cumulatively.
+    -> (single score rows, cumulative rows with n_ablated and the site added)."""
+    mlp = [(l, t) for l, t in sites(model) if t in MLP]
+    labels = [f"L{l}.{t}" for l, t in mlp]
+    known = {r["label"]: r for r in single or []}
+    if all(lab in known for lab in labels):
+        scores = [known[lab] for lab in labels]
+    else:
+        sets = {"score": [(lab, dict(sites=[s])) for lab, s in zip(labels, mlp)]}
+        scores = ablation_pass(model, seqs, sets, "greedy: score")["score"]
+    least = lambda rows, idx: min(idx, key=lambda i: (rows[i][f"{metric}_mean"], i))
+    if order == "fixed":
+        ranked = sorted(range(len(mlp)), key=lambda i: (scores[i][f"{metric}_mean"], i))
+        steps = [(f"+{labels[i]}", dict(sites=[mlp[j] for j in ranked[:n + 1]]))
+                 for n, i in enumerate(ranked)]
+        cumulative = ablation_pass(model, seqs, {"greedy": steps}, "greedy: cumulative")["greedy"]
+    else:
+        first = least(scores, range(len(mlp)))
+        ranked, cumulative = [first], [dict(scores[first])]
+        while len(ranked) < len(mlp):
+            left = [i for i in range(len(mlp)) if i not in ranked]
+            sets = {"step": [(f"+{labels[i]}", dict(sites=[mlp[j] for j in ranked + [i]]))
+                             for i in left]}
+            rows = ablation_pass(model, seqs, sets, f"greedy: step {len(ranked) + 1}")["step"]
+            k = least(rows, range(len(left)))
+            ranked.append(left[k])
+            cumulative.append(rows[k])
+    for n, row in enumerate(cumulative):
+        row.update(label=f"+{labels[ranked[n]]}", n_ablated=n + 1, added=labels[ranked[n]])
+    return scores, cumulative
+
+
+def ablation_html(out):
+    """ablate.py's page: per-layer bars with std error bars, the layer x type heatmap, and
+    the tables of the other experiments."""
+    key = "kl_full_abl_assistant"
+    parts = ["<!doctype html><meta charset=utf-8><title>rank1 ablations</title>",
+             "<style>body{font:14px sans-serif;margin:24px}svg{background:#fafafa}</style>",
+             "<h1>Adapter ablations</h1><p>KL(full adapter || ablated), mean over assistant "
+             f"tokens of {len(out['sequences'])} sequences ({out['tokens']} tokens). Adapter: "
+             f"{escape(str(out['identity'].get('adapter')))}</p>"]
+    layers = out["results"].get("layer", [])
+    if layers:
+        rows = [(r["label"], r[f"{key}_mean"], r[f"{key}_std"]) for r in layers]
+        parts.append("<h2>Leave one layer out</h2>" + bar_chart(rows))
+    single = out["results"].get("single", [])
+    if single:
+        parts.append(site_heatmap({tuple(s): r[f"{key}_mean"] for s, r in
+                                   zip(out["sites"], single)}, "Single adapters (layer × type)",
+                                  SITE_ORDER))
+    for e in ("type", "mlp_vs_attn", "block"):
+        if out["results"].get(e):
+            rows = [[r["label"], f"{r[f'{key}_mean']:.4g}", f"{r[f'{key}_std']:.3g}",
+                     f"{r['kl_abl_full_assistant_mean']:.4g}", f"{r['kl_full_abl_all_mean']:.4g}"]
+                    for r in out["results"][e]]
+            parts.append(f"<h2>{escape(e)}</h2>" + table(
+                ["ablated", "KL(full||abl)", "std", "KL(abl||full)", "KL(full||abl), all tokens"],
+                rows))
+    return "\n".join(parts)
+
+
+def cmd_ablate(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
+                         "--samples": args.samples, "--s1": args.s1})
+    outputs = [os.path.join(args.out, f) for f in ("ablations.json", "ablations.html")]
+    fresh_outputs(outputs, args.overwrite)
+    tok = Tokenizer(args.tokenizer or args.model)
+    model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
+                                 other_base=args.other_base)
+    seqs = ablation_sequences(args, tok)
+    made_from = dict(samples=file_identity(args.samples) if args.samples else None,
+                     s1=file_identity(args.s1) if args.s1 else None, max_tokens=args.max_tokens,
+                     max_sequences=args.max_sequences, s1_rows=args.s1_rows, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    sets = ablation_sets(model, args.block)
+    chosen = [e for e in args.experiments.split(",") if e]
+    unknown = [e for e in chosen if e not in sets and e != "greedy"]
+    if unknown:
+        raise SystemExit(f"ablate: unknown experiments {unknown}; expected some of "
+                         f"{list(sets) + ['greedy']}")
+    results = ablation_pass(model, seqs, {e: sets[e] for e in ["none"] + chosen if e in sets})
+    if "greedy" in chosen:
+        made_from["greedy_metric"] = args.greedy_metric
+        made_from["greedy_order"] = args.greedy
+        results["greedy_score"], results["greedy"] = greedy_ablation(
+            model, seqs, args.greedy_metric, results.get("single"), args.greedy)
+    out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
+               tokens=sum(len(s[1]) for s in seqs), sites=[list(s) for s in sites(model)],
+               results=results)
+    write_json(os.path.join(args.out, "ablations.json"), out)
+    write_atomic(os.path.join(args.out, "ablations.html"), ablation_html(out))
+    for e in chosen:
+        if e == "greedy":
+            quarters = results[e][max(len(results[e]) // 4 - 1, 0)::max(len(results[e]) // 4, 1)]
+            print("greedy: KL(full||ablated) with the n least important MLP adapters off: "
+                  + ", ".join(f"n={r['n_ablated']} {r['kl_full_abl_assistant_mean']:.3g}"
+                              for r in quarters))
+            continue
+        top = sorted(results[e], key=lambda r: -r["kl_full_abl_assistant_mean"])[:5]
+        print(f"{e}: top by KL(full||ablated) on assistant tokens: "
+              + ", ".join(f"{r['label']} {r['kl_full_abl_assistant_mean']:.3g}" for r in top))
+    return out
+
+
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[0].strip())
+    add_model_flags(p, adapter_required=True)
+    p.add_argument("--zip-password", help="password of a GPQA zip")
+    p.add_argument("--seed", type=number(int, "seed"), default=0, help="seeds the --s1 rows")
+    p.add_argument("--samples", help="samples.jsonl from `eval.py run` (held-out generations)")
+    p.add_argument("--bench", action="append",
+                   help="NAME=PATH to recover the questions of --samples")
+    p.add_argument("--s1", help="s1K-1.1 rows to add (training sequences)")
+    p.add_argument("--s1-rows", type=number(int, "positive"), default=16,
+                   help="training rows drawn from --s1 (seeded by --seed)")
+    p.add_argument("--max-sequences", type=number(int, "positive"), default=16,
+                   help="first N generations of --samples")
+    p.add_argument("--max-tokens", type=number(int, "positive"), default=4096,
+                   help="each sequence cut to this many tokens")
+    p.add_argument("--block", type=number(int, "positive"), default=8,
+                   help="layers per block ablation")
+    p.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn,greedy",
+                   help="comma-separated, among layer, block, single, type, mlp_vs_attn, greedy")
+    p.add_argument("--greedy-metric", default="kl_full_abl_assistant_maxpos",
+                   choices=["kl_full_abl_assistant_maxpos", "kl_full_abl_assistant"],
+                   help="what scores each MLP adapter in the greedy ablation (the paper's max_kl: "
+                   "the mean over sequences of the largest KL at one position)")
+    p.add_argument("--greedy", default="rescore", choices=["rescore", "fixed"],
+                   help="rescore (the official): every remaining MLP adapter re-scored against "
+                   "the current state at each step, n(n+1)/2 sets; fixed: one order from the "
+                   "single scores, n sets")
+    p.add_argument("--out", required=True, help="directory for ablations.json and ablations.html")
+    p.add_argument("--overwrite", action="store_true", help="replace ablations.* in --out")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    with user_errors("ablate.py"):
+        return cmd_ablate(args)
+
+
+if __name__ == "__main__":
+    main()
