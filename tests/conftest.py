@@ -15,9 +15,9 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from collect import ActivationStore, save_shard
 from data import Tokenizer
 from lora import SITE_ORDER
+from store import ActivationStore, save_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from collect import ActivationStore
-from conftest import ROOT, hf_tiny, run_script, save_hf, tiny_tokenizer
 from batchtopk import SAE
+from conftest import ROOT, hf_tiny, run_script, save_hf, tiny_tokenizer
+from store import ActivationStore
 
 PY = sys.executable
 

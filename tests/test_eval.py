@@ -4,18 +4,23 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import sys
 
 import pytest
 import torch
 
+from ablate import ablation_sequences, greedy_ablation, kl_stats
+from ablate import main as ablate_main
+from benchmarks import load_benchmark
+from checkpoint import model_identity
 from conftest import SHARED_DATA, TINY, hf_tiny, run_script, save_hf, tiny_tokenizer
 from data import FINAL_ANSWER, Tokenizer, render_chat, s1_prompt
-from eval import (GenConfig, ablation_sequences, generate, grade_sample, greedy_ablation, kl_stats,
-                  load_benchmark,
-                  main, recovery_table, s1_generate)
+from eval import main, recovery_table
+from grading import grade_sample
 from lora import ablate, adapters, apply_lora, load_model, save_adapter
 from model import Qwen2, Qwen2Config
+from protocols import GenConfig, generate, s1_generate
 
 PY = sys.executable
 MATH = [dict(problem=f"What is {a} + {b}?", answer=str(a + b), id=f"p{a}") for a,
@@ -196,7 +201,7 @@ def test_ablation_kl(env, tmp_path):
     (tmp_path / "s.jsonl").write_text(json.dumps({"benchmark": "math500", "id": "x",
                                                   "question": "What is 2+2?", "generation": gen})
                                       + "\n")
-    out = main(["ablate", "--model", str(env / "model"), "--adapter", str(env / "adapter"),
+    out = ablate_main(["--model", str(env / "model"), "--adapter", str(env / "adapter"),
                 "--samples", str(tmp_path / "s.jsonl"),
                 "--out", str(tmp_path / "abl"), "--block", "2"])
     r = out["results"]
@@ -377,9 +382,6 @@ def test_greedy_ablation_matches_a_brute_force_search_over_four_adapters():
 def test_adapter_of_another_base_of_the_same_shape_is_refused(env, tmp_path):
     """An adapter records its base (rank1.json): a base of the same shape but other weights is an
     error naming both, unless --other-base; the same base at another path is fine."""
-    import shutil
-
-    from common import model_identity
     other = tmp_path / "other"
     save_hf(hf_tiny(vocab_size=300, seed=1), other)  # the same shape
     tiny_tokenizer(other)

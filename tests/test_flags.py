@@ -9,7 +9,8 @@ import pytest
 
 from common import check_number
 
-COMMANDS = ("train", "eval", "collect", "sae", "interpret", "dashboard", "report", "lora", "demo")
+COMMANDS = ("train", "eval", "ablate", "collect", "sae", "interpret", "dashboard", "report",
+            "export", "demo")
 BAD = ("0", "-1", "nan", "-inf", "1e30", str(2**70))
 
 

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
+from benchmarks import load_benchmark
 from conftest import SHARED_DATA, needs_shared
-from eval import extract_answer, grade, load_benchmark
+from grading import extract_answer, grade
 from grading import extract_letter, math_equal
 
 # --- extraction -------------------------------------------------------------------------------

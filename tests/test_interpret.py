@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autointerp import autointerp, balanced_accuracy, compare_populations, explain_messages
-from collect import ActivationStore
+from batchtopk import SAE
 from collect import main as collect_main
 from conftest import FakeLLM, fake_store, hf_tiny, save_hf, tiny_tokenizer
 from data import Tokenizer
@@ -15,8 +15,8 @@ from interpret import feature_names, feature_values, main, mine, quantiles
 from llm import LLM
 from lora import adapters, apply_lora, capture, load_adapter, save_adapter, sites, steer
 from model import Qwen2
-from batchtopk import SAE
 from steering import attention_norm, sae_offsets, steer_residual
+from store import ActivationStore
 
 
 def brute_force(store, sae, k, dedup, per_doc):

@@ -19,18 +19,23 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ablate import kl_stats
 from autointerp import autointerp
-from collect import ActivationStore
-from common import publish_dir, read_json, read_log, safetensors_metadata
+from batchtopk import SAE
+from benchmarks import load_benchmark
+from checkpoint import (safetensors_metadata)
+from common import (publish_dir, read_json, read_log)
 from conftest import (ROOT, SHARED_DATA, FakeLLM, hf_tiny, kill_when, run_script, save_hf,
                       script_cmd, tiny_tokenizer)
 from data import Tokenizer, load_s1
-from eval import GenConfig, grade_sample, kl_stats, load_benchmark, recovery_table
+from eval import recovery_table
+from grading import grade_sample
 from llm import LLM
 from lora import LoRALinear, adapters, apply_lora, load_adapter, save_adapter
 from model import Qwen2, Qwen2Config
-from batchtopk import SAE
+from protocols import GenConfig
 from sae import SAEConfig
+from store import ActivationStore
 from train import TrainConfig
 
 
@@ -106,23 +111,23 @@ def test_1_outputs_never_replace_inputs_or_other_outputs(env, tmp_path):
     r = run_script("sae.py", sae_args(tmp_path / "acts", tmp_path / "acts"), check=False)
     assert r.returncode != 0 and "is, holds or lies inside the input --acts" in r.stderr
     assert snapshot(tmp_path / "acts") == before  # the store is untouched
-    # eval.py ablate into the run whose samples it reads: refused, the run untouched
+    # ablate.py into the run whose samples it reads: refused, the run untouched
     run_script("eval.py", eval_args(env, tmp_path / "lora", "--limit", 2))
     run_before = snapshot(tmp_path / "lora")
-    ablate = lambda out: ["ablate", "--model", env / "model", "--adapter", env / "adapter",
+    ablate = lambda out: ["--model", env / "model", "--adapter", env / "adapter",
                           "--samples", tmp_path / "lora" / "samples.jsonl",
                           "--experiments", "layer", "--out", out]
-    r = run_script("eval.py", ablate(tmp_path / "lora"), check=False)
+    r = run_script("ablate.py", ablate(tmp_path / "lora"), check=False)
     assert r.returncode != 0 and "lies inside the input --samples" in r.stderr
     assert snapshot(tmp_path / "lora") == run_before
     # into a directory of other things: its two files beside them, which stay as they were
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "notes.txt").write_text("keep me")
-    run_script("eval.py", ablate(tmp_path / "results"))
+    run_script("ablate.py", ablate(tmp_path / "results"))
     assert sorted(os.listdir(tmp_path / "results")) == ["ablations.html", "ablations.json",
                                                         "notes.txt"]
     assert (tmp_path / "results" / "notes.txt").read_text() == "keep me"
-    r = run_script("eval.py", ablate(tmp_path / "results"), check=False)  # again: stops
+    r = run_script("ablate.py", ablate(tmp_path / "results"), check=False)  # again: stops
     assert r.returncode != 0 and "ablations.json: exists; pass --overwrite" in r.stderr
     # sae.py train keeps the metrics.jsonl it writes
     run_script("sae.py", sae_args(tmp_path / "acts", tmp_path / "sae"))
@@ -132,9 +137,9 @@ def test_1_outputs_never_replace_inputs_or_other_outputs(env, tmp_path):
     # an export stops before replacing a directory it did not write
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    r = run_script("lora.py", ["export", "--model", env / "model", "--adapter", env / "adapter",
-                               "--out", tmp_path / "mine", "--overwrite"], check=False)
-    assert r.returncode != 0 and "which lora.py export did not make (no made_by.json)" in r.stderr
+    r = run_script("export.py", ["--model", env / "model", "--adapter", env / "adapter",
+                                 "--out", tmp_path / "mine", "--overwrite"], check=False)
+    assert r.returncode != 0 and "which export.py did not make (no made_by.json)" in r.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     # --overwrite and --resume act only in a directory the same command made
     shutil.copytree(env / "model", tmp_path / "hf")
@@ -413,8 +418,8 @@ def test_8_bad_input_gives_one_line(env, tmp_path):
     # ablate with --max-tokens that the prompt already fills
     s = write_jsonl(tmp_path / "s.jsonl", [dict(benchmark="math500", id="x", question="What?",
                                                 generation="<|im_start|>think\nno")])
-    fails("eval.py", ["ablate", "--model", env / "model", "--adapter", env / "adapter",
-                      "--samples", s, "--max-tokens", 5, "--out", tmp_path / "ab"],
+    fails("ablate.py", ["--model", env / "model", "--adapter", env / "adapter",
+                        "--samples", s, "--max-tokens", 5, "--out", tmp_path / "ab"],
           "s.jsonl line 1: no assistant token within --max-tokens 5")
     # configs: not an object, a missing field, invalid JSON
     m2 = tmp_path / "m2"

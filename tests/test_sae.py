@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from conftest import fake_store, run_script
 from batchtopk import SAE, batch_topk, evaluate
+from conftest import fake_store, run_script
 from sae import SAEConfig, convergence, main, schedule, train_sae, train_step, update
 
 
