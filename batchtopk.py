@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save
 
-from checkpoint import (read_safetensors)
-from common import (read_json, sha256_file, write_atomic, write_json)
+from checkpoint import read_safetensors
+from common import read_json, sha256_file, write_atomic, write_json
 
 
 class SAE(nn.Module):

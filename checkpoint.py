@@ -58,7 +58,7 @@ def read_safetensors(file, keys=None, device="cpu", dtype=None):
 
 
 def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=(),
-                       extra=None, overwrite=False, command="lora.py"):
+                       extra=None, overwrite=False, *, command):
     """Write (name, tensor) pairs as an HF checkpoint: model-XXXXX-of-YYYYY.safetensors shards
     (each written as soon as it fills), model.safetensors.index.json and config.json, copies of
     `copy_files`, and rank1.json with `extra` (what it was made from); published whole (see

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import (model_identity)
-from common import (Parser, check_out, cleanup_dist, file_identity, number, read_json, setup_dist,
-                    start_run, user_errors, write_json)
+from checkpoint import model_identity
+from common import (Parser, add_model_flags, check_out, cleanup_dist, file_identity, number,
+                    read_json, setup_dist, start_run, user_errors, write_json)
 from data import (Tokenizer, data_identity, paper_collection_text, read_rows, render_chat,
                   s1_example)
 from lora import adapter_identity, adapters, capture, load_model, sites
@@ -169,19 +169,13 @@ def collect(args):
 
 def parser():
     p = Parser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--model", required=True, help="HF model directory (the base)")
-    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    p.add_argument("--other-base", action="store_true",
-                   help="use an adapter trained on another base than --model")
+    add_model_flags(p, adapter_required=True)
     p.add_argument("--data", required=True,
                    help="s1K-1.1 rows (.jsonl/.parquet) or eval.py samples.jsonl")
     p.add_argument("--format", default="s1", choices=["s1", "paper", "samples"],
                    help="s1: the chat template + s1 markers; paper: the official code's text; "
                    "samples: eval.py generations")
     p.add_argument("--out", required=True, help="store directory (index.json, shards)")
-    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the checkpoint's)")
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
                    help="dtype of the stored scalars")
     p.add_argument("--docs-per-shard", type=number(int, "positive"), default=64,

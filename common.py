@@ -95,7 +95,47 @@ def write_json(path, obj, indent=1):
     write_atomic(path, json.dumps(obj, indent=indent))
 
 
-def publish_dir(out_dir, write, owned, overwrite=False, flag="--overwrite", command="lora.py"):
+class AppendLog:
+    """An append-only log (jsonl) that survives a kill or a full disk: write() hands the text to
+    the OS whole or raises an OSError naming the file (a torn last line, which read_log drops on
+    the next run); nothing is buffered, so closing writes nothing; flush() is an fsync."""
+
+    def __init__(self, path):
+        self.path, self.f = path, open(path, "ab", buffering=0)
+
+    def write(self, text):
+        data = text.encode()
+        with naming(self.path):
+            while data:  # a raw write may take part of it
+                data = data[self.f.write(data):]
+
+    def flush(self):
+        with naming(self.path):
+            os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextmanager
+def naming(path):
+    """An OSError inside that names no file (a write to an open file when the disk fills) is
+    raised again naming `path`, so that user_errors' one line says which file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def publish_dir(out_dir, write, owned, overwrite=False, flag="--overwrite", *, command):
     """Call write(tmp) on a fresh directory beside out_dir, then rename it to out_dir: there is
     never a half-written out_dir. An existing out_dir is replaced only with overwrite, only when
     `command` made it (its owner file) and only when every file in it is one that owned(name) says
@@ -355,46 +395,6 @@ def bootstrap_ci(stat, sizes, n=1000, seed=0, min_kept=1):
 
 # -----------------------------------------------------------------------------
 # command lines
-
-
-class AppendLog:
-    """An append-only log (jsonl) that survives a kill or a full disk: write() hands the text to
-    the OS whole or raises an OSError naming the file (a torn last line, which read_log drops on
-    the next run); nothing is buffered, so closing writes nothing; flush() is an fsync."""
-
-    def __init__(self, path):
-        self.path, self.f = path, open(path, "ab", buffering=0)
-
-    def write(self, text):
-        data = text.encode()
-        with naming(self.path):
-            while data:  # a raw write may take part of it
-                data = data[self.f.write(data):]
-
-    def flush(self):
-        with naming(self.path):
-            os.fsync(self.f.fileno())
-
-    def close(self):
-        self.f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-@contextmanager
-def naming(path):
-    """An OSError inside that names no file (a write to an open file when the disk fills) is
-    raised again naming `path`, so that user_errors' one line says which file."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is not None or e.errno is None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 @contextmanager

@@ -55,8 +55,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from batchtopk import SAE
-from checkpoint import (save_hf_checkpoint)
-from common import (Parser, numbers, write_atomic)
+from checkpoint import save_hf_checkpoint
+from common import Parser, numbers, write_atomic
 from data import ENDOFTEXT, IM_END, IM_START, Tokenizer, render_chat, s1_assistant
 from model import Qwen2, Qwen2Config
 from store import ActivationStore

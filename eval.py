@@ -312,14 +312,11 @@ def parser():
                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def model_flags(s):
-        add_model_flags(s)
-        s.add_argument("--zip-password", help="password of a GPQA zip")
-        s.add_argument("--seed", type=number(int, "seed"), default=0,
-                       help="seeds the sampling of batch i with seed + i (run); --s1 rows (ablate)")
-
     r = sub.add_parser("run", help="generate and grade")
-    model_flags(r)
+    add_model_flags(r)
+    r.add_argument("--zip-password", help="password of a GPQA zip")
+    r.add_argument("--seed", type=number(int, "seed"), default=0,
+                   help="seeds the sampling of batch i with seed + i")
     r.add_argument("--bench", action="append", required=True,
                    help="NAME=PATH, NAME in " + ", ".join(BENCHMARKS))
     r.add_argument("--out", required=True, help="run directory: run.json, samples.jsonl, "

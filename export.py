@@ -7,18 +7,14 @@ from) that transformers, vLLM or `eval.py run` without --adapter load.
 
 The merge itself is lora.export_merged; this file is its command line.
 """
-from common import DTYPES, Parser, check_out, user_errors
+from common import Parser, add_model_flags, check_out, user_errors
 from lora import export_merged, load_model
 
 
 def parser():
     p = Parser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--model", required=True, help="HF model directory (the base)")
-    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    p.add_argument("--other-base", action="store_true",
-                   help="use an adapter trained on another base than --model")
+    add_model_flags(p, adapter_required=True)
     p.add_argument("--out", required=True, help="output directory (safetensors, config.json)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the base checkpoint's")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     return p
 
@@ -26,10 +22,11 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     with user_errors("export.py"):
-        check_out(args.out, {"--model": args.model, "--adapter": args.adapter})
+        check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
+                             "--tokenizer": args.tokenizer})
         model, identity = load_model(args.model, args.adapter, args.dtype,
                                      other_base=args.other_base)
-        export_merged(model, args.out, tokenizer_dir=args.model,
+        export_merged(model, args.out, tokenizer_dir=args.tokenizer or args.model,
                       provenance=dict(made_from=identity), overwrite=args.overwrite)
     print(f"export: {args.model} + {args.adapter} merged -> {args.out}")
 

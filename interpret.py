@@ -35,9 +35,8 @@ from tqdm import tqdm
 
 from autointerp import autointerp, categorise, compare_populations
 from batchtopk import SAE
-from common import (Parser, check_out, differences,
-                    file_identity, fresh_outputs, number, read_json, same_origin,
-                    user_errors, write_atomic, write_json)
+from common import (Parser, check_out, differences, file_identity, fresh_outputs, number,
+                    read_json, same_origin, user_errors, write_atomic, write_json)
 from data import Tokenizer, read_rows
 from llm import LLM
 from steering import add_steer_flags, cmd_steer

@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from checkpoint import (model_identity, read_safetensors, save_hf_checkpoint)
-from common import (DTYPES, publish_dir, read_json, sha256_file)
+from checkpoint import model_identity, read_safetensors, save_hf_checkpoint
+from common import DTYPES, publish_dir, read_json, sha256_file
 from model import Qwen2
 
 SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -647,4 +647,4 @@ def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_byte
     files = [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES
              if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, n))]
     save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files, provenance, overwrite,
-                       command)
+                       command=command)

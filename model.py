@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (checkpoint_tensors)
-from common import (DTYPES, read_json)
+from checkpoint import checkpoint_tensors
+from common import DTYPES, read_json
 
 # -----------------------------------------------------------------------------
 # config

@@ -29,7 +29,7 @@ from html import escape
 import numpy as np
 
 from autointerp import CLASSES, parse_name, populations
-from checkpoint import (read_safetensors)
+from checkpoint import read_safetensors
 from common import (Parser, check_out, differences, file_identity, fresh_outputs, read_json,
                     user_errors, write_atomic, write_json)
 from data import read_rows

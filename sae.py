@@ -35,7 +35,7 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from batchtopk import SAE, batch_topk, evaluate, sparse_decode
-from checkpoint import (read_safetensors, safetensors_metadata)
+from checkpoint import read_safetensors, safetensors_metadata
 from common import (AppendLog, Parser, add_config_flags, check_numbers, check_out,
                     config_from_flags, numbers, read_json, read_log, same_origin, start_run,
                     user_errors, write_atomic, write_json)

@@ -54,7 +54,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
-from checkpoint import (checkpoint_tensors, model_identity, read_safetensors, save_hf_checkpoint)
+from checkpoint import checkpoint_tensors, model_identity, read_safetensors, save_hf_checkpoint
 from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, check_numbers,
                     check_out, claim_dir, cleanup_dist, code_version, config_from_flags,
                     differences, file_identity, print0, read_json, read_log, setup_dist,

@@ -23,8 +23,8 @@ from ablate import kl_stats
 from autointerp import autointerp
 from batchtopk import SAE
 from benchmarks import load_benchmark
-from checkpoint import (safetensors_metadata)
-from common import (publish_dir, read_json, read_log)
+from checkpoint import safetensors_metadata
+from common import publish_dir, read_json, read_log
 from conftest import (ROOT, SHARED_DATA, FakeLLM, hf_tiny, kill_when, run_script, save_hf,
                       script_cmd, tiny_tokenizer)
 from data import Tokenizer, load_s1
