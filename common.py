@@ -8,7 +8,7 @@ made from, starting torch.distributed, the bootstrap interval, and run configura
     rank, world, device = setup_dist()          # torchrun or a plain `python x.py`
     lo, hi = bootstrap_ci(lambda i: mean(x[j] for j in i), [len(x)])
 
-Outputs lose nothing (the README's "Outputs and resuming" states it for users):
+Outputs lose nothing (docs/outputs.md states it for users):
 - files are written whole (temp file, fsync, rename), directories are published by a rename;
 - a command writes only its own files: an --out that is, holds or lies inside one of its inputs
   is refused (check_out), and an existing output is replaced only when asked (--overwrite), and
@@ -89,6 +89,13 @@ def read_log(path, repair=False):
                 raise ValueError(f"{path} line {n}: not valid JSON ({type(e).__name__}); only a "
                                  "cut last line is repaired, this one needs a look") from None
     return rows
+
+
+def keep_steps(path, last):
+    """Before a resumed run appends to its log: the rows of steps after `last` are dropped (the
+    run redoes them), so that each step is logged once."""
+    kept = [r for r in read_log(path, repair=True) if r["step"] <= last]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def write_json(path, obj, indent=1):
@@ -389,8 +396,13 @@ def bootstrap_ci(stat, sizes, n=1000, seed=0, min_kept=1):
             vals.append(v)
     if not vals or len(vals) < min_kept:
         return [None, None]
-    vals.sort()
-    return [vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]]
+    return percentile_ci(sorted(vals))
+
+
+def percentile_ci(replicates):
+    """The 95% percentile interval [lo, hi] of sorted bootstrap replicates."""
+    n = len(replicates)
+    return [replicates[int(0.025 * n)], replicates[int(0.975 * n) - 1]]
 
 
 # -----------------------------------------------------------------------------
@@ -468,6 +480,15 @@ def add_config_flags(parser, cls, skip=(), choices=None):
         else:
             parser.add_argument(flag, type=type(f.default), default=None, help=text,
                                 choices=(choices or {}).get(f.name))
+
+
+def config_flags(settings):
+    """add_config_flags' inverse: {field: value} as the command-line flags that set them."""
+    out = []
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, v]
+    return out
 
 
 # the ranges a number given on the command line may take: (test, what it must be)

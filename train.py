@@ -15,21 +15,11 @@ Train a rank-1 LoRA (or a full finetune) of Qwen2 on s1K-1.1 with the paper's re
     python train.py --preset s1.1-rank1-32b --model /models/Qwen2.5-32B-Instruct \\
         --data s1K-1.1.parquet --dry-run
 
-Recipe details (docs/paper.md section B) and our choices:
-- Global batch = micro-batch (1 in the paper) x world x accumulation. The sequences of step k
-  are positions [k*G, (k+1)*G) of the epoch's permutation (seeded by seed + epoch); sequence i of
-  a step goes to rank i % world. So 1 process and N processes see the same batches and, up to
-  float rounding, produce the same losses and adapters.
+The recipe is in recipe.py; what the run adds:
 - Loss: summed CE over trained tokens / trained tokens of the whole global batch (every rank knows
   every sequence's count, so no extra collective). FSDP averages gradients over ranks, so each rank
   scales its loss by the world size. Every step of an epoch is full except the last (1000 rows / 16
   = 62.5 -> 63 steps per epoch, 315 in all).
-- LR: HF's linear warm-up (ceil(5% of steps) = 16) then cosine to 0; like HF, step 1 runs at lr 0.
-  AdamW (0.9, 0.95), eps 1e-8, weight decay 1e-4 on everything but biases and norms; clip 1.0.
-- FSDP2: each decoder layer is a group, the root holds embeddings, final norm and head (so tied
-  embeddings live in one group). LoRA mode: the frozen base is stored in --dtype (bf16) and the fp32
-  adapters stay replicated outside FSDP (ignored_params) with an explicit gradient all-reduce. Full
-  mode: fp32 master weights, MixedPrecisionPolicy(bf16 params, fp32 reduce). One mechanism each.
 - Checkpoints: --save-every steps and on SIGTERM, to out/ckpt/step-NNNNNN, completed by its
   meta.json, the older ones deleted after it: a crash at any point leaves one to --resume from.
   They record the model, data and tokenizer they were trained on; --resume refuses others. LoRA
@@ -44,111 +34,24 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from checkpoint import checkpoint_tensors, model_identity, read_safetensors, save_hf_checkpoint
-from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, check_numbers,
-                    check_out, claim_dir, cleanup_dist, code_version, config_from_flags,
-                    differences, file_identity, print0, read_json, read_log, setup_dist,
-                    user_errors, write_atomic, write_json)
+from checkpoint import model_identity, read_safetensors, save_hf_checkpoint
+from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, check_out, claim_dir,
+                   cleanup_dist, code_version, config_from_flags, differences, file_identity,
+                   keep_steps, print0, read_json, setup_dist, user_errors, write_json)
 from data import Tokenizer, data_identity, load_examples
-from lora import ADAPTER_FILES, SITE_ORDER, adapters, apply_lora, save_adapter, select_layers
+from lora import ADAPTER_FILES, apply_lora, save_adapter
 from model import Qwen2, Qwen2Config
+from recipe import (PRESETS, TrainConfig, build_model, empty_steps, lr_at, make_optimizer, plan,
+                    step_batch, trainable)
 
-# -----------------------------------------------------------------------------
-# configuration
-
-
-@dataclass
-class TrainConfig:
-    model: str = ""             # HF model directory (config.json + safetensors)
-    data: str = ""              # s1K-1.1 rows (.jsonl, .parquet), or {"text"} rows packed in blocks
-    out: str = "runs/default"   # adapter/ or model/, ckpt/, metrics.jsonl, config.json
-    tokenizer: str = ""         # directory with tokenizer.json (default: --model)
-    mode: str = "lora"          # lora | full
-    rank: int = 1               # LoRA rank
-    alpha: float = 16.0         # LoRA alpha; scale = alpha / sqrt(rank) with rsLoRA
-    rslora: bool = True
-    targets: str = ",".join(SITE_ORDER)  # comma-separated projections to adapt
-    layers: str = ""            # "" (all), "0,5,9", "10-20", "10-40:2" (a stride) or "last_third"
-    lr: float = 1e-3
-    warmup_ratio: float = 0.05
-    epochs: int = 5
-    global_batch: int = 16      # sequences per optimizer step
-    micro_batch: int = 1        # sequences per forward (paper: 1; more: right-padded, loss-masked)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    block_size: int = 20000     # longer sequences are truncated (and counted)
-    dtype: str = "bfloat16"     # compute dtype of the base model
-    activation_checkpointing: bool = True
-    loss_chunk: int = 1024      # rows of logits at a time in the loss
-    seed: int = 42
-    save_every: int = 0         # checkpoint every N steps (0: by --save-minutes only)
-    save_minutes: float = 20.0  # also checkpoint when this much wall time passed since the last
-    #                             save (0: never by time); and always on SIGINT / SIGTERM
-    max_steps: int = 0          # stop after this many steps (0: the full schedule); for smoke tests
-    resume: bool = False        # continue from the newest checkpoint in out/ckpt
-    overwrite: bool = False     # start over in an --out that holds an earlier run (its files only)
-    dry_run: bool = False
-    preset: str = ""
-
-    # ranges of the numbers (common.RANGES); --grad-clip 0 is no clipping, as HF reads it
-    RANGES = dict(rank="positive", epochs="positive", global_batch="positive",
-                  micro_batch="positive", block_size="positive", loss_chunk="positive",
-                  lr="positive", alpha="positive", eps="positive", weight_decay="nonnegative",
-                  grad_clip="nonnegative", save_every="nonnegative", save_minutes="nonnegative",
-                  max_steps="nonnegative", warmup_ratio="unit", beta1="below_one",
-                  beta2="below_one", seed="seed")
-
-    def __post_init__(self):
-        if self.mode not in ("lora", "full"):
-            raise ValueError(f"--mode must be lora or full, got {self.mode!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        bad = [t for t in self.target_list if t not in SITE_ORDER]
-        if bad:
-            raise ValueError(f"--targets: unknown {bad}; expected names among {list(SITE_ORDER)}")
-        check_numbers(self)
-
-    @property
-    def target_list(self):
-        return [t for t in self.targets.split(",") if t]
-
-    def layer_list(self, n_layers):
-        s = self.layers.strip()
-        if not s:
-            return None
-        if s == "last_third":
-            return select_layers(n_layers, last_third=True)
-        if "-" in s:
-            rng, _, stride = s.partition(":")
-            a, b = rng.split("-")
-            return select_layers(n_layers, start=int(a), end=int(b) + 1,
-                                 stride=int(stride) if stride else None)
-        return select_layers(n_layers, indices=[int(i) for i in s.split(",")])
-
-
-PRESETS = {  # the paper's two runs (docs/paper.md section B)
-    "s1.1-rank1-32b": dict(mode="lora", rank=1, alpha=16.0, rslora=True,
-                           targets=",".join(SITE_ORDER), lr=1e-3, warmup_ratio=0.05, epochs=5,
-                           global_batch=16, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=1e-4,
-                           grad_clip=1.0, block_size=20000, dtype="bfloat16",
-                           activation_checkpointing=True),
-    "s1.1-full-32b": dict(mode="full", lr=1e-5, warmup_ratio=0.05, epochs=5, global_batch=16,
-                          beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip=1.0,
-                          block_size=20000, dtype="bfloat16", activation_checkpointing=True),
-}
 # settings that must agree between a checkpoint and the run resuming it (the model, data and
 # tokenizer are compared by what they are: see origin())
 RESUME_KEYS = ("mode", "dtype", "rank", "alpha", "rslora", "targets", "layers", "lr",
@@ -172,119 +75,6 @@ def parse_args(argv=None):
         return config_from_flags(TrainConfig, ns, PRESETS.get(ns.preset or ""))
     except ValueError as e:
         raise SystemExit(f"train.py: {e}") from None
-
-
-# -----------------------------------------------------------------------------
-# model
-
-
-def build_model(cfg, mcfg, device, world):
-    """Meta-device model -> adapters -> FSDP2 groups -> materialise -> load the checkpoint tensor by
-    tensor (random weights without cfg.model: benchmarks)."""
-    dtype = DTYPES[cfg.dtype]
-    with torch.device("meta"):
-        model = Qwen2(mcfg)
-    if cfg.mode == "lora":
-        model.to(dtype)  # the frozen base in `dtype` (bf16 attention takes the flash kernels)
-        apply_lora(model, rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora,
-                   targets=cfg.target_list, layers=cfg.layer_list(mcfg.num_hidden_layers),
-                   verbose=False)
-        ignored = {p for m in adapters(model) for p in (m.lora_A, m.lora_B)}
-        mp = MixedPrecisionPolicy()  # base stored in `dtype`, adapters fp32 outside FSDP
-    else:
-        ignored = set()
-        # fp32 master weights
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        layer.checkpoint = cfg.activation_checkpointing
-    mesh = init_device_mesh(device.type, (world,))
-    for i, layer in enumerate(model.model.layers):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=ignored or None,
-                    reshard_after_forward=i < len(model.model.layers) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
-    model.to_empty(device=device)
-    store = dtype if cfg.mode == "lora" else torch.float32
-    if cfg.model:
-        load_sharded(model, cfg.model, store)
-    else:  # no checkpoint (bench/gpu.py): random weights, norms at 1
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "norm" in n:
-                    p.fill_(1.0)
-                elif p not in ignored:
-                    p.normal_(0.0, 0.02)
-    if cfg.mode == "lora":
-        gen = torch.Generator().manual_seed(cfg.seed)  # the same init on every rank, any world size
-        for m in adapters(model):
-            m.reset_lora_parameters(generator=gen)
-    return model
-
-
-def load_sharded(model, path, dtype):
-    """Copy an HF checkpoint into FSDP2-sharded parameters one tensor at a time: each rank keeps
-    only its shard, and holds at most one full tensor (the largest: the embedding) at a moment."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, t in checkpoint_tensors(path, model.checkpoint_shapes(), dtype):
-            p = params[k]
-            if isinstance(p, DTensor):
-                t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements,
-                                      src_data_rank=None)
-            p.copy_(t)
-
-
-def trainable(model):
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def make_optimizer(cfg, model):
-    decay, no_decay = [], []
-    for n, p in trainable(model):
-        (no_decay if n.endswith(".bias") or "norm" in n else decay).append(p)  # HF's rule
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             foreach=False)
-
-
-def lr_at(cfg, step, total, warmup):
-    """HF's get_cosine_schedule_with_warmup at 0-based optimizer step `step` (step 0: lr 0)."""
-    if step < warmup:
-        return cfg.lr * step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-# -----------------------------------------------------------------------------
-# schedule of batches
-
-
-def plan(cfg, n_rows):
-    steps_per_epoch = math.ceil(n_rows / cfg.global_batch)
-    total = steps_per_epoch * cfg.epochs
-    return steps_per_epoch, total, math.ceil(cfg.warmup_ratio * total)
-
-
-def step_batch(cfg, step, n_rows, steps_per_epoch):
-    """Row indices of optimizer step `step` (0-based), the same for every world size."""
-    epoch, k = divmod(step, steps_per_epoch)
-    g = torch.Generator().manual_seed(cfg.seed + epoch)
-    perm = torch.randperm(n_rows, generator=g).tolist()
-    return perm[k * cfg.global_batch:(k + 1) * cfg.global_batch]
-
-
-def empty_steps(cfg, trained):
-    """The (1-based) optimizer steps whose global batch holds no trained-on token; trained: the
-    trained-on token count of every sequence."""
-    spe, total, _ = plan(cfg, len(trained))
-    out = []
-    for epoch in range(cfg.epochs):
-        g = torch.Generator().manual_seed(cfg.seed + epoch)
-        perm = torch.randperm(len(trained), generator=g).tolist()
-        for k in range(spe):
-            if not any(trained[i] for i in perm[k * cfg.global_batch:(k + 1) * cfg.global_batch]):
-                out.append(epoch * spe + k + 1)
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -552,9 +342,8 @@ def train(cfg, rank, world, device):
     if cfg.resume:
         start, losses = load_checkpoint(cfg, model, opt, rank, world, made_from)
     metrics_file = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0 and os.path.isfile(metrics_file):  # each step once: drop what a resume redoes
-        kept = [r for r in read_log(metrics_file, repair=True) if r["step"] <= start]
-        write_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+    if rank == 0:
+        keep_steps(metrics_file, start)
     lora_params = [p for _, p in trainable(model)] if cfg.mode == "lora" else []
 
     # Ctrl-C (SIGINT) and a scheduler's SIGTERM finish the step, save a checkpoint and exit

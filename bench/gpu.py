@@ -4,7 +4,7 @@ compute-sanitizer):
   (a) the rank-1 op (fused kernels on CUDA) vs the frozen linear vs a PEFT-style adapter at the 7
       Qwen2.5-32B shapes x {4k, 16k} tokens in bf16, forward and forward + backward, with the
       rank-1 part's achieved bandwidth against the HBM peak;
-  (b) a training step through train.py's build_model and optimizer (FSDP2, world size 1,
+  (b) a training step through recipe.py's build_model and optimizer (FSDP2, world size 1,
       activation checkpointing) of a random Qwen2.5-7B-shaped model: rank-1 LoRA vs the frozen
       base (forward + backward to the inputs), vs HF + PEFT when installed; tokens/s, peak memory;
   (c) greedy decode tokens/s at batch 1 and 8 against the weight-bandwidth floor;
@@ -27,7 +27,7 @@ from bench.common import header, interleaved, rank1_bytes, rank1_times, timeit  
 from common import setup_dist  # noqa: E402
 from lora import apply_lora, disabled, lora_impl, lora_linear_ref  # noqa: E402
 from model import Qwen2, Qwen2Config  # noqa: E402
-from train import TrainConfig, build_model, make_optimizer  # noqa: E402
+from recipe import TrainConfig, build_model, make_optimizer  # noqa: E402
 
 SHAPES_32B = [("q", 5120, 5120), ("k", 5120, 1024), ("v", 5120, 1024), ("o", 5120, 5120),
               ("gate", 5120, 27648), ("up", 5120, 27648), ("down", 27648, 5120)]
@@ -94,7 +94,7 @@ def step_times(step, repeats, dev):
 
 
 def train_table(args, dev, mcfg):
-    """LoRA step vs frozen-base step through train.py's build_model (FSDP2, world 1)."""
+    """LoRA step vs frozen-base step through recipe.py's build_model (FSDP2, world 1)."""
     setup_dist()
     cfg = TrainConfig(model="", mode="lora", dtype="bfloat16" if not args.cpu else "float32",
                       activation_checkpointing=True)

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import (QWEN2_5_32B_JSON, ROOT, hf_tiny, run_script, save_hf, script_cmd,
-                      tiny_tokenizer)
+import recipe
+from helpers import QWEN2_5_32B_JSON, ROOT, run_script, script_cmd, tiny_env
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -26,9 +26,7 @@ def rows(n=6):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    save_hf(hf_tiny(vocab_size=300), d / "model")
-    tiny_tokenizer(d / "model")
+    d = tiny_env(tmp_path_factory.mktemp("train"), adapters=())
     (d / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows()) + "\n")
     return d
 
@@ -160,8 +158,6 @@ def test_loss_normalised_by_tokens_of_the_global_batch(setup, tmp_path):
     loss is sum CE / trained tokens of all 4 sequences (not a mean of per-sequence means), and the
     gradient norm is that of this loss; both recomputed here by hand from the saved initial
     adapter."""
-    sys.path.insert(0, ROOT)
-    import train
     from data import Tokenizer, load_s1
     from lora import adapters, load_adapter
     from model import Qwen2
@@ -169,8 +165,8 @@ def test_loss_normalised_by_tokens_of_the_global_batch(setup, tmp_path):
         nproc=2)  # lr is 0 at step 1
     rec = json.loads(open(tmp_path / "n" / "metrics.jsonl").readline())
     ex, _ = load_s1(str(setup / "rows.jsonl"), Tokenizer(str(setup / "model")), 20000)
-    cfg = train.TrainConfig(global_batch=4, epochs=2)
-    batch = train.step_batch(cfg, 0, len(ex), train.plan(cfg, len(ex))[0])
+    cfg = recipe.TrainConfig(global_batch=4, epochs=2)
+    batch = recipe.step_batch(cfg, 0, len(ex), recipe.plan(cfg, len(ex))[0])
     counts = [sum(t != -100 for t in ex[i][1]) for i in batch]
     assert max(counts) >= 2 * min(counts)  # very different lengths
     m = Qwen2.from_pretrained(str(setup / "model"))
@@ -187,21 +183,19 @@ def test_loss_normalised_by_tokens_of_the_global_batch(setup, tmp_path):
 
 
 def test_lr_schedule_and_plan_match_hf():
-    sys.path.insert(0, ROOT)
-    import train
-    cfg = train.TrainConfig(**train.PRESETS["s1.1-rank1-32b"])
-    spe, total, warm = train.plan(cfg, 1000)
+    cfg = recipe.TrainConfig(**recipe.PRESETS["s1.1-rank1-32b"])
+    spe, total, warm = recipe.plan(cfg, 1000)
     assert (spe, total, warm) == (63, 315, 16)
-    assert train.lr_at(cfg, 0, total, warm) == 0.0
-    assert train.lr_at(cfg, 8, total, warm) == pytest.approx(5e-4)
-    assert train.lr_at(cfg, 16, total, warm) == pytest.approx(1e-3)
-    assert train.lr_at(cfg, 314, total, warm) == pytest.approx(
+    assert recipe.lr_at(cfg, 0, total, warm) == 0.0
+    assert recipe.lr_at(cfg, 8, total, warm) == pytest.approx(5e-4)
+    assert recipe.lr_at(cfg, 16, total, warm) == pytest.approx(1e-3)
+    assert recipe.lr_at(cfg, 314, total, warm) == pytest.approx(
         1e-3 * 0.5 * (1 + math.cos(math.pi * 298 / 299)))
     transformers = pytest.importorskip("transformers")
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
     sch = transformers.get_cosine_schedule_with_warmup(opt, warm, total)
     for s in range(total):
-        assert train.lr_at(cfg, s, total, warm) == pytest.approx(opt.param_groups[0]["lr"],
+        assert recipe.lr_at(cfg, s, total, warm) == pytest.approx(opt.param_groups[0]["lr"],
                                                                  abs=1e-12)
         opt.step()
         sch.step()
@@ -211,13 +205,13 @@ def test_lora_base_is_stored_in_dtype_and_full_mode_keeps_fp32_masters(setup):
     """A bf16 LoRA run holds (and computes with) a bf16 base and fp32 adapters; full mode holds
     fp32 masters that FSDP casts to bf16 for compute. Copying a checkpoint into a model built in
     fp32 kept the base in fp32: twice the memory, and attention off the flash kernels."""
-    code = ("import json, common, train; from model import Qwen2Config\n"
+    code = ("import json, common, recipe; from model import Qwen2Config\n"
             "dev = common.setup_dist()[2]\n"
             f"mcfg = Qwen2Config.from_pretrained({str(setup / 'model')!r})\n"
             "for mode in ('lora', 'full'):\n"
-            f"    cfg = train.TrainConfig(model={str(setup / 'model')!r}, mode=mode,"
+            f"    cfg = recipe.TrainConfig(model={str(setup / 'model')!r}, mode=mode,"
             " dtype='bfloat16')\n"
-            "    m = train.build_model(cfg, mcfg, dev, 1)\n"
+            "    m = recipe.build_model(cfg, mcfg, dev, 1)\n"
             "    print(json.dumps(sorted({f'{p.dtype} {p.requires_grad}'"
             " for p in m.parameters()})))")
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT)
