@@ -22,9 +22,9 @@ from tqdm import tqdm
 from benchmarks import load_benchmark
 from common import (Parser, add_model_flags, check_out, file_identity, fresh_outputs, number,
                     user_errors, write_atomic, write_json)
-from data import Tokenizer, read_rows, render_chat, s1_example
+from data import Tokenizer, chat_prompt, read_rows, s1_example
 from figures import bar_chart, site_heatmap, table
-from lora import ATTN, MLP, SITE_ORDER, ablate, load_model, sites
+from lora import ATTN, MLP, SITE_ORDER, ablate, load_model, site_label, sites
 
 
 def ablation_sequences(args, tok):
@@ -42,8 +42,7 @@ def ablation_sequences(args, tok):
             if q is None:
                 raise SystemExit(f"ablate: {w} has no question (GPQA samples): pass "
                                  "--bench gpqa=PATH")
-            prompt = tok.encode(render_chat([{"role": "user", "content": q}],
-                                            add_generation_prompt=True))
+            prompt = tok.encode(chat_prompt(q))
             ids = (prompt + tok.encode(r["generation"]))[:args.max_tokens]
             seqs.append((f"{w}", ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))))
     if args.s1:
@@ -72,7 +71,7 @@ def ablation_sets(model, block):
         "block": [(f"L{layers[i]}-{layers[min(i + block, len(layers)) - 1]}",
                    dict(layers=layers[i:i + block]))
                   for i in range(0, len(layers), block)],
-        "single": [(f"L{l}.{t}", dict(sites=[(l, t)])) for l, t in sites(model)],
+        "single": [(site_label(l, t), dict(sites=[(l, t)])) for l, t in sites(model)],
         "type": [(t, dict(types=[t])) for t in types],
         "mlp_vs_attn": [("mlp", dict(types=[t for t in MLP if t in types])),
                         ("attn", dict(types=[t for t in ATTN if t in types]))],
@@ -136,7 +135,7 @@ def greedy_ablation(model, seqs, metric, single=None, order="rescore"):
     variant (n passes after the scores): one order from the single scores, applied cumulatively.
     -> (single score rows, cumulative rows with n_ablated and the site added)."""
     mlp = [(l, t) for l, t in sites(model) if t in MLP]
-    labels = [f"L{l}.{t}" for l, t in mlp]
+    labels = [site_label(l, t) for l, t in mlp]
     known = {r["label"]: r for r in single or []}
     if all(lab in known for lab in labels):
         scores = [known[lab] for lab in labels]

@@ -18,7 +18,7 @@ import re
 
 from common import bootstrap_ci
 from llm import LLMError
-from lora import MLP
+from lora import MLP, parse_site_label
 
 EXPLAIN_SYSTEM = ("You study a feature of a language model that reads reasoning traces. You are "
                   "shown text snippets where it fires, strongest first; the token it fires on is "
@@ -201,16 +201,22 @@ def categorise(features, explanations, llm, n=5):
 # the 0/1/2 rubric's classes, and feature names: L{layer}.{target}{+-} (an adapter's polarity),
 # N{layer}.{index}{+-} (an MLP neuron's), sae{i} (an SAE latent)
 CLASSES = (0, 1, 2)
-FEATURE = re.compile(r"L(\d+)\.(\w+)([+-])|N(\d+)\.(\d+)([+-])")
+NEURON = re.compile(r"N(\d+)\.(\d+)")
 
 
 def parse_name(name):
     """(layer, kind, polarity) of `L{l}.{target}{+-}` (an adapter) or `N{l}.{i}{+-}` (a neuron, kind
     = its index); None for SAE latents."""
-    m = FEATURE.fullmatch(name)
-    if not m:
+    body, sign = name[:-1], name[-1:]
+    if sign not in ("+", "-"):
         return None
-    return (int(m[1]), m[2], m[3]) if m[1] else (int(m[4]), int(m[5]), m[6])
+    m = NEURON.fullmatch(body)
+    if m:
+        return int(m[1]), int(m[2]), sign
+    try:
+        return (*parse_site_label(body), sign)
+    except ValueError:
+        return None
 
 
 def paper_rows(lora_rows, mlp_rows):

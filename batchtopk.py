@@ -1,6 +1,7 @@
 """
-The BatchTopK sparse autoencoder (Bussmann et al.), the architecture: what a trained SAE is and
-does. sae.py trains it.
+The BatchTopK sparse autoencoder (Bussmann et al.): what a trained SAE is and does, its training
+config (SAEConfig) and one training step (train_step, then unit_norm_step: update). sae.py runs
+the steps: the schedule, held-out checks, resumable training, its commands.
 
     from batchtopk import SAE
     sae = SAE.load("sae/")                 # sae.safetensors + cfg.json, checksum verified
@@ -16,7 +17,7 @@ the rest of its batch.
 """
 import hashlib
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import save
 
 from checkpoint import read_safetensors
-from common import read_json, sha256_file, write_atomic, write_json
+from common import check_numbers, read_json, sha256_file, write_atomic, write_json
 
 
 class SAE(nn.Module):
@@ -156,3 +157,102 @@ def evaluate(sae, x, batch=8192):
                 mse=err_n / max(n * sae.d_in, 1),
                 l0=l0 / max(n, 1), dead_fraction=(freq == 0).float().mean().item(), tokens=n,
                 freq_hist_log10=dict(counts=hist.tolist(), edges=edges.tolist()))
+
+
+# -----------------------------------------------------------------------------
+# training: the config and one step (sae.py runs the steps)
+
+
+@dataclass
+class SAEConfig:
+    expansion: int = 8          # latents = expansion * d_in (3,584 for 448)
+    k: int = 16                 # mean active latents per token (BatchTopK: k * batch per batch)
+    lr: float = 5e-4
+    batch_size: int = 512
+    epochs: int = 0             # 0: enough epochs for min_tokens (at least one)
+    min_tokens: int = 10_000_000  # what the default trains on: a plateau at the paper's scale
+    steps: int = 0              # > 0 overrides epochs
+    warmup: int = 100           # linear lr warm-up steps
+    aux_coeff: float = 1 / 32
+    k_aux: int = 0              # 0: d_in // 2
+    dead_tokens: int = 0        # dead after this many tokens without firing (0: see schedule)
+    threshold_beta: float = 0.999  # EMA of the smallest selected activation -> inference threshold
+    holdout: float = 0.05       # fraction of tokens held out for FVU
+    plateau: float = 0.002      # warn if held-out FVU fell more than this in the last tenth
+    normalize: bool = True      # divide inputs by their per-dimension std
+    init: str = "data"          # decoder rows at training rows, or "random" unit directions
+    seed: int = 42
+    log_every: int = 100
+    save_every: int = 1000      # steps between saves of the training state (sae.py train resumes)
+    device: str = "cpu"
+
+    # ranges of the numbers (common.RANGES); lr 0 trains nothing, which shows the initialisation
+    RANGES = dict(expansion="positive", k="positive", batch_size="positive", lr="nonnegative",
+                  epochs="nonnegative", min_tokens="nonnegative", steps="nonnegative",
+                  warmup="nonnegative", aux_coeff="nonnegative", k_aux="nonnegative",
+                  dead_tokens="nonnegative", threshold_beta="below_one", holdout="below_one",
+                  plateau="nonnegative", seed="seed", log_every="positive", save_every="positive")
+
+    def __post_init__(self):
+        if self.init not in ("random", "data"):
+            raise ValueError(f"--init must be random or data, got {self.init!r}")
+        check_numbers(self)
+
+
+def train_step(sae, xn, cfg, state):
+    """One BatchTopK step on normalised inputs xn (B, d): (loss, metrics). The decoder works on
+    the k * B selected pairs only; state holds the dead-latent counters and the threshold's."""
+    B = xn.shape[0]
+    # (xn - b_dec) W_enc + b_enc, arranged so that b_dec's gradient needs no other dense product
+    raw = xn @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)  # (B, n)
+    rows, cols = batch_topk(raw, sae.k)
+    vals = torch.relu(raw[rows, cols])
+    x_hat = sparse_decode(B, sae, rows, cols, vals)
+    err = (x_hat - xn).pow(2).sum(-1)
+    var = (xn - xn.mean(0)).pow(2).sum(-1).mean()
+    loss = err.mean()
+    # dead latents and the AuxK loss
+    fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=xn.device)
+    fired[cols] = True
+    state["since"] = torch.where(fired, 0, state["since"] + B)
+    dead = state["since"] >= state["dead_tokens"]
+    aux, k_aux = torch.zeros((), device=xn.device), 0
+    if dead.any() and cfg.aux_coeff > 0:
+        k_aux = min(cfg.k_aux or sae.d_in // 2, int(dead.sum()))
+        # only dead latents compete; no ReLU here, so latents whose pre-activations went negative
+        # everywhere still get a gradient and can come back
+        with torch.no_grad():
+            ta = raw.detach().masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
+            arows = torch.arange(B, device=xn.device).repeat_interleave(k_aux)
+            acols = ta.indices.flatten()
+        e = (xn - x_hat).detach()
+        e_hat = sparse_decode(B, sae, arows, acols, raw[arows, acols], bias=False)
+        e_var = (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+        aux = (e_hat - e).pow(2).sum(-1).mean() / e_var
+    # the inference threshold: EMA of the smallest selected activation
+    if len(vals):  # a plain running mean until it is an EMA of 1 / (1 - beta) steps
+        t = state["threshold_steps"] = state["threshold_steps"] + 1
+        beta = min(cfg.threshold_beta, 1 - 1 / t)
+        sae.threshold.copy_(beta * sae.threshold + (1 - beta) * vals.detach().min())
+    total = loss + cfg.aux_coeff * aux
+    return total, dict(mse=loss.item() / sae.d_in, fvu=(err.mean() / var).item(), aux=aux.item(),
+                       l0=len(rows) / B, dead=dead.float().mean().item(), k_aux=k_aux)
+
+
+def unit_norm_step(sae, opt, loss):
+    """Backward and an optimizer step that keeps the decoder rows at unit norm: the gradient's
+    component along each row is removed before the step, the rows renormalised after."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    w, g = sae.W_dec.data, sae.W_dec.grad
+    g -= (g * w).sum(1, keepdim=True) * w
+    opt.step()
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+
+
+def update(sae, opt, xn, cfg, state):
+    """train_step, then unit_norm_step."""
+    loss, m = train_step(sae, xn, cfg, state)
+    unit_norm_step(sae, opt, loss)
+    return m

@@ -25,10 +25,8 @@ from tqdm import tqdm
 from checkpoint import model_identity
 from common import (Parser, add_model_flags, check_out, cleanup_dist, file_identity, number,
                     read_json, setup_dist, start_run, user_errors, write_json)
-from data import (Tokenizer, data_identity, paper_collection_text, read_rows, render_chat,
-                  s1_example)
-from lora import adapter_identity, adapters, capture, load_model, sites
-from model import KVCache
+from data import Tokenizer, chat_prompt, data_identity, paper_collection_text, read_rows, s1_example
+from lora import adapter_identity, adapters, doc_scalars, load_model, sites
 from store import STORE_FILE, save_shard, shard_finished
 
 # -----------------------------------------------------------------------------
@@ -48,8 +46,7 @@ def documents(path, fmt, tok):
         elif fmt == "samples":
             if "generation" not in r or not r.get("question"):
                 raise ValueError(f"{w}: samples need 'question' and 'generation' fields")
-            prompt = render_chat([{"role": "user", "content": r["question"]}],
-                                 add_generation_prompt=True)
+            prompt = chat_prompt(r["question"])
             docs.append((w, tok.encode(prompt + r["generation"])))
         else:
             raise ValueError(f"--format {fmt!r}: expected s1, paper or samples")
@@ -57,38 +54,6 @@ def documents(path, fmt, tok):
 
 
 @torch.no_grad()
-def doc_scalars(model, ids, window, mlp_neurons=None, baseline="up_proj"):
-    """Adapter scalars (T, n_sites * r) of one document, run in windows of `window` tokens with a
-    KV cache. With mlp_neurons ([(layer, index)]) also the MLP-neuron baseline: those output
-    channels of up_proj (baseline "up_proj", the paper's), or those entries of down_proj's input
-    act(gate(x)) * up(x) ("swiglu"), read by hooks that are always removed."""
-    dev = model.lm_head.weight.device
-    T = len(ids)
-    cache = KVCache(model.cfg, 1, T, model.lm_head.weight.dtype, dev)
-    by_layer, got, hooks = {}, {}, []
-    for l, i in mlp_neurons or []:
-        by_layer.setdefault(l, []).append(i)
-    for l, idx in by_layer.items():
-        sel = torch.tensor(idx, device=dev)
-        keep = lambda x, l=l, sel=sel: got.setdefault(l, []).append(x[0, :, sel].float())
-        mlp = model.model.layers[l].mlp
-        hooks.append(mlp.up_proj.register_forward_hook(lambda m, i, o, keep=keep: keep(o))
-                     if baseline == "up_proj" else
-                     mlp.down_proj.register_forward_pre_hook(lambda m, i, keep=keep: keep(i[0])))
-    try:
-        with capture(model) as cap:
-            for s in range(0, T, window):
-                x = torch.tensor([ids[s:s + window]], device=dev)
-                model.forward_cached(x, torch.arange(s, s + x.shape[1], device=dev)[None], cache)
-    finally:
-        for h in hooks:
-            h.remove()
-    if mlp_neurons is None:
-        return cap.acts[0]
-    mlp = torch.cat([torch.cat(got[l]) for l in by_layer], dim=1) if by_layer else torch.zeros(T, 0)
-    return cap.acts[0], mlp
-
-
 def collect(args):
     rank, world, dev = setup_dist()
     tok = Tokenizer(args.tokenizer or args.model)

@@ -18,7 +18,7 @@ from common import (Parser, check_out, differences, fresh_outputs, read_json, us
                     write_atomic)
 from data import Tokenizer
 from figures import provenance_lines
-from lora import adapter_identity, adapters, load_model
+from lora import adapter_identity, adapters, load_model, site_label
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dashboard.html")
 
@@ -36,7 +36,7 @@ def promoted_tokens(model, tok, n=8):
         for a in adapters(model):
             if a.target in ("down_proj", "o_proj"):
                 logit = W @ (g * a.lora_B[:, 0].float())
-                name = f"L{a.layer}.{a.target}"
+                name = site_label(a.layer, a.target)
                 for sign, v in (("+", logit), ("-", -logit)):
                     out[name + sign] = [tok.id_to_token_str(i) for i in v.topk(n).indices.tolist()]
     return out

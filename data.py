@@ -103,9 +103,14 @@ def s1_assistant(row):
     return f"{THINK}\n{trace.strip()}\n{ANSWER}\n{attempt}"
 
 
+def chat_prompt(question):
+    """One user turn in the chat template, ending where the assistant's reply begins."""
+    return render_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+
+
 def s1_prompt(question):
-    """The s1 generation prompt: one user turn in the chat template, then the think marker."""
-    return render_chat([{"role": "user", "content": question}], add_generation_prompt=True) + THINK
+    """The s1 generation prompt: chat_prompt, then the think marker."""
+    return chat_prompt(question) + THINK
 
 
 def paper_collection_text(row):
@@ -121,7 +126,7 @@ def s1_example(row, tok, source="row"):
     header (the thinking, the answer, the closing <|im_end|> and its trailing newline, exactly the
     tokens trl's DataCollatorForCompletionOnlyLM trains on in the official code) and 0 before it."""
     check_s1_row(row, source)
-    prompt = render_chat([{"role": "user", "content": row["question"]}], add_generation_prompt=True)
+    prompt = chat_prompt(row["question"])
     text = render_chat([{"role": "user", "content": row["question"]},
                         {"role": "assistant", "content": s1_assistant(row)}])
     ids, head = tok.encode(text), tok.encode(prompt)

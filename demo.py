@@ -56,8 +56,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from batchtopk import SAE
 from checkpoint import save_hf_checkpoint
-from common import Parser, numbers, write_atomic
+from common import Parser, config_flags, numbers, write_atomic
 from data import ENDOFTEXT, IM_END, IM_START, Tokenizer, render_chat, s1_assistant
+from lora import site_label
 from model import Qwen2, Qwen2Config
 from store import ActivationStore
 
@@ -86,14 +87,6 @@ PRESETS = {
                  micro_batch=16),
 }
 
-
-def flags(settings):
-    """A dict of train.py settings as its command-line flags."""
-    out = []
-    for k, v in settings.items():
-        flag = "--" + k.replace("_", "-")
-        out += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, v]
-    return out
 
 # -----------------------------------------------------------------------------
 # the synthetic world
@@ -304,7 +297,7 @@ def make_base(d, p, data, seed):
     tok_files = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json")]
     save_hf_checkpoint(init, model.hf_tensors(), cfg.to_hf_dict(), copy_files=tok_files,
                        overwrite=True, command="demo.py")
-    run_script("train.py", [*flags(PRESETS["pretrain"]), "--seed", seed, "--model", init,
+    run_script("train.py", [*config_flags(PRESETS["pretrain"]), "--seed", seed, "--model", init,
                             "--data", os.path.join(data, "pretrain.jsonl"), "--out", d],
                os.path.join(d, "log.txt"))
     copy_tokenizer(tok_dir, os.path.join(d, "model"))
@@ -312,9 +305,10 @@ def make_base(d, p, data, seed):
 
 
 def make_finetune(d, p, data, base, preset, seed):
-    run_script("train.py", [*flags({**PRESETS[preset], "epochs": p["ft_epochs"]}), "--seed", seed,
-                            "--model", base, "--data", os.path.join(data, "s1k.jsonl"),
-                            "--out", d], os.path.join(d, "log.txt"))
+    settings = {**PRESETS[preset], "epochs": p["ft_epochs"]}
+    run_script("train.py", [*config_flags(settings), "--seed", seed, "--model", base,
+                            "--data", os.path.join(data, "s1k.jsonl"), "--out", d],
+               os.path.join(d, "log.txt"))
     if preset == "full":
         copy_tokenizer(base, os.path.join(d, "model"))
 
@@ -390,11 +384,10 @@ def auroc(x, y):
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)) if n1 and n0 else float("nan")
 
 
-def carry_features(acts_dir, sae_dir, tok_dir):
-    """Each worked line "84 - 7 = 77 (4 left)" of the collected traces is labelled by whether its
-    result's tens digit differs from the input's (a carry or borrow). At the token just before the
-    result (where the model must already know the carry), which adapter scalar and which SAE latent
-    separate the two classes best? AUROC, each scalar's sign chosen for the better direction."""
+def carry_rows(acts_dir, tok_dir):
+    """Each worked line "84 - 7 = 77 (4 left)" of the collected traces, labelled by whether its
+    result's tens digit differs from the input's (a carry or borrow): (the adapter scalars at the
+    token just before the result, where the model must already know the carry; the labels)."""
     tok, store = Tokenizer(tok_dir), ActivationStore(acts_dir)
     rows, labels = [], []
     for i, shard in enumerate(store.index["shards"]):
@@ -410,8 +403,14 @@ def carry_features(acts_dir, sae_dir, tok_dir):
                 if j < n and ends[j] == m.start(2):
                     rows.append(np.asarray(acts[s + j], dtype=np.float32))
                     labels.append(int(m.group(1)) // 10 != int(m.group(2)) // 10)
-    x, y = np.stack(rows), np.asarray(labels)
-    site_names = [f"L{l}.{t}" for l, t in store.index["sites"]]
+    return np.stack(rows), np.asarray(labels)
+
+
+def carry_features(acts_dir, sae_dir, tok_dir):
+    """Which adapter scalar and which SAE latent separate carry/borrow steps from the rest best?
+    AUROC over carry_rows, each scalar's sign chosen for the better direction."""
+    x, y = carry_rows(acts_dir, tok_dir)
+    site_names = [site_label(l, t) for l, t in ActivationStore(acts_dir).index["sites"]]
     aucs = [auroc(x[:, c], y) for c in range(x.shape[1])]
     best = int(np.nanargmax([abs(a - 0.5) for a in aucs]))
     out = dict(lines=len(y), carries=int(y.sum()),

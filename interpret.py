@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from common import (Parser, check_out, differences, file_identity, fresh_outputs
                     read_json, same_origin, user_errors, write_atomic, write_json)
 from data import Tokenizer, read_rows
 from llm import LLM
+from lora import site_label
 from steering import add_steer_flags, cmd_steer
 from store import ActivationStore
 
@@ -49,7 +51,7 @@ from store import ActivationStore
 def feature_names(sites, sae=None, population="lora"):
     if population == "mlp":  # sites are (layer, neuron) pairs of the MLP-neuron baseline
         return [f"N{l}.{i}+" for l, i in sites] + [f"N{l}.{i}-" for l, i in sites]
-    names = [f"L{l}.{t}+" for l, t in sites] + [f"L{l}.{t}-" for l, t in sites]
+    names = [site_label(l, t) + sign for sign in "+-" for l, t in sites]
     if sae is not None:
         names += [f"sae{j}" for j in range(sae.n_latents)]
     return names
@@ -114,14 +116,22 @@ def merge_topk(best_v, best_i, new_v, new_i, k):
     return v.gather(0, o)[:k], i.gather(0, o)[:k]
 
 
+class Mined(NamedTuple):
+    """What mine() finds for F features: values and global token indices, (k or n_random, F) each,
+    -inf / -1 where a feature has fewer."""
+    top_v: torch.Tensor     # the top-k values
+    top_i: torch.Tensor
+    random_v: torch.Tensor  # a uniform sample of the feature's non-zero activations
+    random_i: torch.Tensor
+    fired: torch.Tensor     # (F,) how many tokens are > 0
+    inactive_i: torch.Tensor  # a uniform sample of tokens where it is not active (negatives)
+    mass: torch.Tensor      # (F,) the sum of the values > 0 (an SAE latent's activation mass, F4)
+
+
 def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, population="lora",
          device="cpu"):
-    """Top-k examples and a uniform random sample of non-zero activations for every feature.
-
-    Returns (top_v, top_i, rnd_v, rnd_i, fired, neg_i, mass): (k or n_random, F) values and global
-    token indices (-inf / -1 where a feature has fewer), per-feature counts of tokens > 0, the
-    indices of a uniform sample of tokens where each feature is not active, and per-feature sums of
-    the values > 0 (an SAE latent's activation mass, docs/paper.md F4)."""
+    """Top-k examples and a uniform random sample of non-zero activations for every feature, in
+    one pass over the store: a Mined (docs/paper.md F4 for the activation mass)."""
     per_doc = per_doc or k
     F = len(feature_names(population_sites(store, population), sae, population))
     top_v, top_i = torch.full((0, F), -torch.inf), torch.zeros((0, F), dtype=torch.long)
@@ -149,7 +159,7 @@ def mine(store, sae=None, k=32, dedup=0, per_doc=None, n_random=16, seed=0, popu
         neg = _reservoir(neg, keys.masked_fill(vals > 0, torch.inf), idx, vals, n_random)
         base += len(vals)
     top_i = torch.where(torch.isinf(top_v), torch.full_like(top_i, -1), top_i)
-    return top_v, top_i, rnd[2], rnd[1], fired, neg[1], mass
+    return Mined(top_v, top_i, rnd[2], rnd[1], fired, neg[1], mass)
 
 
 def _reservoir(state, keys, idx, vals, n):
@@ -233,8 +243,8 @@ def cmd_mine(args):
     names = feature_names(population_sites(store, pop), sae, pop)
     if sae is not None:
         sae = sae.to(args.device)
-    top_v, top_i, rnd_v, rnd_i, fired, neg_i, mass = mine(
-        store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed, pop, args.device)
+    m = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed, pop,
+             args.device)
     sae = sae.cpu() if sae is not None else None
     qs = quantiles(store, sae, population=pop)
     n_tok = store.index["shape"][0]
@@ -243,12 +253,12 @@ def cmd_mine(args):
     for f, name in enumerate(names):
         ex = lambda vs, ids: [example(store, tok, lookup, int(i), v, f, sae, args.context, pop)
                               for v, i in zip(vs[:, f].tolist(), ids[:, f].tolist()) if i >= 0]
-        feats.append(dict(id=f, name=name, freq=fired[f].item() / max(1, n_tok),
-                          mass=mass[f].item(),
+        feats.append(dict(id=f, name=name, freq=m.fired[f].item() / max(1, n_tok),
+                          mass=m.mass[f].item(),
                           quantiles=dict(zip(("q50", "q90", "q99", "q999"), qs[f].tolist())),
-                          top=ex(top_v, top_i),
-                          random=sorted(ex(rnd_v, rnd_i), key=lambda e: -e["value"]),
-                          inactive=ex(torch.zeros_like(rnd_v), neg_i)))
+                          top=ex(m.top_v, m.top_i),
+                          random=sorted(ex(m.random_v, m.random_i), key=lambda e: -e["value"]),
+                          inactive=ex(torch.zeros_like(m.random_v), m.inactive_i)))
     os.makedirs(args.out, exist_ok=True)
     made_from = dict(store=store.identity(), sae=file_identity(os.path.join(args.sae, "cfg.json"))
                      if args.sae else None, tokenizer=file_identity(tok.path))

@@ -6,6 +6,7 @@ Rank-1 LoRA (any rank on the reference path) for model.Qwen2: the adapter the pa
     with capture(model) as cap:
         model(idx)
     cap.acts                                          # (B, T, 448) float32 for Qwen2.5-32B
+    doc_scalars(model, ids, window=2048)              # one document's (T, 448), KV-cached windows
     model, identity = load_model("/models/Qwen2.5-32B-Instruct", adapter="runs/rank1/adapter")
     export_merged(model, "merged/")                 # an HF checkpoint, adapters merged (export.py)
 
@@ -30,6 +31,7 @@ Dropout and trainable base weights take plain autograd ops instead (lora_linear 
 import json
 import math
 import os
+import re
 import warnings
 from contextlib import contextmanager
 
@@ -40,7 +42,7 @@ from safetensors.torch import save_file
 
 from checkpoint import model_identity, read_safetensors, save_hf_checkpoint
 from common import DTYPES, publish_dir, read_json, sha256_file
-from model import Qwen2
+from model import KVCache, Qwen2
 
 SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 PARENT = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "q_proj": "self_attn",
@@ -169,7 +171,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **f32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **f32))
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
-        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.scaling = lora_scaling(alpha, rank, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.layer, self.target = layer, target
         self.active, self.merged, self.u_hooks = True, False, []
@@ -243,6 +245,24 @@ class LoRALinear(nn.Linear):
 
 def hf_path(layer, target):
     return f"model.layers.{layer}.{PARENT[target]}.{target}"
+
+
+def site_label(layer, target):
+    """An adapter's name in tables and figures: L{layer}.{target}, e.g. L12.down_proj."""
+    return f"L{layer}.{target}"
+
+
+def parse_site_label(label):
+    """site_label's inverse: "L12.down_proj" -> (12, "down_proj")."""
+    layer, _, target = label.partition(".")
+    if not (layer[:1] == "L" and layer[1:].isdigit() and target in PARENT):
+        raise ValueError(f"{label!r}: expected an adapter like L12.down_proj")
+    return int(layer[1:]), target
+
+
+def lora_scaling(alpha, rank, rslora):
+    """The scale s of s * B (A x): alpha / sqrt(r) with rsLoRA, alpha / r without (16 at r = 1)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def select_layers(n_layers, start=None, end=None, indices=None, stride=None, last_third=False):
@@ -366,6 +386,38 @@ def capture(model):
         yield cap
 
 
+def doc_scalars(model, ids, window, mlp_neurons=None, baseline="up_proj"):
+    """Adapter scalars (T, n_sites * r) of one document, run in windows of `window` tokens with a
+    KV cache. With mlp_neurons ([(layer, index)]) also the MLP-neuron baseline: those output
+    channels of up_proj (baseline "up_proj", the paper's), or those entries of down_proj's input
+    act(gate(x)) * up(x) ("swiglu"), read by hooks that are always removed."""
+    dev = model.lm_head.weight.device
+    T = len(ids)
+    cache = KVCache(model.cfg, 1, T, model.lm_head.weight.dtype, dev)
+    by_layer, got, hooks = {}, {}, []
+    for l, i in mlp_neurons or []:
+        by_layer.setdefault(l, []).append(i)
+    for l, idx in by_layer.items():
+        sel = torch.tensor(idx, device=dev)
+        keep = lambda x, l=l, sel=sel: got.setdefault(l, []).append(x[0, :, sel].float())
+        mlp = model.model.layers[l].mlp
+        hooks.append(mlp.up_proj.register_forward_hook(lambda m, i, o, keep=keep: keep(o))
+                     if baseline == "up_proj" else
+                     mlp.down_proj.register_forward_pre_hook(lambda m, i, keep=keep: keep(i[0])))
+    try:
+        with capture(model) as cap:
+            for s in range(0, T, window):
+                x = torch.tensor([ids[s:s + window]], device=dev)
+                model.forward_cached(x, torch.arange(s, s + x.shape[1], device=dev)[None], cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    if mlp_neurons is None:
+        return cap.acts[0]
+    mlp = torch.cat([torch.cat(got[l]) for l in by_layer], dim=1) if by_layer else torch.zeros(T, 0)
+    return cap.acts[0], mlp
+
+
 def _match(mods, layers=None, types=None, sites_=None):
     """Adapters selected by layer set, target-type set, and/or explicit (layer, target) sites."""
     layers = None if layers is None else set(layers)
@@ -453,6 +505,21 @@ def unmerge(model):
 # files: PEFT adapters and merged HF checkpoints
 
 PEFT_PREFIX = "base_model.model."
+# peft_name parsed: (layer, target, "A" or "B")
+PEFT_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)"
+                       r"\.lora_([AB])\.weight$")
+
+
+def peft_name(layer, target, which):
+    """The name of an adapter tensor in PEFT's adapter_model.safetensors (which: "A" or "B")."""
+    return f"{PEFT_PREFIX}{hf_path(layer, target)}.lora_{which}.weight"
+
+
+def adapter_tensors(adapter_dir):
+    """{PEFT name: tensor} of an adapter directory's weights; PEFT writes ".lora_A.weight", some
+    tools keep the adapter name (".lora_A.default.weight"), which is dropped."""
+    return {k.replace(".default.weight", ".weight"): v for k, v in
+            read_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors")).items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "generation_config.json", "special_tokens_map.json")
 
@@ -559,12 +626,10 @@ def load_adapter(model, adapter_dir, verbose=True):
             base = model.get_submodule(hf_path(l, t))
             if isinstance(base, LoRALinear):
                 raise ValueError(f"{hf_path(l, t)} already has a LoRA adapter")
-            name, r = PEFT_PREFIX + hf_path(l, t), kw["rank"]
-            expected[f"{name}.lora_A.weight"] = (r, base.in_features)
-            expected[f"{name}.lora_B.weight"] = (base.out_features, r)
-    # PEFT writes ".lora_A.weight"; some tools keep the adapter name (".lora_A.default.weight")
-    sd = {k.replace(".default.weight", ".weight"): v
-          for k, v in read_safetensors(weights_file).items()}
+            r = kw["rank"]
+            expected[peft_name(l, t, "A")] = (r, base.in_features)
+            expected[peft_name(l, t, "B")] = (base.out_features, r)
+    sd = adapter_tensors(adapter_dir)
     missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing:
         raise ValueError(f"{weights_file}: missing {len(missing)} adapter tensors, e.g. "
@@ -580,8 +645,8 @@ def load_adapter(model, adapter_dir, verbose=True):
     apply_lora(model, **kw, verbose=verbose)
     with torch.no_grad():
         for m in adapters(model):
-            m.lora_A.copy_(sd[f"{PEFT_PREFIX}{m.name}.lora_A.weight"])
-            m.lora_B.copy_(sd[f"{PEFT_PREFIX}{m.name}.lora_B.weight"])
+            m.lora_A.copy_(sd[peft_name(m.layer, m.target, "A")])
+            m.lora_B.copy_(sd[peft_name(m.layer, m.target, "B")])
     return c
 
 

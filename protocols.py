@@ -15,7 +15,7 @@ template filled with the question, no chat turn (the text a base model saw in pr
 from dataclasses import dataclass
 
 from common import check_numbers
-from data import ANSWER, FINAL_ANSWER, THINK, render_chat, s1_prompt
+from data import ANSWER, FINAL_ANSWER, THINK, chat_prompt, s1_prompt
 
 PROTOCOLS = ("s1", "plain", "completion")
 
@@ -52,8 +52,7 @@ def generate(model, tok, questions, cfg, generator=None):
     if cfg.protocol == "s1":
         return s1_generate(model, tok, questions, cfg, generator)
     if cfg.protocol == "plain":
-        texts = [render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
-                 for q in questions]
+        texts = [chat_prompt(q) for q in questions]
     else:  # completion: the text a base model saw in pretraining, e.g. a textbook's page
         texts = [cfg.template.replace("{question}", q) for q in questions]
     return plain_generate(model, tok, [tok.encode(t) for t in texts], cfg, generator)

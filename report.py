@@ -23,19 +23,18 @@ channels per layer). --populations all keeps every feature the autointerp files 
 """
 import math
 import os
-import re
 from html import escape
 
 import numpy as np
 
 from autointerp import CLASSES, parse_name, populations
-from checkpoint import read_safetensors
-from common import (Parser, check_out, differences, file_identity, fresh_outputs, read_json,
-                    user_errors, write_atomic, write_json)
+from common import (Parser, check_out, differences, file_identity, fresh_outputs, percentile_ci,
+                    read_json, user_errors, write_atomic, write_json)
 from data import read_rows
 from figures import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
                      site_heatmap, table)
-from lora import ATTN, MLP, SITE_ORDER, adapter_identity, read_adapter_config
+from lora import (ATTN, MLP, PEFT_NAME, SITE_ORDER, adapter_identity, adapter_tensors, lora_scaling,
+                  read_adapter_config)
 
 # docs/paper.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
 PAPER = dict(
@@ -89,14 +88,13 @@ def chi2_test(table):
 
 def bootstrap_shares(labels, classes=CLASSES, n=10000, seed=42):
     """Each class's share of labels with a 95% percentile bootstrap interval (n resamples, the
-    paper's 10,000 and seed 42; the same order statistics as common.bootstrap_ci)."""
+    paper's 10,000 and seed 42; all classes from the same resamples, drawn at once)."""
     y = np.asarray(labels)
     idx = np.random.default_rng(seed).integers(0, len(y), (n, len(y)))
     out = {}
     for c in classes:
         boot = np.sort((y[idx] == c).mean(1))
-        out[c] = dict(share=float((y == c).mean()),
-                      ci95=[float(boot[int(0.025 * n)]), float(boot[int(0.975 * n) - 1])])
+        out[c] = dict(share=float((y == c).mean()), ci95=[float(v) for v in percentile_ci(boot)])
     return out
 
 
@@ -223,13 +221,12 @@ def adapter_vectors(adapter_dir):
     _, kw = read_adapter_config(adapter_dir)
     if kw["rank"] != 1:
         raise ValueError(f"{adapter_dir}: rank {kw['rank']}; the geometry figures are for rank 1")
-    sd = read_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"))
     vec = {}
-    for k, v in sd.items():
-        m = re.search(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])(?:\.default)?\.weight$", k)
+    for k, v in adapter_tensors(adapter_dir).items():
+        m = PEFT_NAME.match(k)
         if m:
             vec.setdefault((int(m[1]), m[2]), {})[m[3]] = v.double().flatten().numpy()
-    scale = kw["alpha"] / (math.sqrt(kw["rank"]) if kw["rslora"] else kw["rank"])
+    scale = lora_scaling(kw["alpha"], kw["rank"], kw["rslora"])
     return {s: (d["A"], d["B"]) for s, d in vec.items()}, scale
 
 

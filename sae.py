@@ -5,8 +5,9 @@ Training the BatchTopK SAE (batchtopk.py) on the adapter scalars (collect.py sto
     python sae.py train --acts acts/ --out sae/ --device cuda
     # the FVU-L0 frontier: k in {8, 16, 32} x expansion in {4, 8, 16} -> sweep.json, sweep.svg
     python sae.py sweep --acts acts/ --out sweep/ --device cuda
-    # library use
-    from sae import SAEConfig, train_sae
+    # library use (the config and the step are in batchtopk.py)
+    from batchtopk import SAEConfig
+    from sae import train_sae
     sae = train_sae(x, SAEConfig(expansion=8, k=16))      # x: (N, d) float tensor
 
 The paper's recipe (docs/paper.md section E) with the official code's flaws fixed (G4 and G5):
@@ -28,117 +29,22 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from safetensors.torch import save
 from tqdm import tqdm
 
-from batchtopk import SAE, batch_topk, evaluate, sparse_decode
+from batchtopk import SAE, SAEConfig, evaluate, update
 from checkpoint import read_safetensors, safetensors_metadata
-from common import (AppendLog, Parser, add_config_flags, check_numbers, check_out,
-                    config_from_flags, numbers, read_json, read_log, same_origin, start_run,
-                    user_errors, write_atomic, write_json)
+from common import (AppendLog, Parser, add_config_flags, check_out, config_from_flags, keep_steps,
+                   numbers, read_json, same_origin, start_run, user_errors, write_atomic,
+                   write_json)
 from figures import frontier_chart
 from store import ActivationStore
 
 # -----------------------------------------------------------------------------
-# the recipe
-
-
-@dataclass
-class SAEConfig:
-    expansion: int = 8          # latents = expansion * d_in (3,584 for 448)
-    k: int = 16                 # mean active latents per token (BatchTopK: k * batch per batch)
-    lr: float = 5e-4
-    batch_size: int = 512
-    epochs: int = 0             # 0: enough epochs for min_tokens (at least one)
-    min_tokens: int = 10_000_000  # what the default trains on: a plateau at the paper's scale
-    steps: int = 0              # > 0 overrides epochs
-    warmup: int = 100           # linear lr warm-up steps
-    aux_coeff: float = 1 / 32
-    k_aux: int = 0              # 0: d_in // 2
-    dead_tokens: int = 0        # dead after this many tokens without firing (0: see schedule)
-    threshold_beta: float = 0.999  # EMA of the smallest selected activation -> inference threshold
-    holdout: float = 0.05       # fraction of tokens held out for FVU
-    plateau: float = 0.002      # warn if held-out FVU fell more than this in the last tenth
-    normalize: bool = True      # divide inputs by their per-dimension std
-    init: str = "data"          # decoder rows at training rows, or "random" unit directions
-    seed: int = 42
-    log_every: int = 100
-    save_every: int = 1000      # steps between saves of the training state (sae.py train resumes)
-    device: str = "cpu"
-
-    # ranges of the numbers (common.RANGES); lr 0 trains nothing, which shows the initialisation
-    RANGES = dict(expansion="positive", k="positive", batch_size="positive", lr="nonnegative",
-                  epochs="nonnegative", min_tokens="nonnegative", steps="nonnegative",
-                  warmup="nonnegative", aux_coeff="nonnegative", k_aux="nonnegative",
-                  dead_tokens="nonnegative", threshold_beta="below_one", holdout="below_one",
-                  plateau="nonnegative", seed="seed", log_every="positive", save_every="positive")
-
-    def __post_init__(self):
-        if self.init not in ("random", "data"):
-            raise ValueError(f"--init must be random or data, got {self.init!r}")
-        check_numbers(self)
-
-
-def train_step(sae, xn, cfg, state):
-    """One BatchTopK step on normalised inputs xn (B, d): (loss, metrics). The decoder works on
-    the k * B selected pairs only; state holds the dead-latent counters and the threshold's."""
-    B = xn.shape[0]
-    # (xn - b_dec) W_enc + b_enc, arranged so that b_dec's gradient needs no other dense product
-    raw = xn @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)  # (B, n)
-    rows, cols = batch_topk(raw, sae.k)
-    vals = torch.relu(raw[rows, cols])
-    x_hat = sparse_decode(B, sae, rows, cols, vals)
-    err = (x_hat - xn).pow(2).sum(-1)
-    var = (xn - xn.mean(0)).pow(2).sum(-1).mean()
-    loss = err.mean()
-    # dead latents and the AuxK loss
-    fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=xn.device)
-    fired[cols] = True
-    state["since"] = torch.where(fired, 0, state["since"] + B)
-    dead = state["since"] >= state["dead_tokens"]
-    aux, k_aux = torch.zeros((), device=xn.device), 0
-    if dead.any() and cfg.aux_coeff > 0:
-        k_aux = min(cfg.k_aux or sae.d_in // 2, int(dead.sum()))
-        # only dead latents compete; no ReLU here, so latents whose pre-activations went negative
-        # everywhere still get a gradient and can come back
-        with torch.no_grad():
-            ta = raw.detach().masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
-            arows = torch.arange(B, device=xn.device).repeat_interleave(k_aux)
-            acols = ta.indices.flatten()
-        e = (xn - x_hat).detach()
-        e_hat = sparse_decode(B, sae, arows, acols, raw[arows, acols], bias=False)
-        e_var = (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
-        aux = (e_hat - e).pow(2).sum(-1).mean() / e_var
-    # the inference threshold: EMA of the smallest selected activation
-    if len(vals):  # a plain running mean until it is an EMA of 1 / (1 - beta) steps
-        t = state["threshold_steps"] = state["threshold_steps"] + 1
-        beta = min(cfg.threshold_beta, 1 - 1 / t)
-        sae.threshold.copy_(beta * sae.threshold + (1 - beta) * vals.detach().min())
-    total = loss + cfg.aux_coeff * aux
-    return total, dict(mse=loss.item() / sae.d_in, fvu=(err.mean() / var).item(), aux=aux.item(),
-                       l0=len(rows) / B, dead=dead.float().mean().item(), k_aux=k_aux)
-
-
-def unit_norm_step(sae, opt, loss):
-    """Backward and an optimizer step that keeps the decoder rows at unit norm: the gradient's
-    component along each row is removed before the step, the rows renormalised after."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    w, g = sae.W_dec.data, sae.W_dec.grad
-    g -= (g * w).sum(1, keepdim=True) * w
-    opt.step()
-    with torch.no_grad():
-        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
-
-
-def update(sae, opt, xn, cfg, state):
-    """train_step, then unit_norm_step."""
-    loss, m = train_step(sae, xn, cfg, state)
-    unit_norm_step(sae, opt, loss)
-    return m
+# the schedule
 
 
 def schedule(cfg, n_train, n_latents):
@@ -301,10 +207,7 @@ def cmd_train(args):
     state_file = out("train-state.safetensors")
     step = (json.loads(safetensors_metadata(state_file)["rank1"])["step"]
             if os.path.isfile(state_file) else 0)
-    kept = [r for r in read_log(out("metrics.jsonl"), repair=True) if r["step"] <= step] if step \
-        else []
-    # each logged step once, after a resume
-    write_atomic(out("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+    keep_steps(out("metrics.jsonl"), step)
     with AppendLog(out("metrics.jsonl")) as mf:
         sae = train_sae(store.load_all(), cfg, metrics_file=mf, state_file=state_file)
     write_json(out("metrics.json"), dict(heldout=sae.metrics, sites=store.index["sites"],

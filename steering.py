@@ -22,9 +22,9 @@ from batchtopk import SAE
 from benchmarks import load_benchmark
 from common import (add_config_flags, add_model_flags, check_out, config_from_flags, fresh_outputs,
                     number, numbers, write_atomic)
-from data import Tokenizer, render_chat
+from data import Tokenizer, chat_prompt
 from grading import grade
-from lora import adapters, load_model, sites, steer
+from lora import adapters, load_model, parse_site_label, sites, steer
 from protocols import PROTOCOLS, GenConfig, generate
 
 
@@ -56,8 +56,7 @@ def attention_norm(model, tok, questions, layer):
         lambda mod, inp, out: norms.append(out[0].float().norm(dim=-1)))
     try:
         for q in questions:
-            ids = tok.encode(render_chat([{"role": "user", "content": q}],
-                                         add_generation_prompt=True))
+            ids = tok.encode(chat_prompt(q))
             model(torch.tensor([ids], device=model.lm_head.weight.device))
     finally:
         h.remove()
@@ -84,7 +83,12 @@ def cmd_steer(args):
     if not items:
         raise SystemExit("steer: give --bench NAME=PATH or --prompt TEXT")
     layout = sites(model)
-    site = lambda s: (int(s.split(".")[0].lstrip("L")), s.split(".")[1])
+
+    def site(label):
+        try:
+            return parse_site_label(label)
+        except ValueError as e:
+            raise SystemExit(f"steer: {e}") from None
     if args.sae:
         sae = SAE.load(args.sae)
         if args.feature >= sae.W_dec.shape[0]:

@@ -14,12 +14,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from batchtopk import SAE  # noqa: E402
+from batchtopk import SAE, SAEConfig, unit_norm_step, update  # noqa: E402
 from bench.common import header, interleaved  # noqa: E402
-from collect import doc_scalars  # noqa: E402
-from lora import adapters, apply_lora  # noqa: E402
+from lora import adapters, apply_lora, doc_scalars  # noqa: E402
 from model import Qwen2, Qwen2Config  # noqa: E402
-from sae import SAEConfig, unit_norm_step, update  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--repeats", type=int, default=10)
