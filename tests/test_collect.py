@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchtopk import SAE
-from conftest import ROOT, hf_tiny, run_script, save_hf, tiny_tokenizer
+from helpers import ROOT, run_script, tiny_env
 from store import ActivationStore
 
 PY = sys.executable
@@ -21,17 +21,7 @@ PY = sys.executable
 
 @pytest.fixture(scope="module")
 def model_env(tmp_path_factory):
-    from lora import adapters, apply_lora, save_adapter
-    from model import Qwen2
-    d = tmp_path_factory.mktemp("collect")
-    save_hf(hf_tiny(vocab_size=300), d / "model")
-    tiny_tokenizer(d / "model")
-    m = apply_lora(Qwen2.from_pretrained(str(d / "model")), verbose=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for a in adapters(m):
-            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.3)
-    save_adapter(m, d / "adapter")
+    d = tiny_env(tmp_path_factory.mktemp("collect"))
     rows = [dict(question=f"What is {i}+{i}?",
                  deepseek_thinking_trajectory=f"{i} plus {i} is {2 * i}. " * (1 + i % 3),
                  deepseek_attempt=str(2 * i)) for i in range(5)]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import CHROMIUM, chromium_dom
+from helpers import CHROMIUM, chromium_dom
 from dashboard import main
 
 # --- dashboard in a real headless browser ---------------------------------------------------------

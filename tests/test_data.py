@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import QWEN_TOK, needs_shared, tiny_tokenizer
+from helpers import QWEN_TOK, needs_shared, tiny_tokenizer
 from data import DEFAULT_SYSTEM, Tokenizer, read_rows, render_chat, s1_assistant, s1_example
 
 ROW = {"question": "What is 12*3?",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CHROMIUM, ROOT, chromium_dom
+from helpers import CHROMIUM, ROOT, chromium_dom
 
 STAGES = ("data", "base", "rank1", "full", "eval", "interpret")
 
@@ -111,7 +111,24 @@ def test_sae_and_ablation_artifacts(demo_run):
     none = a["results"]["none"][0]["kl_full_abl_assistant_mean"]
     assert none == 0 and all(r["kl_full_abl_assistant_mean"] > 0 for r in a["results"]["layer"])
     carry = json.load(open(out / "summary.json"))["carry"]
-    assert carry["lines"] > carry["carries"] > 0 and 0.5 <= carry["scalar"]["auroc"] <= 1
+    assert carry["lines"] > carry["carries"] > 0
+
+
+def test_carry_scalar_is_the_best_column_by_brute_force(demo_run):
+    """The summary's carry scalar against AUROC counted pair by pair over every column."""
+    from demo import carry_rows
+    out, _, _ = demo_run
+    carry = json.load(open(out / "summary.json"))["carry"]
+    x, y = carry_rows(str(out / "interpret" / "acts"), str(out / "base" / "model"))
+    assert (len(y), int(y.sum())) == (carry["lines"], carry["carries"])
+    pos, neg = x[y], x[~y]
+    gt = (pos[:, None, :] > neg[None, :, :]).mean((0, 1))
+    eq = (pos[:, None, :] == neg[None, :, :]).mean((0, 1))
+    auc = gt + eq / 2  # P(carry scores higher), ties one half
+    best = int(np.argmax(np.abs(auc - 0.5)))
+    assert carry["scalar"]["column"] == best
+    assert carry["scalar"]["sign"] == ("+" if auc[best] >= 0.5 else "-")
+    assert carry["scalar"]["auroc"] == pytest.approx(max(auc[best], 1 - auc[best]), abs=1e-9)
 
 
 def test_auroc_hand_values():

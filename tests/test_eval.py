@@ -14,11 +14,11 @@ from ablate import ablation_sequences, greedy_ablation, kl_stats
 from ablate import main as ablate_main
 from benchmarks import load_benchmark
 from checkpoint import model_identity
-from conftest import SHARED_DATA, TINY, hf_tiny, run_script, save_hf, tiny_tokenizer
+from helpers import SHARED_DATA, TINY, hf_tiny, run_script, save_hf, tiny_env, tiny_tokenizer
 from data import FINAL_ANSWER, Tokenizer, render_chat, s1_prompt
 from eval import main, recovery_table
 from grading import grade_sample
-from lora import ablate, adapters, apply_lora, load_model, save_adapter
+from lora import ablate, adapters, apply_lora, load_model
 from model import Qwen2, Qwen2Config
 from protocols import GenConfig, generate, s1_generate
 
@@ -29,24 +29,13 @@ MATH = [dict(problem=f"What is {a} + {b}?", answer=str(a + b), id=f"p{a}") for a
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("eval")
-    save_hf(hf_tiny(vocab_size=300), d / "model")
-    tiny_tokenizer(d / "model")
+    d = tiny_env(tmp_path_factory.mktemp("eval"), silent_layer=1)  # layer 1's adapters: zero
     shared = os.path.join(SHARED_DATA, "math500", "test.jsonl")
     if os.path.isfile(shared):  # the real MATH500 rows when ../shared is here, else hand-made ones
         lines = open(shared).read().splitlines()[:5]
     else:
         lines = [json.dumps(r) for r in MATH]
     (d / "math.jsonl").write_text("\n".join(lines) + "\n")
-    # a non-zero adapter for the ablation tests
-    m = apply_lora(Qwen2.from_pretrained(str(d / "model")), verbose=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for a in adapters(m):
-            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.3)
-            if a.layer == 1:
-                a.lora_B.zero_()  # layer 1's adapters do nothing
-    save_adapter(m, d / "adapter")
     return d
 
 

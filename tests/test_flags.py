@@ -80,3 +80,16 @@ def test_train_flags_name_themselves(argv, flag, capsys):
         parse_args(argv)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and flag in err, err
+
+
+def test_config_flags_is_add_config_flags_inverse():
+    """demo.py drives train.py through config_flags: what it writes parses back to the same
+    settings (booleans both ways, floats exactly)."""
+    from common import Parser, add_config_flags, config_flags
+    from recipe import TrainConfig
+    settings = dict(mode="full", lr=3e-3, epochs=1, activation_checkpointing=False, rslora=True,
+                    warmup_ratio=0.05, eps=1e-8, targets="q_proj,v_proj")
+    p = Parser()
+    add_config_flags(p, TrainConfig)
+    ns = vars(p.parse_args([str(a) for a in config_flags(settings)]))
+    assert {k: ns[k] for k in settings} == settings

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from benchmarks import load_benchmark
-from conftest import SHARED_DATA, needs_shared
+from helpers import SHARED_DATA, needs_shared
 from grading import extract_answer, grade
 from grading import extract_letter, math_equal
 

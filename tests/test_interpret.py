@@ -9,7 +9,7 @@ import torch
 from autointerp import autointerp, balanced_accuracy, compare_populations, explain_messages
 from batchtopk import SAE
 from collect import main as collect_main
-from conftest import FakeLLM, fake_store, hf_tiny, save_hf, tiny_tokenizer
+from helpers import FakeLLM, fake_store, hf_tiny, save_hf, tiny_tokenizer
 from data import Tokenizer
 from interpret import feature_names, feature_values, main, mine, quantiles
 from llm import LLM

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_tiny, save_hf
+from helpers import hf_tiny, save_hf
 from lora import (SITE_ORDER, LoRAFunction, LoRALinear, ablate, adapters, apply_lora, capture,
                   disabled, export_merged, hooked, load_adapter, lora_linear, merge, save_adapter,
                   select_layers, sites, steer, unmerge)
@@ -412,3 +412,12 @@ def test_error_non_finite(saved):
 def test_error_no_config(tmp_path, tiny_dir):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         load_adapter(Qwen2.from_pretrained(tiny_dir[1]), str(tmp_path))
+
+
+def test_site_labels_round_trip_and_bad_labels_are_named():
+    from lora import parse_site_label, site_label
+    for l, t in [(0, "gate_proj"), (63, "o_proj"), (12, "down_proj")]:
+        assert parse_site_label(site_label(l, t)) == (l, t)
+    for bad in ("12.down_proj", "L12", "Lx.q_proj", "L3.mlp", "L3.q_proj.x"):
+        with pytest.raises(ValueError, match="expected an adapter like"):
+            parse_site_label(bad)

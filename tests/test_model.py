@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, hf_tiny, save_hf
+from helpers import TINY, hf_tiny, save_hf
 from model import QWEN2_5_32B, Qwen2, Qwen2Config
 
 CONFIGS = {

@@ -21,22 +21,21 @@ from safetensors.torch import load_file, save_file
 
 from ablate import kl_stats
 from autointerp import autointerp
-from batchtopk import SAE
+from batchtopk import SAE, SAEConfig
 from benchmarks import load_benchmark
 from checkpoint import safetensors_metadata
 from common import publish_dir, read_json, read_log
-from conftest import (ROOT, SHARED_DATA, FakeLLM, hf_tiny, kill_when, run_script, save_hf,
-                      script_cmd, tiny_tokenizer)
+from helpers import (ROOT, SHARED_DATA, FakeLLM, hf_tiny, kill_when, run_script, save_hf,
+                     script_cmd, tiny_env)
 from data import Tokenizer, load_s1
 from eval import recovery_table
 from grading import grade_sample
 from llm import LLM
-from lora import LoRALinear, adapters, apply_lora, load_adapter, save_adapter
+from lora import LoRALinear, adapters, apply_lora, load_adapter
 from model import Qwen2, Qwen2Config
 from protocols import GenConfig
-from sae import SAEConfig
 from store import ActivationStore
-from train import TrainConfig
+from recipe import TrainConfig
 
 
 def rows(n, long=1):
@@ -53,16 +52,7 @@ def write_jsonl(path, items):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny model with its tokenizer, two adapters of the same shape, s1 rows, a benchmark."""
-    d = tmp_path_factory.mktemp("lost")
-    save_hf(hf_tiny(vocab_size=300), d / "model")
-    tiny_tokenizer(d / "model")
-    for name, seed in (("adapter", 0), ("adapter2", 1)):
-        m = apply_lora(Qwen2.from_pretrained(str(d / "model")), verbose=False)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for a in adapters(m):
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.3)
-        save_adapter(m, d / name)
+    d = tiny_env(tmp_path_factory.mktemp("lost"), adapters=(("adapter", 0), ("adapter2", 1)))
     write_jsonl(d / "rows.jsonl", rows(6))
     write_jsonl(d / "math.jsonl", [dict(problem=f"What is {i} + {i}?", answer=str(2 * i),
                                         id=f"p{i}") for i in range(12)])
@@ -371,7 +361,7 @@ def test_7_failed_replies_are_retried_never_cached_and_reported(tmp_path, fake_l
 
 
 def test_7_autointerp_command_keeps_the_others_and_a_rerun_finishes(tmp_path, fake_llm):
-    (tmp_path / "interp").mkdir()  # the README's layout: --out interp/auto/ beside features.json
+    (tmp_path / "interp").mkdir()  # docs/running.md: --out interp/auto/ beside features.json
     (tmp_path / "interp" / "features.json").write_text(
         json.dumps(dict(features=[feature(0), feature(1)])))
     args = ["autointerp", "--features", tmp_path / "interp" / "features.json",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autointerp import CATEGORIES, parse_category, parse_rubric, populations
-from conftest import CHROMIUM, TINY, chromium_dom
+from helpers import CHROMIUM, TINY, chromium_dom
 from lora import adapter_identity, adapters, apply_lora, save_adapter
 from model import Qwen2, Qwen2Config
 from report import (bootstrap_shares, category_shares, chi2_sf, chi2_test, interference,

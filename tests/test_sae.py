@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from batchtopk import SAE, batch_topk, evaluate
-from conftest import fake_store, run_script
-from sae import SAEConfig, convergence, main, schedule, train_sae, train_step, update
+from batchtopk import SAE, SAEConfig, batch_topk, evaluate, train_step, update
+from helpers import fake_store, run_script
+from sae import convergence, main, schedule, train_sae
 
 
 def planted(d=64, n_atoms=256, N=200_000, seed=0, active=(4, 4), decades=2):
