@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import save
 
 from checkpoint import read_safetensors
-from common import check_numbers, read_json, sha256_file, write_atomic, write_json
+from common import check_numbers, differences, read_json, sha256_file, write_atomic, write_json
 
 
 class SAE(nn.Module):
@@ -157,6 +157,21 @@ def evaluate(sae, x, batch=8192):
                 mse=err_n / max(n * sae.d_in, 1),
                 l0=l0 / max(n, 1), dead_fraction=(freq == 0).float().mean().item(), tokens=n,
                 freq_hist_log10=dict(counts=hist.tolist(), edges=edges.tolist()))
+
+
+def check_sae(sae, sae_dir, store):
+    """An SAE may read a store only if it was trained on that store (the same adapter, corpus and
+    collection settings: the scalars it decomposes)."""
+    if sae.d_in != store.d:
+        raise ValueError(f"{sae_dir}: an SAE of width {sae.d_in}, but {store.path} stores "
+                         f"{store.d} scalars per token (an SAE of another adapter or layout)")
+    trained_on = (sae.made_from or {}).get("store")
+    if trained_on is None:
+        raise ValueError(f"{sae_dir}: cfg.json does not say which store the SAE was trained on")
+    diff = differences(trained_on, store.identity())
+    if diff:
+        raise ValueError(f"{sae_dir}: trained on another store than {store.path} "
+                         f"({'; '.join(diff[:3])})")
 
 
 # -----------------------------------------------------------------------------

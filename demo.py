@@ -360,7 +360,8 @@ def make_interpret(d, p, data, base, adapter, evals):
                                 "--out", os.path.join(interp, "dashboard.html")], log)
     run_script("report.py", ["--recovery", os.path.join(evals, "recovery.json"),
                              "--ablations", os.path.join(abl, "ablations.json"), "--adapter",
-                             adapter, "--features", os.path.join(interp, "features.json"),
+                             adapter, "--acts", acts, "--sae", sae,
+                             "--features", os.path.join(interp, "features.json"),
                              "--out", os.path.join(d, "report")], log)
 
 

@@ -35,8 +35,8 @@ import torch
 from tqdm import tqdm
 
 from autointerp import autointerp, categorise, compare_populations
-from batchtopk import SAE
-from common import (Parser, check_out, differences, file_identity, fresh_outputs, number,
+from batchtopk import SAE, check_sae
+from common import (Parser, check_out, file_identity, fresh_outputs, number,
                     read_json, same_origin, user_errors, write_atomic, write_json)
 from data import Tokenizer, read_rows
 from llm import LLM
@@ -211,21 +211,6 @@ def example(store, tok, lookup, token_index, value, feature_col, sae, context, p
     return dict(value=float(value), doc=d["doc"], source=d["source"], pos=int(pos),
                 doc_length=d["length"], target=int(pos - lo),
                 tokens=[tok.id_to_token_str(i) for i in ids], acts=[round(v, 5) for v in vals])
-
-
-def check_sae(sae, sae_dir, store):
-    """An SAE may read a store only if it was trained on that store (the same adapter, corpus and
-    collection settings: the scalars it decomposes)."""
-    if sae.d_in != store.d:
-        raise ValueError(f"{sae_dir}: an SAE of width {sae.d_in}, but {store.path} stores "
-                         f"{store.d} scalars per token (an SAE of another adapter or layout)")
-    trained_on = (sae.made_from or {}).get("store")
-    if trained_on is None:
-        raise ValueError(f"{sae_dir}: cfg.json does not say which store the SAE was trained on")
-    diff = differences(trained_on, store.identity())
-    if diff:
-        raise ValueError(f"{sae_dir}: trained on another store than {store.path} "
-                         f"({'; '.join(diff[:3])})")
 
 
 def cmd_mine(args):

@@ -4,17 +4,18 @@ F2-F7): one self-contained HTML page (figures drawn here as inline SVG, no netwo
 escaped) and report.json with every number on the page.
 
     python report.py --recovery recovery.json --ablations abl/ablations.json --adapter A \\
-        --features interp/features.json --autointerp interp/autointerp.jsonl \\
-        --mlp-autointerp interp_mlp/autointerp.jsonl --categories interp/categories.jsonl \\
-        --steer interp/steer_residual.json --out report/
+        --acts acts/ --sae sae/ --features interp/features.json \\
+        --autointerp interp/autointerp.jsonl --mlp-autointerp interp_mlp/autointerp.jsonl \\
+        --categories interp/categories.jsonl --steer interp/steer_residual.json --out report/
 
 Every input is optional; a section whose input is missing shows the command that produces it.
 Sections: the recovery table (eval.py compare); the ablation panel (Fig. 1: per-layer KL, the
 layer x type heatmap, the greedy MLP ablation); adapter geometry (norms, F7's weight
-interference); LoRA features against MLP neurons (F2: the 0/1/2 rubric with bootstrap intervals,
-breakdowns, a chi-squared test); the SAE features' categories by activation mass (F4's donut);
-measured steering (F6: any number of `interpret.py steer` outputs, LoRA-A in the residual
-stream, adapter scalars or SAE features).
+interference); the activation state's shape (state_shape.py) and the SAE latents' co-activation
+(coactivation.py), two of the official code's further analyses; LoRA features against MLP
+neurons (F2: the 0/1/2 rubric with bootstrap intervals, breakdowns, a chi-squared test); the SAE
+features' categories by activation mass (F4's donut); measured steering (F6: any number of
+`interpret.py steer` outputs, LoRA-A in the residual stream, adapter scalars or SAE features).
 
 LoRA vs MLP populations (--populations paper, the default): the MLP-adapter features (gate, up,
 down x layers x both polarities) against the MLP neurons in their dominant polarity (the one with
@@ -28,6 +29,8 @@ from html import escape
 import numpy as np
 
 from autointerp import CLASSES, parse_name, populations
+from batchtopk import SAE, check_sae
+from coactivation import clusters, cofiring, jaccard
 from common import (Parser, check_out, differences, file_identity, fresh_outputs, percentile_ci,
                     read_json, user_errors, write_atomic, write_json)
 from data import read_rows
@@ -35,6 +38,8 @@ from figures import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart,
                      site_heatmap, table)
 from lora import (ATTN, MLP, PEFT_NAME, SITE_ORDER, adapter_identity, adapter_tensors, lora_scaling,
                   read_adapter_config)
+from state_shape import state_spectrum
+from store import ActivationStore
 
 # docs/paper.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
 PAPER = dict(
@@ -58,6 +63,8 @@ COMMANDS = dict(
                    "python interpret.py autointerp --features interp_mlp/features.json "
                    "--out interp_mlp/ --llm-url URL --rubric",
     features="python interpret.py mine --acts acts/ --sae sae/ --tokenizer M --out interp/",
+    acts="python collect.py --model M --adapter A --data s1K-1.1.parquet --out acts/",
+    sae="python sae.py train --acts acts/ --out sae/",
     steer="python interpret.py steer --model M --adapter A --residual L40.up_proj --strengths "
           "0,1,2 --seeds 0,1,2 --bench math500=PATH --out steer_residual.json (or --sae/--site)")
 
@@ -349,6 +356,30 @@ def section_geometry(g):
     return "".join(h)
 
 
+def section_state(s):
+    cum = [(i + 1, c) for i, c in enumerate(s["cumulative"])]
+    return ("<h2>The activation state's shape (SVD of the centred scalars)</h2>"
+            + line_chart(cum, "principal directions", "share of the variance", ref=0.9)
+            + f"<p>{s['dims']} scalars over {s['tokens']:,} tokens: "
+            + ", ".join(f"{float(k):.0%} of the variance in {v} directions"
+                        for k, v in s["components_for"].items())
+            + f"; effective rank {s['effective_rank']:.1f} (exp entropy), participation ratio "
+            f"{s['participation_ratio']:.1f}.</p>")
+
+
+def section_coactivation(c):
+    rows = [(i + 1, len(g), " ".join(f"sae{j}" for j in g[:30]) + (" ..." if len(g) > 30 else ""))
+            for i, g in enumerate(c["clusters"][:20])]
+    pairs = [(f"sae{i}", f"sae{j}", f"{v:.3f}") for i, j, v in c["top_pairs"]]
+    return ("<h2>Co-activation of the SAE latents</h2>"
+            f"<p>{c['firing']} of {c['latents']} latents fire on {c['tokens']:,} tokens; "
+            f"{len(c['clusters'])} clusters of latents linked by a Jaccard index of at least "
+            f"{c['threshold']} (connected components).</p>"
+            + table(["cluster", "latents", "members"], rows)
+            + "<h3>The pairs that fire together most</h3>"
+            + table(["latent", "latent", "Jaccard"], pairs))
+
+
 def section_lora_vs_mlp(c):
     p = PAPER["rubric"]
     paper_share = lambda pop, k: f"{100 * p[pop]['counts'][k] / p[pop]['n']:.1f}%"
@@ -421,6 +452,8 @@ def report_html(rep):
     names = (("recovery", section_recovery, "recovery"),
              ("ablation", section_ablation, "ablations"),
              ("geometry", section_geometry, "adapter"),
+             ("state", section_state, "acts"),
+             ("coactivation", section_coactivation, "sae"),
              ("lora_vs_mlp", section_lora_vs_mlp, "autointerp"),
              ("categories", section_categories, "autointerp"),
              ("steering", section_steering, "steer"))
@@ -452,9 +485,21 @@ def check_same_adapter(args, rep, feats):
                              f"{args.features} ({diff[0]})")
 
 
+def coactivation_summary(store, sae, device="cpu", threshold=0.5, top=20):
+    counts, both = cofiring(store, sae, device)
+    J = jaccard(counts, both)
+    off = np.triu(J, k=1)
+    order = np.argsort(off, axis=None)[::-1][:top]
+    pairs = [(int(i), int(j), float(off[i, j])) for i, j in zip(*np.unravel_index(order, J.shape))
+             if off[i, j] > 0]
+    return dict(tokens=store.index["shape"][0], latents=len(counts),
+                firing=int((counts > 0).sum()), threshold=threshold,
+                clusters=clusters(J, threshold), top_pairs=pairs)
+
+
 def build(args):
     check_out(args.out, {"--recovery": args.recovery, "--ablations": args.ablations,
-                         "--adapter": args.adapter,
+                         "--adapter": args.adapter, "--acts": args.acts, "--sae": args.sae,
                          "--features": args.features, "--autointerp": args.autointerp,
                          "--mlp-autointerp": args.mlp_autointerp,
                          "--categories": args.categories,
@@ -473,6 +518,19 @@ def build(args):
     if args.adapter:
         made_from["adapter"] = adapter_identity(args.adapter)
         rep["geometry"] = geometry(args.adapter)
+    if args.acts:
+        store = ActivationStore(args.acts)
+        made_from["acts"] = store.identity()
+        rep["state"] = state_spectrum(store)
+        if args.sae:
+            sae = SAE.load(args.sae)
+            check_sae(sae, args.sae, store)
+            made_from["sae"] = file_identity(os.path.join(args.sae, "cfg.json"))
+            rep["coactivation"] = coactivation_summary(store, sae, args.device)
+    elif args.sae:
+        raise ValueError("--sae needs --acts (the store the SAE was trained on)")
+    if "coactivation" not in rep:
+        rep["missing"]["coactivation"] = "sae" if args.acts else "acts"
     feats = read_json(args.features) if args.features else {}
     check_same_adapter(args, rep, feats)
     if args.autointerp and args.mlp_autointerp:
@@ -501,8 +559,8 @@ def build(args):
     os.makedirs(args.out, exist_ok=True)
     write_json(outs[1], rep)
     write_atomic(outs[0], report_html(rep))
-    done = [k for k in ("recovery", "ablation", "geometry", "lora_vs_mlp", "categories", "steering")
-            if rep.get(k)]
+    done = [k for k in ("recovery", "ablation", "geometry", "state", "coactivation", "lora_vs_mlp",
+                        "categories", "steering") if rep.get(k)]
     print(f"report: {', '.join(done) or 'no section'} -> {outs[0]}")
     return rep
 
@@ -512,6 +570,10 @@ def parser():
     p.add_argument("--recovery", help="the JSON of `eval.py compare --out`")
     p.add_argument("--ablations", help="ablations.json from `ablate.py`")
     p.add_argument("--adapter", help="the adapter directory (geometry)")
+    p.add_argument("--acts", help="the activation store from `collect.py` (the state's shape)")
+    p.add_argument("--sae", help="the SAE trained on --acts (co-activation of its latents)")
+    p.add_argument("--device", default="cpu", help="where --sae's co-activation counts run (cuda "
+                   "at 32B: 1.3e14 multiply-adds for 10M tokens x 3,584 latents)")
     p.add_argument("--features", help="features.json from `interpret.py mine --sae` (masses)")
     p.add_argument("--autointerp", help="autointerp.jsonl of the LoRA features, with --rubric")
     p.add_argument("--mlp-autointerp", help="autointerp.jsonl of the MLP neurons, with --rubric")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autointerp import CATEGORIES, parse_category, parse_rubric, populations
-from helpers import CHROMIUM, TINY, chromium_dom
+from helpers import CHROMIUM, TINY, chromium_dom, fake_store
 from lora import adapter_identity, adapters, apply_lora, save_adapter
 from model import Qwen2, Qwen2Config
 from report import (bootstrap_shares, category_shares, chi2_sf, chi2_test, interference,
@@ -209,7 +209,7 @@ def test_report_json_holds_every_section_and_checks_the_adapter(tmp_path):
     # no inputs: every section names the command that makes its input
     main(["--out", str(tmp_path / "r3")])
     html = open(tmp_path / "r3" / "report.html").read()
-    assert html.count("Not computed") == 6 and "interpret.py autointerp" in html
+    assert html.count("Not computed") == 8 and "interpret.py autointerp" in html
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
@@ -226,3 +226,36 @@ def test_report_renders_in_a_browser_with_all_text_escaped(tmp_path):
     assert dom.count("<svg") >= 8  # layers, single, greedy, 3 norms, interference, donut
     assert "χ² =" in dom and "Paper:" in dom and "along a of L1.up_proj" in dom
     assert "75.0% [60.0%, 90.0%]" in dom and "not run with --protocol plain" in dom
+
+
+def test_state_and_coactivation_sections_check_their_sae(tmp_path):
+    """--acts gives the state's spectrum (numpy's SVD of the centred store), --sae its latents'
+    co-activation (counted here from the SAE's own encoding); an SAE of another store and --sae
+    without --acts are refused with one line."""
+    from batchtopk import SAE
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(200, 6)) * [1, 1, 2, 2, 3, 3]).astype(np.float32)
+    store = fake_store(tmp_path / "acts", [100, 100], values=x)
+    fake_store(tmp_path / "other", [100, 100], values=x[::-1].copy())
+    sae = SAE(6, 16, k=2)
+    sae.init_weights(generator=torch.Generator().manual_seed(0))
+    sae.threshold.fill_(0.5)
+    sae.save(str(tmp_path / "sae"), made_from=dict(store=store.identity()))
+    main(["--acts", str(tmp_path / "acts"), "--sae", str(tmp_path / "sae"),
+          "--out", str(tmp_path / "r")])
+    rep = json.load(open(tmp_path / "r" / "report.json"))
+    xc = x.astype(np.float64) - x.mean(0)
+    np.testing.assert_allclose(rep["state"]["variances"],
+                               np.linalg.svd(xc, compute_uv=False) ** 2 / 200, rtol=1e-6)
+    fired = (sae.encode(torch.from_numpy(x)) > 0).numpy()
+    assert rep["coactivation"]["firing"] == int(fired.any(0).sum())
+    i, j, v = rep["coactivation"]["top_pairs"][0]
+    both, either = (fired[:, i] & fired[:, j]).sum(), (fired[:, i] | fired[:, j]).sum()
+    assert v == pytest.approx(both / either)
+    html = open(tmp_path / "r" / "report.html").read()
+    assert "activation state" in html and "Co-activation" in html
+    with pytest.raises(SystemExit, match="trained on another store"):
+        main(["--acts", str(tmp_path / "other"), "--sae", str(tmp_path / "sae"),
+              "--out", str(tmp_path / "r2")])
+    with pytest.raises(SystemExit, match="--sae needs --acts"):
+        main(["--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "r3")])
