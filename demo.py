@@ -94,11 +94,9 @@ PRESETS = {
 
 def problem(rng, steps):
     """One problem: (question, worked lines, answer). Add or subtract a digit 2-9 `steps` times,
-    staying in 10..99: every number has two digits. (With 0..99, all 45 errors of a pretrained
-    base given the textbook opening on 500 held-out problems were at a step with a one-digit
-    number: too rare a case in the corpus for the small model to learn reliably.)"""
+    staying in 0..99."""
     d, op = rng.randint(2, 9), rng.choice("+-")
-    v = rng.randint(10 + steps * d, 99) if op == "-" else rng.randint(10, 99 - steps * d)
+    v = rng.randint(steps * d, 99) if op == "-" else rng.randint(0, 99 - steps * d)
     verb = "add" if op == "+" else "subtract"
     q = f"Start at {v} and {verb} {d}, {steps} times. What do you get?"
     lines = []
@@ -113,8 +111,8 @@ def drill(rng, n=16):
     """A page of exercises: the one-step facts the problems are made of."""
     out = []
     for _ in range(n):
-        v, d, op = rng.randint(10, 99), rng.randint(1, 9), rng.choice("+-")
-        if op == "+" and v + d > 99 or op == "-" and v - d < 10:
+        v, d, op = rng.randint(0, 99), rng.randint(1, 9), rng.choice("+-")
+        if op == "+" and v + d > 99 or op == "-" and v - d < 0:
             op = "-" if op == "+" else "+"
         out.append(f"{v} {op} {d} = {v + d if op == '+' else v - d}")
     return "Exercises:\n" + "\n".join(out) + "\n"
