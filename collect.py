@@ -53,7 +53,6 @@ def documents(path, fmt, tok):
     return docs
 
 
-@torch.no_grad()
 def collect(args):
     rank, world, dev = setup_dist()
     tok = Tokenizer(args.tokenizer or args.model)

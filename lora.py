@@ -386,6 +386,7 @@ def capture(model):
         yield cap
 
 
+@torch.no_grad()
 def doc_scalars(model, ids, window, mlp_neurons=None, baseline="up_proj"):
     """Adapter scalars (T, n_sites * r) of one document, run in windows of `window` tokens with a
     KV cache. With mlp_neurons ([(layer, index)]) also the MLP-neuron baseline: those output

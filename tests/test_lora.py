@@ -225,6 +225,22 @@ def test_capture_layer_subset_and_generation(tiny_dir):
     torch.testing.assert_close(cap.acts, cap2.acts, atol=1e-5, rtol=1e-5)
 
 
+def test_doc_scalars_in_windows_equal_one_forward_and_keep_no_graph(tiny_dir):
+    """collect.py's per-document collection: KV-cached windows give the scalars of one full
+    forward, and no autograd graph is kept (the adapters are trainable)."""
+    from lora import doc_scalars
+    _, path = tiny_dir
+    m = randomize(apply_lora(Qwen2.from_pretrained(path)))
+    ids = torch.randint(0, 97, (23,)).tolist()
+    with capture(m) as cap:
+        m(torch.tensor([ids]))
+    grad_on, forward = [], m.forward_cached
+    m.forward_cached = lambda *a, **k: grad_on.append(torch.is_grad_enabled()) or forward(*a, **k)
+    got = doc_scalars(m, ids, window=5)
+    assert grad_on == [False] * 5 and not got.requires_grad
+    torch.testing.assert_close(got, cap.acts[0].detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_ablate_single_adapter_and_types(tiny_dir):
     _, path = tiny_dir
     m = randomize(apply_lora(Qwen2.from_pretrained(path)))
