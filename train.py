@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from checkpoint import model_identity, read_safetensors, save_hf_checkpoint
 from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, check_out, claim_dir,
-                   cleanup_dist, code_version, config_from_flags, differences, file_identity,
-                   keep_steps, print0, read_json, setup_dist, user_errors, write_json)
+                    cleanup_dist, code_version, config_from_flags, differences, file_identity,
+                    keep_steps, print0, read_json, setup_dist, user_errors, write_json)
 from data import Tokenizer, data_identity, load_examples
 from lora import ADAPTER_FILES, apply_lora, save_adapter
 from model import Qwen2, Qwen2Config
