@@ -81,7 +81,9 @@ def ablation_sets(model, block):
 @torch.no_grad()
 def kl_stats(model, ids, mask, ref_logp, sel):
     """KL(full || ablated) and KL(ablated || full) per position, averaged over assistant positions
-    (those predicting an assistant token) and over all positions; fp32 log-softmax."""
+    (those predicting an assistant token) and over all positions; fp32 log-softmax. Beside them
+    the ablated model's cross-entropy on the sequence's own next tokens over the assistant
+    positions (mean and worst position; the official 1.0_generate_ablation_data.py's CE)."""
     with ablate(model, **sel):
         logp = torch.log_softmax(model(ids).float(), dim=-1)[0]
     if not (torch.isfinite(logp).all() and torch.isfinite(ref_logp).all()):
@@ -92,10 +94,14 @@ def kl_stats(model, ids, mask, ref_logp, sel):
     kl_af = (p * (logp - ref_logp)).sum(-1)
     m = torch.tensor(mask[1:] + [0], dtype=torch.bool, device=kl_fa.device)
     avg = lambda v, w: (v[w].mean().item() if w.any() else float("nan"))
+    top = lambda v, w: (v[w].max().item() if w.any() else float("nan"))
     allm = torch.ones_like(m)
+    nxt = torch.cat([ids[0, 1:], ids[0, :1]])  # the last position predicts nothing (m is 0 there)
+    ce = -logp.gather(1, nxt[:, None])[:, 0]
     return dict(kl_full_abl_assistant=avg(kl_fa, m), kl_abl_full_assistant=avg(kl_af, m),
                 kl_full_abl_all=avg(kl_fa, allm), kl_abl_full_all=avg(kl_af, allm),
-                kl_full_abl_assistant_maxpos=kl_fa[m].max().item() if m.any() else float("nan"))
+                kl_full_abl_assistant_maxpos=top(kl_fa, m), ce_assistant=avg(ce, m),
+                ce_assistant_maxpos=top(ce, m))
 
 
 def ablation_pass(model, seqs, sets, desc="ablate"):

@@ -202,6 +202,19 @@ def ablation_summary(ab):
         i = max(range(len(layers)), key=lambda i: out["layers"][i]["mean"])
         out["peak_layer"] = out["layers"][i]["label"]
         out["peak_depth"] = layers[i] / max(1, layers[-1])
+    by_layer = {r["label"]: r[key] for r in res.get("layer", [])}
+    out["blocks"] = []  # each block of layers off at once against the mean of its layers alone
+    for r in res.get("block", []):
+        a, b = map(int, r["label"][1:].split("-"))  # "L8-15": layers 8..15 (ablate.py)
+        alone = [by_layer[f"L{l}"] for l in layers if a <= l <= b and f"L{l}" in by_layer]
+        if alone:
+            mean = sum(alone) / len(alone)
+            out["blocks"].append(dict(label=r["label"], kl=r[key], mean_of_layers=mean,
+                                      ratio=r[key] / mean if mean else None))
+    if "ce_assistant_mean" in (res.get("none") or [{}])[0]:
+        out["ce"] = {e: [dict(label=r["label"], mean=r["ce_assistant_mean"],
+                              max=r["ce_assistant_maxpos_max"]) for r in res[e]]
+                     for e in ("none", "layer", "block", "type", "mlp_vs_attn") if res.get(e)}
     out["single"] = [dict(layer=l, target=t, kl=r[key])
                      for (l, t), r in zip(ab.get("sites", []), res.get("single", []))]
     out.update(type_means(out["single"]))
@@ -334,6 +347,18 @@ def section_ablation(a):
                  + f"<p>Scored by {escape(str(a['greedy_metric']))}. {a['greedy_carriers_90']} "
                  f"of {n} MLP adapters carry 90% of the KL of switching all {n} off (the dashed "
                  "line: 10% of it).</p>")
+    if a.get("blocks"):
+        h.append("<h3>Blocks of layers off at once against the mean of their layers alone</h3>"
+                 + table(["block", "KL (block off)", "mean KL of its layers", "ratio"],
+                         [[r["label"], f"{r['kl']:.4g}", f"{r['mean_of_layers']:.4g}",
+                           "n/a" if r["ratio"] is None else f"{r['ratio']:.3g}"]
+                          for r in a["blocks"]]))
+    if a.get("ce"):
+        h.append("<h3>Cross-entropy of the ablated model on the sequences' own tokens (assistant "
+                 "positions: the mean over sequences, and the worst position of any)</h3>"
+                 + table(["experiment", "ablated", "CE", "worst position"],
+                         [[e, r["label"], f"{r['mean']:.4g}", f"{r['max']:.4g}"]
+                          for e, rows in a["ce"].items() for r in rows]))
     return "".join(h)
 
 

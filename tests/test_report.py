@@ -12,8 +12,8 @@ from autointerp import CATEGORIES, parse_category, parse_rubric, populations
 from helpers import CHROMIUM, TINY, chromium_dom, fake_store
 from lora import adapter_identity, adapters, apply_lora, save_adapter
 from model import Qwen2, Qwen2Config
-from report import (bootstrap_shares, category_shares, chi2_sf, chi2_test, interference,
-                    lora_vs_mlp, main)
+from report import (ablation_summary, bootstrap_shares, category_shares, chi2_sf, chi2_test,
+                    interference, lora_vs_mlp, main)
 
 EVIL = "<script>document.title='pwned'</script>&\"x\""
 
@@ -259,3 +259,24 @@ def test_state_and_coactivation_sections_check_their_sae(tmp_path):
               "--out", str(tmp_path / "r2")])
     with pytest.raises(SystemExit, match="--sae needs --acts"):
         main(["--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "r3")])
+
+
+def test_blocks_against_their_layers_and_ablation_ce_by_hand():
+    """Each block of layers off at once against the mean of its layers' leave-one-layer-out KLs
+    (the official block-vs-mean comparison), and the ablated models' cross-entropy rows."""
+    sites = [[l, "q_proj"] for l in range(4)]
+    row = lambda label, kl, ce=None: {"label": label, "kl_full_abl_assistant_mean": kl,
+                                      "kl_full_abl_assistant_std": 0.0,
+                                      **({} if ce is None else {"ce_assistant_mean": ce,
+                                                                "ce_assistant_maxpos_max": 2 * ce})}
+    ab = dict(sequences=["a"], tokens=10, sites=sites, results=dict(
+        none=[row("none", 0.0, 1.5)],
+        layer=[row(f"L{l}", kl, 1.5 + kl) for l, kl in enumerate((0.1, 0.3, 0.2, 0.6))],
+        block=[row("L0-1", 0.8, 2.3), row("L2-3", 0.4, 1.9)]))
+    a = ablation_summary(ab)
+    assert [(b["label"], b["kl"]) for b in a["blocks"]] == [("L0-1", 0.8), ("L2-3", 0.4)]
+    assert [b["mean_of_layers"] for b in a["blocks"]] == pytest.approx([0.2, 0.4])
+    assert [b["ratio"] for b in a["blocks"]] == pytest.approx([4.0, 1.0])
+    assert a["ce"]["none"] == [dict(label="none", mean=1.5, max=3.0)]
+    assert [r["mean"] for r in a["ce"]["layer"]] == pytest.approx([1.6, 1.8, 1.7, 2.1])
+    assert [r["max"] for r in a["ce"]["block"]] == pytest.approx([4.6, 3.8])
