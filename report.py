@@ -116,7 +116,8 @@ def rubric_summary(rows):
 
 def lora_vs_mlp(lora_rows, mlp_rows, which="paper"):
     """F2's analysis: rubric shares with bootstrap intervals per population, by 8-layer bin, by
-    adapter type and polarity, and the chi-squared test of population x class."""
+    adapter type and polarity (MLP neurons: by their index within the layer), and the
+    chi-squared test of population x class."""
     lora, mlp = populations(lora_rows, mlp_rows, which)
     out = dict(populations=which, lora=rubric_summary(lora), mlp=rubric_summary(mlp))
     if lora and mlp:
@@ -130,7 +131,8 @@ def lora_vs_mlp(lora_rows, mlp_rows, which="paper"):
                 continue
             layer, kind, pol = parse_name(r["name"])
             keys = [f"layers {8 * (layer // 8)}-{8 * (layer // 8) + 7}", f"polarity {pol}"]
-            keys += [f"type {kind}", f"type {kind} {pol}"] if pop == "lora" else []
+            keys += ([f"type {kind}", f"type {kind} {pol}"] if pop == "lora" else
+                     [f"neuron index {kind}"])  # 2.6_analyze_mlp_interpretability.py's breakdown
             for k in keys:
                 groups.setdefault(pop, {}).setdefault(k, []).append(r)
     out["by_group"] = {pop: {k: rubric_summary(v) for k, v in sorted(g.items())}

@@ -93,6 +93,11 @@ def test_paper_populations_and_dominant_polarity():
     assert set(g["lora"]) == {"layers 0-7", "polarity +", "polarity -", "type gate_proj",
                               "type gate_proj +", "type down_proj", "type down_proj -"}
     assert g["mlp"]["layers 0-7"]["n"] == 2 and g["mlp"]["polarity -"]["counts"] == [1, 0, 0]
+    # MLP neurons by their index within the layer (N0.1 -> index 1, N1.0 -> index 0)
+    assert {k: v["n"] for k, v in g["mlp"].items() if k.startswith("neuron")} == {
+        "neuron index 0": 1, "neuron index 1": 1}
+    mlp[0]["rubric"], mlp[1]["rubric"] = 2, 2  # N0.1's dominant polarity (-) rated 2
+    assert lora_vs_mlp(lora, mlp)["by_group"]["mlp"]["neuron index 1"]["counts"] == [0, 0, 1]
     assert lora_vs_mlp(lora, mlp, "all")["by_group"]["lora"]["SAE latents"]["n"] == 1
 
 
