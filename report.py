@@ -494,11 +494,13 @@ def report_html(rep):
 
 def check_same_adapter(args, rep, feats):
     """Every input must describe one adapter: the ablations', the features' (feats: features.json)
-    store's, --adapter's; categories.jsonl must come from --features (its autointerp.json says
-    which file)."""
+    store's, --acts' store's, --adapter's; categories.jsonl must come from --features (its
+    autointerp.json says which file)."""
     store = ((feats.get("made_from") or {}).get("store") or {}).get("made_from") or {}
+    acts = (rep["made_from"].get("acts") or {}).get("made_from") or {}
     found = [(w, a) for w, a in (("--ablations", (rep.get("ablation") or {}).get("adapter")),
                                  ("--features", store.get("adapter")),
+                                 ("--acts", acts.get("adapter")),
                                  ("--adapter", rep["made_from"].get("adapter"))) if a]
     for (w1, a1), (w2, a2) in zip(found, found[1:]):
         diff = differences(a1, a2)

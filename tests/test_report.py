@@ -285,3 +285,16 @@ def test_blocks_against_their_layers_and_ablation_ce_by_hand():
     assert a["ce"]["none"] == [dict(label="none", mean=1.5, max=3.0)]
     assert [r["mean"] for r in a["ce"]["layer"]] == pytest.approx([1.6, 1.8, 1.7, 2.1])
     assert [r["max"] for r in a["ce"]["block"]] == pytest.approx([4.6, 3.8])
+
+
+def test_a_store_of_another_adapter_is_refused(tmp_path):
+    report_inputs(tmp_path)  # writes the adapter tmp_path / "ad"
+    store = fake_store(tmp_path / "acts", [5, 5])
+    idx = json.load(open(tmp_path / "acts" / "index.json"))
+    other = dict(adapter_identity(str(tmp_path / "ad")), weights_sha256="0" * 64)
+    idx["made_from"] = dict(adapter=other)
+    (tmp_path / "acts" / "index.json").write_text(json.dumps(idx))
+    assert store.index["shape"] == [10, 3]
+    with pytest.raises(SystemExit, match="--acts and --adapter describe different adapters"):
+        main(["--acts", str(tmp_path / "acts"), "--adapter", str(tmp_path / "ad"),
+              "--out", str(tmp_path / "r")])
