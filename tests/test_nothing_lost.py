@@ -508,7 +508,9 @@ def test_10_sae_of_another_adapter_and_bit_flips_are_caught(env, tmp_path):
 
 def test_sae_train_killed_three_times_gives_the_uninterrupted_sae(env, tmp_path):
     collect(env, tmp_path / "acts")
-    run_script("sae.py", sae_args(tmp_path / "acts", tmp_path / "ref"))
+    # 120 steps: Ctrl-C at step 34 must land long before the end, even on a loaded machine
+    args = lambda out: sae_args(tmp_path / "acts", out, "--steps", 120)
+    run_script("sae.py", args(tmp_path / "ref"))
     out = tmp_path / "k"
     state = out / "train-state.safetensors"
 
@@ -520,17 +522,17 @@ def test_sae_train_killed_three_times_gives_the_uninterrupted_sae(env, tmp_path)
                 return False
         return ok
     for n in (4, 14, 30):
-        p = subprocess.Popen(script_cmd("sae.py", sae_args(tmp_path / "acts", out)), cwd=ROOT,
+        p = subprocess.Popen(script_cmd("sae.py", args(out)), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(p, saved_step(n))
-    p = subprocess.Popen(script_cmd("sae.py", sae_args(tmp_path / "acts", out)), cwd=ROOT,
+    p = subprocess.Popen(script_cmd("sae.py", args(out)), cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert kill_when(p, saved_step(34), sig=signal.SIGINT) == 130  # Ctrl-C: one line, exit 130
     assert p.stderr.read().splitlines()[-1:] == [
         "sae.py: interrupted (SIGINT); run the same command again to continue"]
     with open(out / "metrics.jsonl", "a") as f:  # a cut last line of the step log
         f.write('{"step": 39, "fv')
-    run_script("sae.py", sae_args(tmp_path / "acts", out))
+    run_script("sae.py", args(out))
     ref = tmp_path / "ref"
     assert (out / "sae.safetensors").read_bytes() == (ref / "sae.safetensors").read_bytes()
     assert read_json(out / "metrics.json") == read_json(tmp_path / "ref" / "metrics.json")
