@@ -12,10 +12,14 @@ cofiring takes one pass over the store: the firing pattern of a shard is a (toke
 tokens x 3,584^2 latents is 1.3e14 multiply-adds, about a minute on one GPU, --device cuda).
 Clusters are the connected components of the graph that links two latents whose Jaccard index
 is at least the threshold (single linkage cut at that height): latents that always fire together
-land in one cluster, whatever the rest does. Latents that never fire have J = 0 with everything.
+land in one cluster, whatever the rest does. Latents that fire on fewer than MIN_FIRING tokens are
+left out of pairs and clusters (the official script's cut: two latents that fire once, together,
+have J = 1 and say nothing).
 """
 import numpy as np
 import torch
+
+MIN_FIRING = 16  # tokens a latent must fire on to enter pairs and clusters
 
 
 def cofiring(store, sae, device="cpu", chunk=65536):
@@ -32,6 +36,15 @@ def cofiring(store, sae, device="cpu", chunk=65536):
                 counts += b.sum(0).double().cpu()
                 both += (b.T @ b).double()  # counts up to 2^24 per chunk are exact in fp32
     return counts.numpy(), both.cpu().numpy()
+
+
+def frequent_only(J, counts, min_firing=MIN_FIRING):
+    """J with the rows and columns of latents that fire on fewer than min_firing tokens zeroed."""
+    rare = counts < min_firing
+    J = J.copy()
+    J[rare, :] = 0
+    J[:, rare] = 0
+    return J
 
 
 def jaccard(counts, both):

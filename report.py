@@ -30,7 +30,7 @@ import numpy as np
 
 from autointerp import CLASSES, parse_name, populations
 from batchtopk import SAE, check_sae
-from coactivation import clusters, cofiring, jaccard
+from coactivation import MIN_FIRING, clusters, cofiring, frequent_only, jaccard
 from common import (Parser, check_out, differences, file_identity, fresh_outputs, percentile_ci,
                     read_json, user_errors, write_atomic, write_json)
 from data import read_rows
@@ -399,9 +399,10 @@ def section_coactivation(c):
             for i, g in enumerate(c["clusters"][:20])]
     pairs = [(f"sae{i}", f"sae{j}", f"{v:.3f}") for i, j, v in c["top_pairs"]]
     return ("<h2>Co-activation of the SAE latents</h2>"
-            f"<p>{c['firing']} of {c['latents']} latents fire on {c['tokens']:,} tokens; "
-            f"{len(c['clusters'])} clusters of latents linked by a Jaccard index of at least "
-            f"{c['threshold']} (connected components).</p>"
+            f"<p>{c['firing']} of {c['latents']} latents fire on {c['tokens']:,} tokens, "
+            f"{c['frequent']} on at least {c['min_firing']}; among those, {len(c['clusters'])} "
+            f"clusters of latents linked by a Jaccard index of at least {c['threshold']} "
+            "(connected components).</p>"
             + table(["cluster", "latents", "members"], rows)
             + "<h3>The pairs that fire together most</h3>"
             + table(["latent", "latent", "Jaccard"], pairs))
@@ -516,13 +517,14 @@ def check_same_adapter(args, rep, feats):
 
 def coactivation_summary(store, sae, device="cpu", threshold=0.5, top=20):
     counts, both = cofiring(store, sae, device)
-    J = jaccard(counts, both)
+    J = frequent_only(jaccard(counts, both), counts)
     off = np.triu(J, k=1)
     order = np.argsort(off, axis=None)[::-1][:top]
     pairs = [(int(i), int(j), float(off[i, j])) for i, j in zip(*np.unravel_index(order, J.shape))
              if off[i, j] > 0]
     return dict(tokens=store.index["shape"][0], latents=len(counts),
-                firing=int((counts > 0).sum()), threshold=threshold,
+                firing=int((counts > 0).sum()), frequent=int((counts >= MIN_FIRING).sum()),
+                min_firing=MIN_FIRING, threshold=threshold,
                 clusters=clusters(J, threshold), top_pairs=pairs)
 
 

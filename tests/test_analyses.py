@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from coactivation import clusters, cofiring, jaccard
+from coactivation import clusters, cofiring, frequent_only, jaccard
 from helpers import fake_store
 from state_shape import spectrum, state_spectrum
 
@@ -82,3 +82,14 @@ def test_cofiring_with_a_real_sae_counts_its_encoded_firing(tmp_path):
     f = (sae.encode(torch.from_numpy(x)) > 0).double().numpy()
     np.testing.assert_array_equal(counts, f.sum(0))
     np.testing.assert_array_equal(both, f.T @ f)
+
+
+def test_rare_latents_leave_pairs_and_clusters():
+    """Two latents that fire once, together, have J = 1: below the firing cut they are dropped."""
+    counts = np.array([1.0, 1.0, 40.0, 40.0])
+    both = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 40, 30], [0, 0, 30, 40]], dtype=float)
+    J = jaccard(counts, both)
+    assert J[0, 1] == 1 and clusters(J) == [[0, 1], [2, 3]]
+    F = frequent_only(J, counts, min_firing=16)
+    assert F[0, 1] == 0 and F[2, 3] == pytest.approx(30 / 50) and clusters(F) == [[2, 3]]
+    assert J[0, 1] == 1  # the input is left as it was
