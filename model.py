@@ -16,6 +16,7 @@ Notable choices:
 - The training forward has no cache. forward_cached() runs tokens after those a preallocated KV
   cache holds (gpt-fast style): generate() for left-padded batches, collect.py for long documents.
 """
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 
@@ -136,14 +137,22 @@ QWEN2_5_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
 
 
 class RMSNorm(nn.Module):
+    """`scale_hook`, when set, maps the fp32 (fp64 for an fp64 model) scale rsqrt(mean(x^2) + eps)
+    (..., 1) to the one used: attribution.py detaches it (a linearised norm)."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.scale_hook = None
 
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps) in fp32, cast back, then scaled in the input dtype (HF's order)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for an fp64 model
+        if self.scale_hook is None:
+            return self.weight * F.rms_norm(xf, (x.shape[-1],), eps=self.eps).to(x.dtype)
+        r = self.scale_hook(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))
+        return self.weight * (xf * r).to(x.dtype)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
@@ -162,6 +171,11 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """`pattern_hook`, when set, makes the attention explicit: softmax(q k^T / sqrt(hd)) in fp32
+    (fp64 for an fp64 model),
+    (B, n_head, T_query, T_key), is passed through it and the result weights the values
+    (attention_kl.py records the patterns, attribution.py detaches them). Unset: SDPA."""
+
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -171,6 +185,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=True)
         self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.hd, D, bias=False)
+        self.pattern_hook = None
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer_idx=0):
         B, T, _ = x.shape
@@ -182,9 +197,28 @@ class Attention(nn.Module):
         causal = mask is None and (cache is None or cache.len == 0)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, nkv, L, hd): everything cached so far
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if self.pattern_hook is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.n_kv != self.n_head)
+        else:
+            y = self.explicit(q, k, v, mask, causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+    def explicit(self, q, k, v, mask, causal):
+        """SDPA's result written out, with the pattern passed through pattern_hook."""
+        rep = self.n_head // self.n_kv  # query head h reads kv head h // rep (SDPA's enable_gqa)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        up = torch.promote_types(q.dtype, torch.float32)
+        s = (q.to(up) @ k.to(up).transpose(-2, -1)) / math.sqrt(self.hd)
+        Tq, Tk = s.shape[-2:]
+        if causal:
+            s = s.masked_fill(torch.ones(Tq, Tk, dtype=torch.bool, device=s.device)
+                              .triu(Tk - Tq + 1), float("-inf"))
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        p = self.pattern_hook(s.softmax(-1))
+        return p.to(v.dtype) @ v
 
 
 class MLP(nn.Module):

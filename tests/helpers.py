@@ -59,6 +59,38 @@ def save_hf(m, path, max_shard_size=None):
     return str(path)
 
 
+def peft_model(hf, layers=None, seed=1):
+    """hf wrapped by PEFT with rank-1 adapters on all 7 targets (alpha 16, rsLoRA), A and B random
+    N(0, 0.2^2) so that they change the outputs."""
+    peft = pytest.importorskip("peft", reason="peft (test-only oracle) is not installed")
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=1, lora_alpha=16, use_rslora=True,
+                          lora_dropout=0.0, target_modules=list(SITE_ORDER),
+                          layers_to_transform=layers)
+    pm = peft.get_peft_model(hf, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return pm
+
+
+def peft_pair(hf, path):
+    """(PEFT model, our model, base directory): hf saved to path and loaded by model.py, the same
+    random adapters on both."""
+    from lora import adapters, apply_lora
+    from model import Qwen2
+    ours = Qwen2.from_pretrained(save_hf(hf, path))
+    pm = peft_model(hf)
+    apply_lora(ours, rank=1, alpha=16, rslora=True, verbose=False)
+    peft_sd = pm.state_dict()
+    with torch.no_grad():
+        for m in adapters(ours):
+            m.lora_A.copy_(peft_sd[f"base_model.model.{m.name}.lora_A.default.weight"])
+            m.lora_B.copy_(peft_sd[f"base_model.model.{m.name}.lora_B.default.weight"])
+    return pm, ours, str(path)
+
+
 def tiny_tokenizer(path):
     """A small BPE tokenizer trained in code, with the ChatML special tokens (no ../shared needed),
     saved as path/tokenizer.json."""

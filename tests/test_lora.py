@@ -6,27 +6,13 @@ import os
 import pytest
 import torch
 
-from helpers import hf_tiny, save_hf
+from helpers import hf_tiny, peft_model, peft_pair, save_hf
 from lora import (SITE_ORDER, LoRAFunction, LoRALinear, ablate, adapters, apply_lora, capture,
                   disabled, export_merged, hooked, load_adapter, lora_linear, merge, save_adapter,
                   select_layers, sites, steer, unmerge)
 from model import QWEN2_5_32B, Qwen2, Qwen2Config
 
 ALL7 = list(SITE_ORDER)
-
-
-def peft_model(hf, layers=None, seed=1):
-    peft = pytest.importorskip("peft", reason="peft (test-only oracle) is not installed")
-    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=1, lora_alpha=16, use_rslora=True,
-                          lora_dropout=0.0,
-                          target_modules=ALL7, layers_to_transform=layers)
-    pm = peft.get_peft_model(hf, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return pm
 
 
 def randomize(model, seed=1):
@@ -41,16 +27,7 @@ def randomize(model, seed=1):
 @pytest.fixture
 def pair(tmp_path):
     """(PEFT model, our model) with the same base and the same random non-zero adapters."""
-    hf = hf_tiny()
-    ours = Qwen2.from_pretrained(save_hf(hf, tmp_path / "base"))
-    pm = peft_model(hf)
-    apply_lora(ours, rank=1, alpha=16, rslora=True)
-    peft_sd = pm.state_dict()
-    with torch.no_grad():
-        for m in adapters(ours):
-            m.lora_A.copy_(peft_sd[f"base_model.model.{m.name}.lora_A.default.weight"])
-            m.lora_B.copy_(peft_sd[f"base_model.model.{m.name}.lora_B.default.weight"])
-    return pm, ours, str(tmp_path / "base")
+    return peft_pair(hf_tiny(), tmp_path / "base")
 
 
 def test_logits_and_grads_match_peft(pair):

@@ -1,0 +1,236 @@
+"""The per-trace analyses of the official code (issue 24), each against an outside oracle: the
+attention KL against HF's output_attentions with PEFT, the attribution against finite differences
+of the linearised model, the feature interaction against lora.steer, the norms by hand."""
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention_kl import attention_kl, causal_kl, head_patterns, pattern_hooks, top_heads
+from attribution import attribute, linearised
+from batchtopk import SAE
+from helpers import hf_tiny, peft_pair
+from interaction import latent_effects, source_latents
+from lora import adapters, capture, hooked, steer
+from model import RMSNorm
+from projection_norms import layer_norms
+from steering import sae_offsets
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return peft_pair(hf_tiny(attn_implementation="eager"), tmp_path / "base")
+
+
+def test_explicit_attention_and_norm_scale_hooks_change_nothing(pair):
+    _, ours, _ = pair
+    idx = torch.randint(0, 97, (2, 11))
+    ref = ours(idx)
+    with pattern_hooks(ours, lambda i, p: p):
+        for m in ours.modules():
+            if isinstance(m, RMSNorm):
+                m.scale_hook = lambda r: r
+        got = ours(idx)
+        for m in ours.modules():
+            if isinstance(m, RMSNorm):
+                m.scale_hook = None
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def kl_by_hand(p, q, eps=1e-10):
+    """The official loop: each row sliced to the visible keys, smoothed, renormalised."""
+    T = p.shape[-1]
+    out = np.zeros(p.shape[:-1])
+    for idx in np.ndindex(*p.shape[:-2]):
+        for t in range(T):
+            a, b = p[idx][t, :t + 1] + eps, q[idx][t, :t + 1] + eps
+            a, b = a / a.sum(), b / b.sum()
+            out[idx][t] = (a * (np.log(a) - np.log(b))).sum()
+    return out
+
+
+def test_attention_kl_equals_hf_output_attentions_with_peft(pair):
+    pm, ours, _ = pair
+    ids = torch.randint(0, 97, (17,)).tolist()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        adapted = [a[0].double().numpy() for a in pm(input_ids=x, output_attentions=True)
+                   .attentions]
+        with pm.disable_adapter():
+            base = [a[0].double().numpy() for a in pm(input_ids=x, output_attentions=True)
+                    .attentions]
+    want = np.stack([kl_by_hand(b, a) for b, a in zip(base, adapted)])
+    got = attention_kl(ours, ids)
+    assert got.shape == (3, 4, 17) and want.max() > 1e-3  # the adapter moves attention
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert got[:, :, 0].max() == 0  # position 0 sees one key
+    pats = head_patterns(ours, ids, [(2, 1), (0, 3)])
+    np.testing.assert_allclose(pats[2, 1][0], base[2][1], atol=1e-5)
+    np.testing.assert_allclose(pats[2, 1][1], adapted[2][1], atol=1e-5)
+    np.testing.assert_allclose(pats[0, 3][1], adapted[0][3], atol=1e-5)
+    mean = want.mean(-1)
+    ranked = top_heads(got, 12)
+    assert [(l, h) for l, h, _ in ranked] == [
+        tuple(map(int, np.unravel_index(i, mean.shape))) for i in np.argsort(-mean, axis=None)]
+    assert ranked[0][2] == pytest.approx(mean.max(), rel=1e-4)
+
+
+def test_causal_kl_of_a_pattern_with_itself_is_zero_and_smoothing_keeps_it_finite():
+    p = torch.tensor([[1.0, 0, 0], [0.0, 1, 0], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0.2, 0.3, 0.5]])
+    kl = causal_kl(p, q)
+    assert kl[0] == 0 and kl[2] == pytest.approx(0, abs=1e-12)
+    assert 20 < kl[1] < 25  # log(1 / 1e-10) = 23.0: smoothed, not infinite
+
+
+# -----------------------------------------------------------------------------
+# attribution
+
+
+def target_with(model, ids, site, pos, target, eps, frozen=True):
+    """The target logit with scalar `site` at `pos` scaled by (1 + eps); frozen: attention
+    patterns and RMSNorm scales held at their clean values (the function attribution
+    differentiates)."""
+    x = torch.tensor([ids])
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    pats, scales = {}, {m: [] for m in norms}
+
+    def scaled(m):
+        def hook(u):
+            u = u.clone()
+            u[0, pos] *= 1 + eps
+            return u
+        return hook
+    with ExitStack() as st:
+        st.callback(lambda: [setattr(m, "scale_hook", None) for m in norms])
+        if frozen:  # a clean run records; then every pattern and scale is replaced by its record
+            with pattern_hooks(model, lambda i, p: pats.setdefault(i, p)):
+                for m in norms:
+                    m.scale_hook = lambda r, m=m: scales[m].append(r) or r
+                model(x)
+            for m in norms:
+                m.scale_hook = lambda r, it=iter(scales[m]): next(it)
+            st.enter_context(pattern_hooks(model, lambda i, p: pats[i]))
+        st.enter_context(hooked([adapters(model)[site]], scaled))
+        return float(model(x)[0, target[0], target[1]])
+
+
+def test_attribution_equals_finite_differences_of_the_linearised_model(pair):
+    _, ours, _ = pair
+    ours.double()
+    ids = torch.randint(0, 97, (9,)).tolist()
+    a = attribute(ours, ids, positions=[8, 5])
+    assert a["attr"].shape == (2, 9, 21) and a["acts"].shape == (9, 21)
+    rng, eps, full = np.random.default_rng(0), 1e-5, []
+    with torch.no_grad():
+        assert a["tokens"][0] == int(ours(torch.tensor([ids]))[0, 8].argmax())
+        for _ in range(8):  # sources at or before the target, on sites that write values
+            i, j = rng.integers(2), rng.choice([j for j in range(21) if j % 7 not in (3, 4)])
+            tgt = (a["positions"][i], a["tokens"][i])
+            s = rng.integers(tgt[0] + 1)
+            fd = (target_with(ours, ids, j, s, tgt, eps)
+                  - target_with(ours, ids, j, s, tgt, -eps)) / (2 * eps)
+            assert float(a["attr"][i, s, j]) == pytest.approx(fd, rel=1e-4, abs=1e-9)
+            full.append((target_with(ours, ids, j, s, tgt, eps, frozen=False)
+                         - target_with(ours, ids, j, s, tgt, -eps, frozen=False)) / (2 * eps)
+                        - fd)
+    assert max(map(abs, full)) > 1e-3  # without the linearisation the derivative differs
+    assert float(a["attr"][1, 6:].abs().max()) == 0  # later sources cannot move position 5
+    qk = [j for j in range(21) if j % 7 in (3, 4)]  # q, k act only through the frozen patterns
+    assert float(a["attr"][:, :, qk].abs().max()) == 0 and a["attr"].abs().max() > 1e-3
+    diff = attribute(ours, ids, positions=[8], contrast=(5, 7))
+    assert diff["tokens"] == [5] and diff["attr"].abs().max() > 0
+
+
+def test_linearised_detaches_only_inside_the_context(pair):
+    _, ours, _ = pair
+    with linearised(ours):
+        assert ours.model.layers[0].self_attn.pattern_hook is not None
+    assert all(m.scale_hook is None for m in ours.modules() if isinstance(m, RMSNorm))
+    assert ours.model.layers[0].self_attn.pattern_hook is None
+
+
+# -----------------------------------------------------------------------------
+# feature interaction
+
+
+def tiny_sae(d, F_=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(d, F_, k=3)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, F_, generator=g))
+        sae.W_dec.copy_(torch.randn(F_, d, generator=g))
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        sae.b_enc.fill_(-0.5)
+        sae.scale.copy_(torch.rand(d, generator=g) + 0.5)
+    return sae
+
+
+def test_latent_effects_equal_lora_steer(pair):
+    _, ours, _ = pair
+    ids = torch.randint(0, 97, (10,)).tolist()
+    x = torch.tensor([ids])
+    layout = [(m.layer, m.target) for m in adapters(ours)]
+    sae = tiny_sae(len(layout))
+    with torch.no_grad(), capture(ours) as cap:
+        ours(x)
+        z = sae.encode(cap.acts[0])
+    src = source_latents(z, 3)
+    assert len(src) == 3 and z[:, src[0]].mean() == z.mean(0).max()
+    # steer: lora.steer's offsets, the edit taken back off what capture() saw
+    e = latent_effects(ours, sae, ids, src[:1], strength=2.0)
+    off = sae_offsets(sae, src[0], 2.0, layout)
+    with torch.no_grad(), steer(ours, off), capture(ours) as cap:
+        ours(x)
+    own = cap.acts[0] - torch.tensor([off[s] for s in layout])
+    want = sae.encode(own).mean(0) - z.mean(0)
+    torch.testing.assert_close(e["effect"][0], want, rtol=1e-5, atol=1e-6)
+    # remove: one steer per position, each taking off that token's f_i(t) d_i
+    i = src[1]
+    e = latent_effects(ours, sae, ids, [i])
+    offs = [sae_offsets(sae, i, -float(z[t, i]), layout) for t in range(len(ids))]
+    with torch.no_grad(), ExitStack() as st:
+        for t, o in enumerate(offs):
+            st.enter_context(steer(ours, o, positions=[t]))
+        cap = st.enter_context(capture(ours))
+        ours(x)
+    edits = torch.tensor([[o[s] for s in layout] for o in offs])
+    want = sae.encode(cap.acts[0] - edits).mean(0) - z.mean(0)
+    unedited = sae.encode(cap.acts[0]).mean(0) - z.mean(0)
+    assert e["mode"] == "remove" and (want - unedited).abs().max() > 1e-4  # the edit is taken off
+    torch.testing.assert_close(e["effect"][0], want, rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# norms
+
+
+def test_layer_norms_by_hand(pair):
+    _, ours, _ = pair
+    ids = torch.randint(0, 97, (7,)).tolist()
+    got = layer_norms(ours, ids)
+    with torch.no_grad():
+        x = ours.model.embed_tokens(torch.tensor([ids]))
+        from model import rope_cos_sin
+        cos, sin = rope_cos_sin(torch.arange(7), ours.cfg.head_dim, ours.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(ours.model.layers):
+            h = x + layer.self_attn(layer.input_layernorm(x), cos, sin)
+            xn = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            down = mlp.down_proj
+            act = F.silu(mlp.gate_proj(xn)) * mlp.up_proj(xn)
+            u = (act @ down.lora_A.t())[0, :, 0].numpy()
+            b = down.lora_B[:, 0].numpy()
+            hn = h[0].numpy()
+            np.testing.assert_allclose(got["residual"][i], np.linalg.norm(hn, axis=1), rtol=1e-5)
+            np.testing.assert_allclose(got["b_projection"][i], hn @ b / np.linalg.norm(b),
+                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got["lora_write"][i],
+                                       down.scaling * np.abs(u) * np.linalg.norm(b), rtol=1e-5)
+            out = mlp(xn)
+            np.testing.assert_allclose(got["mlp_out"][i], np.linalg.norm(out[0].numpy(), axis=1),
+                                       rtol=1e-5)
+            x = h + out
+    assert got["layer_means"]["mlp_out"][1] == pytest.approx(got["mlp_out"][1].mean())
