@@ -23,6 +23,7 @@ shorter trace) and one backward per target position.
 from contextlib import contextmanager
 
 import torch
+from tqdm import tqdm
 
 from lora import adapters, hooked
 from model import RMSNorm
@@ -46,7 +47,7 @@ def linearised(model):
             m.scale_hook = None
 
 
-def attribute(model, ids, positions=None, contrast=None):
+def attribute(model, ids, positions=None, contrast=None, progress=False):
     """grad x activation of every adapter scalar at every source position, for each target
     position (default: all): dict(attr (P, T, sites), acts (T, sites), positions, tokens)."""
     dev = model.lm_head.weight.device
@@ -65,7 +66,7 @@ def attribute(model, ids, positions=None, contrast=None):
         logits = model(torch.tensor([ids], device=dev))[0].float()  # (T, V)
         taps = [taps[m] for m in mods]  # the capture layout (lora.py), not the call order
         attr, tokens = [], []
-        for t in positions:
+        for t in tqdm(positions, desc="attribution", disable=not progress):
             a, b = contrast if contrast else (int(logits[t].argmax()), None)
             target = logits[t, a] - (logits[t, b] if b is not None else 0)
             grads = torch.autograd.grad(target, taps, retain_graph=True, allow_unused=True)

@@ -8,7 +8,6 @@ examples, quantiles, promoted tokens and what they were made from.
 Safety: dataset text reaches a page only as escaped SVG/HTML text or inside JSON script elements
 (with <, > and & escaped, so no text can close them) that the page reads with textContent.
 """
-import json
 import os
 from html import escape
 
@@ -17,7 +16,7 @@ import torch
 from common import (Parser, check_out, differences, fresh_outputs, read_json, user_errors,
                     write_atomic)
 from data import Tokenizer
-from figures import provenance_lines
+from figures import provenance_lines, safe_json
 from lora import adapter_identity, adapters, load_model, site_label
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dashboard.html")
@@ -40,12 +39,6 @@ def promoted_tokens(model, tok, n=8):
                 for sign, v in (("+", logit), ("-", -logit)):
                     out[name + sign] = [tok.id_to_token_str(i) for i in v.topk(n).indices.tolist()]
     return out
-
-
-def safe_json(obj):
-    """JSON that can sit inside a <script> element: no text in it can close the element."""
-    return (json.dumps(obj, ensure_ascii=False)
-            .replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))
 
 
 def dashboard_html(data):

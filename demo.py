@@ -25,7 +25,7 @@ finished; a changed setting or generator reruns that stage and the ones after it
             ran its base), s1, and given a textbook page's opening (`--protocol completion`):
             the capability ceiling the finetunes can elicit, measured; `eval.py compare`.
  interpret  `collect.py` on the mini-s1K traces, `sae.py train`, `ablate.py`,
-            `interpret.py mine`, `dashboard.py` and `report.py`.
+            `interpret.py mine`, `dashboard.py`, `report.py` and `rollout.py` (the first trace).
 
 The summary (printed, and saved as summary.txt / summary.json with the package versions and CPU
 numerics it ran with) holds the recovery table, ablation highlights, and the adapter scalar and
@@ -361,6 +361,8 @@ def make_interpret(d, p, data, base, adapter, evals):
                              adapter, "--acts", acts, "--sae", sae,
                              "--features", os.path.join(interp, "features.json"),
                              "--out", os.path.join(d, "report")], log)
+    run_script("rollout.py", ["--model", base, "--adapter", adapter, "--acts", acts, "--sae", sae,
+                              "--doc", 0, "--out", os.path.join(d, "rollout")], log)
 
 
 # -----------------------------------------------------------------------------
@@ -506,7 +508,9 @@ def summarize(out, p, runs, env):
                    carry=carry, token_labels=labels,
                    sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction", "convergence")},
                    dashboard=os.path.abspath(run_dir("interp", "dashboard.html")),
-                   report=os.path.abspath(run_dir("report", "report.html")))
+                   report=os.path.abspath(run_dir("report", "report.html")),
+                   rollout=os.path.abspath(run_dir("rollout", "rollout.html")),
+                   top_heads=load("interpret", "rollout", "rollout.json")["kl"]["heads"][:3])
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     steps, s1k_steps = p["heldout_steps"], p["s1k_steps"]
     lines = [f"rank1 demo: {first['problems']} held-out problems of {steps[0]}-{steps[1]} steps "
@@ -562,7 +566,10 @@ def summarize(out, p, runs, env):
               f"{pct(sae_m['dead_fraction'])}; FVU fell {sae_m['convergence']['fall']:.4f} in the "
               "last tenth before the lr decay ("
               + ("a plateau" if sae_m["convergence"]["plateau"] else "still falling") + ")",
-              f"dashboard: {summary['dashboard']}", f"report: {summary['report']}"]
+              "attention the adapter changes most on the first trace (mean KL(base || adapted)): "
+              + ", ".join(f"L{l}.H{h} {m:.3g}" for l, h, m in summary["top_heads"]),
+              f"dashboard: {summary['dashboard']}", f"report: {summary['report']}",
+              f"rollout: {summary['rollout']}"]
     text = "\n".join(lines)
     write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     write_atomic(os.path.join(out, "summary.txt"), text + "\n")

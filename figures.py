@@ -1,8 +1,10 @@
 """
 The figures of the pages (dashboard, ablations, report) as inline SVG and HTML strings: bars,
-heatmaps, lines, a donut, the SAE frontier, tables, provenance lines. Plain Python (no torch, no
-plotting dependency); every text that reaches a figure is escaped.
+heatmaps, lines, a donut, the SAE frontier, tables, provenance lines, and safe_json for the data
+pages carry in script elements. Plain Python (no torch, no plotting dependency); every text that
+reaches a figure is escaped.
 """
+import json
 import math
 from html import escape
 
@@ -191,3 +193,9 @@ def provenance_lines(made_from, prefix=""):
         elif v is not None:
             out.append([prefix + k, str(v)])
     return out
+
+
+def safe_json(obj):
+    """JSON that can sit inside a <script> element: no text in it can close the element."""
+    return (json.dumps(obj, ensure_ascii=False)
+            .replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))

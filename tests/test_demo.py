@@ -152,6 +152,23 @@ def test_dashboard_opens_without_console_errors(demo_run):
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                     reason="chromium is not installed (.ci/run installs it)")
+def test_rollout_page_of_the_first_trace(demo_run):
+    """rollout.py on the demo's first trace: every per-trace analysis written, the page opens."""
+    out, _, _ = demo_run
+    d = out / "interpret" / "rollout"
+    r = json.load(open(d / "rollout.json"))
+    assert {"state", "kl", "attribution", "interaction", "norms"} <= set(r)
+    assert len(r["state"]) == r["doc"]["tokens"] and len(r["kl"]["heads"]) == 8
+    s = json.load(open(out / "summary.json"))
+    assert s["top_heads"] == r["kl"]["heads"][:3] and s["rollout"] == str(d / "rollout.html")
+    for view in ("state", "attention", "attribution", "interaction", "norms"):
+        dom, log = chromium_dom((d / "rollout.html").as_uri() + "#view=" + view)
+        assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
+        assert "rank1 rollout" in dom
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="chromium is not installed (.ci/run installs it)")
 def test_report_opens_and_shows_the_llm_commands(demo_run):
     """The demo's report: ablations (with the greedy curve) and geometry drawn, the LLM sections
     naming the command that makes their input."""

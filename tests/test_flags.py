@@ -3,14 +3,17 @@ and each number (a declared type and range, common.RANGES) given a zero, a negat
 huge value either parses to a value in its range or ends the command with one line naming the
 flag. No traceback, no silent acceptance of a value outside the range."""
 import argparse
+import ast
 import importlib
+import os
 
 import pytest
 
 from common import check_number
+from helpers import ROOT
 
 COMMANDS = ("train", "eval", "ablate", "collect", "sae", "interpret", "dashboard", "report",
-            "export", "demo")
+            "rollout", "export", "demo")
 BAD = ("0", "-1", "nan", "-inf", "1e30", str(2**70))
 
 
@@ -93,3 +96,34 @@ def test_config_flags_is_add_config_flags_inverse():
     add_config_flags(p, TrainConfig)
     ns = vars(p.parse_args([str(a) for a in config_flags(settings)]))
     assert {k: ns[k] for k in settings} == settings
+
+
+def test_commands_are_leaves_and_libraries_have_no_circle():
+    """README's Layout rule, from the files' own imports: no command imports a command, bench/
+    imports no command, and the libraries' imports form no circle."""
+    mods = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    imports = {}
+    for path in [os.path.join(ROOT, m + ".py") for m in mods] + [
+            os.path.join(ROOT, "bench", f) for f in os.listdir(os.path.join(ROOT, "bench"))
+            if f.endswith(".py")]:
+        tree = ast.parse(open(path).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree)
+                                      if isinstance(n, ast.ImportFrom) and n.module}
+        imports[os.path.relpath(path, ROOT)] = names & mods
+    for f, names in imports.items():
+        assert not names & set(COMMANDS), f"{f} imports the command(s) {names & set(COMMANDS)}"
+    libs = {f[:-3]: n for f, n in imports.items() if "/" not in f and f[:-3] not in COMMANDS}
+    done, busy = set(), []
+
+    def visit(m):
+        assert m not in busy, f"import circle: {' -> '.join(busy + [m])}"
+        if m in done:
+            return
+        busy.append(m)
+        for n in libs.get(m, ()):
+            visit(n)
+        busy.pop()
+        done.add(m)
+    for m in libs:
+        visit(m)

@@ -1,6 +1,9 @@
-"""The per-trace analyses of the official code (issue 24), each against an outside oracle: the
+"""The per-rollout analyses of the official code (issue 24), each against an outside oracle: the
 attention KL against HF's output_attentions with PEFT, the attribution against finite differences
 of the linearised model, the feature interaction against lora.steer, the norms by hand."""
+import json
+import os
+import re
 from contextlib import ExitStack
 
 import numpy as np
@@ -11,12 +14,14 @@ import torch.nn.functional as F
 from attention_kl import attention_kl, causal_kl, head_patterns, pattern_hooks, top_heads
 from attribution import attribute, linearised
 from batchtopk import SAE
-from helpers import hf_tiny, peft_pair
+from helpers import CHROMIUM, chromium_dom, hf_tiny, peft_pair, run_script, tiny_env
 from interaction import latent_effects, source_latents
 from lora import adapters, capture, hooked, steer
 from model import RMSNorm
 from projection_norms import layer_norms
 from steering import sae_offsets
+from store import ActivationStore
+from rollout import main as rollout_main
 
 
 @pytest.fixture
@@ -234,3 +239,88 @@ def test_layer_norms_by_hand(pair):
                                        rtol=1e-5)
             x = h + out
     assert got["layer_means"]["mlp_out"][1] == pytest.approx(got["mlp_out"][1].mean())
+
+
+# -----------------------------------------------------------------------------
+# rollout.py: the command and its page
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """A tiny model with two adapters, a store collected with the first, an SAE on it, and
+    rollout.py's outputs for document 3."""
+    d = tiny_env(tmp_path_factory.mktemp("trace"), adapters=(("adapter", 0), ("other", 1)))
+    rows = [dict(question=f"What is {i}*3?", deepseek_thinking_trajectory=f"{i} times 3 is "
+                 f"{3 * i}. " * (2 + i % 3), deepseek_attempt=str(3 * i)) for i in range(5)]
+    (d / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run_script("collect.py", ["--model", d / "model", "--adapter", d / "adapter", "--data",
+                              d / "rows.jsonl", "--out", d / "acts", "--docs-per-shard", 2])
+    store = ActivationStore(str(d / "acts"))
+    sae = tiny_sae(store.d, 16)
+    sae.save(str(d / "sae"), made_from=dict(store=store.identity()))
+    args = ["--model", d / "model", "--adapter", d / "adapter", "--acts", d / "acts",
+            "--doc", 3, "--sae", d / "sae", "--latents", 3]
+    rollout_main([str(a) for a in args + ["--out", d / "rollout"]])
+    return d, args
+
+
+def test_rollout_draws_the_store_and_writes_every_analysis(traced):
+    d, _ = traced
+    t = json.loads((d / "rollout" / "rollout.json").read_text())
+    store = ActivationStore(str(d / "acts"))
+    doc = [x for s in store.index["shards"] for x in s["docs"] if x["doc"] == 3][0]
+    s = [i for i, sh in enumerate(store.index["shards"]) if doc in sh["docs"]][0]
+    rows = np.asarray(store.shard(s)[doc["start"]:doc["start"] + doc["length"]])
+    assert np.array_equal(np.array(t["state"], dtype=np.float32), rows)  # exactly the store's
+    T = doc["length"]
+    kl = np.load(d / "rollout" / "attention_kl.npy")
+    attr = np.load(d / "rollout" / "attribution.npy")
+    assert kl.shape == (3, 4, T) and attr.shape == (T, T, 21)
+    assert [h[:2] for h in t["kl"]["heads"]] == [list(map(int, np.unravel_index(i, (3, 4))))
+                                                 for i in np.argsort(-kl.mean(-1),
+                                                                     axis=None)[:8]]
+    np.testing.assert_allclose(t["attribution"]["by_source"][T - 1], attr[T - 1].sum(-1),
+                               rtol=1e-5, atol=1e-7)
+    assert len(t["interaction"]["rows"]) == 3 and t["interaction"]["mode"] == "remove"
+    assert len(t["norms"]["mlp_out"]) == 3 and t["made_from"]["doc"] == 3
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="chromium is not installed (.ci/run installs it)")
+def test_rollout_page_shows_state_in_both_polarities_and_the_top_heads(traced):
+    d, _ = traced
+    page = d / "rollout" / "rollout.html"
+    t = json.loads((d / "rollout" / "rollout.json").read_text())
+    html = page.read_text()
+    assert "<|im_start|>" not in html  # token text only as escaped JSON
+    row = np.array(t["state"][5])
+    for pol, keep in (("both", row), ("pos", np.maximum(row, 0)), ("neg", np.minimum(row, 0))):
+        dom, log = chromium_dom(page.as_uri() + f"#view=state&tok=5&pol={pol}")
+        assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
+        shown = [float(v) for v in re.findall(r'<td data-v="([-0-9.e]+)"', dom)]
+        want = sorted((v for v in keep if v != 0), key=abs, reverse=True)[:12]
+        np.testing.assert_allclose(shown, want, rtol=1e-6)  # the readout draws the store's values
+        assert 'id="heat"' in dom and "&lt;|im_start|&gt;" in dom  # heatmap; tokens as text
+    top = t["kl"]["heads"][0]
+    dom, log = chromium_dom(page.as_uri() + f"#view=attention&tok={len(row) - 1}"
+                            f"&head={top[0]}.{top[1]}")
+    assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
+    assert dom.index(f"L{top[0]}.H{top[1]}") < dom.index(f"L{t['kl']['heads'][1][0]}.H")
+    assert 'class="it sel"' in dom and "its keys (base, adapted)" in dom
+    for view, text in (("attribution", "the prediction at token"), ("interaction", "moved"),
+                       ("norms", "lora_write")):
+        dom, log = chromium_dom(page.as_uri() + f"#view={view}")
+        assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", ""), log[-2000:]
+        assert text in dom, view
+
+
+def test_rollout_refuses_another_adapters_store_and_existing_outputs(traced):
+    d, args = traced
+    other = [str(a) for a in args]
+    other[other.index("--adapter") + 1] = str(d / "other")
+    with pytest.raises(SystemExit, match="--acts .*collected with another --adapter"):
+        rollout_main(other + ["--out", str(d / "t2")])
+    with pytest.raises(SystemExit, match="rollout.html: exists; pass --overwrite"):
+        rollout_main([str(a) for a in args] + ["--out", str(d / "rollout")])
+    with pytest.raises(SystemExit, match="no document 99"):
+        rollout_main([str(a) for a in args] + ["--doc", "99", "--out", str(d / "t3")])

@@ -1,0 +1,189 @@
+"""
+One rollout (a reasoning trace), read every way the official code reads one: the adapter state
+as a token x site heatmap (aggregate_activations/), the attention heads the adapter changes
+(attention_kl.py), which scalars move each prediction (attribution.py), how SAE latents respond to
+one another (interaction.py) and the adapter's writes beside the MLP's (projection_norms.py).
+
+    python rollout.py --model M --adapter A --acts acts/ --doc 0 [--sae sae/] --out rollout/
+
+Writes rollout.html (a self-contained page: no network, every text escaped, the data in JSON script
+elements read with textContent), rollout.json (every number on it and what it was made from), and
+attention_kl.npy (layers, heads, T) and attribution.npy (targets, T, sites) in float32. The
+document is one of --acts' (its tokens and its stored scalars, which the heatmap draws unchanged);
+the store must come from --model and --adapter. Costs at 32B: docs/running.md.
+"""
+import os
+
+import numpy as np
+import torch
+
+from attention_kl import attention_kl, head_patterns, top_heads
+from attribution import attribute
+from batchtopk import SAE, check_sae
+from checkpoint import model_identity
+from common import (Parser, add_model_flags, check_out, differences, file_identity,
+                    fresh_outputs, number, user_errors, write_atomic, write_json)
+from data import Tokenizer
+from figures import provenance_lines, safe_json
+from interaction import latent_effects, source_latents
+from lora import adapter_identity, load_model, site_label
+from projection_norms import layer_norms
+from store import ActivationStore
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "rollout.html")
+OUTPUTS = ("rollout.html", "rollout.json", "attention_kl.npy", "attribution.npy")
+
+
+def document(store, doc):
+    """(record, token ids, stored scalars (T, sites) float32) of document `doc` of the store."""
+    for s, sh in enumerate(store.index["shards"]):
+        for d in sh["docs"]:
+            if d["doc"] == doc:
+                lo, hi = d["start"], d["start"] + d["length"]
+                return (d, np.asarray(store.tokens(s)[lo:hi]).tolist(),
+                        np.array(store.shard(s)[lo:hi], dtype=np.float32))
+    raise ValueError(f"{store.path}: no document {doc} (it holds "
+                     f"{store.index.get('documents', '?')})")
+
+
+def check_store(store, args):
+    """The store's scalars must be this model's and this adapter's, or the page would draw one
+    adapter's state beside another's attention and attributions."""
+    made = store.index.get("made_from") or {}
+    for what, rec, now in (("--model", made.get("model"), lambda: model_identity(args.model)),
+                           ("--adapter", made.get("adapter"),
+                            lambda: adapter_identity(args.adapter))):
+        diff = differences(rec, now()) if rec else []
+        if diff:
+            raise ValueError(f"--acts {args.acts}: collected with another {what} ({diff[0]})")
+
+
+def sparse_rows(base, adapted, k):
+    """Per query: the k keys with the largest weight in either model, as [key, base, adapted]."""
+    out = []
+    for t in range(len(base)):
+        both = torch.maximum(base[t, :t + 1], adapted[t, :t + 1])
+        keys = both.topk(min(k, t + 1)).indices.tolist()
+        out.append([[j, round(float(base[t, j]), 5), round(float(adapted[t, j]), 5)]
+                    for j in keys])
+    return out
+
+
+def target_positions(T, n):
+    """Every position when T <= n, else n positions spread evenly over the trace."""
+    return list(range(T)) if T <= n else np.unique(np.linspace(0, T - 1, n).round()).astype(
+        int).tolist()
+
+
+def interaction(model, sae, ids, state, n, strength):
+    z = sae.encode(torch.from_numpy(state))
+    e = latent_effects(model, sae, ids, source_latents(z, n), strength)
+    rows = []
+    for i, eff in zip(e["sources"], e["effect"]):
+        eff = eff.clone()
+        eff[i] = 0  # the source itself: what the edit removed or added
+        top = eff.abs().argsort(descending=True)[:8].tolist()
+        rows.append(dict(source=i, clean=float(e["clean"][i]),
+                         moved=[[j, float(eff[j])] for j in top if eff[j] != 0]))
+    return dict(mode=e["mode"], rows=rows)
+
+
+def build(args):
+    check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--acts": args.acts,
+                         "--sae": args.sae})
+    outs = {n: os.path.join(args.out, n) for n in OUTPUTS}
+    fresh_outputs(list(outs.values()), args.overwrite)
+    store = ActivationStore(args.acts)
+    check_store(store, args)
+    rec, ids, state = document(store, args.doc)
+    ids, state = ids[:args.max_tokens], state[:args.max_tokens]
+    sae = None
+    if args.sae:
+        sae = SAE.load(args.sae, args.device)
+        check_sae(sae, args.sae, store)
+    model, identity = load_model(args.model, args.adapter, args.dtype, device=args.device,
+                                 other_base=args.other_base)
+    tok = Tokenizer(args.tokenizer or args.model)
+    sites = [site_label(layer, t) for layer, t in store.index["sites"]]
+    T = len(ids)
+    print(f"rollout: document {args.doc} ({T} tokens{', truncated' if T < rec['length'] else ''})")
+    kl = attention_kl(model, ids)
+    heads = top_heads(kl, args.top_heads)
+    pats = head_patterns(model, ids, [(layer, h) for layer, h, _ in heads])
+    att = attribute(model, ids, target_positions(T, args.targets), progress=True)
+    norms = layer_norms(model, ids)
+    data = dict(
+        doc=dict(rec, tokens=T), tokens=[tok.id_to_token_str(i) for i in ids], sites=sites,
+        state=state.tolist(),
+        kl=dict(heads=heads, layer_mean=kl.mean(1).tolist(), overall=kl.mean((0, 1)).tolist(),
+                per_head={f"{layer}.{h}": kl[layer, h].tolist() for layer, h, _ in heads},
+                patterns={f"{layer}.{h}": sparse_rows(*pats[layer, h], args.keys)
+                          for layer, h, _ in heads}),
+        attribution=dict(positions=att["positions"],
+                         predicted=[tok.id_to_token_str(i) for i in att["tokens"]],
+                         by_source=[att["attr"][i, :t + 1].sum(-1).tolist()
+                                    for i, t in enumerate(att["positions"])],
+                         by_site=att["attr"].sum(1).tolist()),
+        norms=dict(norms["layer_means"],
+                   abs_b_projection=np.abs(norms["b_projection"]).mean(1).tolist()))
+    if sae is not None:
+        data["interaction"] = interaction(model, sae, ids, state, args.latents, args.strength)
+    made_from = dict(model=identity["model"], adapter=identity["adapter"],
+                     acts=store.identity(), doc=args.doc,
+                     sae=file_identity(os.path.join(args.sae, "cfg.json")) if args.sae else None,
+                     settings=dict(max_tokens=args.max_tokens, targets=args.targets,
+                                   top_heads=args.top_heads, keys=args.keys, latents=args.latents,
+                                   strength=args.strength, dtype=identity["dtype"]))
+    data["provenance"] = provenance_lines(made_from)
+    os.makedirs(args.out, exist_ok=True)
+    np.save(outs["attention_kl.npy"], kl.astype(np.float32))
+    np.save(outs["attribution.npy"], att["attr"].float().numpy())
+    with open(TEMPLATE, encoding="utf-8") as f:
+        write_atomic(outs["rollout.html"], f.read().replace("__DATA__", safe_json(data), 1))
+    summary = {k: v for k, v in data.items() if k not in ("provenance",)}
+    write_json(outs["rollout.json"], dict(made_from=made_from, arrays=dict(
+        attention_kl=dict(file="attention_kl.npy", shape=list(kl.shape),
+                          axes="layer, head, query position: KL(base || adapted)"),
+        attribution=dict(file="attribution.npy", shape=list(att["attr"].shape),
+                         axes="target (positions), source position, site: grad x activation")),
+        **summary))
+    print(f"rollout: top head L{heads[0][0]}.H{heads[0][1]} (mean KL {heads[0][2]:.3g}); "
+          f"{len(att['positions'])} attributed positions -> {outs['rollout.html']}")
+    return data
+
+
+def parser():
+    p = Parser(description=__doc__.split("\n\n")[1].strip())
+    add_model_flags(p, adapter_required=True)
+    p.add_argument("--acts", required=True, help="the activation store from `collect.py` (the "
+                   "document's tokens and stored scalars)")
+    p.add_argument("--doc", type=number(int, "nonnegative"), default=0,
+                   help="the document's number in the store (default 0)")
+    p.add_argument("--sae", help="the SAE trained on --acts: adds the feature interaction")
+    p.add_argument("--max-tokens", type=number(int, "positive"), default=1024,
+                   help="keep the document's first N tokens (the official views use 1,024)")
+    p.add_argument("--targets", type=number(int, "positive"), default=256,
+                   help="attribute at most N target positions (spread evenly; one backward each)")
+    p.add_argument("--top-heads", type=number(int, "positive"), default=8,
+                   help="heads whose patterns the page shows (by mean KL)")
+    p.add_argument("--keys", type=number(int, "positive"), default=8,
+                   help="keys kept per query in the page's attention patterns")
+    p.add_argument("--latents", type=number(int, "positive"), default=8,
+                   help="with --sae: the trace's most active latents, each removed in turn")
+    p.add_argument("--strength", type=number(float), help="with --sae: steer each source latent "
+                   "by this much instead of removing it")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", required=True, help="directory for rollout.html, rollout.json and the "
+                   "arrays")
+    p.add_argument("--overwrite", action="store_true", help="replace this command's files in --out")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    with user_errors("rollout.py"):
+        return build(args)
+
+
+if __name__ == "__main__":
+    main()
