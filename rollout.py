@@ -28,7 +28,7 @@ from figures import provenance_lines, safe_json
 from interaction import latent_effects, source_latents
 from lora import adapter_identity, load_model, site_label
 from projection_norms import layer_norms
-from store import ActivationStore
+from store import ActivationStore, write_npy
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "rollout.html")
 OUTPUTS = ("rollout.html", "rollout.json", "attention_kl.npy", "attribution.npy")
@@ -136,15 +136,17 @@ def build(args):
                                    strength=args.strength, dtype=identity["dtype"]))
     data["provenance"] = provenance_lines(made_from)
     os.makedirs(args.out, exist_ok=True)
-    np.save(outs["attention_kl.npy"], kl.astype(np.float32))
-    np.save(outs["attribution.npy"], att["attr"].float().numpy())
+    sums = dict(attention_kl=write_npy(outs["attention_kl.npy"], kl.astype(np.float32)),
+                attribution=write_npy(outs["attribution.npy"], att["attr"].float().numpy()))
     with open(TEMPLATE, encoding="utf-8") as f:
         write_atomic(outs["rollout.html"], f.read().replace("__DATA__", safe_json(data), 1))
     summary = {k: v for k, v in data.items() if k not in ("provenance",)}
     write_json(outs["rollout.json"], dict(made_from=made_from, arrays=dict(
         attention_kl=dict(file="attention_kl.npy", shape=list(kl.shape),
+                          sha256=sums["attention_kl"],
                           axes="layer, head, query position: KL(base || adapted)"),
         attribution=dict(file="attribution.npy", shape=list(att["attr"].shape),
+                         sha256=sums["attribution"],
                          axes="target (positions), source position, site: grad x activation")),
         **summary))
     print(f"rollout: top head L{heads[0][0]}.H{heads[0][1]} (mean KL {heads[0][2]:.3g}); "

@@ -98,17 +98,22 @@ STORE_FILE = re.compile(r"(acts|tokens|mlp)-\d{5}\.npy|shard-\d{5}\.json|index\.
                         r"|.*\.tmp")
 
 
+def write_npy(path, arr):
+    """One .npy file written whole (write_atomic); its sha256."""
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    write_atomic(path, buf.getvalue())
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
 def save_shard(out, j, arrays, sidecar):
     """The arrays of shard j, each written whole, then its sidecar with their checksums: a shard
     without its sidecar is unfinished, and a rerun redoes it."""
     sidecar["sha256"] = {}
     for key, arr in arrays.items():
         name = f"{dict(acts='acts', ids='tokens', mlp='mlp')[key]}-{j:05d}.npy"
-        buf = io.BytesIO()
-        np.save(buf, arr)
-        write_atomic(os.path.join(out, name), buf.getvalue())
         sidecar[key] = name
-        sidecar["sha256"][key] = hashlib.sha256(buf.getvalue()).hexdigest()
+        sidecar["sha256"][key] = write_npy(os.path.join(out, name), arr)
     write_json(os.path.join(out, f"shard-{j:05d}.json"), sidecar, indent=None)
 
 

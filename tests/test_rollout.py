@@ -301,6 +301,7 @@ def test_rollout_page_shows_state_in_both_polarities_and_the_top_heads(traced):
         want = sorted((v for v in keep if v != 0), key=abs, reverse=True)[:12]
         np.testing.assert_allclose(shown, want, rtol=1e-6)  # the readout draws the store's values
         assert 'id="heat"' in dom and "&lt;|im_start|&gt;" in dom  # heatmap; tokens as text
+        assert re.search(r'<span class="tok cur" data-i="5"', dom)  # the chosen token is marked
     top = t["kl"]["heads"][0]
     dom, log = chromium_dom(page.as_uri() + f"#view=attention&tok={len(row) - 1}"
                             f"&head={top[0]}.{top[1]}")
