@@ -42,8 +42,8 @@ def document(store, doc):
                 lo, hi = d["start"], d["start"] + d["length"]
                 return (d, np.asarray(store.tokens(s)[lo:hi]).tolist(),
                         np.array(store.shard(s)[lo:hi], dtype=np.float32))
-    raise ValueError(f"{store.path}: no document {doc} (it holds "
-                     f"{store.index.get('documents', '?')})")
+    raise ValueError(f"{store.path}: no document {doc} (it holds {store.index.get('documents')} "
+                     "documents, numbered from 0)")
 
 
 def check_store(store, args):
@@ -76,7 +76,7 @@ def target_positions(T, n):
 
 
 def interaction(model, sae, ids, state, n, strength):
-    z = sae.encode(torch.from_numpy(state))
+    z = sae.encode(torch.from_numpy(state).to(sae.W_enc.device))
     e = latent_effects(model, sae, ids, source_latents(z, n), strength)
     rows = []
     for i, eff in zip(e["sources"], e["effect"]):
