@@ -15,6 +15,9 @@ Notable choices:
   re-initialise after building on the meta device, and to(bfloat16) cannot round the frequencies.
 - The training forward has no cache. forward_cached() runs tokens after those a preallocated KV
   cache holds (gpt-fast style): generate() for left-padded batches, collect.py for long documents.
+- Two optional hooks serve the analyses and cost nothing unset: Attention.pattern_hook (the
+  attention written out, its pattern passed through the hook: attention_kl.py, attribution.py)
+  and RMSNorm.scale_hook (the norm's scale passed through it: attribution.py's detached norms).
 """
 import math
 import os
