@@ -529,8 +529,11 @@ def test_sae_train_killed_three_times_gives_the_uninterrupted_sae(env, tmp_path)
         p = subprocess.Popen(script_cmd("sae.py", args(out)), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(p, saved_step(n))
+    # a shell's background job (nohup ... &, a CI runner) inherits SIGINT ignored: give the
+    # command the default a terminal's Ctrl-C meets
     p = subprocess.Popen(script_cmd("sae.py", args(out)), cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert kill_when(p, saved_step(34), sig=signal.SIGINT) == 130  # Ctrl-C: one line, exit 130
     assert p.stderr.read().splitlines()[-1:] == [
         "sae.py: interrupted (SIGINT); run the same command again to continue"]
