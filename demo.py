@@ -15,8 +15,8 @@ finished; a changed setting or generator reruns that stage and the ones after it
             the assistant answers at once, without working: the ability is there, chat never uses
             it; a mini s1K-1.1 (1,000 rows in s1K-1.1's schema whose deepseek_thinking_trajectory
             works the problem in the textbook's own words, 2-8 steps); and 500 held-out problems of
-            the hardest level (7-8 steps) in MATH500's jsonl layout, drawn first and kept out of
-            every training set.
+            the hardest level (7-8 steps, every number on the way of two digits) in MATH500's jsonl
+            layout, drawn first and kept out of every training set.
  base       a random Qwen2 checkpoint (DEMO_MODEL), pretrained by `train.py` (PRESETS["pretrain"]:
             --mode full on the packed corpus): the "instruct" base.
  rank1      `train.py` (PRESETS["rank1"]): rank-1 LoRA on all 7 projections, the paper's recipe.
@@ -168,7 +168,7 @@ def train_tokenizer(texts, out_dir, vocab_size):
 # settings: the default run and the CI variant
 
 PROFILES = {
-    "default": dict(world_seed=0, corpus_docs=26000, tokenizer_docs=5000, vocab=512, s1k_rows=1000,
+    "default": dict(world_seed=0, corpus_docs=40000, tokenizer_docs=5000, vocab=512, s1k_rows=1000,
                     s1k_steps=[2, 8],
                     heldout=500, heldout_steps=[7, 8], ft_epochs=5, eval_batch=125, sae_steps=5000,
                     ablate_sequences=32),
@@ -253,8 +253,9 @@ def make_data(d, p):
     heldout = {}  # drawn first; the corpus and the mini s1K never contain these questions
     while len(heldout) < p["heldout"]:
         q, lines, ans = problem(rng, rng.randint(*p["heldout_steps"]))
-        heldout.setdefault(q, dict(id=f"count-{len(heldout):04d}", problem=q, answer=str(ans),
-                                   steps=len(lines)))
+        if min(int(lines[0].split()[0]), ans) >= 10:  # the path (monotone) stays at two digits
+            heldout.setdefault(q, dict(id=f"count-{len(heldout):04d}", problem=q,
+                                       answer=str(ans), steps=len(lines)))
 
     def fresh(steps):
         while True:
@@ -263,12 +264,12 @@ def make_data(d, p):
                 return q, lines, ans
     corpus = []
     for _ in range(p["corpus_docs"]):
-        u = rng.random()
-        if u < 0.1:
+        u = rng.random()  # a quarter drills, 60% textbook pages, 15% chat turns
+        if u < 0.25:
             corpus.append(drill(rng))
             continue
         q, lines, ans = fresh(rng.randint(2, 8))
-        corpus.append(textbook(q, lines, ans) if u < 0.7 else chat_turn(q, ans))
+        corpus.append(textbook(q, lines, ans) if u < 0.85 else chat_turn(q, ans))
     s1k = [s1_row(*fresh(rng.randint(*p["s1k_steps"])), i) for i in range(p["s1k_rows"])]
     sample = (corpus[:p["tokenizer_docs"]]
               + [r["question"] + "\n" + s1_assistant(r) for r in s1k[:200]])

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,20 @@ def test_eval_results_schema(demo_run):
     s1 = json.load(open(out / "eval" / "recovery_s1.json"))
     assert s1["protocols"]["base"] == "s1"
     assert s["recovery"]["over_s1_base"] == s1["table"]["math"]["recovery"]
+
+
+def test_heldout_problems_stay_at_two_digits(demo_run):
+    """Every number on a held-out problem's way, worked step by step, has two digits."""
+    from demo import PROFILES
+    out, _, _ = demo_run
+    rows = [json.loads(l) for l in open(out / "data" / "heldout.jsonl")]
+    lo, hi = PROFILES["fast"]["heldout_steps"]
+    for r in rows:
+        v, verb, d, n = re.match(r"Start at (\d+) and (add|subtract) (\d), (\d) times",
+                                 r["problem"]).groups()
+        v, d, n = int(v), int(d) * (1 if verb == "add" else -1), int(n)
+        path = [v + k * d for k in range(n + 1)]
+        assert lo <= n <= hi and all(10 <= x <= 99 for x in path) and str(path[-1]) == r["answer"]
 
 
 def test_sae_and_ablation_artifacts(demo_run):
