@@ -1,5 +1,5 @@
 """
-The whole paper in miniature, on a CPU: `python demo.py` (about 10 minutes on 2 cores).
+The whole paper in miniature, on a CPU: `python demo.py` (about 12 minutes on 2 cores).
 
 A synthetic world stands in for Qwen2.5-32B-Instruct and s1K-1.1. Problems are repeated steps,
 
