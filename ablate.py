@@ -10,6 +10,7 @@ attention, and the greedy MLP ablation (re-scored at every step, as the official
 
 Writes ablations.json (every statistic, the sites, what it was made from) and ablations.html.
 """
+import json
 import math
 import os
 import random
@@ -20,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import load_benchmark
-from common import (Parser, add_model_flags, check_out, file_identity, fresh_outputs, number,
-                    user_errors, write_atomic, write_json)
+from common import (AppendLog, Parser, add_device_flag, add_model_flags, check_out, file_identity,
+                    fresh_outputs, number, pick_device, read_log, same_origin, user_errors,
+                    write_atomic, write_json)
 from data import Tokenizer, chat_prompt, read_rows, s1_example
 from figures import bar_chart, site_heatmap, table
 from lora import ATTN, MLP, SITE_ORDER, ablate, load_model, site_label, sites
@@ -37,7 +39,12 @@ def ablation_sequences(args, tok):
             name, _, path = spec.partition("=")
             items = load_benchmark(name, path, args.zip_password)
             qs.update({(name, it["id"]): it["question"] for it in items})
-        for r, w in list(zip(rows, where))[:args.max_sequences]:
+        pairs = list(zip(rows, where))
+        picked = [(r, w) for r, w in pairs if r.get("benchmark") == args.sample_bench]
+        if args.sample_bench and not picked:
+            print(f"ablate: {args.samples} holds no {args.sample_bench} generation; taking the "
+                  "first of all benchmarks", file=sys.stderr)
+        for r, w in (picked or pairs)[:args.max_sequences]:
             q = r.get("question") or qs.get((r.get("benchmark"), str(r.get("id"))))
             if q is None:
                 raise SystemExit(f"ablate: {w} has no question (GPQA samples): pass "
@@ -104,18 +111,23 @@ def kl_stats(model, ids, mask, ref_logp, sel):
                 ce_assistant_maxpos=top(ce, m))
 
 
-def ablation_pass(model, seqs, sets, desc="ablate"):
+def ablation_pass(model, seqs, sets, bar=None):
     """{experiment: [row]} for sets {experiment: [(label, selection)]}: each row holds the mean,
-    std and max over the sequences of every kl_stats value."""
+    std and max over the sequences of every kl_stats value. bar: a progress bar that counts
+    forwards (passes(sets, seqs) of them)."""
     device = model.lm_head.weight.device
     per = {e: {lab: [] for lab, _ in s} for e, s in sets.items()}
-    for _, ids, mask in tqdm(seqs, desc=desc, file=sys.stderr):
+    for _, ids, mask in seqs:
         x = torch.tensor([ids], device=device)
         with torch.no_grad():
             ref = torch.log_softmax(model(x).float(), dim=-1)[0]
         for e, s in sets.items():
             for lab, sel in s:
                 per[e][lab].append(kl_stats(model, x, mask, ref, sel))
+            if bar is not None:
+                bar.update(len(s))
+        if bar is not None:
+            bar.update(1)  # the reference
     results = {}
     for e, d in per.items():
         results[e] = []
@@ -131,7 +143,8 @@ def ablation_pass(model, seqs, sets, desc="ablate"):
     return results
 
 
-def greedy_ablation(model, seqs, metric, single=None, order="rescore"):
+def greedy_ablation(model, seqs, metric, single=None, order="rescore", done=(), on_step=None,
+                    bar=None):
     """The official iterative MLP ablation (iterative_mlp_ablation_by_matrix.py): MLP adapters are
     switched off one at a time, always the one whose removal, on top of those already off, raises
     `metric` least (mean over the sequences; the paper's max_kl is kl_full_abl_assistant_maxpos;
@@ -139,7 +152,9 @@ def greedy_ablation(model, seqs, metric, single=None, order="rescore"):
     step: n(n+1)/2 adapter-sets for n adapters, the first n of them the single ablations, reused
     from `single` (the "single" experiment's rows) when it ran. order="fixed" is a cheaper
     variant (n passes after the scores): one order from the single scores, applied cumulatively.
-    -> (single score rows, cumulative rows with n_ablated and the site added)."""
+    done: the cumulative rows of an earlier, interrupted run (re-scored steps resume after them);
+    on_step(row) is called with each new one. -> (single score rows, cumulative rows with
+    n_ablated and the site added)."""
     mlp = [(l, t) for l, t in sites(model) if t in MLP]
     labels = [site_label(l, t) for l, t in mlp]
     known = {r["label"]: r for r in single or []}
@@ -147,27 +162,51 @@ def greedy_ablation(model, seqs, metric, single=None, order="rescore"):
         scores = [known[lab] for lab in labels]
     else:
         sets = {"score": [(lab, dict(sites=[s])) for lab, s in zip(labels, mlp)]}
-        scores = ablation_pass(model, seqs, sets, "greedy: score")["score"]
+        scores = ablation_pass(model, seqs, sets, bar)["score"]
     least = lambda rows, idx: min(idx, key=lambda i: (rows[i][f"{metric}_mean"], i))
     if order == "fixed":
         ranked = sorted(range(len(mlp)), key=lambda i: (scores[i][f"{metric}_mean"], i))
         steps = [(f"+{labels[i]}", dict(sites=[mlp[j] for j in ranked[:n + 1]]))
                  for n, i in enumerate(ranked)]
-        cumulative = ablation_pass(model, seqs, {"greedy": steps}, "greedy: cumulative")["greedy"]
+        cumulative = ablation_pass(model, seqs, {"greedy": steps}, bar)["greedy"]
     else:
-        first = least(scores, range(len(mlp)))
-        ranked, cumulative = [first], [dict(scores[first])]
+        cumulative = [dict(r) for r in done]
+        ranked = [labels.index(r["added"]) for r in cumulative]
+        if not ranked:
+            ranked = [least(scores, range(len(mlp)))]
+            cumulative = [dict(scores[ranked[0]])]
+            finish(cumulative, 0, labels[ranked[0]], on_step)
         while len(ranked) < len(mlp):
             left = [i for i in range(len(mlp)) if i not in ranked]
             sets = {"step": [(f"+{labels[i]}", dict(sites=[mlp[j] for j in ranked + [i]]))
                              for i in left]}
-            rows = ablation_pass(model, seqs, sets, f"greedy: step {len(ranked) + 1}")["step"]
+            rows = ablation_pass(model, seqs, sets, bar)["step"]
             k = least(rows, range(len(left)))
             ranked.append(left[k])
             cumulative.append(rows[k])
+            finish(cumulative, len(ranked) - 1, labels[left[k]], on_step)
     for n, row in enumerate(cumulative):
         row.update(label=f"+{labels[ranked[n]]}", n_ablated=n + 1, added=labels[ranked[n]])
     return scores, cumulative
+
+
+def finish(cumulative, n, label, on_step):
+    """Label the greedy ablation's step n (0-based) and hand it to on_step (to be saved)."""
+    cumulative[n].update(label=f"+{label}", n_ablated=n + 1, added=label)
+    if on_step is not None:
+        on_step(cumulative[n])
+
+
+def passes(model, seqs, sets, chosen, greedy):
+    """The forwards an ablation run makes: each experiment's sets plus one reference, per
+    sequence; the greedy ablation's as greedy_ablation runs them."""
+    S = len(seqs)
+    n = sum(S * (len(sets[e]) + 1) for e in ["none"] + chosen if e in sets)
+    if "greedy" in chosen:
+        m = sum(1 for _, t in sites(model) if t in MLP)
+        n += 0 if "single" in chosen else S * (m + 1)
+        n += S * (m + 1) if greedy == "fixed" else S * sum(k + 1 for k in range(1, m))
+    return n
 
 
 def ablation_html(out):
@@ -199,8 +238,27 @@ def ablation_html(out):
     return "\n".join(parts)
 
 
+PARTS = "ablations.parts.jsonl"  # the finished experiments of a run, removed when it completes
+
+
+def resume_parts(path, made_from, overwrite):
+    """{experiment: rows} and the greedy steps that an interrupted run with the same inputs and
+    settings wrote to `path` (its first line records them); another run's parts are refused,
+    or with overwrite removed."""
+    rows = read_log(path, repair=True)
+    if rows and (rows[0].get("made_from") != made_from):
+        if not overwrite:
+            same_origin(rows[0].get("made_from") or {}, made_from, path)
+        os.remove(path)
+        rows = []
+    if not rows:
+        write_atomic(path, json.dumps(dict(made_from=made_from)) + "\n")
+    parts = {r["experiment"]: r["rows"] for r in rows[1:] if "experiment" in r}
+    return parts, [r["greedy_step"] for r in rows[1:] if "greedy_step" in r]
+
+
 def cmd_ablate(args):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
                          "--samples": args.samples, "--s1": args.s1})
     outputs = [os.path.join(args.out, f) for f in ("ablations.json", "ablations.html")]
@@ -209,27 +267,58 @@ def cmd_ablate(args):
     model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
                                  other_base=args.other_base)
     seqs = ablation_sequences(args, tok)
-    made_from = dict(samples=file_identity(args.samples) if args.samples else None,
-                     s1=file_identity(args.s1) if args.s1 else None, max_tokens=args.max_tokens,
-                     max_sequences=args.max_sequences, s1_rows=args.s1_rows, seed=args.seed)
-    os.makedirs(args.out, exist_ok=True)
     sets = ablation_sets(model, args.block)
     chosen = [e for e in args.experiments.split(",") if e]
     unknown = [e for e in chosen if e not in sets and e != "greedy"]
     if unknown:
         raise SystemExit(f"ablate: unknown experiments {unknown}; expected some of "
                          f"{list(sets) + ['greedy']}")
-    results = ablation_pass(model, seqs, {e: sets[e] for e in ["none"] + chosen if e in sets})
+    made_from = dict(samples=file_identity(args.samples) if args.samples else None,
+                     s1=file_identity(args.s1) if args.s1 else None, max_tokens=args.max_tokens,
+                     max_sequences=args.max_sequences, s1_rows=args.s1_rows, seed=args.seed,
+                     sample_bench=args.sample_bench)
     if "greedy" in chosen:
-        made_from["greedy_metric"] = args.greedy_metric
-        made_from["greedy_order"] = args.greedy
-        results["greedy_score"], results["greedy"] = greedy_ablation(
-            model, seqs, args.greedy_metric, results.get("single"), args.greedy)
+        made_from.update(greedy_metric=args.greedy_metric, greedy_order=args.greedy)
+    os.makedirs(args.out, exist_ok=True)
+    parts_file = os.path.join(args.out, PARTS)
+    run = dict(made_from, identity=identity, experiments=chosen, block=args.block)
+    parts, steps = resume_parts(parts_file, run, args.overwrite)
+    n = passes(model, seqs, sets, chosen, args.greedy)
+    tokens = sum(len(s[1]) for s in seqs)
+    print(f"ablate: {len(seqs)} sequences ({tokens:,} tokens), {n:,} forwards of the model "
+          f"(~{2 * model.num_params() * tokens / len(seqs) * n / 1e15:.3g} PFLOP)"
+          + ("; resuming after " + ", ".join(parts) if parts else ""), file=sys.stderr)
+    with AppendLog(parts_file) as log, tqdm(total=n, desc="ablate", unit="fwd",
+                                            file=sys.stderr) as bar:
+        results = {}
+        for e in ["none"] + [e for e in chosen if e in sets]:
+            if e in parts:
+                results[e] = parts[e]
+                bar.update(len(seqs) * (len(sets[e]) + 1))
+                continue
+            results[e] = ablation_pass(model, seqs, {e: sets[e]}, bar)[e]
+            log.write(json.dumps(dict(experiment=e, rows=results[e])) + "\n")
+            log.flush()  # each finished experiment is on disk before the next starts
+        if "greedy" in chosen:
+            mlp = [(site_label(l, t), dict(sites=[(l, t)])) for l, t in sites(model) if t in MLP]
+            if "single" in results:  # the greedy ablation's first scores
+                scores = results["single"]
+            elif "greedy_score" in parts:
+                scores = parts["greedy_score"]
+                bar.update(len(seqs) * (len(mlp) + 1))
+            else:
+                scores = ablation_pass(model, seqs, {"score": mlp}, bar)["score"]
+                log.write(json.dumps(dict(experiment="greedy_score", rows=scores)) + "\n")
+            save = lambda row: (log.write(json.dumps(dict(greedy_step=row)) + "\n"),
+                                log.flush())
+            bar.update(len(seqs) * sum(len(mlp) - j + 1 for j in range(1, len(steps))))
+            results["greedy_score"], results["greedy"] = greedy_ablation(
+                model, seqs, args.greedy_metric, scores, args.greedy, steps, save, bar)
     out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
-               tokens=sum(len(s[1]) for s in seqs), sites=[list(s) for s in sites(model)],
-               results=results)
-    write_json(os.path.join(args.out, "ablations.json"), out)
-    write_atomic(os.path.join(args.out, "ablations.html"), ablation_html(out))
+               tokens=tokens, sites=[list(s) for s in sites(model)], results=results)
+    write_json(outputs[0], out)
+    write_atomic(outputs[1], ablation_html(out))
+    os.remove(parts_file)  # all of it is in ablations.json now
     for e in chosen:
         if e == "greedy":
             quarters = results[e][max(len(results[e]) // 4 - 1, 0)::max(len(results[e]) // 4, 1)]
@@ -260,8 +349,14 @@ def parser():
                    help="each sequence cut to this many tokens")
     p.add_argument("--block", type=number(int, "positive"), default=8,
                    help="layers per block ablation")
-    p.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn,greedy",
-                   help="comma-separated, among layer, block, single, type, mlp_vs_attn, greedy")
+    p.add_argument("--experiments", default="layer,block,single,type,mlp_vs_attn",
+                   help="comma-separated, among layer, block, single, type, mlp_vs_attn, greedy "
+                   "(default: all but greedy; with greedy the default --greedy rescore makes "
+                   "n(n+1)/2 passes for n MLP adapters: about 1.5 days for 16 sequences of 4,096 "
+                   "tokens at 32B; the command prints its forward count before it starts)")
+    p.add_argument("--sample-bench", default="math500",
+                   help="take the --samples of this benchmark (the paper ablated MATH500 "
+                   "rollouts); all benchmarks in file order when it has none ('' : all)")
     p.add_argument("--greedy-metric", default="kl_full_abl_assistant_maxpos",
                    choices=["kl_full_abl_assistant_maxpos", "kl_full_abl_assistant"],
                    help="what scores each MLP adapter in the greedy ablation (the paper's max_kl: "
@@ -270,7 +365,9 @@ def parser():
                    help="rescore (the official): every remaining MLP adapter re-scored against "
                    "the current state at each step, n(n+1)/2 sets; fixed: one order from the "
                    "single scores, n sets")
-    p.add_argument("--out", required=True, help="directory for ablations.json and ablations.html")
+    p.add_argument("--out", required=True, help="directory for ablations.json and ablations.html "
+                   "(and, while it runs, ablations.parts.jsonl: a rerun resumes from it)")
+    add_device_flag(p)
     p.add_argument("--overwrite", action="store_true", help="replace ablations.* in --out")
     return p
 

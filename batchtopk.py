@@ -199,7 +199,7 @@ class SAEConfig:
     seed: int = 42
     log_every: int = 100
     save_every: int = 1000      # steps between saves of the training state (sae.py train resumes)
-    device: str = "cpu"
+    device: str = "auto"          # auto (cuda where there is one, else cpu), cpu, cuda, cuda:N
 
     # ranges of the numbers (common.RANGES); lr 0 trains nothing, which shows the initialisation
     RANGES = dict(expansion="positive", k="positive", batch_size="positive", lr="nonnegative",

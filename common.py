@@ -446,6 +446,29 @@ def add_model_flags(p, adapter_required=False):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
 
 
+def pick_device(name="auto"):
+    """The device a command runs a model on: "auto" is the GPU where there is one, else the CPU;
+    "cpu", "cuda" or "cuda:N" as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def free_memory(device):
+    """Bytes free on a device now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        kb = dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]
+    return int(kb) * 1024
+
+
+def add_device_flag(p, what="where the model runs"):
+    """--device, shared by every command that runs a model or an SAE outside torchrun."""
+    p.add_argument("--device", default="auto", help=f"{what}: auto (default: cuda where there is "
+                   "one, else cpu), cpu, cuda or cuda:N")
+
+
 def field_comments(cls):
     """{field: its comment} from the dataclass's source: the text after `#` on the field's line and
     on the comment lines that follow it, so a config's comments are also its --help."""
@@ -462,14 +485,16 @@ def field_comments(cls):
     return out
 
 
-def add_config_flags(parser, cls, skip=(), choices=None):
+def add_config_flags(parser, cls, skip=(), choices=None, defaults=None):
     """One --dashed-flag per field of the dataclass `cls` (but those in skip), default None so
     that config_from_flags can tell what was given; booleans take --flag / --no-flag. Each flag's
-    help is the field's comment and its default; choices: {field: allowed values}."""
+    help is the field's comment and its default (the field's, or the command's own from
+    `defaults`, which it must then pass to config_from_flags); choices: {field: allowed values}."""
     notes = field_comments(cls)
     for f in (f for f in fields(cls) if f.name not in skip):
         flag = "--" + f.name.replace("_", "-")
-        text = (notes.get(f.name) or f.name.replace("_", " ")) + f" (default: {f.default!r})"
+        default = (defaults or {}).get(f.name, f.default)
+        text = (notes.get(f.name) or f.name.replace("_", " ")) + f" (default: {default!r})"
         text = text.replace("%", "%%")  # argparse formats help with %
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,

@@ -350,7 +350,8 @@ def make_interpret(d, p, data, base, adapter, evals):
     samples = os.path.join(evals, "rank1", "samples.jsonl")
     run_script("ablate.py", ["--model", base, "--adapter", adapter, "--samples", samples,
                              "--bench", "math=" + os.path.join(data, "heldout.jsonl"), "--block", 2,
-                             "--max-sequences", p["ablate_sequences"], "--out", abl], log)
+                             "--max-sequences", p["ablate_sequences"], "--experiments",
+                             "layer,block,single,type,mlp_vs_attn,greedy", "--out", abl], log)
     run_script("interpret.py", ["mine", "--acts", acts, "--sae", sae, "--tokenizer", base,
                                 "--out", interp, "--k", 24, "--dedup", 2], log)
     run_script("dashboard.py", ["--features", os.path.join(interp, "features.json"), "--sae", sae,

@@ -37,12 +37,13 @@ from tqdm import tqdm
 from benchmarks import gpqa_option_order, load_benchmark
 from checkpoint import model_identity
 from common import (AppendLog, Parser, add_config_flags, add_model_flags, bootstrap_ci, check_out,
-                    cleanup_dist, code_version, config_from_flags, file_identity, fresh_outputs,
-                    number, read_log, setup_dist, start_run, user_errors, write_atomic, write_json)
+                    cleanup_dist, code_version, config_from_flags, file_identity, free_memory,
+                    fresh_outputs, number, read_log, setup_dist, start_run, user_errors,
+                    write_atomic, write_json)
 from data import Tokenizer
 from grading import BENCHMARKS, grade_sample
 from lora import adapter_identity, load_model
-from protocols import PROTOCOLS, GenConfig, generate
+from protocols import PROTOCOLS, GenConfig, auto_batch, generate
 
 # -----------------------------------------------------------------------------
 # run
@@ -80,8 +81,10 @@ def run_settings(args, gen, benches, tok, n_samples):
                 benchmarks=[dict(name=n, file=file_identity(p), problems=len(items),
                                  **(dict(option_order=gpqa_option_order(p)) if n == "gpqa" else {}))
                             for n, p, items in benches],
-                generation=asdict(gen), batch_size=args.batch_size, seed=args.seed,
-                samples_per_problem=n_samples)
+                generation=asdict(gen), seed=args.seed, samples_per_problem=n_samples,
+                # sampled batches are seeded by their number, so the batch shapes the samples;
+                # greedy tokens do not depend on it (tests/test_eval.py), so a rerun may change it
+                **(dict(batch_size=args.batch_size) if gen.temperature > 0 else {}))
 
 
 def finished_records(out, rank=None):
@@ -98,9 +101,30 @@ def finished_records(out, rank=None):
     return done
 
 
+def chunks(items, n):
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def batch_for(model, gen, device, n_jobs, rank):
+    """--batch-size 0: as many questions as fit in this device's free memory (protocols.auto_batch),
+    the smallest over the ranks; one line says what it chose and why."""
+    size, why = auto_batch(model.cfg, model.lm_head.weight.dtype, gen.max_context,
+                           free_memory(device), n_jobs)
+    t = torch.tensor([size], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    if rank == 0:
+        print(f"eval: batch {int(t)} (--batch-size 0: what fits; rank 0: {why})", flush=True)
+    return int(t)
+
+
 def cmd_run(args):
     rank, world, device = setup_dist()
     gen = config_from_flags(GenConfig, args)
+    if args.batch_size is None:
+        args.batch_size = 8 if gen.temperature > 0 else 0
+    if args.batch_size == 0 and gen.temperature > 0:
+        raise SystemExit("eval.py run: --batch-size 0 (what fits) is for greedy runs; sampled "
+                         "batches are seeded by their number, so give their size")
     benches = []
     for spec in args.bench:
         name, _, path = spec.partition("=")
@@ -124,12 +148,19 @@ def cmd_run(args):
                                  args.other_base)
     jobs = [(benches[b][0], it, k) for b, (_, _, items) in enumerate(benches) for it in items
             for k in range(n_samples)]
-    # fixed batches, batch i on rank i % world, seeded per batch: the same answers for any world
-    # size, and for a run that was killed and continued
-    batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     done = finished_records(args.out, rank)
-    mine = [(bi, batch) for bi, batch in enumerate(batches) if bi % world == rank
-            and not all((name, it["id"], k) in done for name, it, k in batch)]
+    torch.distributed.barrier()  # every rank has read the same finished answers
+    key = lambda job: (job[0], job[1]["id"], job[2])
+    if gen.temperature > 0:
+        # fixed batches, batch i on rank i % world, seeded per batch: the same samples for any
+        # world size, and for a run that was killed and continued
+        batches = list(enumerate(chunks(jobs, args.batch_size)))
+        mine = [(bi, b) for bi, b in batches if bi % world == rank
+                and not all(key(j) in done for j in b)]
+    else:  # greedy: what is left, in batches of what fits
+        todo = [j for j in jobs if key(j) not in done]
+        size = args.batch_size or batch_for(model, gen, device, len(todo), rank)
+        mine = [(bi, b) for bi, b in enumerate(chunks(todo, size)) if bi % world == rank]
     bar = tqdm(total=sum(len(b) for _, b in mine), desc=f"eval rank {rank}", disable=rank != 0,
                file=sys.stderr)
     t0, n_tok = time.time(), 0
@@ -325,8 +356,10 @@ def parser():
                    help="merge the adapter into the weights before decoding")
     r.add_argument("--limit", type=number(int, "nonnegative"), default=0,
                    help="first N problems of each benchmark (0: all)")
-    r.add_argument("--batch-size", type=number(int, "positive"), default=8,
-                   help="questions generated together")
+    r.add_argument("--batch-size", type=number(int, "nonnegative"), default=None,
+                   help="questions generated together (default 0 for greedy runs: as many as fit "
+                   "in the device's memory at --max-context, one line says how many; 8 when "
+                   "sampling, where it is part of the run's identity)")
     r.add_argument("--samples-per-problem", type=number(int, "positive"), default=1,
                    help="answers per problem when sampling (--temperature > 0); accuracy is "
                    "their mean")

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from autointerp import autointerp, categorise, compare_populations
 from batchtopk import SAE, check_sae
-from common import (Parser, check_out, file_identity, fresh_outputs, number,
-                    read_json, same_origin, user_errors, write_atomic, write_json)
+from common import (Parser, add_device_flag, check_out, file_identity, fresh_outputs, number,
+                    pick_device, read_json, same_origin, user_errors, write_atomic, write_json)
 from data import Tokenizer, read_rows
 from llm import LLM
 from lora import site_label
@@ -226,10 +226,10 @@ def cmd_mine(args):
     if pop == "mlp" and sae is not None:
         raise SystemExit("interpret.py mine: --sae applies to the lora population only")
     names = feature_names(population_sites(store, pop), sae, pop)
+    device = pick_device(args.device)
     if sae is not None:
-        sae = sae.to(args.device)
-    m = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed, pop,
-             args.device)
+        sae = sae.to(device)
+    m = mine(store, sae, args.k, args.dedup, args.per_doc, args.n_random, args.seed, pop, device)
     sae = sae.cpu() if sae is not None else None
     qs = quantiles(store, sae, population=pop)
     n_tok = store.index["shape"][0]
@@ -331,8 +331,7 @@ def parser():
                    help="tokens shown on each side of an example")
     m.add_argument("--seed", type=number(int, "seed"), default=0,
                    help="seeds the random examples")
-    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the features are computed")
+    add_device_flag(m, "where the features are computed")
     m.add_argument("--population", default="lora", choices=["lora", "mlp"],
                    help="lora: adapter scalars (+ SAE latents); mlp: the MLP-neuron baseline "
                    "(collect.py --mlp-neurons)")

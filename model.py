@@ -284,8 +284,27 @@ class Qwen2Model(nn.Module):
         return self.norm(x)
 
 
+PREFILL_CHUNK = 2048  # prompt tokens per forward in generate()
+
+
+def prefill_bytes(cfg, tokens, cache_len, dtype):
+    """An estimate of the activations one row's no-grad forward of `tokens` tokens holds at its
+    peak: one layer's hidden states, q/k/v and the MLP's three intermediate tensors, the attention
+    mask against a cache of cache_len positions and the fp32 logits of the last position.
+    Attention scores are not counted: on a GPU, SDPA's fused kernels never hold them."""
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    return tokens * (4 * D + 3 * I) * dtype.itemsize + tokens * cache_len + cfg.vocab_size * 4 * 2
+
+
 class KVCache:
     """Preallocated keys/values for all layers: (n_layers, B, n_kv, max_len, hd) each."""
+
+    @staticmethod
+    def row_bytes(cfg, max_len, dtype):
+        """The bytes one row of the cache takes (keys and values of every layer): 8.6 GB for
+        Qwen2.5-32B at 32,768 positions in bf16."""
+        return (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len
+                * dtype.itemsize)
 
     def __init__(self, cfg, batch_size, max_len, dtype, device):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -391,10 +410,12 @@ class Qwen2(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(),
-                 generator=None):
+                 generator=None, prefill_chunk=PREFILL_CHUNK):
         """Batched generation with a KV cache: each row's new tokens, as lists. prompts: token-id
         lists of any lengths (left-padded here) or a (B, T) tensor. Greedy at temperature 0, else
-        temperature + top_p sampling from `generator`. A row stops after (and with) a stop id."""
+        temperature + top_p sampling from `generator`. A row stops after (and with) a stop id.
+        Prompts run prefill_chunk tokens at a time, so that a 32k-token prompt (s1's answer
+        phase re-reads prompt and thinking) needs the activations of a chunk, not of all of it."""
         if torch.is_tensor(prompts):
             prompts = prompts.tolist()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -417,6 +438,10 @@ class Qwen2(nn.Module):
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
+        for s in range(0, P - prefill_chunk, prefill_chunk):  # all of the prompt but its last chunk
+            self.forward_cached(idx[:, s:s + prefill_chunk], positions[:, s:s + prefill_chunk],
+                                cache, padded, rope)
+        idx, positions = idx[:, cache.len:], positions[:, cache.len:]
         for step in range(max_new_tokens):
             h = self.forward_cached(idx, positions, cache, padded, rope)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)

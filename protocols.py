@@ -16,8 +16,42 @@ from dataclasses import dataclass
 
 from common import check_numbers
 from data import ANSWER, FINAL_ANSWER, THINK, chat_prompt, s1_prompt
+from model import PREFILL_CHUNK, KVCache, prefill_bytes
 
 PROTOCOLS = ("s1", "plain", "completion")
+
+# -----------------------------------------------------------------------------
+# how many questions fit on a device at once
+
+BATCH_CAP = 64  # beyond this a decode step gains little, and a benchmark's tail waits longer
+PROMPT_SPREAD = 1024  # rows are left-padded to the batch's longest prompt: a row's cache may need
+#                       this many positions beyond --max-context (s1 prompts differ by less)
+RESERVE = 2 * 2**30  # kept free for the CUDA context, the allocator's slack and the sampling
+
+
+def row_bytes(mcfg, dtype, max_context):
+    """What one question in a batch costs on the device beyond the weights: its KV cache row at
+    the context (plus PROMPT_SPREAD) and the activations of a prefill chunk."""
+    n = max_context + PROMPT_SPREAD
+    return KVCache.row_bytes(mcfg, n, dtype) + prefill_bytes(mcfg, PREFILL_CHUNK, n, dtype)
+
+
+def auto_batch(mcfg, dtype, max_context, free_bytes, n_jobs):
+    """(batch, why): as many questions as fit in free_bytes (the device's free memory with the
+    weights loaded) less RESERVE, at most BATCH_CAP and the number of questions. A ValueError when
+    not even one fits."""
+    row = row_bytes(mcfg, dtype, max_context)
+    fit = int((free_bytes - RESERVE) // row)
+    gb = lambda b: f"{b / 1e9:.1f} GB"
+    why = (f"{gb(free_bytes)} free with the weights loaded, {gb(RESERVE)} kept back, "
+           f"{gb(row)} per question (KV cache for {max_context + PROMPT_SPREAD:,} positions "
+           f"{gb(KVCache.row_bytes(mcfg, max_context + PROMPT_SPREAD, dtype))} + a "
+           f"{PREFILL_CHUNK:,}-token prefill)")
+    if fit < 1:
+        raise ValueError(f"--max-context {max_context}: one question needs {gb(row)} beyond the "
+                         f"weights and {gb(free_bytes - RESERVE)} are free; lower --max-context "
+                         "or use a device with more memory")
+    return min(fit, BATCH_CAP, max(n_jobs, 1)), why
 
 
 @dataclass

@@ -31,8 +31,8 @@ import numpy as np
 from autointerp import CLASSES, parse_name, populations
 from batchtopk import SAE, check_sae
 from coactivation import MIN_FIRING, clusters, cofiring, frequent_only, jaccard
-from common import (Parser, check_out, differences, file_identity, fresh_outputs, percentile_ci,
-                    read_json, user_errors, write_atomic, write_json)
+from common import (Parser, add_device_flag, check_out, differences, file_identity, fresh_outputs,
+                    percentile_ci, pick_device, read_json, user_errors, write_atomic, write_json)
 from data import read_rows
 from figures import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
                      site_heatmap, table)
@@ -557,7 +557,7 @@ def build(args):
             sae = SAE.load(args.sae)
             check_sae(sae, args.sae, store)
             made_from["sae"] = file_identity(os.path.join(args.sae, "cfg.json"))
-            rep["coactivation"] = coactivation_summary(store, sae, args.device)
+            rep["coactivation"] = coactivation_summary(store, sae, pick_device(args.device))
     elif args.sae:
         raise ValueError("--sae needs --acts (the store the SAE was trained on)")
     if "coactivation" not in rep:
@@ -603,8 +603,8 @@ def parser():
     p.add_argument("--adapter", help="the adapter directory (geometry)")
     p.add_argument("--acts", help="the activation store from `collect.py` (the state's shape)")
     p.add_argument("--sae", help="the SAE trained on --acts (co-activation of its latents)")
-    p.add_argument("--device", default="cpu", help="where --sae's co-activation counts run (cuda "
-                   "at 32B: 1.3e14 multiply-adds for 10M tokens x 3,584 latents)")
+    add_device_flag(p, "where --sae's co-activation counts run (at 32B: 1.3e14 multiply-adds "
+                    "for 10M tokens x 3,584 latents)")
     p.add_argument("--features", help="features.json from `interpret.py mine --sae` (masses)")
     p.add_argument("--autointerp", help="autointerp.jsonl of the LoRA features, with --rubric")
     p.add_argument("--mlp-autointerp", help="autointerp.jsonl of the MLP neurons, with --rubric")

@@ -21,8 +21,9 @@ from attention_kl import attention_kl, head_patterns, top_heads
 from attribution import attribute
 from batchtopk import SAE, check_sae
 from checkpoint import model_identity
-from common import (Parser, add_model_flags, check_out, differences, file_identity,
-                    fresh_outputs, number, user_errors, write_atomic, write_json)
+from common import (Parser, add_device_flag, add_model_flags, check_out, differences,
+                    file_identity, fresh_outputs, number, pick_device, user_errors, write_atomic,
+                    write_json)
 from data import Tokenizer
 from figures import provenance_lines, safe_json
 from interaction import latent_effects, source_latents
@@ -99,9 +100,9 @@ def build(args):
     ids, state = ids[:args.max_tokens], state[:args.max_tokens]
     sae = None
     if args.sae:
-        sae = SAE.load(args.sae, args.device)
+        sae = SAE.load(args.sae, device)
         check_sae(sae, args.sae, store)
-    model, identity = load_model(args.model, args.adapter, args.dtype, device=args.device,
+    model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
                                  other_base=args.other_base)
     tok = Tokenizer(args.tokenizer or args.model)
     sites = [site_label(layer, t) for layer, t in store.index["sites"]]
@@ -174,7 +175,7 @@ def parser():
                    help="with --sae: the trace's most active latents, each removed in turn")
     p.add_argument("--strength", type=number(float), help="with --sae: steer each source latent "
                    "by this much instead of removing it")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_flag(p)
     p.add_argument("--out", required=True, help="directory for rollout.html, rollout.json and the "
                    "arrays")
     p.add_argument("--overwrite", action="store_true", help="replace this command's files in --out")

@@ -2,9 +2,9 @@
 Training the BatchTopK SAE (batchtopk.py) on the adapter scalars (collect.py stores them).
 
     # 448 -> 3,584 latents, k = 16 (the paper's), on normalised inputs
-    python sae.py train --acts acts/ --out sae/ --device cuda
+    python sae.py train --acts acts/ --out sae/
     # the FVU-L0 frontier: k in {8, 16, 32} x expansion in {4, 8, 16} -> sweep.json, sweep.svg
-    python sae.py sweep --acts acts/ --out sweep/ --device cuda
+    python sae.py sweep --acts acts/ --out sweep/
     # library use (the config and the step are in batchtopk.py)
     from batchtopk import SAEConfig
     from sae import train_sae
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from batchtopk import SAE, SAEConfig, evaluate, update
 from checkpoint import read_safetensors, safetensors_metadata
 from common import (AppendLog, Parser, add_config_flags, check_out, config_from_flags, keep_steps,
-                    numbers, read_json, same_origin, start_run, user_errors, write_atomic,
+                    numbers, pick_device, read_json, same_origin, start_run, user_errors, write_atomic,
                     write_json)
 from figures import frontier_chart
 from store import ActivationStore
@@ -100,7 +100,7 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
     With state_file, training state is saved there every cfg.save_every steps and a run that
     finds the file continues from it, with the same result as a run that was never stopped."""
     cfg = cfg or SAEConfig()
-    dev = torch.device(cfg.device)
+    dev = pick_device(cfg.device)
     x = torch.as_tensor(x)
     if x.dim() != 2:
         raise ValueError(f"train_sae: expected an (N, d) tensor, got shape {tuple(x.shape)}")

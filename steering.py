@@ -20,8 +20,8 @@ import torch
 
 from batchtopk import SAE
 from benchmarks import load_benchmark
-from common import (add_config_flags, add_model_flags, check_out, config_from_flags, fresh_outputs,
-                    number, numbers, write_atomic)
+from common import (add_config_flags, add_device_flag, add_model_flags, check_out, config_from_flags,
+                    fresh_outputs, number, numbers, pick_device, write_atomic)
 from data import Tokenizer, chat_prompt
 from grading import grade
 from lora import adapters, load_model, parse_site_label, sites, steer
@@ -68,7 +68,7 @@ def cmd_steer(args):
     chosen words, accuracy (with --bench)."""
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--sae": args.sae})
     fresh_outputs([args.out], args.overwrite)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
                                  other_base=args.other_base)
     tok = Tokenizer(args.tokenizer or args.model)
@@ -168,5 +168,6 @@ def add_steer_flags(st):
     st.add_argument("--out", required=True, help="the JSON file to write")
     st.add_argument("--batch-size", type=number(int, "positive"), default=8,
                     help="questions generated together")
-    add_config_flags(st, GenConfig, choices=dict(protocol=PROTOCOLS))
+    add_config_flags(st, GenConfig, choices=dict(protocol=PROTOCOLS), defaults=STEER_GEN)
+    add_device_flag(st)
     st.add_argument("--overwrite", action="store_true", help="replace the --out file")

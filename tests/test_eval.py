@@ -263,7 +263,7 @@ def test_gpqa_option_order_belongs_to_the_benchmark_not_the_run(env, tmp_path):
     tok = Tokenizer(str(env / "model"))
     args = argparse.Namespace(samples=str(tmp_path / "run5" / "samples.jsonl"),
                               bench=[f"gpqa={c}"], zip_password=None, max_sequences=4,
-                              max_tokens=4096, s1=None, seed=5)
+                              max_tokens=4096, s1=None, seed=5, sample_bench="math500")
     gens = [json.loads(l)["generation"] for l in open(tmp_path / "run5" / "samples.jsonl")]
     for (_, ids, mask), it, g in zip(ablation_sequences(args, tok), items, gens):
         assert tok.decode(ids) == render_chat([{"role": "user", "content": it["question"]}],
@@ -395,3 +395,112 @@ def test_adapter_of_another_base_of_the_same_shape_is_refused(env, tmp_path):
         main(args(other))
     main(args(other, "--other-base"))
     main(args(moved))  # the same base, moved
+
+
+# --- the batch: chosen from memory, and no part of a greedy run's identity -----------------------
+
+
+def test_auto_batch_against_a_hand_computation():
+    """Qwen2.5-32B in bf16 at a 32,768-token context: a KV cache row of 33,792 positions is
+    2 (k, v) x 64 layers x 8 heads x 128 x 33,792 x 2 bytes = 8.86 GB; the 2,048-token prefill
+    adds 2,048 x (4 x 5,120 + 3 x 27,648) x 2 + 2,048 x 33,792 + 152,064 x 8 = 0.49 GB."""
+    from model import QWEN2_5_32B as CFG
+    from protocols import RESERVE, auto_batch, row_bytes
+    QWEN2_5_32B = Qwen2Config(**CFG)
+    row = lambda ctx: (2 * 64 * 8 * 128 * (ctx + 1024) * 2
+                       + 2048 * (4 * 5120 + 3 * 27648) * 2 + 2048 * (ctx + 1024) + 152064 * 8)
+    assert row_bytes(QWEN2_5_32B, torch.bfloat16, 32768) == row(32768)
+    assert row(32768) / 1e9 == pytest.approx(9.352, abs=1e-3)
+    weights = 32_763_876_352 * 2
+    h100, h200 = 80 * 2**30 - 500 * 2**20, 141 * 10**9 - 500 * 2**20  # less the CUDA context
+    for card, ctx, want in ((h100, 32768, 1), (h200, 32768, 7), (h200, 8192, 25)):
+        assert (card - weights - RESERVE) // row(ctx) == want
+        assert auto_batch(QWEN2_5_32B, torch.bfloat16, ctx, card - weights, 728)[0] == want
+    assert auto_batch(QWEN2_5_32B, torch.bfloat16, 8192, 10**12, 728)[0] == 64  # the cap
+    assert auto_batch(QWEN2_5_32B, torch.bfloat16, 8192, 10**12, 5)[0] == 5  # the questions
+    with pytest.raises(ValueError, match="--max-context 32768: one question needs 9.4 GB"):
+        auto_batch(QWEN2_5_32B, torch.bfloat16, 32768, 8 * 10**9, 728)
+
+
+def test_greedy_tokens_do_not_depend_on_the_batch_and_a_rerun_may_change_it(env, tmp_path,
+                                                                             monkeypatch):
+    """Greedy answers are the same at every batch size (left padding, the cache and the stops are
+    per row), so run.json leaves the batch out, the default picks it from memory, and a run
+    interrupted at batch 1 is finished at batch 3 with an uninterrupted run's samples."""
+    import eval as ev
+    args = lambda out, *extra: ["run", "--model", str(env / "model"), "--out", str(out),
+                                "--adapter", str(env / "adapter"), "--bench",
+                                f"math500={env / 'math.jsonl'}", "--max-context", "4096",
+                                "--thinking-budget", "20", "--max-answer-tokens", "8", *extra]
+    main(args(tmp_path / "auto"))  # --batch-size 0: what fits (all 5 questions at once here)
+    want = open(tmp_path / "auto" / "samples.jsonl").read()
+    assert "batch_size" not in json.load(open(tmp_path / "auto" / "run.json"))
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return generate(*a, **k)
+    monkeypatch.setattr(ev, "generate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(args(tmp_path / "b", "--batch-size", "1"))
+    assert e.value.code == 130
+    part = tmp_path / "b" / "samples.rank-00000.jsonl"
+    assert len(part.read_text().splitlines()) == 2
+    with open(part, "a") as f:
+        f.write('{"benchmark": "math500", "id": "p')  # a kill -9 mid-write
+    calls.clear()
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: (calls.append(a[2]), generate(*a, **k))[1])
+    main(args(tmp_path / "b", "--batch-size", "3"))
+    assert [len(q) for q in calls] == [3]  # only the 3 questions left, in one batch
+    assert open(tmp_path / "b" / "samples.jsonl").read() == want
+    main(args(tmp_path / "c", "--batch-size", "2"))
+    assert open(tmp_path / "c" / "samples.jsonl").read() == want
+    # sampled runs keep their batch: it seeds them
+    with pytest.raises(SystemExit, match="--batch-size 0 .what fits. is for greedy runs"):
+        main(args(tmp_path / "d", "--temperature", "0.7", "--batch-size", "0"))
+
+
+def test_ablate_interrupted_resumes_to_the_same_ablations(env, tmp_path, monkeypatch):
+    """ablate.py writes each experiment (and each greedy step) when it finishes: a run stopped
+    inside an experiment, its parts file cut mid-line, and run again ends with the ablations.json
+    of an uninterrupted run; the parts file is gone then."""
+    import ablate as ab
+    gen = "<|im_start|>think\nfour\n<|im_start|>answer\n4"
+    rows = [{"benchmark": b, "id": str(i), "question": f"What is {i}+{i}?",
+             "generation": gen * (1 + i % 2)} for i, b in enumerate(["aime24", "math500"] * 3)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = lambda out: ["--model", str(env / "model"), "--adapter", str(env / "adapter"),
+                        "--samples", str(tmp_path / "s.jsonl"), "--out", str(out),
+                        "--experiments", "layer,single,greedy", "--max-sequences", "2"]
+    want = ablate_main(args(tmp_path / "a"))
+    assert want["sequences"] == [f"{tmp_path / 's.jsonl'} line {n}" for n in (2, 4)]  # math500
+    assert len(want["results"]["greedy"]) == 9  # 3 layers x gate, up, down
+    calls, real = [], ab.kl_stats
+
+    def stop_at(n):
+        def kl(*a):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*a)
+        return kl
+    parts = tmp_path / "b" / "ablations.parts.jsonl"
+    for n in (30, 75):  # inside "single", then inside the greedy ablation's steps
+        calls.clear()
+        monkeypatch.setattr(ab, "kl_stats", stop_at(n))
+        with pytest.raises(SystemExit):
+            ablate_main(args(tmp_path / "b"))
+        with open(parts, "a") as f:
+            f.write('{"experiment": "sin')  # a kill -9 mid-write
+    kept = [json.loads(l) for l in parts.read_text().splitlines()[:-1]]
+    assert [r.get("experiment") for r in kept[1:3]] == ["none", "layer"]
+    assert any("greedy_step" in r for r in kept)
+    calls.clear()
+    monkeypatch.setattr(ab, "kl_stats", stop_at(0))  # counts, never stops
+    got = ablate_main(args(tmp_path / "b"))
+    assert len(calls) == 2 * (6 + 5 + 4 + 3 + 2 + 1)  # greedy steps 4..9: 6, 5, ... 1 sets left
+    assert json.load(open(tmp_path / "b" / "ablations.json")) == json.load(
+        open(tmp_path / "a" / "ablations.json"))
+    assert got["results"] == want["results"] and not parts.exists()

@@ -64,9 +64,24 @@ def test_greedy_generate_matches_hf_batched(tmp_path, name):
     ref = hf.generate(idx, attention_mask=am, max_new_tokens=32, min_new_tokens=32, do_sample=False,
                       pad_token_id=0, eos_token_id=None)[:, P:]
     assert ours == ref.tolist()
+    # prompts run in chunks of 5 or 2 tokens (a 32k-token prompt's prefill) decode the same
+    for chunk in (5, 2):
+        assert m.generate(prompts, max_new_tokens=32, prefill_chunk=chunk) == ours
     # and each row alone gives the same tokens (left padding changes nothing)
     for p, row in zip(prompts, ours):
         assert m.generate([p], max_new_tokens=32) == [row]
+
+
+def test_chunked_prefill_equals_one_forward_fp64(tmp_path):
+    """The cache a chunked prefill leaves, and the logits after it, are one forward's (fp64)."""
+    from model import KVCache
+    m = Qwen2.from_pretrained(save_hf(hf_tiny(), tmp_path / "m"), dtype=torch.float64)
+    idx = torch.randint(0, m.cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    whole = m(idx)
+    cache = KVCache(m.cfg, 2, 11, torch.float64, "cpu")
+    for s in range(0, 11, 4):
+        h = m.forward_cached(idx[:, s:s + 4], torch.arange(s, min(s + 4, 11))[None], cache)
+    torch.testing.assert_close(m.lm_head(h[:, -1]), whole[:, -1], rtol=1e-12, atol=1e-12)
 
 
 def test_generate_stops_per_row_and_samples_reproducibly(tiny_dir):
