@@ -17,8 +17,8 @@ official scripts hook the MLP adapters alone). The authors report the method as 
 is here because it is the tool people reach for first.
 
 Cost: one forward kept for backward (activations plus every layer's explicit attention pattern:
-about 27 GB for Qwen2.5-32B in bf16 on a 1,024-token trace, so one H200, or an 80 GB card with a
-shorter trace) and one backward per target position.
+backward_bytes, about 15 GB for Qwen2.5-32B in bf16 on a 512-token trace and 41 GB on a
+1,024-token one, so an 80 GB card takes about 550 tokens) and one backward per target position.
 """
 from contextlib import contextmanager
 
@@ -27,6 +27,16 @@ from tqdm import tqdm
 
 from lora import adapters, hooked
 from model import RMSNorm
+
+
+def backward_bytes(cfg, T, dtype):
+    """An estimate of what attribute() keeps for its backward on T tokens: per layer, the inputs
+    autograd saves for the linears and the MLP's gate (about 8 hidden-size and 4 MLP-width rows
+    per token in the model's dtype) and the explicit pattern before and after its softmax (fp32,
+    heads x T x T twice); plus the fp32 logits (T x vocab)."""
+    D, I, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    per_layer = T * (8 * D + 4 * I) * dtype.itemsize + 2 * H * T * T * 4
+    return cfg.num_hidden_layers * per_layer + T * cfg.vocab_size * 4
 
 
 @contextmanager

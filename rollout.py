@@ -13,22 +13,24 @@ document is one of --acts' (its tokens and its stored scalars, which the heatmap
 the store must come from --model and --adapter. Costs at 32B: docs/running.md.
 """
 import os
+import shutil
 
 import numpy as np
 import torch
 
 from attention_kl import attention_kl, head_patterns, top_heads
-from attribution import attribute
+from attribution import attribute, backward_bytes
 from batchtopk import SAE, check_sae
 from checkpoint import model_identity
 from common import (Parser, add_device_flag, add_model_flags, check_out, differences,
-                    file_identity, fresh_outputs, number, pick_device, user_errors, write_atomic,
-                    write_json)
+                    file_identity, free_memory, fresh_outputs, number, pick_device, read_json,
+                    sha256_file, user_errors, write_atomic, write_json)
 from data import Tokenizer
 from figures import provenance_lines, safe_json
 from interaction import latent_effects, source_latents
 from lora import adapter_identity, load_model, site_label
 from projection_norms import layer_norms
+from protocols import RESERVE
 from store import ActivationStore, write_npy
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "rollout.html")
@@ -89,11 +91,55 @@ def interaction(model, sae, ids, state, n, strength):
     return dict(mode=e["mode"], rows=rows)
 
 
+PARTS = "rollout.parts"  # each finished analysis of a run, removed when the page is written
+
+
+def part(out, name, made_from, compute):
+    """An analysis's (JSON part, array or None): read back from out/rollout.parts/ where an
+    earlier run with the same inputs and settings finished it, else computed and saved there at
+    once, so that an error or a kill in a later analysis loses none of the earlier ones."""
+    d = os.path.join(out, PARTS)
+    meta, arr = os.path.join(d, f"{name}.json"), os.path.join(d, f"{name}.npy")
+    if os.path.isfile(meta):
+        rec = read_json(meta)
+        if not differences(rec.get("made_from") or {}, made_from):
+            intact = not rec.get("array") or (os.path.isfile(arr)
+                                              and sha256_file(arr) == rec["array"])
+            if intact:
+                print(f"rollout: {name} read back from {d}")
+                return rec["part"], np.load(arr) if rec.get("array") else None
+    js, a = compute()
+    os.makedirs(d, exist_ok=True)
+    sha = write_npy(arr, a) if a is not None else None
+    write_json(meta, dict(made_from=made_from, part=js, array=sha))
+    return js, a
+
+
+def attribution_tokens(args, model, T, device):
+    """How many of the trace's tokens attribution reads: --attribution-tokens, checked against
+    the device's free memory (attribution.backward_bytes); 0 picks the most that fit. A number
+    that does not fit is refused before any analysis runs, naming the flag."""
+    free = free_memory(device) - RESERVE
+    need = lambda n: backward_bytes(model.cfg, n, model.lm_head.weight.dtype)
+    fit = max((n for n in range(1, T + 1) if need(n) <= free), default=0)
+    n = min(args.attribution_tokens or fit, T)
+    if n < 1 or need(n) > free:
+        raise ValueError(f"--attribution-tokens {args.attribution_tokens}: attribution keeps "
+                         f"~{need(max(n, 1)) / 1e9:.1f} GB for its backward and "
+                         f"{free / 1e9:.1f} GB are free beside the weights; at most {fit} tokens "
+                         "fit here")
+    how = "the most that fit" if not args.attribution_tokens else "--attribution-tokens"
+    print(f"rollout: attribution over the first {n} of {T} tokens ({how}; ~{need(n) / 1e9:.1f} "
+          f"GB of {free / 1e9:.1f} GB free)")
+    return n
+
+
 def build(args):
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--acts": args.acts,
                          "--sae": args.sae})
     outs = {n: os.path.join(args.out, n) for n in OUTPUTS}
     fresh_outputs(list(outs.values()), args.overwrite)
+    device = pick_device(args.device)
     store = ActivationStore(args.acts)
     check_store(store, args)
     rec, ids, state = document(store, args.doc)
@@ -108,37 +154,55 @@ def build(args):
     sites = [site_label(layer, t) for layer, t in store.index["sites"]]
     T = len(ids)
     print(f"rollout: document {args.doc} ({T} tokens{', truncated' if T < rec['length'] else ''})")
-    kl = attention_kl(model, ids)
-    heads = top_heads(kl, args.top_heads)
-    pats = head_patterns(model, ids, [(layer, h) for layer, h, _ in heads])
-    att = attribute(model, ids, target_positions(T, args.targets), progress=True)
-    norms = layer_norms(model, ids)
+    n_attr = attribution_tokens(args, model, T, device)
+    made_from = dict(model=identity["model"], adapter=identity["adapter"],
+                     acts=store.identity(), doc=args.doc,
+                     sae=file_identity(os.path.join(args.sae, "cfg.json")) if args.sae else None,
+                     settings=dict(max_tokens=args.max_tokens, targets=args.targets,
+                                   attribution_tokens=n_attr, top_heads=args.top_heads,
+                                   keys=args.keys, latents=args.latents, strength=args.strength,
+                                   dtype=identity["dtype"]))
+    os.makedirs(args.out, exist_ok=True)
+
+    def attention():
+        kl = attention_kl(model, ids)
+        heads = top_heads(kl, args.top_heads)
+        pats = head_patterns(model, ids, [(layer, h) for layer, h, _ in heads])
+        return dict(heads=heads, patterns={f"{layer}.{h}": sparse_rows(*pats[layer, h], args.keys)
+                                           for layer, h, _ in heads}), kl.astype(np.float32)
+
+    def attribution():
+        att = attribute(model, ids[:n_attr], target_positions(n_attr, args.targets),
+                        progress=True)
+        return (dict(positions=att["positions"], tokens=att["tokens"]),
+                att["attr"].float().numpy())
+
+    def norms():
+        got = layer_norms(model, ids)
+        return dict(got["layer_means"], abs_b_projection=np.abs(got["b_projection"]).mean(
+            1).tolist()), None
+    att_js, kl = part(args.out, "attention", made_from, attention)
+    heads = [tuple(h) for h in att_js["heads"]]
+    attr_js, attr = part(args.out, "attribution", made_from, attribution)
+    norms_js, _ = part(args.out, "norms", made_from, norms)
     data = dict(
         doc=dict(rec, tokens=T), tokens=[tok.id_to_token_str(i) for i in ids], sites=sites,
         state=state.tolist(),
         kl=dict(heads=heads, layer_mean=kl.mean(1).tolist(), overall=kl.mean((0, 1)).tolist(),
                 per_head={f"{layer}.{h}": kl[layer, h].tolist() for layer, h, _ in heads},
-                patterns={f"{layer}.{h}": sparse_rows(*pats[layer, h], args.keys)
-                          for layer, h, _ in heads}),
-        attribution=dict(positions=att["positions"],
-                         predicted=[tok.id_to_token_str(i) for i in att["tokens"]],
-                         by_source=[att["attr"][i, :t + 1].sum(-1).tolist()
-                                    for i, t in enumerate(att["positions"])],
-                         by_site=att["attr"].sum(1).tolist()),
-        norms=dict(norms["layer_means"],
-                   abs_b_projection=np.abs(norms["b_projection"]).mean(1).tolist()))
+                patterns=att_js["patterns"]),
+        attribution=dict(positions=attr_js["positions"],
+                         predicted=[tok.id_to_token_str(i) for i in attr_js["tokens"]],
+                         by_source=[attr[i, :t + 1].sum(-1).tolist()
+                                    for i, t in enumerate(attr_js["positions"])],
+                         by_site=attr.sum(1).tolist()),
+        norms=norms_js)
     if sae is not None:
-        data["interaction"] = interaction(model, sae, ids, state, args.latents, args.strength)
-    made_from = dict(model=identity["model"], adapter=identity["adapter"],
-                     acts=store.identity(), doc=args.doc,
-                     sae=file_identity(os.path.join(args.sae, "cfg.json")) if args.sae else None,
-                     settings=dict(max_tokens=args.max_tokens, targets=args.targets,
-                                   top_heads=args.top_heads, keys=args.keys, latents=args.latents,
-                                   strength=args.strength, dtype=identity["dtype"]))
+        data["interaction"] = part(args.out, "interaction", made_from, lambda: (interaction(
+            model, sae, ids, state, args.latents, args.strength), None))[0]
     data["provenance"] = provenance_lines(made_from)
-    os.makedirs(args.out, exist_ok=True)
-    sums = dict(attention_kl=write_npy(outs["attention_kl.npy"], kl.astype(np.float32)),
-                attribution=write_npy(outs["attribution.npy"], att["attr"].float().numpy()))
+    sums = dict(attention_kl=write_npy(outs["attention_kl.npy"], kl),
+                attribution=write_npy(outs["attribution.npy"], attr))
     with open(TEMPLATE, encoding="utf-8") as f:
         write_atomic(outs["rollout.html"], f.read().replace("__DATA__", safe_json(data), 1))
     summary = {k: v for k, v in data.items() if k not in ("provenance",)}
@@ -146,12 +210,13 @@ def build(args):
         attention_kl=dict(file="attention_kl.npy", shape=list(kl.shape),
                           sha256=sums["attention_kl"],
                           axes="layer, head, query position: KL(base || adapted)"),
-        attribution=dict(file="attribution.npy", shape=list(att["attr"].shape),
+        attribution=dict(file="attribution.npy", shape=list(attr.shape),
                          sha256=sums["attribution"],
                          axes="target (positions), source position, site: grad x activation")),
         **summary))
+    shutil.rmtree(os.path.join(args.out, PARTS))  # all of it is in the outputs now
     print(f"rollout: top head L{heads[0][0]}.H{heads[0][1]} (mean KL {heads[0][2]:.3g}); "
-          f"{len(att['positions'])} attributed positions -> {outs['rollout.html']}")
+          f"{len(attr_js['positions'])} attributed positions -> {outs['rollout.html']}")
     return data
 
 
@@ -167,6 +232,10 @@ def parser():
                    help="keep the document's first N tokens (the official views use 1,024)")
     p.add_argument("--targets", type=number(int, "positive"), default=256,
                    help="attribute at most N target positions (spread evenly; one backward each)")
+    p.add_argument("--attribution-tokens", type=number(int, "nonnegative"), default=0,
+                   help="attribution reads the trace's first N tokens (its forward is kept for "
+                   "the backward: ~15 GB at 512 tokens at 32B); 0 (default): the most that fit "
+                   "in the device's free memory, said in one line")
     p.add_argument("--top-heads", type=number(int, "positive"), default=8,
                    help="heads whose patterns the page shows (by mean KL)")
     p.add_argument("--keys", type=number(int, "positive"), default=8,

@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from batchtopk import SAE, SAEConfig, evaluate, update
 from checkpoint import read_safetensors, safetensors_metadata
-from common import (AppendLog, Parser, add_config_flags, check_out, config_from_flags, keep_steps,
-                    numbers, pick_device, read_json, same_origin, start_run, user_errors, write_atomic,
-                    write_json)
+from common import (AppendLog, Parser, add_config_flags, check_out, config_from_flags,
+                    keep_steps, numbers, pick_device, read_json, same_origin, start_run,
+                    user_errors, write_atomic, write_json)
 from figures import frontier_chart
 from store import ActivationStore
 

@@ -20,8 +20,8 @@ import torch
 
 from batchtopk import SAE
 from benchmarks import load_benchmark
-from common import (add_config_flags, add_device_flag, add_model_flags, check_out, config_from_flags,
-                    fresh_outputs, number, numbers, pick_device, write_atomic)
+from common import (add_config_flags, add_device_flag, add_model_flags, check_out,
+                    config_from_flags, fresh_outputs, number, numbers, pick_device, write_atomic)
 from data import Tokenizer, chat_prompt
 from grading import grade
 from lora import adapters, load_model, parse_site_label, sites, steer

@@ -325,3 +325,33 @@ def test_rollout_refuses_another_adapters_store_and_existing_outputs(traced):
         rollout_main([str(a) for a in args] + ["--out", str(d / "rollout")])
     with pytest.raises(SystemExit, match="no document 99"):
         rollout_main([str(a) for a in args] + ["--doc", "99", "--out", str(d / "t3")])
+
+
+def test_rollout_keeps_the_analyses_done_before_an_error(traced, monkeypatch):
+    """Each analysis is saved when it finishes: an error in the norms (the third) keeps the
+    attention and attribution passes, which the rerun reads back instead of running again, and
+    the rerun's outputs are an untroubled run's. Attribution that cannot fit is refused before
+    any analysis runs, naming the flag."""
+    import rollout
+    d, args = traced
+    argv = [str(a) for a in args] + ["--out", str(d / "t4")]
+
+    def broken(*a):
+        raise ValueError("the norms failed")
+    monkeypatch.setattr(rollout, "layer_norms", broken)
+    with pytest.raises(SystemExit, match="the norms failed"):
+        rollout_main(argv)
+    parts = sorted(os.listdir(d / "t4" / "rollout.parts"))
+    assert parts == ["attention.json", "attention.npy", "attribution.json", "attribution.npy"]
+    monkeypatch.undo()
+    monkeypatch.setattr(rollout, "attention_kl", broken)  # must not run again
+    monkeypatch.setattr(rollout, "attribute", broken)
+    rollout_main(argv)
+    assert not (d / "t4" / "rollout.parts").exists()
+    for f in ("rollout.json", "attention_kl.npy", "attribution.npy"):
+        assert (d / "t4" / f).read_bytes() == (d / "rollout" / f).read_bytes(), f
+    monkeypatch.setattr(rollout, "free_memory", lambda device: rollout.RESERVE + 1)
+    monkeypatch.setattr(rollout, "attention_kl", broken)
+    with pytest.raises(SystemExit, match=r"--attribution-tokens 0: attribution keeps .* at most "
+                       r"\d+ tokens fit here"):
+        rollout_main([str(a) for a in args] + ["--out", str(d / "t5")])
