@@ -57,6 +57,17 @@ def read_safetensors(file, keys=None, device="cpu", dtype=None):
                          f"({e})") from None
 
 
+# what an HF model directory carries beside its weights so that transformers, vLLM and eval.py
+# load it as a model with its tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "generation_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(d):
+    """The paths of the tokenizer files (TOKENIZER_FILES) that directory d holds."""
+    return [os.path.join(d, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(d, n))]
+
+
 def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=(),
                        extra=None, overwrite=False, *, command):
     """Write (name, tensor) pairs as an HF checkpoint: model-XXXXX-of-YYYYY.safetensors shards

@@ -279,11 +279,6 @@ def make_data(d, p):
     write_jsonl(os.path.join(d, "heldout.jsonl"), heldout.values())
 
 
-def copy_tokenizer(src, dst):
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
-
-
 def make_base(d, p, data, seed):
     """A random Qwen2 checkpoint, then train.py (full mode, PRESETS["pretrain"]) from it."""
     tok_dir = os.path.join(data, "tokenizer")
@@ -299,7 +294,6 @@ def make_base(d, p, data, seed):
     run_script("train.py", [*config_flags(PRESETS["pretrain"]), "--seed", seed, "--model", init,
                             "--data", os.path.join(data, "pretrain.jsonl"), "--out", d],
                os.path.join(d, "log.txt"))
-    copy_tokenizer(tok_dir, os.path.join(d, "model"))
     shutil.rmtree(init)
 
 
@@ -308,8 +302,6 @@ def make_finetune(d, p, data, base, preset, seed):
     run_script("train.py", [*config_flags(settings), "--seed", seed, "--model", base,
                             "--data", os.path.join(data, "s1k.jsonl"), "--out", d],
                os.path.join(d, "log.txt"))
-    if preset == "full":
-        copy_tokenizer(base, os.path.join(d, "model"))
 
 
 # the protocols at the demo's scale: s1 (think, then answer) for the fine-tunes and, as s1 ran its

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from checkpoint import model_identity, read_safetensors, save_hf_checkpoint
+from checkpoint import model_identity, read_safetensors, save_hf_checkpoint, tokenizer_files
 from common import DTYPES, publish_dir, read_json, sha256_file
 from model import KVCache, Qwen2
 
@@ -521,10 +521,6 @@ def adapter_tensors(adapter_dir):
     tools keep the adapter name (".lora_A.default.weight"), which is dropped."""
     return {k.replace(".default.weight", ".weight"): v for k, v in
             read_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors")).items()}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "generation_config.json", "special_tokens_map.json")
-
-
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "rank1.json")
 
 
@@ -710,7 +706,6 @@ def export_merged(model, out_dir, tokenizer_dir=None, dtype=None, max_shard_byte
                 raise ValueError(f"export_merged: {k} is non-finite after merging")
             yield k, v
     cfg = {**model.cfg.to_hf_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
-    files = [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES
-             if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, n))]
+    files = tokenizer_files(tokenizer_dir) if tokenizer_dir else []
     save_hf_checkpoint(out_dir, tensors(), cfg, max_shard_bytes, files, provenance, overwrite,
                        command=command)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                    fully_shard)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from checkpoint import checkpoint_tensors
@@ -61,10 +62,15 @@ class TrainConfig:
     save_minutes: float = 20.0  # also checkpoint when this much wall time passed since the last
     #                             save (0: never by time); and always on SIGINT / SIGTERM
     max_steps: int = 0          # stop after this many steps (0: the full schedule); for smoke tests
+    cpu_offload: bool = False   # full mode: FSDP2 keeps fp32 weights, gradients and AdamW state in
+    #                             host memory (66 GB per GPU at 32B on 8 GPUs) and the optimizer
+    #                             steps on the CPU: what fits the full finetune on 8x80 GB
     resume: bool = False        # continue from the newest checkpoint in out/ckpt
     overwrite: bool = False     # start over in an --out that holds an earlier run (its files only)
-    dry_run: bool = False
-    preset: str = ""
+    dry_run: bool = False       # print the plan (steps, memory per GPU of every stage) and stop
+    world_size: int = 0         # with --dry-run: plan for this many GPUs (0: the processes running)
+    gpu_gb: float = 80.0        # with --dry-run: memory of one GPU in GB (1e9 bytes), for the plan
+    preset: str = ""            # the paper's settings: s1.1-rank1-32b or s1.1-full-32b
 
     # ranges of the numbers (common.RANGES); --grad-clip 0 is no clipping, as HF reads it
     RANGES = dict(rank="positive", epochs="positive", global_batch="positive",
@@ -72,7 +78,7 @@ class TrainConfig:
                   lr="positive", alpha="positive", eps="positive", weight_decay="nonnegative",
                   grad_clip="nonnegative", save_every="nonnegative", save_minutes="nonnegative",
                   max_steps="nonnegative", warmup_ratio="unit", beta1="below_one",
-                  beta2="below_one", seed="seed")
+                  beta2="below_one", seed="seed", world_size="nonnegative", gpu_gb="positive")
 
     def __post_init__(self):
         if self.mode not in ("lora", "full"):
@@ -83,6 +89,8 @@ class TrainConfig:
         if bad:
             raise ValueError(f"--targets: unknown {bad}; expected names among {list(SITE_ORDER)}")
         check_numbers(self)
+        if self.cpu_offload and self.mode != "full":
+            raise ValueError("--cpu-offload is for --mode full (a LoRA run's sharded base fits)")
 
     @property
     def target_list(self):
@@ -137,8 +145,11 @@ def build_model(cfg, mcfg, device, world):
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         layer.checkpoint = cfg.activation_checkpointing
-    apply_fsdp(model, init_device_mesh(device.type, (world,)), mp, ignored)
-    model.to_empty(device=device)
+    # with cpu_offload the sharded parameters, their gradients and AdamW's state live in host
+    # memory; FSDP copies each layer's shards to the GPU for its all-gather
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else None
+    apply_fsdp(model, init_device_mesh(device.type, (world,)), mp, ignored, offload)
+    model.to_empty(device="cpu" if cfg.cpu_offload else device)
     store = dtype if cfg.mode == "lora" else torch.float32
     if cfg.model:
         load_sharded(model, cfg.model, store)
@@ -156,17 +167,53 @@ def build_model(cfg, mcfg, device, world):
     return model
 
 
-def apply_fsdp(model, mesh, mp, ignored):
+def train_memory(cfg, mcfg, world):
+    """The training run's memory per GPU in bytes, by what holds it (an estimate from the shapes,
+    checked by hand in tests/test_train.py), and the host memory per GPU that --cpu-offload uses:
+    - sharded: each rank's share of what FSDP shards: the frozen base in --dtype (LoRA), or the
+      fp32 master weights, their gradients and AdamW's two moments, 16 bytes a parameter (full);
+    - gathered: what FSDP holds whole while it computes: two decoder layers (one running, the next
+      prefetched) and the root group (embeddings, head) in --dtype, and in full mode a layer's
+      unsharded gradient in --dtype and in fp32 for the reduce-scatter;
+    - adapters: the replicated fp32 adapters, their gradients and AdamW state (LoRA);
+    - activations: the checkpointed inputs of every layer, one layer recomputed in backward and
+      one chunk of fp32 logits with its gradient, at --block-size x --micro-batch tokens."""
+    with torch.device("meta"):
+        m = Qwen2(mcfg)
+    n_base, L = m.num_params(), mcfg.num_hidden_layers
+    n_layer = sum(p.numel() for p in m.model.layers[0].parameters())
+    if cfg.mode == "lora":
+        apply_lora(m, rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, targets=cfg.target_list,
+                   layers=cfg.layer_list(L), verbose=False)
+    n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    bpe = DTYPES[cfg.dtype].itemsize
+    gathered = (2 * n_layer + n_base - L * n_layer) * bpe
+    if cfg.mode == "lora":
+        sharded, adapters_, host = n_base * bpe / world, n_train * 4 * 4, 0
+    else:
+        state = n_base * 16 / world
+        sharded, host = (0, state) if cfg.cpu_offload else (state, 0)
+        gathered, adapters_ = gathered + n_layer * (bpe + 4), 0
+    T = cfg.block_size * cfg.micro_batch
+    D, I, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size
+    acts = T * D * bpe * L + T * (12 * D + 4 * I) * bpe + min(T, cfg.loss_chunk) * V * 4 * 3
+    parts = dict(sharded=sharded, gathered=gathered, adapters=adapters_, activations=acts)
+    return dict(parts, total=sum(parts.values()), host=host, base_params=n_base,
+                trainable_params=n_train)
+
+
+def apply_fsdp(model, mesh, mp, ignored, offload=None):
     """FSDP2 groups: one per decoder layer (its parameters gathered for its forward and backward,
     then freed), and the root for the embeddings, final norm and head. `ignored`: parameters kept
-    whole on every rank (the adapters)."""
+    whole on every rank (the adapters); offload: FSDP's CPUOffloadPolicy or None."""
     n = len(model.model.layers)
+    kw = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored or None,
+              offload_policy=offload or OffloadPolicy())
     for i, layer in enumerate(model.model.layers):
         # backward starts with the last layer, right after forward ends: resharding it would free
         # parameters only to gather them again at once, so it stays gathered (as torchtitan does)
-        fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=ignored or None,
-                    reshard_after_forward=i < n - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
+        fully_shard(layer, reshard_after_forward=i < n - 1, **kw)
+    fully_shard(model, **kw)
 
 
 def load_sharded(model, path, dtype):

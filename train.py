@@ -42,15 +42,16 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from checkpoint import model_identity, read_safetensors, save_hf_checkpoint
+from checkpoint import model_identity, read_safetensors, save_hf_checkpoint, tokenizer_files
 from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, check_out, claim_dir,
                     cleanup_dist, code_version, config_from_flags, differences, file_identity,
                     keep_steps, print0, read_json, setup_dist, user_errors, write_json)
 from data import Tokenizer, data_identity, load_examples
-from lora import ADAPTER_FILES, apply_lora, save_adapter
-from model import Qwen2, Qwen2Config
+from lora import ADAPTER_FILES, save_adapter
+from model import KVCache, Qwen2Config, prefill_bytes
+from protocols import auto_batch, row_bytes
 from recipe import (PRESETS, TrainConfig, build_model, empty_steps, lr_at, make_optimizer, plan,
-                    step_batch, trainable)
+                    step_batch, train_memory, trainable)
 
 # settings that must agree between a checkpoint and the run resuming it (the model, data and
 # tokenizer are compared by what they are: see origin())
@@ -183,8 +184,10 @@ def _copy_into(p, v):
 
 
 def save_final(cfg, model, rank, provenance):
-    """LoRA: a PEFT adapter in out/adapter. Full: an HF checkpoint in out/model, gathered tensor by
-    tensor (every rank takes part in each gather; rank 0 writes the shards as they fill). Both
+    """LoRA: a PEFT adapter in out/adapter. Full: an HF checkpoint in out/model with the base's
+    tokenizer files (so that eval.py, transformers and vLLM load it as they load the base),
+    gathered tensor by tensor (every rank takes part in each gather; rank 0 writes the shards as
+    they fill). Both
     with rank1.json: what they were made from. They belong to this run: a resumed run replaces
     them."""
 
@@ -202,6 +205,7 @@ def save_final(cfg, model, rank, provenance):
     if rank == 0:
         save_hf_checkpoint(os.path.join(cfg.out, "model"), gathered,
                            {**model.cfg.to_hf_dict(), "torch_dtype": cfg.dtype},
+                           copy_files=tokenizer_files(cfg.tokenizer or cfg.model),
                            extra=provenance, overwrite=True, command="train.py")
     else:
         for _ in gathered:
@@ -213,28 +217,17 @@ def save_final(cfg, model, rank, provenance):
 
 
 def dry_run(cfg, mcfg, stats, world, empty):
-    """Print the plan (and return it): steps, schedule, memory per GPU, and the optimizer steps
-    that would have no trained-on tokens (train.py refuses to start with any)."""
-    with torch.device("meta"):
-        m = Qwen2(mcfg)
-    n_base = m.num_params()
-    if cfg.mode == "lora":
-        apply_lora(m, rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, targets=cfg.target_list,
-                   layers=cfg.layer_list(mcfg.num_hidden_layers), verbose=False)
-    n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    """Print the plan (and return it): steps, schedule, the optimizer steps that would have no
+    trained-on tokens (train.py refuses to start with any), and the memory per GPU of this run
+    and of the later stages on the same model, for --world-size GPUs of --gpu-gb each (no GPU is
+    needed to plan)."""
+    world = cfg.world_size or world
+    mem = train_memory(cfg, mcfg, world)
     n = stats["rows"] if stats else None
     spe, total, warmup = plan(cfg, n) if n else (None, None, None)
-    bpe = DTYPES[cfg.dtype].itemsize
-    if cfg.mode == "lora":  # sharded frozen base; replicated fp32 adapter, grad, Adam moments
-        weights = n_base * bpe / world + n_train * 4 * 4
-    else:  # fp32 master, grads and 2 Adam moments, all sharded; bf16 layers gathered on the fly
-        weights = n_base * 16 / world
-    T = cfg.block_size * cfg.micro_batch  # tokens per forward
-    D, I, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size
-    acts = (T * D * 2 * mcfg.num_hidden_layers          # checkpointed layer inputs (bf16)
-            + T * (12 * D + 4 * I) * 2                  # one layer recomputed in backward
-            + min(T, cfg.loss_chunk) * V * 4 * 3)       # one chunk of fp32 logits and its grads
-    plan_d = dict(mode=cfg.mode, world=world, trainable_params=n_train, base_params=n_base,
+    gb = lambda b: round(b / 1e9, 2)
+    plan_d = dict(mode=cfg.mode, world=world, trainable_params=mem["trainable_params"],
+                  base_params=mem["base_params"],
                   optimizer=dict(name="AdamW", lr=cfg.lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip),
                   scheduler=dict(name="cosine", warmup_ratio=cfg.warmup_ratio, warmup_steps=warmup,
@@ -243,11 +236,36 @@ def dry_run(cfg, mcfg, stats, world, empty):
                   total_steps=total, micro_batch=cfg.micro_batch,
                   accumulation_per_rank=math.ceil(math.ceil(cfg.global_batch / world)
                                                   / cfg.micro_batch), data=stats,
-                  memory_per_gpu_gb=dict(weights_and_optimizer=round(weights / 1e9, 2),
-                                         activations_at_block_size=round(acts / 1e9, 2)),
+                  memory_per_gpu_gb={k: gb(v) for k, v in mem.items()
+                                     if k not in ("base_params", "trainable_params", "host")},
+                  host_memory_per_gpu_gb=gb(mem["host"]), gpu_gb=cfg.gpu_gb,
+                  fits=mem["total"] <= cfg.gpu_gb * 1e9,
+                  later_stages=later_stages(mcfg, mem["base_params"], cfg.gpu_gb * 1e9),
                   steps_without_trained_tokens=empty)
     print0(json.dumps(plan_d, indent=1))
     return plan_d
+
+
+def later_stages(mcfg, n_base, gpu_bytes):
+    """Memory per GPU of eval.py run (one model copy per GPU, its batch chosen as
+    protocols.auto_batch chooses it at s1's 32,768-token context) and collect.py (one document of
+    up to that context, in windows of 4,096 tokens), with bf16 weights on a GPU of gpu_bytes
+    (less CONTEXT_BYTES for the CUDA context)."""
+    weights, ctx = n_base * 2, 32768
+    dtype = torch.bfloat16
+    free = gpu_bytes - CONTEXT_BYTES - weights
+    try:
+        batch, why = auto_batch(mcfg, dtype, ctx, free, 10**6)
+    except ValueError as e:
+        batch, why = 0, str(e)
+    collect = weights + KVCache.row_bytes(mcfg, ctx, dtype) + prefill_bytes(mcfg, 4096, ctx, dtype)
+    return {"eval.py run": dict(batch=batch, why=why, memory_per_gpu_gb=round(
+                (weights + batch * row_bytes(mcfg, dtype, ctx)) / 1e9, 2)),
+            "collect.py": dict(window=4096, document_tokens=ctx,
+                               memory_per_gpu_gb=round(collect / 1e9, 2))}
+
+
+CONTEXT_BYTES = 5 * 10**8  # what the CUDA context and its libraries take on each GPU
 
 
 def main(argv=None):

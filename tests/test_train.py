@@ -74,6 +74,16 @@ def test_one_process_equals_two(setup, tmp_path, mode):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=k)
 
 
+def test_cpu_offload_trains_as_without_it(setup, tmp_path):
+    """--cpu-offload (FSDP2's CPUOffloadPolicy: sharded state and the optimizer step on the host)
+    changes where the full finetune's state lives, not what it computes."""
+    run(setup, tmp_path / "a", "--mode", "full", "--max-steps", 2, nproc=2)
+    run(setup, tmp_path / "b", "--mode", "full", "--max-steps", 2, "--cpu-offload", nproc=2)
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-6)
+    r = run(setup, tmp_path / "c", "--cpu-offload", check=False)
+    assert r.returncode != 0 and "--cpu-offload is for --mode full" in r.stderr
+
+
 def test_micro_batches_equal_single_sequences(setup, tmp_path):
     """Right-padded micro-batches of unequal sequences (3 + 1 of a global batch of 4) train exactly
     like the paper's micro-batch 1."""
@@ -237,6 +247,55 @@ def test_dry_run_paper_preset_on_32b_config(tmp_path, setup):
     assert (plan["steps_per_epoch"], plan["total_steps"],
             plan["scheduler"]["warmup_steps"]) == (63, 315, 16)
     assert plan["epochs"] == 5 and plan["global_batch"] == 16
+
+
+def test_dry_run_plans_any_world_size_by_hand(tmp_path):
+    """--dry-run --world-size 8 on one CPU process: memory per GPU of each README run at 32B,
+    against the sums written out here (the parameter counts of docs/paper.md section H)."""
+    (tmp_path / "config.json").write_text(QWEN2_5_32B_JSON)
+    base, layer, root = 32_763_876_352, 487_605_248, 778_567_680 * 2 + 5120
+    acts = 20000 * 5120 * 2 * 64 + 20000 * (12 * 5120 + 4 * 27648) * 2 + 1024 * 152064 * 4 * 3
+    gathered = (2 * layer + root) * 2
+    want = {"s1.1-rank1-32b": dict(sharded=base * 2 / 8, gathered=gathered,
+                                   adapters=8_388_608 * 16, activations=acts),
+            "s1.1-full-32b": dict(sharded=base * 16 / 8, gathered=gathered + layer * 6,
+                                  adapters=0, activations=acts)}
+    for preset, extra in (("s1.1-rank1-32b", []), ("s1.1-full-32b", []),
+                          ("s1.1-full-32b", ["--cpu-offload"])):
+        r = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--preset", preset, "--model",
+                            str(tmp_path), "--dry-run", "--world-size", "8", *extra],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        plan = json.loads(r.stdout[r.stdout.index("{"):])
+        w = dict(want[preset])
+        host = w["sharded"] if extra else 0
+        w["sharded"] -= host
+        mem = plan["memory_per_gpu_gb"]
+        assert mem == {**{k: round(v / 1e9, 2) for k, v in w.items()},
+                       "total": round(sum(w.values()) / 1e9, 2)}, (preset, extra)
+        assert plan["host_memory_per_gpu_gb"] == round(host / 1e9, 2) and plan["world"] == 8
+        assert plan["fits"] == (preset != "s1.1-full-32b" or bool(extra))  # 95 GB without offload
+    stages = plan["later_stages"]  # bf16 weights + batch x (KV row + prefill) on 80e9 bytes
+    assert stages["eval.py run"]["batch"] == 1 and stages["eval.py run"]["memory_per_gpu_gb"] < 80
+    assert stages["collect.py"]["memory_per_gpu_gb"] == round(
+        (base * 2 + 2 * 64 * 8 * 128 * 32768 * 2 + 4096 * (4 * 5120 + 3 * 27648) * 2
+         + 4096 * 32768 + 152064 * 8) / 1e9, 2)
+
+
+def test_full_mode_checkpoint_loads_in_transformers_with_its_tokenizer(setup, tmp_path):
+    """train.py --mode full writes a model directory that transformers loads, weights and
+    tokenizer, as it loads the base: the README's eval of runs/full/model needs it."""
+    transformers = pytest.importorskip("transformers")
+    run(setup, tmp_path / "f", "--mode", "full", "--max-steps", 1)
+    d = tmp_path / "f" / "model"
+    assert (d / "tokenizer.json").read_bytes() == (setup / "model" / "tokenizer.json").read_bytes()
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(d))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(d)).eval()
+    from model import Qwen2
+    ours = Qwen2.from_pretrained(str(d))
+    ids = torch.tensor([tok.encode("What is 12*3?")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
