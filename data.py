@@ -21,6 +21,7 @@ import json
 import os
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from common import file_identity
 
@@ -73,6 +74,27 @@ class Tokenizer:
         if i is None:
             raise KeyError(f"{self.path}: no token {s!r}")
         return i
+
+
+def train_tokenizer(texts, out_dir, vocab_size, max_len):
+    """Byte-level BPE with one token per digit (as Qwen2.5's tokenizer splits digits) and Qwen's
+    special tokens, trained on `texts` (a tokenizer for a tiny world: demo.py, rehearse.py); written
+    as out_dir/tokenizer.json and tokenizer_config.json."""
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=[ENDOFTEXT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    tk.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(eos_token=IM_END, pad_token=ENDOFTEXT, bos_token=None,
+                       model_max_length=max_len,
+                       tokenizer_class="PreTrainedTokenizerFast"), f, indent=1)
 
 
 def render_chat(messages, add_generation_prompt=False, system=DEFAULT_SYSTEM):

@@ -51,13 +51,11 @@ from collections import Counter
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from batchtopk import SAE
 from checkpoint import save_hf_checkpoint
 from common import Parser, config_flags, numbers, write_atomic
-from data import ENDOFTEXT, IM_END, IM_START, Tokenizer, render_chat, s1_assistant
+from data import Tokenizer, render_chat, s1_assistant, train_tokenizer
 from lora import site_label
 from model import Qwen2, Qwen2Config
 from store import ActivationStore
@@ -142,26 +140,6 @@ def s1_row(question, lines, answer, idx):
                 deepseek_thinking_trajectory=trace,
                 deepseek_attempt=attempt, gemini_grade="Yes", gemini_grade_reason="",
                 deepseek_grade="Yes", deepseek_grade_reason="")
-
-
-def train_tokenizer(texts, out_dir, vocab_size):
-    """Byte-level BPE with one token per digit (as Qwen2.5's tokenizer splits digits) and Qwen's
-    special tokens, so data.py's chat code runs unchanged."""
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                  special_tokens=[ENDOFTEXT, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tk.train_from_iterator(texts, trainer)
-    os.makedirs(out_dir, exist_ok=True)
-    tk.save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(eos_token=IM_END, pad_token=ENDOFTEXT, bos_token=None,
-                       model_max_length=DEMO_MODEL["max_position_embeddings"],
-                       tokenizer_class="PreTrainedTokenizerFast"), f, indent=1)
 
 
 # -----------------------------------------------------------------------------
@@ -273,7 +251,8 @@ def make_data(d, p):
     s1k = [s1_row(*fresh(rng.randint(*p["s1k_steps"])), i) for i in range(p["s1k_rows"])]
     sample = (corpus[:p["tokenizer_docs"]]
               + [r["question"] + "\n" + s1_assistant(r) for r in s1k[:200]])
-    train_tokenizer(sample, os.path.join(d, "tokenizer"), p["vocab"])
+    train_tokenizer(sample, os.path.join(d, "tokenizer"), p["vocab"],
+                    DEMO_MODEL["max_position_embeddings"])
     write_jsonl(os.path.join(d, "pretrain.jsonl"), [dict(text=t) for t in corpus])
     write_jsonl(os.path.join(d, "s1k.jsonl"), s1k)
     write_jsonl(os.path.join(d, "heldout.jsonl"), heldout.values())

@@ -42,7 +42,7 @@ def auto_batch(mcfg, dtype, max_context, free_bytes, n_jobs):
     not even one fits."""
     row = row_bytes(mcfg, dtype, max_context)
     fit = int((free_bytes - RESERVE) // row)
-    gb = lambda b: f"{b / 1e9:.1f} GB"
+    gb = lambda b: f"{b / 1e9:.3g} GB"
     why = (f"{gb(free_bytes)} free with the weights loaded, {gb(RESERVE)} kept back, "
            f"{gb(row)} per question (KV cache for {max_context + PROMPT_SPREAD:,} positions "
            f"{gb(KVCache.row_bytes(mcfg, max_context + PROMPT_SPREAD, dtype))} + a "

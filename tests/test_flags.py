@@ -13,7 +13,7 @@ from common import check_number
 from helpers import ROOT
 
 COMMANDS = ("train", "eval", "ablate", "collect", "sae", "interpret", "dashboard", "report",
-            "rollout", "export", "demo")
+            "rollout", "export", "demo", "rehearse")
 BAD = ("0", "-1", "nan", "-inf", "1e30", str(2**70))
 
 
