@@ -160,6 +160,21 @@ def checkpoint_tensors(path, expected, dtype=None, device="cpu"):
             yield k, t
 
 
+def read_checkpoint_tensors(path, names, dtype=None):
+    """{name: tensor} of some tensors of an HF model directory, reading only the shards that hold
+    them (the head of a 32B model without its 65 GB); a name it lacks is an error naming it."""
+    out = {}
+    for file, keys in checkpoint_files(path).items():
+        keys = safetensors_keys(file) if keys is None else keys
+        want = [k for k in names if k in keys]
+        if want:
+            out.update(read_safetensors(file, want, dtype=dtype))
+    missing = [k for k in names if k not in out]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint holds no {missing[0]}")
+    return out
+
+
 def check_tied_head(files, path):
     """A checkpoint whose config ties the head to the embedding may still hold lm_head.weight: fine
     when it equals the embedding (some tools save both), an error when it does not."""

@@ -13,11 +13,13 @@ from html import escape
 
 import torch
 
+from checkpoint import read_checkpoint_tensors
 from common import (Parser, check_out, differences, fresh_outputs, read_json, user_errors,
                     write_atomic)
 from data import Tokenizer
 from figures import provenance_lines, safe_json
-from lora import adapter_identity, adapters, load_model, site_label
+from lora import PEFT_NAME, adapter_identity, adapter_tensors, check_base, site_label
+from model import Qwen2Config
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dashboard.html")
 
@@ -25,17 +27,21 @@ TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates",
 # the dashboard
 
 
-def promoted_tokens(model, tok, n=8):
+def promoted_tokens(model_dir, adapter_dir, tok, n=8):
     """For adapters that write to the residual stream (down_proj, o_proj): the tokens whose logits
-    s * u * b raises most (u > 0) and lowers most (through the final norm's weight and the head)."""
+    s * u * b raises most (u > 0) and lowers most (through the final norm's weight and the head).
+    Reads the head, the final norm and the adapter's b vectors alone, not the model."""
+    cfg = Qwen2Config.from_pretrained(model_dir)
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    t = read_checkpoint_tensors(model_dir, [head, "model.norm.weight"], torch.float32)
+    W, g = t[head], t["model.norm.weight"]
     out = {}
     with torch.no_grad():
-        W = model.lm_head.weight.float()
-        g = model.model.norm.weight.float()
-        for a in adapters(model):
-            if a.target in ("down_proj", "o_proj"):
-                logit = W @ (g * a.lora_B[:, 0].float())
-                name = site_label(a.layer, a.target)
+        for k, b in sorted(adapter_tensors(adapter_dir).items()):
+            m = PEFT_NAME.match(k)
+            if m and m.group(2) in ("down_proj", "o_proj") and m.group(3) == "B":
+                logit = W @ (g * b[:, 0].float())
+                name = site_label(int(m.group(1)), m.group(2))
                 for sign, v in (("+", logit), ("-", -logit)):
                     out[name + sign] = [tok.id_to_token_str(i) for i in v.topk(n).indices.tolist()]
     return out
@@ -113,8 +119,8 @@ def build(args):
                                if not isinstance(v, dict)}
     if args.model and args.adapter:
         same_adapter(adapter_identity(args.adapter), args.adapter)
-        model, _ = load_model(args.model, args.adapter, other_base=args.other_base)
-        prom = promoted_tokens(model, Tokenizer(args.tokenizer or args.model))
+        check_base(args.model, args.adapter, args.other_base)
+        prom = promoted_tokens(args.model, args.adapter, Tokenizer(args.tokenizer or args.model))
         for f in data["features"]:
             if f["name"] in prom:
                 f["promotes"] = prom[f["name"]]

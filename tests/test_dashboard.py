@@ -65,3 +65,25 @@ def test_feature_ids_are_integers_so_no_attribute_can_be_injected(tmp_path):
         with pytest.raises(SystemExit, match=r"features\[1\]: 'id' must be an integer"):
             main(["--features", str(f), "--out", str(tmp_path / "d.html")])
     assert not (tmp_path / "d.html").exists()
+
+
+def test_promoted_tokens_read_two_tensors_as_the_whole_model_gives_them(tmp_path):
+    """The dashboard reads only the head, the final norm and the adapter's b vectors (not a 65 GB
+    model): the tokens equal those of W (g * b) computed on the loaded model."""
+    from dashboard import promoted_tokens
+    from data import Tokenizer
+    from helpers import tiny_env
+    from lora import adapters, load_model, site_label
+    env = tiny_env(tmp_path)
+    tok = Tokenizer(str(env / "model"))
+    got = promoted_tokens(str(env / "model"), str(env / "adapter"), tok)
+    model, _ = load_model(str(env / "model"), str(env / "adapter"))
+    W, g = model.lm_head.weight.float(), model.model.norm.weight.float()
+    want = {}
+    for a in adapters(model):
+        if a.target in ("down_proj", "o_proj"):
+            logit = W @ (g * a.lora_B[:, 0].float())
+            for sign, v in (("+", logit), ("-", -logit)):
+                want[site_label(a.layer, a.target) + sign] = [
+                    tok.id_to_token_str(i) for i in v.topk(8).indices.tolist()]
+    assert got == want and len(got) == 2 * 2 * 3
