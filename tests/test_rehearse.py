@@ -74,3 +74,16 @@ def test_a_renamed_flag_in_the_readme_fails_the_rehearsal(tmp_path):
     assert r.returncode != 0
     assert "step 1/13 failed" in r.stderr and "--presets s1.1-rank1-32b" in r.stderr
     assert "unrecognized arguments: --presets" in r.stderr or "ambiguous" in r.stderr
+
+
+def test_the_readme_fused_path_check_runs_as_written():
+    """The README's check of the fused kernels, run as written: on a machine without CUDA it
+    says that the reference path is taken (on a GPU: the fused kernels, or the build's error)."""
+    text = open(README).read()
+    line = next(l for l in text.splitlines() if l.startswith("LORA_IMPL=cuda python -c"))
+    cmd = line.split("   #")[0].replace("python", shlex.quote(sys.executable), 1)
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    want = "fused CUDA rank-1 kernels" if __import__("torch").cuda.is_available() else \
+        "PyTorch reference path"
+    assert f"lora: {want}" in r.stdout
