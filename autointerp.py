@@ -53,6 +53,22 @@ CATEGORISE_SYSTEM = ("You sort features of a language model that reads reasoning
                      "exactly:\n" + json.dumps(CATEGORIES))
 
 
+def stand_in_reply(messages):
+    """A deterministic stand-in for the LLM, answering each of this file's prompts in its format
+    (rehearse.py serves it, so that the commands run end to end without a real judge): one
+    explanation for every feature, the first snippet detected, rubric class 1, the first
+    category. Its answers say nothing about the features."""
+    system = messages[0]["content"]
+    if system == DETECT_SYSTEM:
+        return "[1]"
+    if system == RUBRIC_SYSTEM:
+        return json.dumps({"classification": 1, "classification_reasoning": "a stand-in"})
+    if system == CATEGORISE_SYSTEM:
+        cat, subs = next(iter(CATEGORIES.items()))
+        return json.dumps({"category": cat, "subcategory": subs[0]})
+    return "A stand-in explanation (no LLM was asked)."
+
+
 def snippet(e, window=12):
     lo, t = max(0, e["target"] - window), e["target"]
     toks = e["tokens"]

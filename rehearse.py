@@ -1,10 +1,12 @@
 """
 A rehearsal of the GPU-cluster run: the commands of README.md's section "The run on a GPU
-cluster", read from the README itself and run in order on a tiny random Qwen2, s1K-1.1-shaped
-rows and tiny benchmark files, so that a step that breaks shows up in minutes, before GPU-days.
+cluster" (and with --doc running, every command block of docs/running.md), read from the docs
+themselves and run in order on a tiny random Qwen2, s1K-1.1-shaped rows and tiny benchmark files,
+so that a step that breaks shows up in minutes, before GPU-days.
 
     python rehearse.py --out /tmp/rehearsal              # 2 processes: your GPUs, else the CPU
     python rehearse.py --nproc 8 --tokenizer /models/Qwen2.5-32B-Instruct --out /tmp/rehearsal
+    python rehearse.py --doc running --out /tmp/rehearsal-running   # docs/running.md's blocks
     python rehearse.py --print                           # the commands it would run
 
 What changes against the README, and nothing else:
@@ -13,10 +15,13 @@ What changes against the README, and nothing else:
   parquet when pyarrow is installed, else as .jsonl (and $D names that file);
 - `torchrun --nproc_per_node=8` runs --nproc processes, `python` is this interpreter and the
   scripts are this checkout's;
-- SHRINK below: sizes only (steps, problems, documents, tokens), appended to each command.
+- SHRINK below: sizes only (steps, problems, documents, tokens), appended to each command;
+- an LLM server (`--llm-url`) is a stand-in on this machine that answers autointerp's prompts in
+  their formats (autointerp.stand_in_reply); commands of other tools (lm_eval) are not run.
 tests/test_rehearse.py runs it in CI on 2 CPU processes, so an edit of the README that breaks the
 path fails the suite.
 """
+import http.server
 import json
 import os
 import random
@@ -24,10 +29,12 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 import torch
 
+from autointerp import stand_in_reply
 from checkpoint import save_hf_checkpoint, tokenizer_files
 from common import Parser, number
 from data import DEFAULT_SYSTEM, Tokenizer, train_tokenizer
@@ -35,6 +42,7 @@ from model import Qwen2, Qwen2Config
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SECTION = "## The run on a GPU cluster"
+DOCS = dict(readme=("README.md", SECTION), running=(os.path.join("docs", "running.md"), None))
 
 # the only flags the rehearsal adds: sizes, per command (script, or script and subcommand)
 SHRINK = {
@@ -43,6 +51,9 @@ SHRINK = {
     "ablate.py": ["--max-sequences", "2", "--max-tokens", "160"],
     "collect.py": ["--max-docs", "4"],
     "sae.py train": ["--steps", "40", "--batch-size", "64"],
+    "sae.py sweep": ["--steps", "40", "--batch-size", "64"],
+    "interpret.py autointerp": ["--limit", "8"],
+    "interpret.py steer": ["--limit", "2", "--max-context", "320", "--max-answer-tokens", "16"],
     "rollout.py": ["--max-tokens", "64", "--targets", "4"],
 }
 
@@ -55,14 +66,15 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
 # the README's commands
 
 
-def cluster_commands(readme):
-    """The commands of the README's cluster section, in order: every line of its ```bash blocks,
-    continuation lines joined and comments dropped."""
-    text = open(readme, encoding="utf-8").read()
-    if SECTION not in text:
-        raise ValueError(f"{readme}: no section {SECTION!r}")
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+def cluster_commands(path, section=SECTION):
+    """The commands of a doc's section (all of it for None), in order: every line of its ```bash
+    blocks, continuation lines joined and comments dropped."""
+    text = open(path, encoding="utf-8").read()
+    if section is not None:
+        if section not in text:
+            raise ValueError(f"{path}: no section {section!r}")
+        text = text.split(section, 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     cmds = []
     for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
         line = re.sub(r"\s+#\s.*$", "", line).strip()  # a comment after the command
@@ -101,9 +113,10 @@ def command_key(words):
     return key if key in SHRINK else os.path.basename(words[i])
 
 
-def rewrite(cmd, nproc, python=sys.executable):
+def rewrite(cmd, nproc, llm_url=None, python=sys.executable):
     """The command as the rehearsal runs it (see the module docstring), or None when it is not a
-    project command (downloads, installs: the rehearsal makes its own inputs)."""
+    project command (downloads, installs, other tools: the rehearsal makes its own inputs)."""
+    env, cmd = re.match(r"((?:\w+=\S+ )*)(.*)$", cmd).groups()  # VAR=value before the command
     m = re.match(r"torchrun (?:--standalone )?--nproc[_-]per[_-]node[= ]?\d+ (\S+\.py)(.*)$", cmd)
     if m:
         head = f"{shlex.quote(python)} -m torch.distributed.run --standalone " \
@@ -114,8 +127,10 @@ def rewrite(cmd, nproc, python=sys.executable):
     if not m:
         return None
     script, rest = m.groups()
+    if llm_url:
+        rest = re.sub(r"--llm-url \S+", f"--llm-url {llm_url}", rest)
     extra = SHRINK.get(command_key([script] + rest.split()), [])
-    return f"{head} {shlex.quote(os.path.join(ROOT, script))}{rest} {' '.join(extra)}".rstrip()
+    return f"{env}{head} {shlex.quote(os.path.join(ROOT, script))}{rest} {' '.join(extra)}".rstrip()
 
 
 # -----------------------------------------------------------------------------
@@ -227,6 +242,31 @@ def has_pyarrow():
         return False
 
 
+class StandInLLM(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat-completions endpoint on this machine: autointerp.stand_in_reply."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        reply = {"choices": [{"message": {"role": "assistant",
+                                          "content": stand_in_reply(body["messages"])}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def stand_in_llm():
+    """Serve StandInLLM on a free port of 127.0.0.1 for this process's life: its base URL."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandInLLM)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_port}/v1"
+
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -239,8 +279,12 @@ def parser():
                    help="processes for each torchrun command (GPUs where there are)")
     p.add_argument("--tokenizer", help="a directory with tokenizer.json to use (e.g. Qwen2.5's); "
                    "default: a small BPE trained here")
+    p.add_argument("--doc", choices=sorted(DOCS), default="readme",
+                   help="readme (default): README.md's cluster section; running: every command "
+                   "block of docs/running.md (with the README's inputs and variables)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
-                   help="the README whose cluster section is rehearsed (default: this checkout's)")
+                   help="the README whose variables (and, with --doc readme, whose cluster "
+                   "section) are rehearsed (default: this checkout's)")
     p.add_argument("--print", action="store_true",
                    help="print the commands as they would run, and stop")
     return p
@@ -248,11 +292,15 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    doc, section = DOCS[args.doc]
+    doc = args.readme if args.doc == "readme" else os.path.join(ROOT, doc)
     try:
-        cmds = cluster_commands(args.readme)
+        inputs = cluster_commands(args.readme)
+        cmds = cluster_commands(doc, section)
     except (OSError, ValueError) as e:
         raise SystemExit(f"rehearse.py: {e}") from None
-    steps = [(c, rewrite(c, args.nproc)) for c in cmds if assignments(c) is None]
+    url = stand_in_llm() if any("--llm-url" in c for c in cmds) and not args.print else None
+    steps = [(c, rewrite(c, args.nproc, url)) for c in cmds if assignments(c) is None]
     if args.print:
         for c, r in steps:
             print(r or f"(skipped: {c})")
@@ -261,13 +309,13 @@ def main(argv=None):
     if os.path.exists(work) and os.listdir(work):
         raise SystemExit(f"rehearse.py: {work} is not empty; choose a new --out")
     os.makedirs(work, exist_ok=True)
-    env = {**os.environ, **make_inputs(cmds, work, args.tokenizer)}
+    env = {**os.environ, **make_inputs(inputs + cmds, work, args.tokenizer)}
     run = [r for _, r in steps if r]
-    print(f"rehearse: {len(run)} commands of {args.readme} in {work}", flush=True)
+    print(f"rehearse: {len(run)} commands of {doc} in {work}", flush=True)
     i = 0
     for c, r in steps:
         if r is None:
-            print(f"rehearse: skipped (the rehearsal makes its inputs): {c}", flush=True)
+            print(f"rehearse: skipped (not a command of this project): {c}", flush=True)
             continue
         i += 1
         print(f"rehearse: step {i}/{len(run)}: {c}", flush=True)

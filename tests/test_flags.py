@@ -127,3 +127,20 @@ def test_commands_are_leaves_and_libraries_have_no_circle():
         done.add(m)
     for m in libs:
         visit(m)
+
+
+def test_help_shows_the_defaults_a_command_uses(capsys):
+    """interpret.py steer generates with its own defaults (a 4,096-token context, temperature 0.7,
+    a 256-token answer), and its --help says so rather than eval.py's; eval.py's --batch-size
+    and every --device say what they default to."""
+    import interpret
+    from steering import STEER_GEN
+    with pytest.raises(SystemExit):
+        interpret.parser().parse_args(["steer", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for k, v in STEER_GEN.items():
+        assert f"--{k.replace('_', '-')} " in text and f"(default: {v!r})" in text, k
+    assert "(default: 32768)" not in text and "auto (default: cuda where there is one" in text
+    for name, path, _, a in flags():
+        if a.option_strings == ["--device"]:  # config flags default to None, the field's value
+            assert a.default in ("auto", None) and "auto" in a.help and "default" in a.help, name
