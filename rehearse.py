@@ -52,7 +52,6 @@ SHRINK = {
     "collect.py": ["--max-docs", "4"],
     "sae.py train": ["--steps", "40", "--batch-size", "64"],
     "sae.py sweep": ["--steps", "40", "--batch-size", "64"],
-    "interpret.py autointerp": ["--limit", "8"],
     "interpret.py steer": ["--limit", "2", "--max-context", "320", "--max-answer-tokens", "16"],
     "rollout.py": ["--max-tokens", "64", "--targets", "4"],
 }

@@ -63,6 +63,22 @@ def test_the_readme_cluster_path_runs_end_to_end(tmp_path):
     assert not (d / "results" / "ablate" / "ablations.parts.jsonl").exists()
 
 
+@pytest.mark.slow
+def test_every_command_block_of_running_md_runs_end_to_end(tmp_path):
+    """docs/running.md's blocks, in order, with the README's inputs: training with its dry run,
+    evaluation and both ablations, the export, collection, SAE and sweep, mining, dashboard,
+    autointerp against the stand-in LLM, steering, the MLP baseline, compare, report, rollout.
+    Only lm_eval (another tool) is not run."""
+    r = run("--doc", "running", "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "all 23 commands ran" in r.stdout and r.stdout.count("skipped") == 1
+    d = tmp_path / "r"
+    for f in ("merged/config.json", "results/ablate_greedy/ablations.json", "sweep/sweep.json",
+              "interp/auto/categories.jsonl", "interp/steer.json", "interp/compare.json",
+              "report/report.html"):
+        assert (d / f).is_file(), f
+
+
 def test_a_renamed_flag_in_the_readme_fails_the_rehearsal(tmp_path):
     """The rehearsal reads the README itself: renaming one flag of its first command stops it
     there, naming the step, the command and argparse's complaint."""
