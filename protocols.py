@@ -24,8 +24,9 @@ PROTOCOLS = ("s1", "plain", "completion")
 # how many questions fit on a device at once
 
 BATCH_CAP = 64  # beyond this a decode step gains little, and a benchmark's tail waits longer
-PROMPT_SPREAD = 1024  # rows are left-padded to the batch's longest prompt: a row's cache may need
-#                       this many positions beyond --max-context (s1 prompts differ by less)
+PROMPT_SPREAD = 1024  # rows are left-padded to the longest input of their call, and a call takes
+#                       inputs within this many tokens of one another (generate_grouped): a row's
+#                       cache holds at most --max-context + PROMPT_SPREAD positions
 RESERVE = 2 * 2**30  # kept free for the CUDA context, the allocator's slack and the sampling
 
 
@@ -92,6 +93,28 @@ def generate(model, tok, questions, cfg, generator=None):
     return plain_generate(model, tok, [tok.encode(t) for t in texts], cfg, generator)
 
 
+def generate_grouped(model, prompts, budgets, cfg, stops, generator=None):
+    """model.generate over the prompts, in groups whose lengths lie within PROMPT_SPREAD of one
+    another: the rows of one call share a cache as long as its longest prompt plus its largest
+    budget (context - shortest prompt), so a 300-token and a 31,000-token input together (s1's
+    answer phase after a short and a long thinking) would need a cache of twice the context per
+    row. Each group keeps the rows' order; outputs come back in the prompts' order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups = [[order[0]]]
+    for i in order[1:]:
+        if len(prompts[i]) - len(prompts[groups[-1][0]]) > PROMPT_SPREAD:
+            groups.append([])
+        groups[-1].append(i)
+    out = [None] * len(prompts)
+    for g in sorted(sorted(g) for g in groups):
+        rows = model.generate([prompts[i] for i in g], max(budgets[i] for i in g),
+                              temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stops,
+                              generator=generator)
+        for i, o in zip(g, rows):
+            out[i] = o
+    return out
+
+
 def plain_generate(model, tok, prompts, cfg, generator=None):
     """One generation from each prompt (token ids) up to the context limit (or
     --max-answer-tokens); the answer is read from the whole output. With the chat template this is
@@ -101,8 +124,7 @@ def plain_generate(model, tok, prompts, cfg, generator=None):
         budgets = [min(b, cfg.max_answer_tokens) for b in budgets]
     if min(budgets) < 1:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens fills --max-context")
-    outs = model.generate(prompts, max(budgets), temperature=cfg.temperature, top_p=cfg.top_p,
-                          stop_ids=[tok.im_end, tok.eot], generator=generator)
+    outs = generate_grouped(model, prompts, budgets, cfg, [tok.im_end, tok.eot], generator)
     res = []
     for o, budget in zip(outs, budgets):
         o = o[:budget]
@@ -133,10 +155,8 @@ def s1_generate(model, tok, questions, cfg, generator=None):
     todo = list(range(len(prompts)))
     wait_ids = tok.encode("Wait")
     while todo:
-        outs = model.generate([prompts[i] + think[i] for i in todo],
-                              max(budgets[i] - len(think[i]) for i in todo),
-                              temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stops,
-                              generator=generator)
+        outs = generate_grouped(model, [prompts[i] + think[i] for i in todo],
+                                [budgets[i] - len(think[i]) for i in todo], cfg, stops, generator)
         nxt = []
         for i, o in zip(todo, outs):
             o = o[:budgets[i] - len(think[i])]  # a batch shares one length: cut each to its budget
@@ -159,8 +179,7 @@ def s1_generate(model, tok, questions, cfg, generator=None):
     if min(room) < 1:
         raise ValueError("a prompt and its thinking leave no room for the answer within "
                          "--max-context (set --thinking-budget lower)")
-    answers = model.generate(inputs, max(room), temperature=cfg.temperature, top_p=cfg.top_p,
-                             stop_ids=[tok.im_end, tok.eot], generator=generator)
+    answers = generate_grouped(model, inputs, room, cfg, [tok.im_end, tok.eot], generator)
     res = []
     for i, a in enumerate(answers):
         a = a[:room[i]]  # a batch shares one length: cut each to its room

@@ -504,3 +504,24 @@ def test_ablate_interrupted_resumes_to_the_same_ablations(env, tmp_path, monkeyp
     assert json.load(open(tmp_path / "b" / "ablations.json")) == json.load(
         open(tmp_path / "a" / "ablations.json"))
     assert got["results"] == want["results"] and not parts.exists()
+
+
+def test_rows_of_far_apart_lengths_decode_in_groups_with_the_same_tokens(tmp_path, monkeypatch):
+    """A batch whose inputs differ by more than PROMPT_SPREAD tokens runs as groups of close
+    lengths (a row's cache is the longest input plus the largest budget, so one short and one
+    long input would cost twice the context), and greedy tokens are those of one call."""
+    import protocols
+    m = Qwen2.from_pretrained(save_hf(hf_tiny(), tmp_path / "m"))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (12, 3, 5, 14)]
+    cfg = GenConfig(temperature=0.0)
+    whole = protocols.generate_grouped(m, prompts, [10, 19, 17, 8], cfg, [])
+    calls = []
+    real = m.generate
+    monkeypatch.setattr(m, "generate", lambda p, n, **k: (calls.append((len(p), n)),
+                                                          real(p, n, **k))[1])
+    monkeypatch.setattr(protocols, "PROMPT_SPREAD", 4)
+    grouped = protocols.generate_grouped(m, prompts, [10, 19, 17, 8], cfg, [])
+    assert calls == [(2, 10), (2, 19)]  # rows 0 and 3 (12, 14 tokens), rows 1 and 2 (3, 5)
+    assert [o[:b] for o, b in zip(grouped, [10, 19, 17, 8])] == \
+        [o[:b] for o, b in zip(whole, [10, 19, 17, 8])]
