@@ -7,8 +7,12 @@ attention, and the greedy MLP ablation (re-scored at every step, as the official
     python ablate.py --model /models/Qwen2.5-32B-Instruct --adapter runs/rank1/adapter \\
         --samples results/lora/samples.jsonl --bench gpqa=data/gpqa_diamond_mcq.zip \\
         --zip-password ... --out results/ablate
+    # one model copy per GPU, the sequences split over them (the same results as one process)
+    torchrun --standalone --nproc_per_node=8 ablate.py --model ... --adapter ... --samples ... \\
+        --out results/ablate
 
-Writes ablations.json (every statistic, the sites, what it was made from) and ablations.html.
+Writes ablations.json (every statistic, the sites, what it was made from) and ablations.html;
+while it runs, ablations.parts.jsonl holds each finished experiment (a rerun resumes from it).
 """
 import json
 import math
@@ -18,12 +22,13 @@ import sys
 from html import escape
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from benchmarks import load_benchmark
-from common import (AppendLog, Parser, add_device_flag, add_model_flags, check_out, file_identity,
-                    fresh_outputs, number, pick_device, read_log, same_origin, user_errors,
-                    write_atomic, write_json)
+from common import (AppendLog, Parser, add_device_flag, add_model_flags, check_out, cleanup_dist,
+                    file_identity, fresh_outputs, number, pick_device, print0, read_log,
+                    same_origin, setup_dist, user_errors, write_atomic, write_json)
 from data import Tokenizer, chat_prompt, read_rows, s1_example
 from figures import bar_chart, site_heatmap, table
 from lora import ATTN, MLP, SITE_ORDER, ablate, load_model, site_label, sites
@@ -113,25 +118,34 @@ def kl_stats(model, ids, mask, ref_logp, sel):
 
 def ablation_pass(model, seqs, sets, bar=None):
     """{experiment: [row]} for sets {experiment: [(label, selection)]}: each row holds the mean,
-    std and max over the sequences of every kl_stats value. bar: a progress bar that counts
-    forwards (passes(sets, seqs) of them)."""
+    std and max over the sequences of every kl_stats value. Under torchrun each rank runs the
+    sequences i with i % world == rank and the ranks gather their statistics, so every world size
+    gives the same rows. bar: a progress bar that counts this rank's forwards."""
     device = model.lm_head.weight.device
-    per = {e: {lab: [] for lab, _ in s} for e, s in sets.items()}
-    for _, ids, mask in seqs:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per = {e: {lab: {} for lab, _ in s} for e, s in sets.items()}  # lab -> {sequence: stats}
+    for i in range(rank, len(seqs), world):
+        _, ids, mask = seqs[i]
         x = torch.tensor([ids], device=device)
         with torch.no_grad():
             ref = torch.log_softmax(model(x).float(), dim=-1)[0]
         for e, s in sets.items():
             for lab, sel in s:
-                per[e][lab].append(kl_stats(model, x, mask, ref, sel))
+                per[e][lab][i] = kl_stats(model, x, mask, ref, sel)
             if bar is not None:
                 bar.update(len(s))
         if bar is not None:
             bar.update(1)  # the reference
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, per)
+        per = {e: {lab: {i: st for p in gathered for i, st in p[e][lab].items()} for lab in d}
+               for e, d in per.items()}
     results = {}
     for e, d in per.items():
         results[e] = []
-        for lab, stats in d.items():
+        for lab, by_seq in d.items():
+            stats = [by_seq[i] for i in range(len(seqs))]
             row = dict(label=lab)
             for k in stats[0]:
                 v = [s[k] for s in stats if not math.isnan(s[k])]
@@ -257,8 +271,17 @@ def resume_parts(path, made_from, overwrite):
     return parts, [r["greedy_step"] for r in rows[1:] if "greedy_step" in r]
 
 
+def save(log, row):
+    """Append one finished part to the parts file (rank 0's; other ranks have none) and fsync it:
+    on disk before the next part starts."""
+    if log is not None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+
 def cmd_ablate(args):
-    device = pick_device(args.device)
+    rank, world, device = setup_dist()  # under torchrun: each rank its own GPU and sequences
+    device = pick_device(args.device) if world == 1 else device
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
                          "--samples": args.samples, "--s1": args.s1})
     outputs = [os.path.join(args.out, f) for f in ("ablations.json", "ablations.html")]
@@ -279,43 +302,48 @@ def cmd_ablate(args):
                      sample_bench=args.sample_bench)
     if "greedy" in chosen:
         made_from.update(greedy_metric=args.greedy_metric, greedy_order=args.greedy)
-    os.makedirs(args.out, exist_ok=True)
     parts_file = os.path.join(args.out, PARTS)
     run = dict(made_from, identity=identity, experiments=chosen, block=args.block)
-    parts, steps = resume_parts(parts_file, run, args.overwrite)
-    n = passes(model, seqs, sets, chosen, args.greedy)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        resume_parts(parts_file, run, args.overwrite)  # checked, repaired, started
+    dist.barrier()
+    parts, steps = resume_parts(parts_file, run, False)
+    n, mine = passes(model, seqs, sets, chosen, args.greedy), len(seqs[rank::world])
     tokens = sum(len(s[1]) for s in seqs)
-    print(f"ablate: {len(seqs)} sequences ({tokens:,} tokens), {n:,} forwards of the model "
-          f"(~{2 * model.num_params() * tokens / len(seqs) * n / 1e15:.3g} PFLOP)"
-          + ("; resuming after " + ", ".join(parts) if parts else ""), file=sys.stderr)
-    with AppendLog(parts_file) as log, tqdm(total=n, desc="ablate", unit="fwd",
-                                            file=sys.stderr) as bar:
+    print0(f"ablate: {len(seqs)} sequences ({tokens:,} tokens), {n:,} forwards of the model "
+           f"(~{2 * model.num_params() * tokens / len(seqs) * n / 1e15:.3g} PFLOP) on {world} "
+           f"process(es)" + ("; resuming after " + ", ".join(parts) if parts else ""))
+    log = AppendLog(parts_file) if rank == 0 else None
+    with tqdm(total=passes(model, seqs[rank::world], sets, chosen, args.greedy), desc="ablate",
+              unit="fwd", file=sys.stderr, disable=rank != 0) as bar:
         results = {}
         for e in ["none"] + [e for e in chosen if e in sets]:
             if e in parts:
                 results[e] = parts[e]
-                bar.update(len(seqs) * (len(sets[e]) + 1))
+                bar.update(mine * (len(sets[e]) + 1))
                 continue
             results[e] = ablation_pass(model, seqs, {e: sets[e]}, bar)[e]
-            log.write(json.dumps(dict(experiment=e, rows=results[e])) + "\n")
-            log.flush()  # each finished experiment is on disk before the next starts
+            save(log, dict(experiment=e, rows=results[e]))
         if "greedy" in chosen:
             mlp = [(site_label(l, t), dict(sites=[(l, t)])) for l, t in sites(model) if t in MLP]
             if "single" in results:  # the greedy ablation's first scores
                 scores = results["single"]
             elif "greedy_score" in parts:
                 scores = parts["greedy_score"]
-                bar.update(len(seqs) * (len(mlp) + 1))
+                bar.update(mine * (len(mlp) + 1))
             else:
                 scores = ablation_pass(model, seqs, {"score": mlp}, bar)["score"]
-                log.write(json.dumps(dict(experiment="greedy_score", rows=scores)) + "\n")
-            save = lambda row: (log.write(json.dumps(dict(greedy_step=row)) + "\n"),
-                                log.flush())
-            bar.update(len(seqs) * sum(len(mlp) - j + 1 for j in range(1, len(steps))))
+                save(log, dict(experiment="greedy_score", rows=scores))
+            bar.update(mine * sum(len(mlp) - j + 1 for j in range(1, len(steps))))
             results["greedy_score"], results["greedy"] = greedy_ablation(
-                model, seqs, args.greedy_metric, scores, args.greedy, steps, save, bar)
+                model, seqs, args.greedy_metric, scores, args.greedy, steps,
+                lambda row: save(log, dict(greedy_step=row)), bar)
     out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
                tokens=tokens, sites=[list(s) for s in sites(model)], results=results)
+    if rank != 0:
+        return out
+    log.close()
     write_json(outputs[0], out)
     write_atomic(outputs[1], ablation_html(out))
     os.remove(parts_file)  # all of it is in ablations.json now
@@ -374,8 +402,11 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    with user_errors("ablate.py"):
-        return cmd_ablate(args)
+    try:
+        with user_errors("ablate.py"):
+            return cmd_ablate(args)
+    finally:
+        cleanup_dist()
 
 
 if __name__ == "__main__":

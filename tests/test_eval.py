@@ -525,3 +525,20 @@ def test_rows_of_far_apart_lengths_decode_in_groups_with_the_same_tokens(tmp_pat
     assert calls == [(2, 10), (2, 19)]  # rows 0 and 3 (12, 14 tokens), rows 1 and 2 (3, 5)
     assert [o[:b] for o, b in zip(grouped, [10, 19, 17, 8])] == \
         [o[:b] for o, b in zip(whole, [10, 19, 17, 8])]
+
+
+@pytest.mark.slow
+def test_ablate_on_two_processes_equals_one(env, tmp_path):
+    """torchrun splits the sequences over the ranks (one model copy each) and gathers their
+    statistics: the same ablations.json, greedy ablation included, as one process."""
+    gen = "<|im_start|>think\nfour\n<|im_start|>answer\n4"
+    rows = [{"benchmark": "math500", "id": str(i), "question": f"What is {i}+{i}?",
+             "generation": gen * (1 + i % 3)} for i in range(3)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = lambda out: ["--model", env / "model", "--adapter", env / "adapter", "--samples",
+                        tmp_path / "s.jsonl", "--experiments", "layer,type,greedy", "--out", out]
+    run_script("ablate.py", args(tmp_path / "one"))
+    r = run_script("ablate.py", args(tmp_path / "two"), nproc=2)
+    assert "on 2 process(es)" in r.stderr + r.stdout
+    one, two = (json.load(open(tmp_path / d / "ablations.json")) for d in ("one", "two"))
+    assert one["results"] == two["results"] and len(one["sequences"]) == 3
