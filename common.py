@@ -239,11 +239,13 @@ def fresh_outputs(paths, overwrite, flag="--overwrite"):
         raise ValueError(f"{there[0]}: exists; pass {flag} to replace it")
 
 
-def start_run(out, run_file, settings, owns, overwrite, command):
+def start_run(out, run_file, settings, owns, overwrite, command, ignore=()):
     """The output directory of a resumable command: a new one gets run_file (the settings it is
     made from) and this command's mark; one that this command made and that holds its files
     (owns(name)) is continued when run_file matches, or with overwrite cleared of those files and
-    nothing else. run_file also records the code (code_version), which a rerun does not compare."""
+    nothing else. run_file also records the code (code_version), which a rerun does not compare,
+    nor the recorded settings named in `ignore` (ones an earlier version recorded that do not
+    change the outputs)."""
     os.makedirs(out, exist_ok=True)
     own = [n for n in os.listdir(out) if owns(n)]
     claim_dir(out, command, own)
@@ -256,7 +258,8 @@ def start_run(out, run_file, settings, owns, overwrite, command):
             raise ValueError(f"{out}: holds this command's outputs without {run_file}; pass "
                              "--overwrite or choose another --out")
         recorded = read_json(path)
-        recorded.pop("code", None)
+        for k in ("code", *ignore):
+            recorded.pop(k, None)
         same_origin(recorded, settings, path)
         return
     write_json(path, {**settings, "code": code_version()})

@@ -142,7 +142,8 @@ def cmd_run(args):
     settings = run_settings(args, gen, benches, tok, n_samples)
     if rank == 0:
         start_run(args.out, "run.json", settings, lambda n: n in RUN_FILES or re.fullmatch(
-            r"samples\.rank-\d{5}\.jsonl", n), args.overwrite, "eval.py run")
+            r"samples\.rank-\d{5}\.jsonl", n), args.overwrite, "eval.py run",
+                  ignore=() if gen.temperature > 0 else ("batch_size",))  # older run.json files
     torch.distributed.barrier()
     model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device,
                                  args.other_base)

@@ -457,6 +457,11 @@ def test_greedy_tokens_do_not_depend_on_the_batch_and_a_rerun_may_change_it(env,
     assert open(tmp_path / "b" / "samples.jsonl").read() == want
     main(args(tmp_path / "c", "--batch-size", "2"))
     assert open(tmp_path / "c" / "samples.jsonl").read() == want
+    # a run.json of an earlier version, which recorded the batch, continues all the same
+    run_json = tmp_path / "c" / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "batch_size": 8}))
+    main(args(tmp_path / "c", "--batch-size", "1"))
+    assert open(tmp_path / "c" / "samples.jsonl").read() == want
     # sampled runs keep their batch: it seeds them
     with pytest.raises(SystemExit, match="--batch-size 0 .what fits. is for greedy runs"):
         main(args(tmp_path / "d", "--temperature", "0.7", "--batch-size", "0"))
