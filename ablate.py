@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from benchmarks import load_benchmark
 from common import (AppendLog, Parser, add_device_flag, add_model_flags, check_out, cleanup_dist,
-                    file_identity, fresh_outputs, number, pick_device, print0, read_log,
+                    file_identity, fresh_outputs, lock_dir, number, pick_device, print0, read_log,
                     same_origin, setup_dist, user_errors, write_atomic, write_json)
 from data import Tokenizer, chat_prompt, read_rows, s1_example
 from figures import bar_chart, site_heatmap, table
@@ -306,6 +306,7 @@ def cmd_ablate(args):
     run = dict(made_from, identity=identity, experiments=chosen, block=args.block)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
+        lock_dir(args.out)
         resume_parts(parts_file, run, args.overwrite)  # checked, repaired, started
     dist.barrier()
     parts, steps = resume_parts(parts_file, run, False)

@@ -45,6 +45,10 @@ def load_benchmark(name, path, password=None):
                 raise ValueError(f"{w}: missing field 'problem' (or 'Problem' / 'question')")
             if a is None:
                 raise ValueError(f"{w}: missing field 'answer'")
+            if not str(a).strip():  # graded, every answer would be wrong without a word
+                raise ValueError(f"{w}: field 'answer' is empty")
+            if not str(q).strip():
+                raise ValueError(f"{w}: field 'problem' is empty")
             items.append(dict(id=str(r.get("id", r.get("unique_id", i))), question=q, gold=str(a)))
     first = {}
     for it, w in zip(items, where):

@@ -17,6 +17,7 @@ Outputs lose nothing (docs/outputs.md states it for users):
   and its consumers compare (differences) before they resume or combine.
 """
 import argparse
+import fcntl
 import glob
 import hashlib
 import inspect
@@ -44,15 +45,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # files
 
 
-def read_json(path):
-    """A JSON file's content; errors name the file."""
+def read_json(path, keys=(), what=None):
+    """A JSON file's content; errors name the file. keys: the top-level keys that make it the kind
+    of file expected (what: its name, e.g. "the recovery table of `eval.py compare --out`"), so
+    that a JSON file of another kind is one line, not a KeyError later."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
+            d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise ValueError(f"{path}: not {what or 'the file expected'} (no {missing[0]!r} in it)")
+    return d
 
 
 def write_atomic(path, data):
@@ -66,6 +73,25 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
+def not_a_link(path):
+    """path, unless it is a symbolic link: a command appends to or repairs only files it made in
+    its output directory, never a file elsewhere that a link there points to."""
+    if os.path.islink(path):
+        raise ValueError(f"{path}: is a link to {os.readlink(path)}; a command writes only the "
+                         "files it made in its output directory (remove the link, or choose "
+                         "another output)")
+    return path
+
+
+def remove_path(path):
+    """Delete what a command made: a file, a directory and all in it, or a link itself (never the
+    files a link points to)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
 def read_log(path, repair=False):
     """The rows of an append-only jsonl file (metrics, answers), [] when there is none. A last
     line without its newline is what a kill or a full disk leaves mid-write: it is not a row (its
@@ -77,7 +103,7 @@ def read_log(path, repair=False):
         data = f.read()
     end = data.rfind(b"\n") + 1
     if repair and end < len(data):
-        with open(path, "r+b") as f:
+        with open(not_a_link(path), "r+b") as f:
             f.truncate(end)
             os.fsync(f.fileno())
     rows = []
@@ -108,7 +134,7 @@ class AppendLog:
     the next run); nothing is buffered, so closing writes nothing; flush() is an fsync."""
 
     def __init__(self, path):
-        self.path, self.f = path, open(path, "ab", buffering=0)
+        self.path, self.f = path, open(not_a_link(path), "ab", buffering=0)
 
     def write(self, text):
         data = text.encode()
@@ -224,9 +250,41 @@ def check_owner(d, command, own_files):
                          f"{OWNER_FILE}); choose another output directory")
 
 
+_LOCKED = {}  # realpath -> open descriptor: the directories this process holds locked until exit
+
+
+def lock_dir(d):
+    """Hold an exclusive lock on directory d for the rest of this process, or refuse in one line
+    when another process holds it: two runs writing into one output directory at once would
+    leave the settings of one beside the results of the other. (Where the filesystem has no
+    locks, such as some network mounts, there is none and nothing is said.)"""
+    key = os.path.realpath(d)
+    if key in _LOCKED:
+        return
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{d}: another run is writing there now (it holds the directory's "
+                         "lock); wait for it to end or choose another output") from None
+    except OSError:  # no locks on this filesystem
+        os.close(fd)
+        return
+    _LOCKED[key] = fd
+
+
+def release_locks():
+    """Let go of every directory lock this process holds (a command's end: user_errors)."""
+    while _LOCKED:
+        os.close(_LOCKED.popitem()[1])
+
+
 def claim_dir(d, command, own_files=()):
-    """Make d (new, or holding no file of this command's) command's own, or check that it is."""
+    """Make d (new, or holding no file of this command's) command's own, or check that it is;
+    and hold its lock (lock_dir) while this process runs."""
     os.makedirs(d, exist_ok=True)
+    lock_dir(d)
     check_owner(d, command, own_files)
     if owner(d) is None:
         write_json(os.path.join(d, OWNER_FILE), dict(command=command))
@@ -415,7 +473,8 @@ def percentile_ci(replicates):
 @contextmanager
 def user_errors(script):
     """Bad input (a ValueError or a missing file, whose messages name the file and what is wrong)
-    ends the command with that one line instead of a traceback; so does Ctrl-C (exit 130)."""
+    ends the command with that one line instead of a traceback; so does Ctrl-C (exit 130). The
+    command's directory locks (lock_dir) are released at its end."""
     try:
         yield
     except KeyboardInterrupt:
@@ -431,6 +490,8 @@ def user_errors(script):
             raise
         close_bars()
         raise SystemExit(f"{script}: {e} (no such device here: check --device)") from None
+    finally:
+        release_locks()
 
 
 def close_bars():

@@ -543,9 +543,11 @@ def build(args):
     made_from["populations"] = args.populations
     rep = dict(made_from=made_from, paper=PAPER, missing={})
     if args.recovery:
-        rep["recovery"] = read_json(args.recovery)
+        rep["recovery"] = read_json(args.recovery, ("table", "protocols"),
+                                    "a recovery table (`eval.py compare --out`)")
     if args.ablations:
-        rep["ablation"] = ablation_summary(read_json(args.ablations))
+        rep["ablation"] = ablation_summary(read_json(args.ablations, ("results", "sites"),
+                                                     "ablations.json (`ablate.py`)"))
     if args.adapter:
         made_from["adapter"] = adapter_identity(args.adapter)
         rep["geometry"] = geometry(args.adapter)
@@ -562,7 +564,8 @@ def build(args):
         raise ValueError("--sae needs --acts (the store the SAE was trained on)")
     if "coactivation" not in rep:
         rep["missing"]["coactivation"] = "sae" if args.acts else "acts"
-    feats = read_json(args.features) if args.features else {}
+    feats = read_json(args.features, ("features",), "features.json (`interpret.py mine`)") \
+        if args.features else {}
     check_same_adapter(args, rep, feats)
     if args.autointerp and args.mlp_autointerp:
         rep["lora_vs_mlp"] = lora_vs_mlp(read_rows(args.autointerp)[0],
@@ -586,7 +589,9 @@ def build(args):
     else:
         rep["missing"]["categories"] = "features" if not args.features else "autointerp"
     if args.steer:
-        rep["steering"] = [dict(read_json(f), path=os.path.abspath(f)) for f in args.steer]
+        rep["steering"] = [dict(read_json(f, ("results", "identity"),
+                                          "a steering result (`interpret.py steer --out`)"),
+                                path=os.path.abspath(f)) for f in args.steer]
     os.makedirs(args.out, exist_ok=True)
     write_json(outs[1], rep)
     write_atomic(outs[0], report_html(rep))

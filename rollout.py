@@ -13,7 +13,6 @@ document is one of --acts' (its tokens and its stored scalars, which the heatmap
 the store must come from --model and --adapter. Costs at 32B: docs/running.md.
 """
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -23,8 +22,8 @@ from attribution import attribute, backward_bytes
 from batchtopk import SAE, check_sae
 from checkpoint import model_identity
 from common import (Parser, add_device_flag, add_model_flags, check_out, differences,
-                    file_identity, free_memory, fresh_outputs, number, pick_device, read_json,
-                    sha256_file, user_errors, write_atomic, write_json)
+                    file_identity, free_memory, fresh_outputs, lock_dir, number, pick_device,
+                    read_json, remove_path, sha256_file, user_errors, write_atomic, write_json)
 from data import Tokenizer
 from figures import provenance_lines, safe_json
 from interaction import latent_effects, source_latents
@@ -163,6 +162,7 @@ def build(args):
                                    keys=args.keys, latents=args.latents, strength=args.strength,
                                    dtype=identity["dtype"]))
     os.makedirs(args.out, exist_ok=True)
+    lock_dir(args.out)
 
     def attention():
         kl = attention_kl(model, ids)
@@ -214,7 +214,7 @@ def build(args):
                          sha256=sums["attribution"],
                          axes="target (positions), source position, site: grad x activation")),
         **summary))
-    shutil.rmtree(os.path.join(args.out, PARTS))  # all of it is in the outputs now
+    remove_path(os.path.join(args.out, PARTS))  # all of it is in the outputs now
     print(f"rollout: top head L{heads[0][0]}.H{heads[0][1]} (mean KL {heads[0][2]:.3g}); "
           f"{len(attr_js['positions'])} attributed positions -> {outs['rollout.html']}")
     return data

@@ -227,6 +227,10 @@ def cmd_sweep(args):
     cfg = {k: v for k, v in asdict(config_from_flags(SAEConfig, args)).items()
            if k not in ("k", "expansion", "save_every")}
     made_from = dict(store=store.identity(), ks=args.ks, expansions=args.expansions, config=cfg)
+    if int(store.index["shape"][0] * cfg["holdout"]) < 1:  # the frontier is drawn from it
+        raise ValueError(f"--holdout {cfg['holdout']}: the sweep compares its settings by their "
+                         f"held-out FVU, and {store.index['shape'][0]:,} tokens x "
+                         f"{cfg['holdout']} hold out none; give a larger fraction")
     summary = os.path.join(args.out, "sweep.json")
     if os.path.isfile(summary) and not args.overwrite:
         same_origin(read_json(summary).get("made_from") or {}, made_from, summary)

@@ -45,7 +45,8 @@ from tqdm import tqdm
 from checkpoint import model_identity, read_safetensors, save_hf_checkpoint, tokenizer_files
 from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, check_out, claim_dir,
                     cleanup_dist, code_version, config_from_flags, differences, file_identity,
-                    keep_steps, print0, read_json, setup_dist, user_errors, write_json)
+                    keep_steps, not_a_link, print0, read_json, read_log, remove_path,
+                    setup_dist, user_errors, write_atomic, write_json)
 from data import Tokenizer, data_identity, load_examples
 from lora import ADAPTER_FILES, save_adapter
 from model import KVCache, Qwen2Config, prefill_bytes
@@ -216,6 +217,20 @@ def save_final(cfg, model, rank, provenance):
 # main
 
 
+def restore_steps(path, losses, lr_of, total):
+    """Before a resumed run appends: a step the checkpoint holds but the log lost (its last line
+    cut by a kill or a full disk) gets its row back from the checkpoint (loss and learning rate;
+    what only the step knew, marked), so that metrics.jsonl has every step once, in order."""
+    rows = {r["step"]: r for r in read_log(path)}
+    lost = [s for s in range(1, len(losses) + 1) if s not in rows]
+    if lost:
+        for s in lost:
+            rows[s] = dict(step=s, total=total, loss=losses[s - 1], lr=lr_of(s - 1),
+                           grad_norm=None, restored="from the checkpoint: the log had lost it")
+        write_atomic(path, "".join(json.dumps(rows[s]) + "\n" for s in sorted(rows)))
+        print0(f"train.py: {path} had lost step(s) {lost[:5]}; restored from the checkpoint")
+
+
 def dry_run(cfg, mcfg, stats, world, empty):
     """Print the plan (and return it): steps, schedule, the optimizer steps that would have no
     trained-on tokens (train.py refuses to start with any), and the memory per GPU of this run
@@ -289,6 +304,8 @@ def prepare_out(cfg):
     found = [n for n in OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
     claim_dir(cfg.out, "train.py", found)
     if cfg.resume or not found:
+        for n in found:  # a resumed run writes into them: never through a link to elsewhere
+            not_a_link(os.path.join(cfg.out, n))
         return
     if not cfg.overwrite:
         raise SystemExit(f"train.py: {cfg.out} already holds a run ({', '.join(found)}); pass "
@@ -298,14 +315,12 @@ def prepare_out(cfg):
                  model=lambda n: n.endswith((".safetensors", ".json")) or n in ("merges.txt",))
     for n in found:
         path = os.path.join(cfg.out, n)
-        if n in owned:
+        if n in owned and not os.path.islink(path):
             foreign = [f for f in os.listdir(path) if not owned[n](f)]
             if foreign:
                 raise SystemExit(f"train.py: {path} holds files train.py did not write "
                                  f"({foreign[:3]}); choose another --out")
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+        remove_path(path)  # a link itself, never what it points to
 
 
 def origin(cfg, tok):
@@ -362,6 +377,7 @@ def train(cfg, rank, world, device):
     metrics_file = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         keep_steps(metrics_file, start)
+        restore_steps(metrics_file, losses, lambda s: lr_at(cfg, s, total, warmup), total_run)
     lora_params = [p for _, p in trainable(model)] if cfg.mode == "lora" else []
 
     # Ctrl-C (SIGINT) and a scheduler's SIGTERM finish the step, save a checkpoint and exit

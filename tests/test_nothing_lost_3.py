@@ -1,0 +1,146 @@
+"""Nothing lost, round three: writes through links, two runs into one --out, JSON of another
+kind, degenerate data and a log that lost its last line. Each case: the bad input, the one line
+expected, nothing changed outside --out, and the rerun's result equal to an untroubled run's."""
+import json
+import os
+
+import pytest
+
+import common
+from helpers import run_script, tiny_env
+from test_nothing_lost import eval_args, rows, snapshot, train_args, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tiny_env(tmp_path_factory.mktemp("lost3"))
+    write_jsonl(d / "rows.jsonl", rows(6))
+    write_jsonl(d / "math.jsonl", [dict(problem=f"What is {i} + {i}?", answer=str(2 * i),
+                                        id=f"p{i}") for i in range(4)])
+    return d
+
+
+def one_line(r, text):
+    """A refusal: exit 1, the expected text on the last line of stderr, no traceback."""
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and text in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_a_resumed_run_never_appends_through_a_link(env, tmp_path, monkeypatch):
+    """eval.py run stopped mid-way, its rank file then replaced by a link to a file elsewhere:
+    the rerun refuses in one line and the file elsewhere is as it was; without the link it
+    finishes with an untroubled run's samples."""
+    import eval as ev
+    from protocols import generate
+    calls = []
+
+    def stop_at_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*a, **k)
+    argv = [str(a) for a in eval_args(env, tmp_path / "run")]
+    monkeypatch.setattr(ev, "generate", stop_at_second)
+    with pytest.raises(SystemExit):
+        ev.main(argv)
+    monkeypatch.setattr(ev, "generate", generate)
+    part = tmp_path / "run" / "samples.rank-00000.jsonl"
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_bytes(part.read_bytes())
+    part.unlink()
+    part.symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    r = run_script("eval.py", eval_args(env, tmp_path / "run"), check=False)
+    one_line(r, f"{part}: is a link to {elsewhere}")
+    assert elsewhere.read_bytes() == before
+    part.unlink()
+    os.replace(elsewhere, part)
+    run_script("eval.py", eval_args(env, tmp_path / "run"))
+    run_script("eval.py", eval_args(env, tmp_path / "clean"))
+    assert (tmp_path / "run" / "samples.jsonl").read_text() == \
+        (tmp_path / "clean" / "samples.jsonl").read_text()
+
+
+def test_overwrite_and_resume_never_reach_through_a_linked_directory(env, tmp_path):
+    """A run directory whose ckpt/ is a link to another run's: --resume refuses to write there,
+    --overwrite removes the link itself (it stopped with "Cannot call rmtree on a symbolic link"
+    after deciding to delete), and the other run's checkpoints are untouched."""
+    run_script("train.py", train_args(env, tmp_path / "a", "--max-steps", 2))
+    run_script("train.py", train_args(env, tmp_path / "b", "--max-steps", 1))
+    other = snapshot(tmp_path / "a" / "ckpt")
+    os.rename(tmp_path / "b" / "ckpt", tmp_path / "b-ckpt")
+    (tmp_path / "b" / "ckpt").symlink_to(tmp_path / "a" / "ckpt")
+    r = run_script("train.py", train_args(env, tmp_path / "b", "--max-steps", 2, "--resume"),
+                   check=False)
+    one_line(r, f"{tmp_path / 'b' / 'ckpt'}: is a link to")
+    run_script("train.py", train_args(env, tmp_path / "b", "--max-steps", 2, "--overwrite"))
+    assert snapshot(tmp_path / "a" / "ckpt") == other
+    assert not (tmp_path / "b" / "ckpt").is_symlink()
+    la, lb = ([json.loads(l)["loss"] for l in open(tmp_path / d / "metrics.jsonl")]
+              for d in ("a", "b"))
+    assert la == lb
+
+
+def test_two_runs_at_once_into_one_out(env, tmp_path):
+    """While a run holds its --out (here: this test, as a run in progress would), eval.py run and
+    sae.py train with other settings into it are refused in one line (both exited 0, leaving the
+    run.json of one beside the results of the other); when it ends, the same command runs."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    common.lock_dir(str(out))
+    try:
+        r = run_script("eval.py", eval_args(env, out, "--thinking-budget", 30), check=False)
+        one_line(r, "another run is writing there now")
+        assert os.listdir(out) == []
+    finally:
+        common.release_locks()
+    run_script("eval.py", eval_args(env, out, "--thinking-budget", 30))
+    assert json.load(open(out / "run.json"))["generation"]["thinking_budget"] == 30
+
+
+def test_json_of_another_kind_is_one_line(env, tmp_path):
+    """report.py given an eval run's results.json where it wants the recovery table, or any JSON
+    where it wants a steering result, names the file and what it expected (a KeyError before)."""
+    run_script("eval.py", eval_args(env, tmp_path / "run", "--limit", 1))
+    results = tmp_path / "run" / "results.json"
+    r = run_script("report.py", ["--recovery", results, "--out", tmp_path / "rep"], check=False)
+    one_line(r, f"{results}: not a recovery table (`eval.py compare --out`) (no 'table' in it)")
+    other = tmp_path / "x.json"
+    other.write_text(json.dumps({"results": []}))
+    r = run_script("report.py", ["--steer", other, "--out", tmp_path / "rep"], check=False)
+    one_line(r, f"{other}: not a steering result")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_degenerate_data_is_refused_naming_the_line(env, tmp_path):
+    """A benchmark whose gold answer is empty was graded (every answer wrong, without a word); an
+    SAE sweep holding out no token raised a TypeError at its end."""
+    bench = write_jsonl(tmp_path / "b.jsonl", [dict(problem="1+1?", answer="2"),
+                                               dict(problem="2+2?", answer=" ")])
+    r = run_script("eval.py", ["run", "--model", env / "model", "--bench", f"math500={bench}",
+                               "--out", tmp_path / "e"], check=False)
+    one_line(r, f"{bench} line 2: field 'answer' is empty")
+    run_script("collect.py", ["--model", env / "model", "--adapter", env / "adapter", "--data",
+                              env / "rows.jsonl", "--out", tmp_path / "acts"])
+    r = run_script("sae.py", ["sweep", "--acts", tmp_path / "acts", "--out", tmp_path / "sw",
+                              "--holdout", 0, "--steps", 4], check=False)
+    one_line(r, "--holdout 0.0: the sweep compares its settings by their held-out FVU")
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_log_that_lost_its_last_line_gets_the_step_back(env, tmp_path):
+    """metrics.jsonl cut after the step the checkpoint holds (a kill or a full disk mid-write):
+    the resumed run restores that step's row from the checkpoint, so every step is logged once,
+    and the losses are an uninterrupted run's."""
+    run_script("train.py", train_args(env, tmp_path / "a", "--max-steps", 4))
+    run_script("train.py", train_args(env, tmp_path / "b", "--max-steps", 2, "--save-every", 1))
+    log = tmp_path / "b" / "metrics.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + lines[1][:10])  # step 2 lost mid-line
+    r = run_script("train.py", train_args(env, tmp_path / "b", "--max-steps", 4, "--resume"))
+    assert "had lost step(s) [2]" in r.stdout
+    got = [json.loads(l) for l in log.read_text().splitlines()]
+    want = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
+    assert got[1]["restored"] and got[1]["lr"] == pytest.approx(want[1]["lr"])
