@@ -29,9 +29,10 @@ from benchmarks import load_benchmark
 from common import (AppendLog, Parser, add_device_flag, add_model_flags, check_out, cleanup_dist,
                     file_identity, fresh_outputs, lock_dir, number, pick_device, print0, read_log,
                     same_origin, setup_dist, user_errors, write_atomic, write_json)
-from data import Tokenizer, chat_prompt, read_rows, s1_example
+from data import chat_prompt, read_rows, s1_example
 from figures import bar_chart, site_heatmap, table
 from lora import ATTN, MLP, SITE_ORDER, ablate, load_model, site_label, sites
+from model import load_tokenizer
 
 
 def ablation_sequences(args, tok):
@@ -286,7 +287,7 @@ def cmd_ablate(args):
                          "--samples": args.samples, "--s1": args.s1})
     outputs = [os.path.join(args.out, f) for f in ("ablations.json", "ablations.html")]
     fresh_outputs(outputs, args.overwrite)
-    tok = Tokenizer(args.tokenizer or args.model)
+    tok = load_tokenizer(args.model, args.tokenizer)
     model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
                                  other_base=args.other_base)
     seqs = ablation_sequences(args, tok)

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from checkpoint import model_identity
 from common import (Parser, add_model_flags, check_out, cleanup_dist, file_identity, number,
                     read_json, setup_dist, start_run, user_errors, write_json)
-from data import Tokenizer, chat_prompt, data_identity, paper_collection_text, read_rows, s1_example
+from data import chat_prompt, data_identity, paper_collection_text, read_rows, s1_example
 from lora import adapter_identity, adapters, doc_scalars, load_model, sites
+from model import load_tokenizer
 from store import STORE_FILE, save_shard, shard_finished
 
 # -----------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def documents(path, fmt, tok):
 
 def collect(args):
     rank, world, dev = setup_dist()
-    tok = Tokenizer(args.tokenizer or args.model)
+    tok = load_tokenizer(args.model, args.tokenizer)
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--data": args.data,
                          "--tokenizer": args.tokenizer})
     docs = documents(args.data, args.format, tok)[:args.max_docs or None]

@@ -45,12 +45,23 @@ class Tokenizer:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{path}: no tokenizer.json")
         self.path = file
-        self.tk = HFTokenizer.from_file(file)
+        try:
+            self.tk = HFTokenizer.from_file(file)
+        except Exception as e:  # the tokenizers library's own error: a cut or foreign file
+            raise ValueError(f"{file}: not a readable tokenizer.json ({e})") from None
         for s in (IM_START, IM_END, ENDOFTEXT):
             if self.tk.token_to_id(s) is None:
                 raise ValueError(f"{file}: the special token {s} is missing")
         self.im_start, self.im_end, self.eot = (self.tk.token_to_id(s)
                                                 for s in (IM_START, IM_END, ENDOFTEXT))
+
+    def check_fits(self, vocab_size, model):
+        """One line when this tokenizer makes ids that a model of vocab_size rows cannot embed."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"{self.path}: {self.vocab_size:,} token ids, more than the "
+                             f"{vocab_size:,} rows of {model}'s embedding (another model's "
+                             "tokenizer?)")
+        return self
 
     @property
     def vocab_size(self):
@@ -206,12 +217,22 @@ def read_rows(path, required=()):
         for f in required:
             if f not in row:
                 raise ValueError(f"{w}: missing field {f!r}")
+        for k, v in row.items():  # JSON may escape a lone surrogate, which no tokenizer takes
+            if isinstance(v, str) and not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{w}: field {k!r} is not valid Unicode (a lone surrogate "
+                                     f"at character {e.start + 1})") from None
     return rows, where
 
 
 def data_identity(path, rows=None):
     """What a data file is: {path, sha256, bytes, rows} (rows: its count, when already read)."""
     return dict(file_identity(path), rows=len(read_rows(path)[0]) if rows is None else rows)
+
+
+MAX_CHARS_PER_TOKEN = 64  # beyond this many characters per token of the block a row is refused
 
 
 def load_s1(path, tok, block_size=None):
@@ -222,6 +243,12 @@ def load_s1(path, tok, block_size=None):
     rows, where = read_rows(path)
     examples, truncated, lost, empty = [], 0, 0, 0
     for row, w in zip(rows, where):
+        chars = sum(len(v) if isinstance(v, str) else sum(map(len, v)) for k, v in row.items()
+                    if k in S1_FIELDS and isinstance(v, (str, list)))
+        if block_size and chars > MAX_CHARS_PER_TOKEN * block_size:  # before tokenizing it whole
+            raise ValueError(f"{w}: {chars:,} characters, more than {MAX_CHARS_PER_TOKEN} x "
+                             f"--block-size {block_size} can hold (the run would keep its first "
+                             f"{block_size} tokens); cut the row or raise --block-size")
         ids, mask = s1_example(row, tok, source=w)
         trace = row["deepseek_thinking_trajectory"]
         empty += not "".join(trace if isinstance(trace, list) else [trace]).strip()

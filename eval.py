@@ -40,9 +40,9 @@ from common import (AppendLog, Parser, add_config_flags, add_model_flags, bootst
                     cleanup_dist, code_version, config_from_flags, file_identity, free_memory,
                     fresh_outputs, number, read_log, setup_dist, start_run, user_errors,
                     write_atomic, write_json)
-from data import Tokenizer
 from grading import BENCHMARKS, grade_sample
 from lora import adapter_identity, load_model
+from model import load_tokenizer
 from protocols import PROTOCOLS, GenConfig, auto_batch, generate
 
 # -----------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def cmd_run(args):
         benches.append((name, path, items[:args.limit] if args.limit else items))
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
                          **{f"--bench {n}": p for n, p, _ in benches}})
-    tok = Tokenizer(args.tokenizer or args.model)
+    tok = load_tokenizer(args.model, args.tokenizer)
     n_samples = args.samples_per_problem if gen.temperature > 0 else 1
     settings = run_settings(args, gen, benches, tok, n_samples)
     if rank == 0:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from checkpoint import checkpoint_tensors
 from common import DTYPES, read_json
+from data import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config
@@ -522,3 +523,10 @@ def _cut_at_stop(row, stops):
         if t in stops:
             return row[:i + 1]
     return row
+
+
+def load_tokenizer(model_dir, tokenizer_dir=None):
+    """The tokenizer of a model directory (or of tokenizer_dir), checked to make only ids that the
+    model's embedding has rows for."""
+    tok = Tokenizer(tokenizer_dir or model_dir)
+    return tok.check_fits(Qwen2Config.from_pretrained(model_dir).vocab_size, model_dir)

@@ -24,10 +24,10 @@ from checkpoint import model_identity
 from common import (Parser, add_device_flag, add_model_flags, check_out, differences,
                     file_identity, free_memory, fresh_outputs, lock_dir, number, pick_device,
                     read_json, remove_path, sha256_file, user_errors, write_atomic, write_json)
-from data import Tokenizer
 from figures import provenance_lines, safe_json
 from interaction import latent_effects, source_latents
 from lora import adapter_identity, load_model, site_label
+from model import load_tokenizer
 from projection_norms import layer_norms
 from protocols import RESERVE
 from store import ActivationStore, write_npy
@@ -149,7 +149,7 @@ def build(args):
         check_sae(sae, args.sae, store)
     model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
                                  other_base=args.other_base)
-    tok = Tokenizer(args.tokenizer or args.model)
+    tok = load_tokenizer(args.model, args.tokenizer)
     sites = [site_label(layer, t) for layer, t in store.index["sites"]]
     T = len(ids)
     print(f"rollout: document {args.doc} ({T} tokens{', truncated' if T < rec['length'] else ''})")

@@ -22,9 +22,10 @@ from batchtopk import SAE
 from benchmarks import load_benchmark
 from common import (add_config_flags, add_device_flag, add_model_flags, check_out,
                     config_from_flags, fresh_outputs, number, numbers, pick_device, write_atomic)
-from data import Tokenizer, chat_prompt
+from data import chat_prompt
 from grading import grade
 from lora import adapters, load_model, parse_site_label, sites, steer
+from model import load_tokenizer
 from protocols import PROTOCOLS, GenConfig, generate
 
 
@@ -71,7 +72,7 @@ def cmd_steer(args):
     device = pick_device(args.device)
     model, identity = load_model(args.model, args.adapter, args.dtype, device=device,
                                  other_base=args.other_base)
-    tok = Tokenizer(args.tokenizer or args.model)
+    tok = load_tokenizer(args.model, args.tokenizer)
     gen = config_from_flags(GenConfig, args, STEER_GEN)
     if args.bench:
         name, _, path = args.bench.partition("=")

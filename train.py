@@ -47,9 +47,9 @@ from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, che
                     cleanup_dist, code_version, config_from_flags, differences, file_identity,
                     keep_steps, not_a_link, print0, read_json, read_log, remove_path,
                     setup_dist, user_errors, write_atomic, write_json)
-from data import Tokenizer, data_identity, load_examples
+from data import data_identity, load_examples
 from lora import ADAPTER_FILES, save_adapter
-from model import KVCache, Qwen2Config, prefill_bytes
+from model import KVCache, Qwen2Config, load_tokenizer, prefill_bytes
 from protocols import auto_batch, row_bytes
 from recipe import (PRESETS, TrainConfig, build_model, empty_steps, lr_at, make_optimizer, plan,
                     step_batch, train_memory, trainable)
@@ -337,7 +337,7 @@ def train(cfg, rank, world, device):
         return dry_run(cfg, mcfg, None, world, None)
     if not cfg.data:
         raise SystemExit("train.py: --data (an s1K-1.1 .jsonl or .parquet file) is required")
-    tok = Tokenizer(cfg.tokenizer or cfg.model)
+    tok = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, stats = load_examples(cfg.data, tok, cfg.block_size)
     trained = [sum(t != -100 for t in tg) for _, tg in examples]  # trained-on tokens per sequence
     empty = empty_steps(cfg, trained)

@@ -144,3 +144,37 @@ def test_a_log_that_lost_its_last_line_gets_the_step_back(env, tmp_path):
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
     assert got[1]["restored"] and got[1]["lr"] == pytest.approx(want[1]["lr"])
+
+
+def test_text_and_tokenizers_that_cannot_work_are_one_line(env, tmp_path):
+    """A lone UTF-16 surrogate in a row, a row far longer than the block can use, a tokenizer.json
+    cut in half and a tokenizer with more ids than the model's embedding each ended in a
+    traceback from inside tokenizers or torch (or, for the long row, in the kernel killing the
+    process after minutes); each is now one line naming the file, and the row or field."""
+    bad = tmp_path / "surrogate.jsonl"
+    good = json.dumps(rows(1)[0])
+    bad.write_text(good + "\n" + good.replace('"What', '"\\ud800What') + "\n")
+    r = run_script("train.py", train_args(env, tmp_path / "t1", "--data", bad), check=False)
+    one_line(r, f"{bad} line 2: field 'question' is not valid Unicode (a lone surrogate at "
+             "character 1)")
+    long = tmp_path / "long.jsonl"
+    write_jsonl(long, rows(2) + [dict(rows(1)[0], deepseek_thinking_trajectory="x" * 70_000)])
+    r = run_script("train.py", train_args(env, tmp_path / "t2", "--data", long, "--block-size",
+                                          1000), check=False)
+    one_line(r, f"{long} line 3: 70,0")
+    assert "more than 64 x --block-size 1000 can hold" in r.stderr
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    text = (env / "model" / "tokenizer.json").read_text()
+    (cut / "tokenizer.json").write_text(text[:len(text) // 2])
+    r = run_script("eval.py", eval_args(env, tmp_path / "e1", "--tokenizer", cut), check=False)
+    one_line(r, f"{cut / 'tokenizer.json'}: not a readable tokenizer.json")
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    from helpers import tiny_tokenizer
+    tok = tiny_tokenizer(wide)  # 300 ids: the env model has 300 rows; add some
+    tok.tk.add_tokens([f"<extra{i}>" for i in range(20)])
+    tok.tk.save(str(wide / "tokenizer.json"))
+    r = run_script("eval.py", eval_args(env, tmp_path / "e2", "--tokenizer", wide), check=False)
+    one_line(r, f"{wide / 'tokenizer.json'}: 320 token ids, more than the 300 rows of")
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "e2").exists()
