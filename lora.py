@@ -599,9 +599,30 @@ def read_adapter_config(adapter_dir):
             bad(k, "missing")
         if not isinstance(c[k], kind) or isinstance(c[k], bool) or c[k] <= 0:
             bad(k, f"{c[k]!r}: expected a positive number")
-    return c, dict(rank=int(c["r"]), alpha=float(c["lora_alpha"]),
-                   rslora=bool(c.get("use_rslora", False)),
-                   targets=[t for t in SITE_ORDER if t in targets], layers=layers)
+    kw = dict(rank=int(c["r"]), alpha=float(c["lora_alpha"]),
+              rslora=bool(c.get("use_rslora", False)),
+              targets=[t for t in SITE_ORDER if t in targets], layers=layers)
+    check_trained_config(adapter_dir, cfg_file, kw)
+    return c, kw
+
+
+def check_trained_config(adapter_dir, cfg_file, kw):
+    """An adapter trained here records its training settings (rank1.json): an adapter_config.json
+    edited since (another lora_alpha scales every update) is one line naming both files."""
+    record = os.path.join(adapter_dir, "rank1.json")
+    if not os.path.isfile(record):
+        return
+    trained = read_json(record).get("config") or {}
+    now = dict(rank=kw["rank"], alpha=kw["alpha"], rslora=kw["rslora"],
+               targets=",".join(kw["targets"]))
+    was = {k: trained[k] for k in now if k in trained}
+    if "targets" in was:
+        was["targets"] = ",".join(t for t in SITE_ORDER if t in was["targets"].split(","))
+    diff = [f"{k}: {was[k]!r} at training vs {now[k]!r} now" for k in was if was[k] != now[k]]
+    if diff:
+        raise ValueError(f"{cfg_file} no longer matches the training recorded in {record} "
+                         f"({'; '.join(diff)}); restore it, or use an adapter directory "
+                         "without rank1.json")
 
 
 def load_adapter(model, adapter_dir, verbose=True):

@@ -194,7 +194,8 @@ def ablation_summary(ab):
     the number of MLP adapters that carry 90% of the effect of switching all of them off."""
     key = "kl_full_abl_assistant_mean"
     res = ab["results"]
-    out = dict(adapter=(ab.get("identity") or {}).get("adapter"), sequences=len(ab["sequences"]),
+    out = dict(adapter=(ab.get("identity") or {}).get("adapter"),
+               model=(ab.get("identity") or {}).get("model"), sequences=len(ab["sequences"]),
                tokens=ab["tokens"], greedy_metric=(ab.get("made_from") or {}).get("greedy_metric"),
                greedy_order=(ab.get("made_from") or {}).get("greedy_order", "fixed"))
     out["layers"] = [dict(label=r["label"], mean=r[key], std=r["kl_full_abl_assistant_std"])
@@ -494,9 +495,9 @@ def report_html(rep):
 
 
 def check_same_adapter(args, rep, feats):
-    """Every input must describe one adapter: the ablations', the features' (feats: features.json)
-    store's, --acts' store's, --adapter's; categories.jsonl must come from --features (its
-    autointerp.json says which file)."""
+    """Every input must describe one adapter on one base: the ablations', the features'
+    (feats: features.json) store's, --acts' store's, --adapter's; categories.jsonl must come from
+    --features (its autointerp.json says which file)."""
     store = ((feats.get("made_from") or {}).get("store") or {}).get("made_from") or {}
     acts = (rep["made_from"].get("acts") or {}).get("made_from") or {}
     found = [(w, a) for w, a in (("--ablations", (rep.get("ablation") or {}).get("adapter")),
@@ -507,6 +508,14 @@ def check_same_adapter(args, rep, feats):
         diff = differences(a1, a2)
         if diff:
             raise ValueError(f"{w1} and {w2} describe different adapters ({diff[0]})")
+    bases = [(w, m) for w, m in (("--ablations", (rep.get("ablation") or {}).get("model")),
+                                 ("--features", store.get("model")),
+                                 ("--acts", acts.get("model"))) if m]
+    for (w1, m1), (w2, m2) in zip(bases, bases[1:]):
+        diff = differences(m1, m2)
+        if diff:
+            raise ValueError(f"{w1} and {w2} were made on different base models ({diff[0]}); "
+                             "a report describes one run")
     meta = os.path.join(os.path.dirname(os.path.abspath(args.categories or "")), "autointerp.json")
     if args.categories and args.features and os.path.isfile(meta):
         diff = differences(read_json(meta).get("features") or {}, file_identity(args.features))
