@@ -178,3 +178,33 @@ def test_text_and_tokenizers_that_cannot_work_are_one_line(env, tmp_path):
     r = run_script("eval.py", eval_args(env, tmp_path / "e2", "--tokenizer", wide), check=False)
     one_line(r, f"{wide / 'tokenizer.json'}: 320 token ids, more than the 300 rows of")
     assert not (tmp_path / "t1").exists() and not (tmp_path / "e2").exists()
+
+
+def test_inputs_that_no_longer_match_what_made_them(env, tmp_path):
+    """An adapter whose adapter_config.json was edited after training (another lora_alpha scales
+    every update) was used as edited although its rank1.json says otherwise; report.py combined
+    ablations made on one base with a store collected on another."""
+    run_script("train.py", train_args(env, tmp_path / "t", "--max-steps", 1))
+    adapter = tmp_path / "t" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 32}))
+    r = run_script("eval.py", ["run", "--model", env / "model", "--adapter", adapter, "--bench",
+                               f"math500={env / 'math.jsonl'}", "--out", tmp_path / "e"],
+                   check=False)
+    one_line(r, f"{adapter / 'adapter_config.json'} no longer matches the training recorded in "
+             f"{adapter / 'rank1.json'} (alpha: 16.0 at training vs 32.0 now)")
+    run_script("collect.py", ["--model", env / "model", "--adapter", env / "adapter", "--data",
+                              env / "rows.jsonl", "--out", tmp_path / "acts"])
+    samples = write_jsonl(tmp_path / "s.jsonl", [dict(benchmark="math500", id="0",
+                                                      question="What is 1+1?",
+                                                      generation="<|im_start|>think\n2")])
+    run_script("ablate.py", ["--model", env / "model", "--adapter", env / "adapter", "--samples",
+                             samples, "--experiments", "layer", "--out", tmp_path / "ab"])
+    ab = json.loads((tmp_path / "ab" / "ablations.json").read_text())
+    ab["identity"]["model"]["config_sha256"] = "0" * 64  # made on another base
+    (tmp_path / "other.json").write_text(json.dumps(ab))
+    r = run_script("report.py", ["--ablations", tmp_path / "other.json", "--acts",
+                                 tmp_path / "acts", "--out", tmp_path / "rep"], check=False)
+    one_line(r, "--ablations and --acts were made on different base models (config_sha256")
+    run_script("report.py", ["--ablations", tmp_path / "ab" / "ablations.json", "--acts",
+                             tmp_path / "acts", "--out", tmp_path / "rep"])
