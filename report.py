@@ -598,7 +598,7 @@ def build(args):
     else:
         rep["missing"]["categories"] = "features" if not args.features else "autointerp"
     if args.steer:
-        rep["steering"] = [dict(read_json(f, ("results", "identity"),
+        rep["steering"] = [dict(read_json(f, ("results", "feature"),
                                           "a steering result (`interpret.py steer --out`)"),
                                 path=os.path.abspath(f)) for f in args.steer]
     os.makedirs(args.out, exist_ok=True)
