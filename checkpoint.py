@@ -68,6 +68,19 @@ def tokenizer_files(d):
     return [os.path.join(d, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(d, n))]
 
 
+def write_safetensors(tensors, path, metadata=None):
+    """safetensors' save_file, but a write that fails (a full disk, a file-size limit, a read-only
+    filesystem) is the OSError it is, naming the file, not a SafetensorError's text."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as e:  # SafetensorError: "... No space left on device (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        if not m:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30, copy_files=(),
                        extra=None, overwrite=False, *, command):
     """Write (name, tensor) pairs as an HF checkpoint: model-XXXXX-of-YYYYY.safetensors shards
@@ -84,7 +97,7 @@ def save_hf_checkpoint(out_dir, named_tensors, config, max_shard_bytes=5 * 2**30
 
         def flush():
             name = f"shard-{len(files):05d}.safetensors"
-            save_file(cur, os.path.join(tmp, name), metadata={"format": "pt"})
+            write_safetensors(cur, os.path.join(tmp, name), metadata={"format": "pt"})
             files.append((name, list(cur)))
         for k, v in named_tensors:
             v = v.detach().cpu().contiguous()

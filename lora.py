@@ -38,9 +38,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from checkpoint import model_identity, read_safetensors, save_hf_checkpoint, tokenizer_files
+from checkpoint import (model_identity, read_safetensors, save_hf_checkpoint, tokenizer_files,
+                        write_safetensors)
 from common import DTYPES, publish_dir, read_json, sha256_file
 from model import KVCache, Qwen2
 
@@ -551,7 +551,7 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, state_dict=None, 
     }
 
     def write(tmp):
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"),
+        write_safetensors(tensors, os.path.join(tmp, "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)

@@ -38,11 +38,11 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from checkpoint import model_identity, read_safetensors, save_hf_checkpoint, tokenizer_files
+from checkpoint import (model_identity, read_safetensors, save_hf_checkpoint, tokenizer_files,
+                        write_safetensors)
 from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, check_out, claim_dir,
                     cleanup_dist, code_version, config_from_flags, differences, file_identity,
                     keep_steps, not_a_link, print0, read_json, read_log, remove_path,
@@ -120,7 +120,11 @@ def save_checkpoint(cfg, model, opt, step, losses, rank, world, origin):
     dist.barrier()
     if cfg.mode == "full" or rank == 0:
         name = f"rank{rank:05d}-of-{world:05d}" if cfg.mode == "full" else "state"
-        save_file(local, os.path.join(tmp, f"{name}.safetensors"))
+        try:
+            write_safetensors(local, os.path.join(tmp, f"{name}.safetensors"))
+        except OSError:  # a full disk: no half checkpoint left behind to fill it further
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     dist.barrier()
     if rank == 0:
         write_json(os.path.join(tmp, "meta.json"), meta)  # last: the checkpoint is complete

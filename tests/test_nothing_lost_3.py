@@ -208,3 +208,28 @@ def test_inputs_that_no_longer_match_what_made_them(env, tmp_path):
     one_line(r, "--ablations and --acts were made on different base models (config_sha256")
     run_script("report.py", ["--ablations", tmp_path / "ab" / "ablations.json", "--acts",
                              tmp_path / "acts", "--out", tmp_path / "rep"])
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_completes(env, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk when the full finetune writes its checkpoint (an
+    800 KB shard): safetensors' own error became a traceback; now it is one line naming the file,
+    no half checkpoint is left, and the rerun gives an untroubled run's losses."""
+    import resource
+    import signal
+    import subprocess
+    from helpers import ROOT, script_cmd
+    args = train_args(env, tmp_path / "full", "--mode", "full", "--max-steps", 2)
+
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
+    r = subprocess.run(script_cmd("train.py", args), cwd=ROOT, text=True, capture_output=True,
+                       preexec_fn=full_disk)
+    one_line(r, "[Errno 27] File too large")
+    assert "rank00000-of-00001.safetensors" in r.stderr.splitlines()[-1]
+    assert not [n for n in os.listdir(tmp_path / "full" / "ckpt") if n.startswith(".tmp")]
+    run_script("train.py", [*args, "--resume"])
+    run_script("train.py", train_args(env, tmp_path / "clean", "--mode", "full", "--max-steps", 2))
+    got, want = ([json.loads(l)["loss"] for l in open(tmp_path / d / "metrics.jsonl")]
+                 for d in ("full", "clean"))
+    assert got == pytest.approx(want, abs=1e-6)
