@@ -94,7 +94,7 @@ def build(args):
     check_out(args.out, {"--features": args.features, "--sae": args.sae,
                          "--ablations": args.ablations})
     fresh_outputs([args.out], args.overwrite)
-    data = read_json(args.features)
+    data = read_json(args.features, ("features",), "features.json (`interpret.py mine`)")
     store = (data.get("made_from") or {}).get("store") or {}
     adapter = (store.get("made_from") or {}).get("adapter")
 
@@ -104,12 +104,13 @@ def build(args):
             raise ValueError(f"{what}: made with another adapter than the features "
                              f"({'; '.join(diff[:2])})")
     if args.ablations:
-        ab = read_json(args.ablations)
+        ab = read_json(args.ablations, ("results", "sites"), "ablations.json (`ablate.py`)")
         same_adapter((ab.get("identity") or {}).get("adapter"), args.ablations)
         data["ablation_layers"] = [dict(label=r["label"], mean=r["kl_full_abl_assistant_mean"])
                                    for r in ab["results"].get("layer", [])]
     if args.sae:
-        cfg = read_json(os.path.join(args.sae, "cfg.json"))
+        cfg = read_json(os.path.join(args.sae, "cfg.json"), ("d_in", "n_latents"),
+                        "an SAE's cfg.json (`sae.py train`)")
         trained_on = (cfg.get("made_from") or {}).get("store")
         diff = differences(trained_on, store) if trained_on and store else []
         if diff:

@@ -262,7 +262,7 @@ def cmd_autointerp(args):
     with the same settings resumes for free; features whose LLM calls failed are reported and the
     command fails, keeping everything else."""
     check_out(args.out, {"--features": args.features})
-    data = read_json(args.features)
+    data = read_json(args.features, ("features",), "features.json (`interpret.py mine`)")
     made_from = dict(features=file_identity(args.features), llm_url=args.llm_url,
                      llm_model=args.llm_model if args.llm_url else None, rubric=args.rubric,
                      categorise=args.categorise, n_explain=args.n_explain, limit=args.limit)

@@ -110,6 +110,10 @@ def test_json_of_another_kind_is_one_line(env, tmp_path):
     r = run_script("report.py", ["--steer", other, "--out", tmp_path / "rep"], check=False)
     one_line(r, f"{other}: not a steering result")
     assert not (tmp_path / "rep").exists()
+    for cmd in (["dashboard.py", "--out", tmp_path / "d.html"],
+                ["interpret.py", "autointerp", "--out", tmp_path / "auto"]):
+        r = run_script(cmd[0], [*cmd[1:], "--features", results], check=False)
+        one_line(r, f"{results}: not features.json (`interpret.py mine`) (no 'features' in it)")
 
 
 def test_degenerate_data_is_refused_naming_the_line(env, tmp_path):
