@@ -182,13 +182,13 @@ def check_sae(sae, sae_dir, store):
 class SAEConfig:
     expansion: int = 8          # latents = expansion * d_in (3,584 for 448)
     k: int = 16                 # mean active latents per token (BatchTopK: k * batch per batch)
-    lr: float = 5e-4
-    batch_size: int = 512
+    lr: float = 5e-4            # Adam's learning rate (the official code's)
+    batch_size: int = 512       # tokens per step (BatchTopK keeps k x this many activations)
     epochs: int = 0             # 0: enough epochs for min_tokens (at least one)
     min_tokens: int = 10_000_000  # what the default trains on: a plateau at the paper's scale
     steps: int = 0              # > 0 overrides epochs
     warmup: int = 100           # linear lr warm-up steps
-    aux_coeff: float = 1 / 32
+    aux_coeff: float = 1 / 32   # weight of the AuxK loss that revives dead latents
     k_aux: int = 0              # 0: d_in // 2
     dead_tokens: int = 0        # dead after this many tokens without firing (0: see schedule)
     threshold_beta: float = 0.999  # EMA of the smallest selected activation -> inference threshold
@@ -196,8 +196,8 @@ class SAEConfig:
     plateau: float = 0.002      # warn if held-out FVU fell more than this in the last tenth
     normalize: bool = True      # divide inputs by their per-dimension std
     init: str = "data"          # decoder rows at training rows, or "random" unit directions
-    seed: int = 42
-    log_every: int = 100
+    seed: int = 42              # seeds the held-out split, the data order and the init
+    log_every: int = 100        # steps between lines of metrics.jsonl
     save_every: int = 1000      # steps between saves of the training state (sae.py train resumes)
     device: str = "auto"          # auto (cuda where there is one, else cpu), cpu, cuda, cuda:N
 

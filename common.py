@@ -556,9 +556,12 @@ def add_config_flags(parser, cls, skip=(), choices=None, defaults=None):
     `defaults`, which it must then pass to config_from_flags); choices: {field: allowed values}."""
     notes = field_comments(cls)
     for f in (f for f in fields(cls) if f.name not in skip):
+        if not notes.get(f.name):  # its --help would only repeat its name
+            raise TypeError(f"{cls.__name__}.{f.name}: no comment on its line to explain it (what "
+                            "it does, its unit); every config field needs one for its --help")
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default)
-        text = (notes.get(f.name) or f.name.replace("_", " ")) + f" (default: {default!r})"
+        text = notes[f.name] + f" (default: {default!r})"
         text = text.replace("%", "%%")  # argparse formats help with %
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,

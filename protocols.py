@@ -67,7 +67,7 @@ class GenConfig:
     max_answer_tokens: int = 0    # a cap on the answer (0: all that thinking left, as s1)
     wait: int = 0                 # budget forcing: an early end of thinking -> "Wait", N times
     temperature: float = 0.0      # 0: greedy
-    top_p: float = 1.0
+    top_p: float = 1.0            # sample from the smallest set of tokens of this much mass
 
     RANGES = dict(max_context="positive", top_p="unit", thinking_budget="nonnegative",
                   answer_reserve="nonnegative", max_answer_tokens="nonnegative",

@@ -12,8 +12,10 @@ import pytest
 from common import check_number
 from helpers import ROOT
 
-COMMANDS = ("train", "eval", "ablate", "collect", "sae", "interpret", "dashboard", "report",
-            "rollout", "export", "demo", "rehearse")
+# the commands: the top-level files that run as scripts (their `__main__` guard), so that a new
+# command is walked and held to the layout rule without being listed by hand
+COMMANDS = tuple(sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and
+                        'if __name__ == "__main__":' in open(os.path.join(ROOT, f)).read()))
 BAD = ("0", "-1", "nan", "-inf", "1e30", str(2**70))
 
 
@@ -42,6 +44,28 @@ def required(parser):
         elif not a.option_strings and not isinstance(a, argparse._SubParsersAction):
             argv.append("x")
     return argv
+
+
+def test_commands_are_found_from_their_main_guards():
+    assert set(COMMANDS) >= {"train", "eval", "ablate", "collect", "sae", "interpret", "dashboard",
+                             "report", "rollout", "export", "demo", "rehearse"}
+    assert not set(COMMANDS) & {"common", "model", "lora", "recipe", "protocols"}  # libraries
+
+
+def test_a_config_field_without_an_explanation_is_refused():
+    """A config field's --help is its comment: a field without one would print only its name,
+    so add_config_flags refuses it (naming the class and field)."""
+    from dataclasses import dataclass
+
+    from common import Parser, add_config_flags
+
+    @dataclass
+    class Config:
+        explained: int = 1  # what it does, in units
+        bare: float = 0.5
+
+    with pytest.raises(TypeError, match="Config.bare: no comment on its line to explain it"):
+        add_config_flags(Parser(), Config)
 
 
 def test_every_flag_has_help():
