@@ -192,9 +192,8 @@ def save_final(cfg, model, rank, provenance):
     """LoRA: a PEFT adapter in out/adapter. Full: an HF checkpoint in out/model with the base's
     tokenizer files (so that eval.py, transformers and vLLM load it as they load the base),
     gathered tensor by tensor (every rank takes part in each gather; rank 0 writes the shards as
-    they fill). Both
-    with rank1.json: what they were made from. They belong to this run: a resumed run replaces
-    them."""
+    they fill). Both with rank1.json: what they were made from. They belong to this run: a
+    resumed run replaces them."""
 
     def full(t):
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
