@@ -95,12 +95,12 @@ def assignments(cmd):
 
 
 def downloads(cmds):
-    """[(repo, local dir, dataset?)] of the README's `huggingface-cli download` lines."""
+    """[(local dir, dataset?)] of the README's `huggingface-cli download` lines."""
     out = []
     for c in cmds:
         w = shlex.split(c)
         if w[:2] == ["huggingface-cli", "download"]:
-            out.append((w[2], w[w.index("--local-dir") + 1], "dataset" in w))
+            out.append((w[w.index("--local-dir") + 1], "dataset" in w))
     return out
 
 
@@ -217,7 +217,7 @@ def make_inputs(cmds, work, tokenizer):
     inside = lambda p: os.path.join(work, p.lstrip("/")) if p.startswith("/") else p
     env = {k: " ".join(inside(w) if w.startswith("/") else w for w in v.split(" "))
            for k, v in env.items()}
-    for repo, local, dataset in downloads(cmds):
+    for local, dataset in downloads(cmds):
         local = inside(local)
         if not dataset:
             make_model(os.path.join(work, local), tokenizer)
