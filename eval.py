@@ -14,13 +14,14 @@ Benchmarks as s1 evaluates them (AIME24/25, MATH500, GPQA-Diamond) and the recov
 The benchmark files: benchmarks.py; how a model is asked (s1, plain, completion): protocols.py;
 grading: grading.py; ablations: ablate.py.
 Greedy by default; --temperature > 0 samples --samples-per-problem answers with --seed (pass@1
-averaged). Problems are cut into fixed batches and batch i runs on rank i % world, so results do
-not depend on the number of processes. Each finished batch is appended to its rank's
-samples.rank-NNNNN.jsonl; a rerun into the same --out (same run.json) skips what is done, and the
-end result is what an uninterrupted run writes; a rerun of a finished run regrades every answer
-with this version's grader. Grading never stops a run (a failure is an ungradeable answer,
-listed); GPQA answers that name no letter count as wrong (the official harness defaulted them to
-"A") and are counted.
+averaged), each sample seeded by (--seed, benchmark, problem, sample). Questions decode on the
+engine (engine.py: --batch-size slots, refilled as answers finish), every world-th on each rank; an
+answer depends on its question and seed alone, not on the number of processes or slots. Each
+finished answer is appended to its rank's samples.rank-NNNNN.jsonl; a rerun into the same --out
+(same run.json) skips what is done, and the end result is what an uninterrupted run writes; a rerun
+of a finished run regrades every answer with this version's grader. Grading never stops a run (a
+failure is an ungradeable answer, listed); GPQA answers that name no letter count as wrong (the
+official harness defaulted them to "A") and are counted.
 """
 import argparse
 import glob
@@ -41,9 +42,11 @@ from common import (AppendLog, Parser, add_config_flags, add_model_flags, bootst
                     fresh_outputs, number, read_log, setup_dist, start_run, user_errors,
                     write_atomic, write_json)
 from grading import BENCHMARKS, grade_sample
-from lora import adapter_identity, load_model
-from model import load_tokenizer
-from protocols import PROTOCOLS, GenConfig, auto_batch, generate
+import vllm_engine
+from lora import adapter_identity, check_base, load_model
+from model import Qwen2Config, load_tokenizer
+from engine import sequence_seed
+from protocols import PROTOCOLS, GenConfig, auto_batch, programs_for, stream
 
 # -----------------------------------------------------------------------------
 # run
@@ -82,9 +85,9 @@ def run_settings(args, gen, benches, tok, n_samples):
                                  **(dict(option_order=gpqa_option_order(p)) if n == "gpqa" else {}))
                             for n, p, items in benches],
                 generation=asdict(gen), seed=args.seed, samples_per_problem=n_samples,
-                # sampled batches are seeded by their number, so the batch shapes the samples;
-                # greedy tokens do not depend on it (tests/test_eval.py), so a rerun may change it
-                **(dict(batch_size=args.batch_size) if gen.temperature > 0 else {}))
+                # each sample is seeded by (seed, benchmark, id, sample) (engine.sequence_seed)
+                **(dict(seeding="per sample") if gen.temperature > 0 else {}),
+                **(dict(engine=args.engine) if args.engine != "ours" else {}))
 
 
 def finished_records(out, rank=None):
@@ -101,30 +104,46 @@ def finished_records(out, rank=None):
     return done
 
 
-def chunks(items, n):
-    return [items[i:i + n] for i in range(0, len(items), n)]
-
-
 def batch_for(model, gen, device, n_jobs, rank):
-    """--batch-size 0: as many questions as fit in this device's free memory (protocols.auto_batch),
-    the smallest over the ranks; one line says what it chose and why."""
+    """--batch-size 0: as many slots as fit in this device's free memory (protocols.auto_batch);
+    one line says what rank 0 chose and why."""
     size, why = auto_batch(model.cfg, model.lm_head.weight.dtype, gen.max_context,
                            free_memory(device), n_jobs)
-    t = torch.tensor([size], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     if rank == 0:
-        print(f"eval: batch {int(t)} (--batch-size 0: what fits; rank 0: {why})", flush=True)
-    return int(t)
+        print(f"eval: {size} slots (--batch-size 0: what fits; {why})", flush=True)
+    return size
+
+
+def decode(args, gen, tok, questions, seeds, device, rank):
+    """(the answers as they finish, (i, answer), on --engine; the identity of the weights)."""
+    if args.engine == "ours":
+        model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device,
+                                     args.other_base)
+        slots = args.batch_size or batch_for(model, gen, device, len(questions), rank)
+        return stream(model, tok, questions, gen, slots, seeds,
+                      dict(mode="reduce-overhead") if args.compile else None), identity
+    if args.adapter:
+        check_base(args.model, args.adapter, args.other_base)
+    dtype = args.dtype or Qwen2Config.from_pretrained(args.model).torch_dtype
+    identity = dict(model=model_identity(args.model), merged=False, dtype=dtype, engine="vllm",
+                    adapter=adapter_identity(args.adapter) if args.adapter else None)
+    if not questions:
+        return iter(()), identity
+    programs, max_len = programs_for(tok, questions, gen)
+    llm, lora = vllm_engine.load(args.model, args.adapter, args.dtype, args.tensor_parallel,
+                                 max_len, args.seed)
+    return vllm_engine.run(llm, programs, seeds, gen.temperature, gen.top_p, lora), identity
 
 
 def cmd_run(args):
     rank, world, device = setup_dist()
     gen = config_from_flags(GenConfig, args)
-    if args.batch_size is None:
-        args.batch_size = 8 if gen.temperature > 0 else 0
-    if args.batch_size == 0 and gen.temperature > 0:
-        raise SystemExit("eval.py run: --batch-size 0 (what fits) is for greedy runs; sampled "
-                         "batches are seeded by their number, so give their size")
+    if args.engine == "vllm":
+        if world > 1 or args.merge:
+            raise ValueError("--engine vllm runs in one process (--tensor-parallel N spreads the "
+                             "model over N GPUs) and takes the adapter unmerged (export.py writes "
+                             "a merged model for --model): no torchrun, no --merge")
+        vllm_engine.need_vllm()
     benches = []
     for spec in args.bench:
         name, _, path = spec.partition("=")
@@ -143,46 +162,33 @@ def cmd_run(args):
     if rank == 0:
         start_run(args.out, "run.json", settings, lambda n: n in RUN_FILES or re.fullmatch(
             r"samples\.rank-\d{5}\.jsonl", n), args.overwrite, "eval.py run",
-                  ignore=() if gen.temperature > 0 else ("batch_size",))  # older run.json files
+                  ignore=("batch_size",))  # greedy run.json files of earlier versions had it
     torch.distributed.barrier()
-    model, identity = load_model(args.model, args.adapter, args.dtype, args.merge, device,
-                                 args.other_base)
     jobs = [(benches[b][0], it, k) for b, (_, _, items) in enumerate(benches) for it in items
             for k in range(n_samples)]
     done = finished_records(args.out, rank)
     torch.distributed.barrier()  # every rank has read the same finished answers
     key = lambda job: (job[0], job[1]["id"], job[2])
-    if gen.temperature > 0:
-        # fixed batches, batch i on rank i % world, seeded per batch: the same samples for any
-        # world size, and for a run that was killed and continued
-        batches = list(enumerate(chunks(jobs, args.batch_size)))
-        mine = [(bi, b) for bi, b in batches if bi % world == rank
-                and not all(key(j) in done for j in b)]
-    else:  # greedy: what is left, in batches of what fits
-        todo = [j for j in jobs if key(j) not in done]
-        size = args.batch_size or batch_for(model, gen, device, len(todo), rank)
-        mine = [(bi, b) for bi, b in enumerate(chunks(todo, size)) if bi % world == rank]
-    bar = tqdm(total=sum(len(b) for _, b in mine), desc=f"eval rank {rank}", disable=rank != 0,
-               file=sys.stderr)
+    # what is left, every world-th on this rank; an answer depends on its problem and its seed
+    # alone (engine.py), so the same for any number of processes, slots or interruptions
+    todo = [j for j in jobs if key(j) not in done][rank::world]
+    answers, identity = decode(args, gen, tok, [it["question"] for _, it, _ in todo],
+                               [sequence_seed(args.seed, *key(j)) for j in todo], device, rank)
+    bar = tqdm(total=len(todo), desc=f"eval rank {rank}", disable=rank != 0, file=sys.stderr)
     t0, n_tok = time.time(), 0
     part_file = os.path.join(args.out, f"samples.rank-{rank:05d}.jsonl")
     with AppendLog(part_file) as part:
-        for bi, batch in mine:
-            g = torch.Generator(device=device).manual_seed(args.seed + bi)
-            outs = generate(model, tok, [it["question"] for _, it, _ in batch], gen, g)
-            lines = []
-            for (name, it, k), o in zip(batch, outs):
-                pred, correct, error = grade_sample(name, o["generation"], it["gold"],
-                                                    it["question"])
-                # GPQA's authors ask that its questions never be written out
-                rec = dict(benchmark=name, id=it["id"], sample=k, gold=it["gold"], extracted=pred,
-                           correct=correct, grading_error=error, **o,
-                           question=None if name == "gpqa" else it["question"])
-                lines.append(json.dumps(rec) + "\n")
-                n_tok += o["thinking_tokens"] + o["answer_tokens"]
-            part.write("".join(lines))
-            part.flush()  # each finished batch is on disk before the next starts
-            bar.update(len(batch))
+        for i, o in answers:
+            name, it, k = todo[i]
+            pred, correct, error = grade_sample(name, o["generation"], it["gold"], it["question"])
+            # GPQA's authors ask that its questions never be written out
+            rec = dict(benchmark=name, id=it["id"], sample=k, gold=it["gold"], extracted=pred,
+                       correct=correct, grading_error=error, **o,
+                       question=None if name == "gpqa" else it["question"])
+            part.write(json.dumps(rec) + "\n")
+            part.flush()  # each finished answer is on disk before the next
+            n_tok += o["thinking_tokens"] + o["answer_tokens"]
+            bar.update(1)
             bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
     bar.close()
     torch.distributed.barrier()
@@ -357,10 +363,18 @@ def parser():
                    help="merge the adapter into the weights before decoding")
     r.add_argument("--limit", type=number(int, "nonnegative"), default=0,
                    help="first N problems of each benchmark (0: all)")
-    r.add_argument("--batch-size", type=number(int, "nonnegative"), default=None,
-                   help="questions generated together (default 0 for greedy runs: as many as fit "
-                   "in the device's memory at --max-context, one line says how many; 8 when "
-                   "sampling, where it is part of the run's identity)")
+    r.add_argument("--batch-size", type=number(int, "nonnegative"), default=0,
+                   help="questions decoding together, each in a slot that takes the next "
+                   "question when its answer is done (0: as many as fit in the device's memory "
+                   "at --max-context; one line says how many)")
+    r.add_argument("--engine", choices=("ours", "vllm"), default="ours",
+                   help="what decodes: engine.py, or vLLM where it is installed (one process; "
+                   "--tensor-parallel GPUs; see vllm_engine.py)")
+    r.add_argument("--tensor-parallel", type=number(int, "positive"), default=1,
+                   help="--engine vllm: GPUs one model copy spreads over")
+    r.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile, mode reduce-overhead: a CUDA "
+                   "graph per cache bucket); the first steps of each bucket wait for the compiler")
     r.add_argument("--samples-per-problem", type=number(int, "positive"), default=1,
                    help="answers per problem when sampling (--temperature > 0); accuracy is "
                    "their mean")

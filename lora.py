@@ -104,6 +104,7 @@ def lora_linear_ref(x, W, bias, A, B, s):
 
 
 _IMPL = None
+DECODE_ROWS = 256  # no-grad calls on at most this many rows take plain ops (see lora_linear)
 
 
 def lora_impl():
@@ -131,8 +132,10 @@ def lora_linear(x, W, bias, A, B, s, dropout=None):
     """(y, u) = (x W^T + b + s (x A^T) B^T, x A^T): the one place that picks an implementation.
 
     The fused CUDA kernels for rank 1 on a GPU, else the reference autograd function; plain
-    autograd ops for CPU inference, dropout, or a base weight that trains (full finetunes). Under
-    autocast the frozen matmul runs in the autocast dtype and the adapter math stays in fp32.
+    autograd ops for CPU inference, a no-grad call of at most DECODE_ROWS rows (a decode step:
+    no autograd wrapper, and torch.compile sees through it), dropout, or a base weight that trains
+    (full finetunes). Under autocast the frozen matmul runs in the autocast dtype and the adapter
+    math stays in fp32.
     """
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
@@ -141,13 +144,14 @@ def lora_linear(x, W, bias, A, B, s, dropout=None):
                                dropout)
     frozen = not W.requires_grad and not (bias is not None and bias.requires_grad)
     plain = dropout is None and frozen
-    if plain and (torch.is_grad_enabled() or x.is_cuda):
+    rows = x.shape[:-1].numel()
+    if plain and (torch.is_grad_enabled() or (x.is_cuda and rows > DECODE_ROWS)):
         fused = lora_impl() if x.is_cuda and A.shape[0] == 1 else None
         return (fused or lora_linear_ref)(x, W, bias, A, B, s)
     y = F.linear(x, W, bias)
     u = (x if dropout is None else dropout(x)).to(A.dtype) @ A.t()
-    n = x.shape[:-1].numel()
-    y = _add_scaled(y.reshape(n, y.shape[-1]), u.reshape(n, A.shape[0]), B.t(), s).view(y.shape)
+    y = _add_scaled(y.reshape(rows, y.shape[-1]), u.reshape(rows, A.shape[0]), B.t(), s)
+    y = y.view(*x.shape[:-1], y.shape[-1])
     return y, u
 
 

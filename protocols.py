@@ -11,11 +11,13 @@ template filled with the question, no chat turn (the text a base model saw in pr
 
     from protocols import GenConfig, generate
     outs = generate(model, tok, questions, GenConfig(protocol="s1", max_context=32768))
+    for i, out in stream(model, tok, questions, cfg, slots=8): ...  # as each one finishes
 """
 from dataclasses import dataclass
 
 from common import check_numbers
 from data import ANSWER, FINAL_ANSWER, THINK, chat_prompt, s1_prompt
+from engine import Engine, Turn
 from model import PREFILL_CHUNK, KVCache, prefill_bytes
 
 PROTOCOLS = ("s1", "plain", "completion")
@@ -23,35 +25,34 @@ PROTOCOLS = ("s1", "plain", "completion")
 # -----------------------------------------------------------------------------
 # how many questions fit on a device at once
 
-BATCH_CAP = 64  # beyond this a decode step gains little, and a benchmark's tail waits longer
-PROMPT_SPREAD = 1024  # rows are left-padded to the longest input of their call, and a call takes
-#                       inputs within this many tokens of one another (generate_grouped): a row's
-#                       cache holds at most --max-context + PROMPT_SPREAD positions
+BATCH_CAP = 64  # beyond this a decode step gains little
 RESERVE = 2 * 2**30  # kept free for the CUDA context, the allocator's slack and the sampling
 
 
-def row_bytes(mcfg, dtype, max_context):
-    """What one question in a batch costs on the device beyond the weights: its KV cache row at
-    the context (plus PROMPT_SPREAD) and the activations of a prefill chunk."""
-    n = max_context + PROMPT_SPREAD
-    return KVCache.row_bytes(mcfg, n, dtype) + prefill_bytes(mcfg, PREFILL_CHUNK, n, dtype)
+def slot_bytes(mcfg, dtype, max_context):
+    """What one slot of the engine costs on the device beyond the weights: its KV cache row at
+    the context, its new tokens and a step's fp32 logits (four copies: logits, log-softmax, noise,
+    the nucleus sort)."""
+    return (KVCache.row_bytes(mcfg, max_context, dtype) + 8 * (max_context + 1)
+            + 4 * 4 * mcfg.vocab_size)
 
 
 def auto_batch(mcfg, dtype, max_context, free_bytes, n_jobs):
-    """(batch, why): as many questions as fit in free_bytes (the device's free memory with the
-    weights loaded) less RESERVE, at most BATCH_CAP and the number of questions. A ValueError when
-    not even one fits."""
-    row = row_bytes(mcfg, dtype, max_context)
-    fit = int((free_bytes - RESERVE) // row)
+    """(slots, why): as many slots as fit in free_bytes (the device's free memory with the weights
+    loaded) less RESERVE and one prefill chunk (prefills run one slot at a time), at most
+    BATCH_CAP and the number of questions. A ValueError when not even one fits."""
+    slot = slot_bytes(mcfg, dtype, max_context)
+    prefill = prefill_bytes(mcfg, PREFILL_CHUNK, max_context, dtype)
+    fit = int((free_bytes - RESERVE - prefill) // slot)
     gb = lambda b: f"{b / 1e9:.3g} GB"
     why = (f"{gb(free_bytes)} free with the weights loaded, {gb(RESERVE)} kept back, "
-           f"{gb(row)} per question (KV cache for {max_context + PROMPT_SPREAD:,} positions "
-           f"{gb(KVCache.row_bytes(mcfg, max_context + PROMPT_SPREAD, dtype))} + a "
-           f"{PREFILL_CHUNK:,}-token prefill)")
+           f"{gb(prefill)} for a {PREFILL_CHUNK:,}-token prefill, {gb(slot)} per slot (its KV "
+           f"cache for {max_context:,} positions)")
     if fit < 1:
-        raise ValueError(f"--max-context {max_context}: one question needs {gb(row)} beyond the "
-                         f"weights and {gb(free_bytes - RESERVE)} are free; lower --max-context "
-                         "or use a device with more memory")
+        raise ValueError(f"--max-context {max_context}: one question needs "
+                         f"{gb(slot + prefill)} beyond the weights and "
+                         f"{gb(free_bytes - RESERVE)} are free; lower --max-context or use a "
+                         "device with more memory")
     return min(fit, BATCH_CAP, max(n_jobs, 1)), why
 
 
@@ -82,40 +83,37 @@ class GenConfig:
             raise ValueError(f"--template must contain {{question}}, got {self.template!r}")
 
 
-def generate(model, tok, questions, cfg, generator=None):
-    """Answers to a batch of questions under cfg.protocol: one dict per question."""
+def generate(model, tok, questions, cfg, seeds=None, slots=BATCH_CAP, compile=None):
+    """Answers to the questions under cfg.protocol, in their order: one dict per question."""
+    out = [None] * len(questions)
+    for i, res in stream(model, tok, questions, cfg, slots, seeds, compile):
+        out[i] = res
+    return out
+
+
+def stream(model, tok, questions, cfg, slots, seeds=None, compile=None):
+    """(i, answer to questions[i]) as each one finishes, `slots` questions decoding at a time on
+    the engine (engine.py); seeds[i] (default i) seeds question i's samples."""
+    if not questions:
+        return
+    programs, max_len = programs_for(tok, questions, cfg)
+    eng = Engine(model, min(slots, len(questions)), max_len, cfg.temperature, cfg.top_p,
+                 compile=compile)
+    yield from eng.run(programs, seeds)
+
+
+def programs_for(tok, questions, cfg):
+    """(an engine program per question under cfg.protocol, the longest sequence one can make)."""
     if cfg.protocol == "s1":
-        return s1_generate(model, tok, questions, cfg, generator)
+        return s1_programs(tok, questions, cfg)
     if cfg.protocol == "plain":
         texts = [chat_prompt(q) for q in questions]
     else:  # completion: the text a base model saw in pretraining, e.g. a textbook's page
         texts = [cfg.template.replace("{question}", q) for q in questions]
-    return plain_generate(model, tok, [tok.encode(t) for t in texts], cfg, generator)
+    return plain_programs(tok, [tok.encode(t) for t in texts], cfg)
 
 
-def generate_grouped(model, prompts, budgets, cfg, stops, generator=None):
-    """model.generate over the prompts, in groups whose lengths lie within PROMPT_SPREAD of one
-    another: the rows of one call share a cache as long as its longest prompt plus its largest
-    budget (context - shortest prompt), so a 300-token and a 31,000-token input together (s1's
-    answer phase after a short and a long thinking) would need a cache of twice the context per
-    row. Each group keeps the rows' order; outputs come back in the prompts' order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    groups = [[order[0]]]
-    for i in order[1:]:
-        if len(prompts[i]) - len(prompts[groups[-1][0]]) > PROMPT_SPREAD:
-            groups.append([])
-        groups[-1].append(i)
-    out = [None] * len(prompts)
-    for g in sorted(sorted(g) for g in groups):
-        rows = model.generate([prompts[i] for i in g], max(budgets[i] for i in g),
-                              temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stops,
-                              generator=generator)
-        for i, o in zip(g, rows):
-            out[i] = o
-    return out
-
-
-def plain_generate(model, tok, prompts, cfg, generator=None):
+def plain_programs(tok, prompts, cfg):
     """One generation from each prompt (token ids) up to the context limit (or
     --max-answer-tokens); the answer is read from the whole output. With the chat template this is
     s1's base-model protocol."""
@@ -124,24 +122,22 @@ def plain_generate(model, tok, prompts, cfg, generator=None):
         budgets = [min(b, cfg.max_answer_tokens) for b in budgets]
     if min(budgets) < 1:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens fills --max-context")
-    outs = generate_grouped(model, prompts, budgets, cfg, [tok.im_end, tok.eot], generator)
-    res = []
-    for o, budget in zip(outs, budgets):
-        o = o[:budget]
-        ended = bool(o) and o[-1] in (tok.im_end, tok.eot)
-        res.append(dict(generation=tok.decode(o[:-1] if ended else o), thinking_tokens=0,
-                        answer_tokens=len(o), thinking_truncated=False, answer_truncated=not ended))
-    return res
+    ends = (tok.im_end, tok.eot)
+
+    def program(prompt, budget):
+        o = yield Turn(prompt, budget, ends)
+        ended = o[-1] in ends
+        return dict(generation=tok.decode(o[:-1] if ended else o), thinking_tokens=0,
+                    answer_tokens=len(o), thinking_truncated=False, answer_truncated=not ended)
+    return [program(p, b) for p, b in zip(prompts, budgets)], cfg.max_context
 
 
-def s1_generate(model, tok, questions, cfg, generator=None):
-    """Two-phase s1 generation for a batch of questions (cfg: a GenConfig); a dict per question.
-
-    With P the prompt (chat template + think marker) and F = FINAL_ANSWER, in tokens:
+def s1_programs(tok, questions, cfg):
+    """s1's two phases for each question (cfg: a GenConfig), as engine programs. With P the prompt
+    (chat template + think marker) and F = FINAL_ANSWER, in tokens:
         thinking budget (auto) = max_context - |P| - |F| - answer_reserve    (s1's "auto")
         answer budget = max_context - |P| - |thinking| - |answer head|, capped by max_answer_tokens
     so the answer may use all that thinking left of the context, as s1's second call may."""
-    stops = [tok.im_start, tok.im_end, tok.eot]
     prompts = [tok.encode(s1_prompt(q)) for q in questions]
     reserve = len(tok.encode(FINAL_ANSWER)) + cfg.answer_reserve
     auto = cfg.thinking_budget <= 0
@@ -149,42 +145,39 @@ def s1_generate(model, tok, questions, cfg, generator=None):
     if min(budgets) < 1:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no thinking budget "
                          "within --max-context")
-    think = [[] for _ in prompts]
-    natural = [False] * len(prompts)
-    waits_left = [cfg.wait] * len(prompts)
-    todo = list(range(len(prompts)))
-    wait_ids = tok.encode("Wait")
-    while todo:
-        outs = generate_grouped(model, [prompts[i] + think[i] for i in todo],
-                                [budgets[i] - len(think[i]) for i in todo], cfg, stops, generator)
-        nxt = []
-        for i, o in zip(todo, outs):
-            o = o[:budgets[i] - len(think[i])]  # a batch shares one length: cut each to its budget
-            stopped = bool(o) and o[-1] in stops
-            think[i] += o[:-1] if stopped else o
-            natural[i] = stopped
-            if stopped and waits_left[i] > 0 and len(think[i]) + len(wait_ids) < budgets[i]:
-                waits_left[i] -= 1
-                think[i] += wait_ids  # budget forcing: suppress the end of thinking, continue
-                nxt.append(i)
-        todo = nxt
-    heads = []
-    for i in range(len(prompts)):
-        text = tok.decode(think[i])
-        heads.append(ANSWER if natural[i] else ("" if text.endswith("\n") else "\n") + FINAL_ANSWER)
-    inputs = [p + t + tok.encode(h) for p, t, h in zip(prompts, think, heads)]
-    room = [cfg.max_context - len(x) for x in inputs]
+    programs = [s1_program(tok, p, b, cfg) for p, b in zip(prompts, budgets)]
+    # a --thinking-budget beyond the context may still end early enough to answer
+    return programs, max(cfg.max_context, max(len(p) + b for p, b in zip(prompts, budgets)))
+
+
+def s1_program(tok, prompt, budget, cfg):
+    """Think until a stop (<|im_start|>, <|im_end|>) or the budget; a stop with `wait` left
+    becomes "Wait" and thinking goes on; then the answer head (with FINAL_ANSWER after a cut) and
+    the answer until <|im_end|>, in the room thinking left."""
+    stops, ends = (tok.im_start, tok.im_end, tok.eot), (tok.im_end, tok.eot)
+    wait_ids, waits = tok.encode("Wait"), cfg.wait
+    think, feed = [], prompt
+    while True:
+        o = yield Turn(feed, budget - len(think), stops)
+        natural = o[-1] in stops
+        think += o[:-1] if natural else o
+        if not (natural and waits > 0 and len(think) + len(wait_ids) < budget):
+            break
+        waits -= 1
+        think += wait_ids  # budget forcing: suppress the end of thinking, continue
+        feed = wait_ids
+    text = tok.decode(think)
+    head = ANSWER if natural else ("" if text.endswith("\n") else "\n") + FINAL_ANSWER
+    head_ids = tok.encode(head)
+    room = cfg.max_context - len(prompt) - len(think) - len(head_ids)
     if cfg.max_answer_tokens:
-        room = [min(r, cfg.max_answer_tokens) for r in room]
-    if min(room) < 1:
+        room = min(room, cfg.max_answer_tokens)
+    if room < 1:
         raise ValueError("a prompt and its thinking leave no room for the answer within "
                          "--max-context (set --thinking-budget lower)")
-    answers = generate_grouped(model, inputs, room, cfg, [tok.im_end, tok.eot], generator)
-    res = []
-    for i, a in enumerate(answers):
-        a = a[:room[i]]  # a batch shares one length: cut each to its room
-        ended = bool(a) and a[-1] in (tok.im_end, tok.eot)
-        gen = THINK + tok.decode(think[i]) + heads[i] + tok.decode(a[:-1] if ended else a)
-        res.append(dict(generation=gen, thinking_tokens=len(think[i]), answer_tokens=len(a),
-                        thinking_truncated=not natural[i], answer_truncated=not ended))
-    return res
+    # the last thinking token is not in the cache yet, unless a stop (dropped) ended thinking
+    a = yield Turn(([] if natural else o[-1:]) + head_ids, room, ends)
+    ended = a[-1] in ends
+    return dict(generation=THINK + text + head + tok.decode(a[:-1] if ended else a),
+                thinking_tokens=len(think), answer_tokens=len(a),
+                thinking_truncated=not natural, answer_truncated=not ended)

@@ -17,7 +17,8 @@ What changes against the README, and nothing else:
   scripts are this checkout's;
 - SHRINK below: sizes only (steps, problems, documents, tokens), appended to each command;
 - an LLM server (`--llm-url`) is a stand-in on this machine that answers autointerp's prompts in
-  their formats (autointerp.stand_in_reply); commands of other tools (lm_eval) are not run.
+  their formats (autointerp.stand_in_reply); commands of other tools (lm_eval) and of
+  the optional vLLM engine (`--engine vllm`, tests/test_vllm.py) are not run.
 tests/test_rehearse.py runs it in CI on 2 CPU processes, so an edit of the README that breaks the
 path fails the suite.
 """
@@ -123,7 +124,7 @@ def rewrite(cmd, nproc, llm_url=None, python=sys.executable):
     else:
         m = re.match(r"python (\S+\.py)(.*)$", cmd)
         head = shlex.quote(python)
-    if not m:
+    if not m or "--engine vllm" in cmd:  # vLLM is optional: tests/test_vllm.py runs it
         return None
     script, rest = m.groups()
     if llm_url:
@@ -314,7 +315,9 @@ def main(argv=None):
     i = 0
     for c, r in steps:
         if r is None:
-            print(f"rehearse: skipped (not a command of this project): {c}", flush=True)
+            why = ("the optional vLLM engine" if "--engine vllm" in c
+                   else "not a command of this project")
+            print(f"rehearse: skipped ({why}): {c}", flush=True)
             continue
         i += 1
         print(f"rehearse: step {i}/{len(run)}: {c}", flush=True)

@@ -26,6 +26,7 @@ from data import chat_prompt
 from grading import grade
 from lora import adapters, load_model, parse_site_label, sites, steer
 from model import load_tokenizer
+from engine import sequence_seed
 from protocols import PROTOCOLS, GenConfig, generate
 
 
@@ -114,12 +115,10 @@ def cmd_steer(args):
     results = []
     for c in args.strengths:
         for seed in args.seeds:
-            g = torch.Generator(device=device).manual_seed(seed)
-            outs = []
             with steering(c) if c != 0 else nullcontext():
-                for i in range(0, len(items), args.batch_size):
-                    batch = items[i:i + args.batch_size]
-                    outs += generate(model, tok, [it["question"] for it in batch], gen, g)
+                outs = generate(model, tok, [it["question"] for it in items], gen,
+                                [sequence_seed(seed, i) for i in range(len(items))],
+                                args.batch_size)
             correct = [grade(it["bench"], o["generation"], it["gold"], it["question"])
                        for it, o in zip(items, outs) if it["bench"]]
             results.append(dict(

@@ -49,8 +49,8 @@ from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, che
                     setup_dist, user_errors, write_atomic, write_json)
 from data import data_identity, load_examples
 from lora import ADAPTER_FILES, save_adapter
-from model import KVCache, Qwen2Config, load_tokenizer, prefill_bytes
-from protocols import auto_batch, row_bytes
+from model import PREFILL_CHUNK, KVCache, Qwen2Config, load_tokenizer, prefill_bytes
+from protocols import auto_batch, slot_bytes
 from recipe import (PRESETS, TrainConfig, build_model, empty_steps, lr_at, make_optimizer, plan,
                     step_batch, train_memory, trainable)
 
@@ -277,8 +277,9 @@ def later_stages(mcfg, n_base, gpu_bytes):
     except ValueError as e:
         batch, why = 0, str(e)
     collect = weights + KVCache.row_bytes(mcfg, ctx, dtype) + prefill_bytes(mcfg, 4096, ctx, dtype)
-    return {"eval.py run": dict(batch=batch, why=why, memory_per_gpu_gb=round(
-                (weights + batch * row_bytes(mcfg, dtype, ctx)) / 1e9, 2)),
+    slots = batch * slot_bytes(mcfg, dtype, ctx)
+    run = weights + prefill_bytes(mcfg, PREFILL_CHUNK, ctx, dtype) + slots
+    return {"eval.py run": dict(batch=batch, why=why, memory_per_gpu_gb=round(run / 1e9, 2)),
             "collect.py": dict(window=4096, document_tokens=ctx,
                                memory_per_gpu_gb=round(collect / 1e9, 2))}
 

@@ -7,7 +7,8 @@ compute-sanitizer):
   (b) a training step through recipe.py's build_model and optimizer (FSDP2, world size 1,
       activation checkpointing) of a random Qwen2.5-7B-shaped model: rank-1 LoRA vs the frozen
       base (forward + backward to the inputs), vs HF + PEFT when installed; tokens/s, peak memory;
-  (c) greedy decode tokens/s at batch 1 and 8 against the weight-bandwidth floor;
+  (c) greedy decode tokens/s at batch 1, 8 and 64 against the weight-bandwidth floor: the
+      padded path, engine.py eager and compiled, adapters unmerged and merged; slot refill;
   (d) the fused vs the reference path on the same inputs: max error and bitwise determinism.
 
     python bench/gpu.py              # CUDA (about 5 minutes on one H100)
@@ -23,9 +24,10 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.bench_eval import engine_run, mixed  # noqa: E402
 from bench.common import header, interleaved, rank1_bytes, rank1_times, timeit  # noqa: E402
 from common import setup_dist  # noqa: E402
-from lora import apply_lora, disabled, lora_impl, lora_linear_ref  # noqa: E402
+from lora import adapters, apply_lora, disabled, lora_impl, lora_linear_ref, merge  # noqa: E402
 from model import Qwen2, Qwen2Config  # noqa: E402
 from recipe import TrainConfig, build_model, make_optimizer  # noqa: E402
 
@@ -166,28 +168,46 @@ def hf_peft_step(args, dev, mcfg, ids):
 
 
 def decode_table(args, dev, mcfg, peak):
+    """(c): greedy tokens/s of the padded path (model.generate) and of engine.py, eager and
+    compiled (CUDA only: a CUDA graph per bucket), adapters unmerged and merged, at batch 1, 8 and
+    64, against the weight-bandwidth floor; then the mixed-length workload of bench_eval.py. The
+    fraction of the floor at batch 1 (the best contender) is returned for the targets."""
     dtype = torch.bfloat16 if not args.cpu else torch.float32
     with torch.device(dev):
         model = Qwen2(Qwen2Config(**vars(mcfg))).to(dtype)
     model.init_weights()
     apply_lora(model, verbose=False)
+    for m in adapters(model):
+        torch.nn.init.normal_(m.lora_B, std=1e-3)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows, frac = [], None
-    n_new = 128 if not args.cpu else 16
-    for B in (1, 8):
-        prompts = torch.randint(0, mcfg.vocab_size, (B, 128 if not args.cpu else 16)).tolist()
-        sync = torch.cuda.synchronize if dev.type == "cuda" else None
-        t = interleaved({"gen": lambda: model.generate(prompts, n_new)}, max(2, args.repeats // 2),
-                        sync=sync)["gen"]
-        floor = B * peak * 1e9 / weight_bytes if peak else None
-        tps = B * n_new / t
-        frac = tps / floor if floor else None
-        rows.append([B, f"{tps:.0f}", f"{floor:.0f}" if floor else "-",
-                     f"{100 * frac:.0f}%" if frac else "-"])
-    table(f"(c) greedy decode, {n_new} new tokens, adapters unmerged "
+    n_new, n_prompt = (128, 128) if not args.cpu else (16, 16)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    kinds = [("eager", None)] + ([("compiled", dict(mode="reduce-overhead"))] if not args.cpu
+                                 else [])
+    rows, best = [], {}
+    for merged in (False, True):
+        merge(model) if merged else None
+        for B in (1, 8, 64):
+            prompts = torch.randint(0, mcfg.vocab_size, (B, n_prompt)).tolist()
+            fns = {name: (lambda c=c: engine_run(model, prompts, [n_new] * B, B, compile=c))
+                   for name, c in kinds}
+            if B <= 8 and not merged:
+                fns["padded"] = lambda: model.generate(prompts, n_new)
+            t = interleaved(fns, max(2, args.repeats // 2), sync=sync)
+            floor = B * peak * 1e9 / weight_bytes if peak else None
+            for name, sec in t.items():
+                tps = B * n_new / sec
+                best[B] = max(best.get(B, 0), tps)
+                rows.append([name, "merged" if merged else "unmerged", B, f"{tps:.0f}",
+                             f"{100 * tps / floor:.0f}%" if floor else "-"])
+    table(f"(c) greedy decode, {n_new} new tokens after {n_prompt} "
           f"({weight_bytes / 1e9:.1f} GB of weights)",
-          ["batch", "tokens/s", "weight-bandwidth floor tokens/s", "of floor"], rows)
-    return float(rows[0][3][:-1]) / 100 if rows[0][3] != "-" else None
+          ["path", "adapter", "batch", "tokens/s", "of the weight-bandwidth floor"], rows)
+    r, lens = mixed(model, 512 if not args.cpu else 32, 1)
+    table(f"(c) mixed workload: 32 sequences of {min(lens)}-{max(lens)} tokens, 8 slots, merged",
+          ["decoding", "useful tokens/s", "useful slot-steps"],
+          [[k, f"{tps:.0f}", f"{useful:.0%}"] for k, (tps, useful) in r.items()])
+    return best[1] * weight_bytes / (peak * 1e9) if peak else None
 
 
 def fused_vs_ref(args, dev):

@@ -117,6 +117,25 @@ def test_reference_path_is_selected_without_cuda(monkeypatch):
 # GPU: the fused ops against the reference autograd path
 
 
+@gpu
+def test_a_no_grad_decode_step_takes_plain_ops(monkeypatch):
+    """Under no_grad, DECODE_ROWS rows or fewer (a decode step) never reach the fused training op
+    or its autograd wrapper, and give its values; more rows (a prefill) still take the fused op."""
+    import lora
+    x, W, bias, A, B, _ = _case(lora.DECODE_ROWS, 256, 512, torch.bfloat16)
+    want = lora.lora_linear_ref(x, W, bias, A, B, 16.0)
+    calls = []
+    monkeypatch.setattr(lora, "lora_linear_ref", lambda *a: calls.append(1))
+    monkeypatch.setattr(lora, "lora_impl", lambda: lambda *a: calls.append(1))
+    with torch.no_grad():
+        y, u = lora.lora_linear(x, W, bias, A, B, 16.0)
+        assert not calls
+        lora.lora_linear(torch.cat([x, x]), W, bias, A, B, 16.0)
+        assert calls == [1]
+    torch.testing.assert_close(y, want[0].detach(), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(u, want[1].detach(), atol=1e-4, rtol=1e-4)
+
+
 def _case(T, din, dout, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(T, din, device="cuda", generator=g).to(dtype).requires_grad_()

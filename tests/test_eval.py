@@ -20,7 +20,7 @@ from eval import main, recovery_table
 from grading import grade_sample
 from lora import ablate, adapters, apply_lora, load_model
 from model import Qwen2, Qwen2Config
-from protocols import GenConfig, generate, s1_generate
+from protocols import GenConfig, plain_programs, s1_programs, stream
 
 PY = sys.executable
 MATH = [dict(problem=f"What is {a} + {b}?", answer=str(a + b), id=f"p{a}") for a,
@@ -73,37 +73,47 @@ def test_run_writes_files_same_for_two_processes_and_two_runs(env, tmp_path):
     assert open(tmp_path / "m" / "samples.jsonl").read() == a
 
 
-class Scripted:
-    """A model that answers each generate() call with the next scripted token list."""
+def drive(program, script):
+    """Run an engine program against scripted generations, each cut as the engine cuts it (after
+    its first stop, at the turn's budget): (the program's result, the turns it asked for)."""
+    turns = []
+    try:
+        turn = next(program)
+        while True:
+            turns.append(turn)
+            o = script.pop(0)
+            end = next((i + 1 for i, t in enumerate(o) if t in turn.stops), len(o))
+            turn = program.send(o[:min(end, turn.budget)])
+    except StopIteration as e:
+        return e.value, turns
 
-    def __init__(self, script):
-        self.script, self.calls = script, []
 
-    def generate(self, prompts, max_new, **kw):
-        self.calls.append((prompts, max_new, kw["stop_ids"]))
-        return [self.script.pop(0)[:max_new] for _ in prompts]
+def s1(tok, cfg, script, question="q"):
+    (program,), _ = s1_programs(tok, [question], cfg)
+    return drive(program, script)
 
 
 def test_s1_protocol_budget_and_answer_phase(env):
     """Thinking that hits its budget gets 'Final Answer:', a natural stop does not, and --wait
-    replaces the first natural stop by 'Wait'."""
+    replaces the first natural stop by 'Wait'; a turn feeds what the cache does not hold yet."""
     tok = Tokenizer(str(env / "model"))
     args = GenConfig(thinking_budget=5, max_context=10**6, max_answer_tokens=4)
     a, b = tok.encode("ab"), tok.encode("7")
-    m = Scripted([a * 10, b + [tok.im_end]])  # thinking runs past the budget
-    out = s1_generate(m, tok, ["q"], args)[0]
+    out, turns = s1(tok, args, [a * 10, b + [tok.im_end]])  # thinking runs past the budget
     assert out["thinking_truncated"] and out["thinking_tokens"] == 5
     assert out["generation"].endswith("<|im_start|>answer\nFinal Answer:7")
-    m = Scripted([a + [tok.im_start], b + [tok.im_end]])  # natural stop
-    out = s1_generate(m, tok, ["q"], args)[0]
+    # the cut thinking's last token was generated, not fed: the answer turn feeds it first
+    assert turns[1].feed == (a * 10)[4:5] + tok.encode("\n" + FINAL_ANSWER)
+    out, turns = s1(tok, args, [a + [tok.im_start], b + [tok.im_end]])  # natural stop
     assert not out["thinking_truncated"]
     assert out["generation"].endswith(tok.decode(a) + "<|im_start|>answer7")
+    assert turns[1].feed == tok.encode("<|im_start|>answer")  # the stop token is dropped
     args.wait, args.thinking_budget = 1, 50
-    m = Scripted([a + [tok.im_start], a + [tok.im_start], b + [tok.im_end]])
-    out = s1_generate(m, tok, ["q"], args)[0]
+    out, turns = s1(tok, args, [a + [tok.im_start], a + [tok.im_start], b + [tok.im_end]])
     assert tok.decode(a) + "Wait" + tok.decode(a) + "<|im_start|>answer" in out["generation"]
     think = tok.encode("<|im_start|>think")
-    assert m.calls[0][0][0][-len(think):] == think
+    assert turns[0].feed[-len(think):] == think and turns[1].feed == tok.encode("Wait")
+    assert turns[1].budget == 50 - len(a) - len(tok.encode("Wait"))
 
 
 def test_s1_budgets_follow_s1_formulas(env):
@@ -112,20 +122,19 @@ def test_s1_budgets_follow_s1_formulas(env):
     tok = Tokenizer(str(env / "model"))
     P, F = len(tok.encode(s1_prompt("q"))), len(tok.encode(FINAL_ANSWER))
     a = tok.encode("ab")
-    m = Scripted([a * 1000, tok.encode("7") + [tok.im_end]])
-    out = s1_generate(m, tok, ["q"], GenConfig(max_context=P + F + 100 + 37))[0]
-    assert m.calls[0][1] == 37 and out["thinking_tokens"] == 37 and out["thinking_truncated"]
-    answer_input = m.calls[1][0][0]
-    assert m.calls[1][1] == P + F + 100 + 37 - len(answer_input)
-    m = Scripted([a + [tok.im_start], [5] * 1000])  # natural stop; the answer runs to the limit
-    out = s1_generate(m, tok, ["q"], GenConfig(max_context=P + 300))[0]
-    assert m.calls[1][1] == P + 300 - len(m.calls[1][0][0])
-    assert out["answer_truncated"] and out["answer_tokens"] == m.calls[1][1]
-    m = Scripted([a + [tok.im_start], [5] * 1000])
-    s1_generate(m, tok, ["q"], GenConfig(max_context=P + 300, max_answer_tokens=9))
-    assert m.calls[1][1] == 9
+    ctx = P + F + 100 + 37
+    out, turns = s1(tok, GenConfig(max_context=ctx), [a * 1000, tok.encode("7") + [tok.im_end]])
+    assert turns[0].budget == 37 and out["thinking_tokens"] == 37 and out["thinking_truncated"]
+    head = len(turns[1].feed) - 1  # the last thinking token, then the head
+    assert turns[1].budget == ctx - P - 37 - head
+    out, turns = s1(tok, GenConfig(max_context=P + 300), [a + [tok.im_start], [5] * 1000])
+    assert turns[1].budget == P + 300 - P - len(a) - len(turns[1].feed)  # runs to the limit
+    assert out["answer_truncated"] and out["answer_tokens"] == turns[1].budget
+    _, turns = s1(tok, GenConfig(max_context=P + 300, max_answer_tokens=9),
+                  [a + [tok.im_start], [5] * 1000])
+    assert turns[1].budget == 9
     with pytest.raises(ValueError, match="no thinking budget"):
-        s1_generate(Scripted([]), tok, ["q"], GenConfig(max_context=P + F + 100))
+        s1_programs(tok, ["q"], GenConfig(max_context=P + F + 100))
 
 
 def test_plain_protocol_is_one_chat_answer(env):
@@ -135,10 +144,10 @@ def test_plain_protocol_is_one_chat_answer(env):
     cfg = GenConfig(protocol="plain", max_context=200)
     prompt = tok.encode(render_chat([{"role": "user", "content": "q"}],
                                     add_generation_prompt=True))
-    m = Scripted([tok.encode("so \\boxed{7}") + [tok.im_end]])
-    out = generate(m, tok, ["q"], cfg)[0]
-    assert len(m.calls) == 1 and m.calls[0][0][0] == prompt
-    assert m.calls[0][1] == 200 - len(prompt) and tok.im_start not in m.calls[0][2]
+    (program,), _ = plain_programs(tok, [prompt], cfg)
+    out, turns = drive(program, [tok.encode("so \\boxed{7}") + [tok.im_end]])
+    assert len(turns) == 1 and turns[0].feed == prompt
+    assert turns[0].budget == 200 - len(prompt) and tok.im_start not in turns[0].stops
     assert out["generation"] == "so \\boxed{7}" and not out["answer_truncated"]
     assert out["thinking_tokens"] == 0 and grade_sample("math500", out["generation"], "7")[1]
     with pytest.raises(ValueError, match="protocol"):
@@ -401,32 +410,44 @@ def test_adapter_of_another_base_of_the_same_shape_is_refused(env, tmp_path):
 
 
 def test_auto_batch_against_a_hand_computation():
-    """Qwen2.5-32B in bf16 at a 32,768-token context: a KV cache row of 33,792 positions is
-    2 (k, v) x 64 layers x 8 heads x 128 x 33,792 x 2 bytes = 8.86 GB; the 2,048-token prefill
-    adds 2,048 x (4 x 5,120 + 3 x 27,648) x 2 + 2,048 x 33,792 + 152,064 x 8 = 0.49 GB."""
+    """Qwen2.5-32B in bf16 at a 32,768-token context: a slot's KV cache row is 2 (k, v) x 64
+    layers x 8 heads x 128 x 32,768 x 2 bytes = 8.59 GB, plus its tokens (8 x 32,769) and four
+    fp32 copies of a step's logits (16 x 152,064); the one 2,048-token prefill (a slot at a time)
+    takes 2,048 x (4 x 5,120 + 3 x 27,648) x 2 + 2,048 x 32,768 + 152,064 x 8 = 0.49 GB."""
     from model import QWEN2_5_32B as CFG
-    from protocols import RESERVE, auto_batch, row_bytes
+    from protocols import RESERVE, auto_batch, slot_bytes
     QWEN2_5_32B = Qwen2Config(**CFG)
-    row = lambda ctx: (2 * 64 * 8 * 128 * (ctx + 1024) * 2
-                       + 2048 * (4 * 5120 + 3 * 27648) * 2 + 2048 * (ctx + 1024) + 152064 * 8)
-    assert row_bytes(QWEN2_5_32B, torch.bfloat16, 32768) == row(32768)
-    assert row(32768) / 1e9 == pytest.approx(9.352, abs=1e-3)
+    slot = lambda ctx: 2 * 64 * 8 * 128 * ctx * 2 + 8 * (ctx + 1) + 16 * 152064
+    prefill = lambda ctx: 2048 * (4 * 5120 + 3 * 27648) * 2 + 2048 * ctx + 152064 * 8
+    assert slot_bytes(QWEN2_5_32B, torch.bfloat16, 32768) == slot(32768)
+    assert slot(32768) / 1e9 == pytest.approx(8.593, abs=1e-3)
+    assert prefill(32768) / 1e9 == pytest.approx(0.492, abs=1e-3)
     weights = 32_763_876_352 * 2
     h100, h200 = 80 * 2**30 - 500 * 2**20, 141 * 10**9 - 500 * 2**20  # less the CUDA context
-    for card, ctx, want in ((h100, 32768, 1), (h200, 32768, 7), (h200, 8192, 25)):
-        assert (card - weights - RESERVE) // row(ctx) == want
+    for card, ctx, want in ((h100, 32768, 2), (h200, 32768, 8), (h200, 8192, 33)):
+        assert (card - weights - RESERVE - prefill(ctx)) // slot(ctx) == want
         assert auto_batch(QWEN2_5_32B, torch.bfloat16, ctx, card - weights, 728)[0] == want
     assert auto_batch(QWEN2_5_32B, torch.bfloat16, 8192, 10**12, 728)[0] == 64  # the cap
     assert auto_batch(QWEN2_5_32B, torch.bfloat16, 8192, 10**12, 5)[0] == 5  # the questions
-    with pytest.raises(ValueError, match="--max-context 32768: one question needs 9.35 GB"):
+    with pytest.raises(ValueError, match="--max-context 32768: one question needs 9.08 GB"):
         auto_batch(QWEN2_5_32B, torch.bfloat16, 32768, 8 * 10**9, 728)
 
 
-def test_greedy_tokens_do_not_depend_on_the_batch_and_a_rerun_may_change_it(env, tmp_path,
-                                                                             monkeypatch):
-    """Greedy answers are the same at every batch size (left padding, the cache and the stops are
-    per row), so run.json leaves the batch out, the default picks it from memory, and a run
-    interrupted at batch 1 is finished at batch 3 with an uninterrupted run's samples."""
+def stop_after(n):
+    """protocols.stream that is interrupted (Ctrl-C) after n answers."""
+    def interrupted(*a, **k):
+        for j, answer in enumerate(stream(*a, **k)):
+            if j == n:
+                raise KeyboardInterrupt
+            yield answer
+    return interrupted
+
+
+def test_answers_do_not_depend_on_the_slots_and_a_rerun_may_change_them(env, tmp_path,
+                                                                         monkeypatch):
+    """Greedy answers, and sampled ones (seeded per sample), are the same at every number of
+    slots, so run.json leaves it out, the default picks it from memory, and a run interrupted at
+    1 slot is finished at 3 with an uninterrupted run's samples."""
     import eval as ev
     args = lambda out, *extra: ["run", "--model", str(env / "model"), "--out", str(out),
                                 "--adapter", str(env / "adapter"), "--bench",
@@ -435,14 +456,7 @@ def test_greedy_tokens_do_not_depend_on_the_batch_and_a_rerun_may_change_it(env,
     main(args(tmp_path / "auto"))  # --batch-size 0: what fits (all 5 questions at once here)
     want = open(tmp_path / "auto" / "samples.jsonl").read()
     assert "batch_size" not in json.load(open(tmp_path / "auto" / "run.json"))
-    calls = []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return generate(*a, **k)
-    monkeypatch.setattr(ev, "generate", interrupted)
+    monkeypatch.setattr(ev, "stream", stop_after(2))
     with pytest.raises(SystemExit) as e:
         main(args(tmp_path / "b", "--batch-size", "1"))
     assert e.value.code == 130
@@ -450,10 +464,10 @@ def test_greedy_tokens_do_not_depend_on_the_batch_and_a_rerun_may_change_it(env,
     assert len(part.read_text().splitlines()) == 2
     with open(part, "a") as f:
         f.write('{"benchmark": "math500", "id": "p')  # a kill -9 mid-write
-    calls.clear()
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: (calls.append(a[2]), generate(*a, **k))[1])
+    calls = []
+    monkeypatch.setattr(ev, "stream", lambda *a, **k: (calls.append(a[2]), stream(*a, **k))[1])
     main(args(tmp_path / "b", "--batch-size", "3"))
-    assert [len(q) for q in calls] == [3]  # only the 3 questions left, in one batch
+    assert [len(q) for q in calls] == [3]  # only the 3 questions left
     assert open(tmp_path / "b" / "samples.jsonl").read() == want
     main(args(tmp_path / "c", "--batch-size", "2"))
     assert open(tmp_path / "c" / "samples.jsonl").read() == want
@@ -462,9 +476,13 @@ def test_greedy_tokens_do_not_depend_on_the_batch_and_a_rerun_may_change_it(env,
     run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "batch_size": 8}))
     main(args(tmp_path / "c", "--batch-size", "1"))
     assert open(tmp_path / "c" / "samples.jsonl").read() == want
-    # sampled runs keep their batch: it seeds them
-    with pytest.raises(SystemExit, match="--batch-size 0 .what fits. is for greedy runs"):
-        main(args(tmp_path / "d", "--temperature", "0.7", "--batch-size", "0"))
+    sampled = ("--temperature", "1.0", "--samples-per-problem", "2", "--seed", "3")
+    main(args(tmp_path / "s1", *sampled, "--batch-size", "1"))
+    main(args(tmp_path / "s3", *sampled, "--batch-size", "3"))
+    s1_, s3_ = ((tmp_path / d / "samples.jsonl").read_text() for d in ("s1", "s3"))
+    assert s1_ == s3_ != want.replace('"sample": 0', '"sample": 1')
+    gens = [json.loads(l)["generation"] for l in s1_.splitlines()]
+    assert len(set(gens)) > 5  # the two samples of a problem differ, and from problem to problem
 
 
 def test_ablate_interrupted_resumes_to_the_same_ablations(env, tmp_path, monkeypatch):
@@ -511,27 +529,6 @@ def test_ablate_interrupted_resumes_to_the_same_ablations(env, tmp_path, monkeyp
     assert got["results"] == want["results"] and not parts.exists()
 
 
-def test_rows_of_far_apart_lengths_decode_in_groups_with_the_same_tokens(tmp_path, monkeypatch):
-    """A batch whose inputs differ by more than PROMPT_SPREAD tokens runs as groups of close
-    lengths (a row's cache is the longest input plus the largest budget, so one short and one
-    long input would cost twice the context), and greedy tokens are those of one call."""
-    import protocols
-    m = Qwen2.from_pretrained(save_hf(hf_tiny(), tmp_path / "m"))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (12, 3, 5, 14)]
-    cfg = GenConfig(temperature=0.0)
-    whole = protocols.generate_grouped(m, prompts, [10, 19, 17, 8], cfg, [])
-    calls = []
-    real = m.generate
-    monkeypatch.setattr(m, "generate", lambda p, n, **k: (calls.append((len(p), n)),
-                                                          real(p, n, **k))[1])
-    monkeypatch.setattr(protocols, "PROMPT_SPREAD", 4)
-    grouped = protocols.generate_grouped(m, prompts, [10, 19, 17, 8], cfg, [])
-    assert calls == [(2, 10), (2, 19)]  # rows 0 and 3 (12, 14 tokens), rows 1 and 2 (3, 5)
-    assert [o[:b] for o, b in zip(grouped, [10, 19, 17, 8])] == \
-        [o[:b] for o, b in zip(whole, [10, 19, 17, 8])]
-
-
 @pytest.mark.slow
 def test_ablate_on_two_processes_equals_one(env, tmp_path):
     """torchrun splits the sequences over the ranks (one model copy each) and gathers their
@@ -547,3 +544,21 @@ def test_ablate_on_two_processes_equals_one(env, tmp_path):
     assert "on 2 process(es)" in r.stderr + r.stdout
     one, two = (json.load(open(tmp_path / d / "ablations.json")) for d in ("one", "two"))
     assert one["results"] == two["results"] and len(one["sequences"]) == 3
+
+
+def test_engine_vllm_without_vllm_is_one_line(env, tmp_path):
+    """--engine vllm where vLLM is not importable: one line naming the fix, nothing generated;
+    with torchrun or --merge, one line saying how vLLM runs instead."""
+    pytest.importorskip("transformers")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here: tests/test_vllm.py runs it")
+    except ImportError:
+        pass
+    argv = ["run", "--model", str(env / "model"), "--out", str(tmp_path / "v"), "--bench",
+            f"math500={env / 'math.jsonl'}", "--max-context", "4096", "--engine", "vllm"]
+    with pytest.raises(SystemExit, match="--engine vllm: vLLM is not importable here"):
+        main(argv)
+    with pytest.raises(SystemExit, match="no torchrun, no --merge"):
+        main(argv + ["--adapter", str(env / "adapter"), "--merge"])
+    assert not (tmp_path / "v").exists()  # refused before anything was written

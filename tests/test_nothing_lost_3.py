@@ -31,19 +31,18 @@ def test_a_resumed_run_never_appends_through_a_link(env, tmp_path, monkeypatch):
     the rerun refuses in one line and the file elsewhere is as it was; without the link it
     finishes with an untroubled run's samples."""
     import eval as ev
-    from protocols import generate
-    calls = []
+    from protocols import stream
 
     def stop_at_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return generate(*a, **k)
+        for j, answer in enumerate(stream(*a, **k)):
+            if j == 1:
+                raise KeyboardInterrupt
+            yield answer
     argv = [str(a) for a in eval_args(env, tmp_path / "run")]
-    monkeypatch.setattr(ev, "generate", stop_at_second)
+    monkeypatch.setattr(ev, "stream", stop_at_second)
     with pytest.raises(SystemExit):
         ev.main(argv)
-    monkeypatch.setattr(ev, "generate", generate)
+    monkeypatch.setattr(ev, "stream", stream)
     part = tmp_path / "run" / "samples.rank-00000.jsonl"
     elsewhere = tmp_path / "elsewhere.jsonl"
     elsewhere.write_bytes(part.read_bytes())

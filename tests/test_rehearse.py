@@ -68,10 +68,11 @@ def test_every_command_block_of_running_md_runs_end_to_end(tmp_path):
     """docs/running.md's blocks, in order, with the README's inputs: training with its dry run,
     evaluation and both ablations, the export, collection, SAE and sweep, mining, dashboard,
     autointerp against the stand-in LLM, steering, the MLP baseline, compare, report, rollout.
-    Only lm_eval (another tool) is not run."""
+    Only lm_eval (another tool) and the optional vLLM engine's two commands are not run."""
     r = run("--doc", "running", "--out", tmp_path / "r")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "all 23 commands ran" in r.stdout and r.stdout.count("skipped") == 1
+    assert "all 23 commands ran" in r.stdout and r.stdout.count("skipped") == 3
+    assert r.stdout.count("skipped (the optional vLLM engine)") == 2
     d = tmp_path / "r"
     for f in ("merged/config.json", "results/ablate_greedy/ablations.json", "sweep/sweep.json",
               "interp/auto/categories.jsonl", "interp/steer.json", "interp/compare.json",
