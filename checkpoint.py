@@ -2,8 +2,10 @@
 Weights on disk: safetensors files (read with their errors naming the file; never a pickle) and HF
 model directories (config.json + model.safetensors or an index of shards): read one shard at a
 time, checked against the expected names and shapes and for non-finite values; written sharded and
-published whole; and identified cheaply (config and index hashes, weight file sizes).
+published whole; and identified cheaply (config and index hashes, weight file sizes, sampled
+bytes of the tensor data).
 """
+import hashlib
 import json
 import os
 import re
@@ -203,9 +205,30 @@ def check_tied_head(files, path):
 
 def model_identity(path):
     """What an HF model directory is, cheaply: the hashes of config.json and of the shard index,
-    and every weight file's name and size (hashing 65 GB of weights would take minutes)."""
+    every weight file's name and size, and a hash of SAMPLE_WINDOWS windows of each file's tensor
+    data (weights_sample: two models of the same shapes differ there; hashing 65 GB of weights
+    would take minutes)."""
     index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(checkpoint_files(path))
     return dict(path=os.path.abspath(path),
                 config_sha256=sha256_file(os.path.join(path, "config.json")),
                 index_sha256=sha256_file(index) if os.path.isfile(index) else None,
-                weights={os.path.basename(f): os.path.getsize(f) for f in checkpoint_files(path)})
+                weights={os.path.basename(f): os.path.getsize(f) for f in files},
+                weights_sample=weights_sample(files))
+
+
+SAMPLE_WINDOWS, SAMPLE_BYTES = 16, 4096
+
+
+def weights_sample(files):
+    """sha256 over SAMPLE_WINDOWS windows of SAMPLE_BYTES spread evenly over the tensor data of
+    each safetensors file (after its header): 64 KB read per file."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            start = 8 + int.from_bytes(fh.read(8), "little")
+            size = os.fstat(fh.fileno()).st_size
+            for i in range(SAMPLE_WINDOWS):
+                fh.seek(start + (size - start) * i // SAMPLE_WINDOWS)
+                h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()

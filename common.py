@@ -354,12 +354,16 @@ def file_identity(path):
     return dict(path=os.path.abspath(path), sha256=sha256_file(path), bytes=os.path.getsize(path))
 
 
+LATER_KEYS = {"weights_sample"}  # identity items that records of earlier versions lack
+
+
 def differences(recorded, now, prefix=""):
     """The items on which two records of what something was made from differ, as lines
-    "key: recorded ... vs now ...". Paths are left out: moving a file does not change it."""
+    "key: recorded ... vs now ...". Paths are left out: moving a file does not change it; so are
+    LATER_KEYS that the record lacks (it was made before they were recorded)."""
     out = []
     for k in sorted(set(recorded) | set(now), key=str):
-        if k == "path":
+        if k == "path" or (k in LATER_KEYS and k not in recorded):
             continue
         a, b = recorded.get(k), now.get(k)
         if isinstance(a, dict) and isinstance(b, dict):

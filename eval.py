@@ -354,7 +354,8 @@ def parser():
     add_model_flags(r)
     r.add_argument("--zip-password", help="password of a GPQA zip")
     r.add_argument("--seed", type=number(int, "seed"), default=0,
-                   help="seeds the sampling of batch i with seed + i")
+                   help="seeds the sampling: a sample's noise comes from (seed, benchmark, "
+                   "problem, sample)")
     r.add_argument("--bench", action="append", required=True,
                    help="NAME=PATH, NAME in " + ", ".join(BENCHMARKS))
     r.add_argument("--out", required=True, help="run directory: run.json, samples.jsonl, "

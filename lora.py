@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from checkpoint import (model_identity, read_safetensors, save_hf_checkpoint, tokenizer_files,
                         write_safetensors)
-from common import DTYPES, publish_dir, read_json, sha256_file
+from common import DTYPES, differences, publish_dir, read_json, sha256_file
 from model import KVCache, Qwen2
 
 SITE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -688,11 +688,11 @@ def check_base(path, adapter, other_base=False):
         return
     with open(f) as fh:
         was = (json.load(fh).get("made_from") or {}).get("model")
-    now = model_identity(path)
-    if was and {k: v for k, v in was.items() if k != "path"} != \
-            {k: v for k, v in now.items() if k != "path"}:
-        raise ValueError(f"{adapter} was trained on {was.get('path')}, whose config or weight "
-                         f"files differ from {path}'s; pass --other-base to use it anyway")
+    diff = was and differences(was, model_identity(path))
+    if diff:
+        raise ValueError(f"{adapter} was trained on {was.get('path')}, whose config or weights "
+                         f"differ from {path}'s ({diff[0].split(':')[0]}); pass --other-base to "
+                         "use it anyway")
 
 
 def load_model(path, adapter=None, dtype=None, merge=False, device="cpu", other_base=False):

@@ -8,10 +8,14 @@ answer until <|im_end|>, in all the context thinking left. `wait` N replaces an 
 thinking by "Wait" up to N times (budget forcing). plain (s1's runs of Qwen2.5-32B-Instruct): the
 chat prompt and one answer up to the context limit, graded on the whole output. completion: a
 template filled with the question, no chat turn (the text a base model saw in pretraining).
+Each protocol is written as engine programs (engine.py), one per question, so its phases run per
+slot and a slot takes the next question as soon as an answer ends.
 
-    from protocols import GenConfig, generate
-    outs = generate(model, tok, questions, GenConfig(protocol="s1", max_context=32768))
-    for i, out in stream(model, tok, questions, cfg, slots=8): ...  # as each one finishes
+    from protocols import GenConfig, generate, stream
+    cfg = GenConfig(protocol="s1", max_context=32768)
+    outs = generate(model, tok, questions, cfg)                 # in the questions' order
+    for i, out in stream(model, tok, questions, cfg, slots=8):  # as each one finishes
+        ...
 """
 from dataclasses import dataclass
 

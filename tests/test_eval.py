@@ -397,10 +397,11 @@ def test_adapter_of_another_base_of_the_same_shape_is_refused(env, tmp_path):
                                  f"math500={env / 'math.jsonl'}", "--limit", "1",
                                  "--thinking-budget", "2", "--max-answer-tokens", "2", *extra]
     other_cfg = json.loads((other / "config.json").read_text())
-    other_cfg["rope_theta"] = 1234.0  # weights are identified by file sizes: change the config
+    other_cfg["rope_theta"] = 1234.0  # another config (other weights: test_nothing_lost_3.py)
     (other / "config.json").write_text(json.dumps(other_cfg))
-    with pytest.raises(SystemExit, match="was trained on .*model, whose config or weight files "
-                                         "differ from .*other's; pass --other-base"):
+    with pytest.raises(SystemExit, match="was trained on .*model, whose config or weights "
+                                         r"differ from .*other's \(config_sha256\); pass "
+                                         "--other-base"):
         main(args(other))
     main(args(other, "--other-base"))
     main(args(moved))  # the same base, moved

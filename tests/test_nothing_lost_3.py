@@ -236,3 +236,32 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_completes(env
     got, want = ([json.loads(l)["loss"] for l in open(tmp_path / d / "metrics.jsonl")]
                  for d in ("full", "clean"))
     assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_an_adapter_on_another_base_of_the_same_shapes_is_one_line(env, tmp_path):
+    """Two bases of the same shapes (config.json, weight file names and sizes all equal) and other
+    weights: an adapter trained on one was used on the other without a word; now it is refused,
+    naming both; --other-base takes it as meant, and a record of an earlier version (without
+    weights_sample) still matches its own base."""
+    import shutil
+    from helpers import hf_tiny, save_hf
+    other = tmp_path / "other"
+    save_hf(hf_tiny(seed=1, vocab_size=300), other)
+    shutil.copy(env / "model" / "tokenizer.json", other / "tokenizer.json")
+    assert (other / "config.json").read_bytes() == (env / "model" / "config.json").read_bytes()
+    run_script("train.py", train_args(env, tmp_path / "t", "--max-steps", 1))
+    adapter = tmp_path / "t" / "adapter"
+    args = lambda model, out, *extra: ["run", "--model", model, "--adapter", adapter, "--bench",
+                                       f"math500={env / 'math.jsonl'}", "--out", tmp_path / out,
+                                       "--max-context", 4096, "--thinking-budget", 8,
+                                       "--max-answer-tokens", 4, *extra]
+    r = run_script("eval.py", args(other, "e"), check=False)
+    one_line(r, f"{adapter} was trained on {env / 'model'}, whose config or weights differ from "
+             f"{other}'s (weights_sample); pass --other-base to use it anyway")
+    assert not (tmp_path / "e" / "samples.jsonl").exists()
+    run_script("eval.py", args(other, "e", "--other-base"))
+    rec = json.loads((adapter / "rank1.json").read_text())
+    del rec["made_from"]["model"]["weights_sample"]  # written before weights were sampled
+    (adapter / "rank1.json").write_text(json.dumps(rec))
+    run_script("eval.py", args(env / "model", "own"))
+    assert (tmp_path / "own" / "results.json").is_file()
