@@ -233,6 +233,7 @@ def data_identity(path, rows=None):
 
 
 MAX_CHARS_PER_TOKEN = 64  # beyond this many characters per token of the block a row is refused
+MAX_DOCUMENT_CHARS = 2**24  # a pretraining document longer than this (16.8M characters) too
 
 
 def load_s1(path, tok, block_size=None):
@@ -273,6 +274,9 @@ def load_text(path, tok, block_size):
     for row, w in zip(rows, where):
         if not isinstance(row["text"], str):
             raise ValueError(f"{w}: field 'text' must be a string")
+        if len(row["text"]) > MAX_DOCUMENT_CHARS:  # tokenized whole it could exhaust the memory
+            raise ValueError(f"{w}: a document of {len(row['text']):,} characters, more than "
+                             f"{MAX_DOCUMENT_CHARS:,}; split it into documents")
     stream = []
     for ids in tok.encode_batch([row["text"] for row in rows]):
         stream += ids + [tok.eot]

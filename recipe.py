@@ -91,6 +91,9 @@ class TrainConfig:
         check_numbers(self)
         if self.cpu_offload and self.mode != "full":
             raise ValueError("--cpu-offload is for --mode full (a LoRA run's sharded base fits)")
+        if self.save_every == 0 and self.save_minutes == 0:
+            raise ValueError("--save-every 0 and --save-minutes 0 save no checkpoint before the "
+                             "end, so a kill would lose the whole run: give one of them")
 
     @property
     def target_list(self):

@@ -265,3 +265,20 @@ def test_an_adapter_on_another_base_of_the_same_shapes_is_one_line(env, tmp_path
     (adapter / "rank1.json").write_text(json.dumps(rec))
     run_script("eval.py", args(env / "model", "own"))
     assert (tmp_path / "own" / "results.json").is_file()
+
+
+def test_a_huge_document_and_flags_that_turn_checkpoints_off_are_one_line(env, tmp_path):
+    """A pretraining document of 16.8M characters was tokenized whole (one 100 MB line got the
+    process killed by the kernel, with no word); --save-every 0 with --save-minutes 0 trained
+    to the end with no checkpoint, so a kill lost the whole run."""
+    from data import MAX_DOCUMENT_CHARS, Tokenizer, load_text
+    from train import main as train_main
+    corpus = write_jsonl(tmp_path / "text.jsonl", [dict(text="a b " * 100),
+                                                   dict(text="x" * (MAX_DOCUMENT_CHARS + 1))])
+    with pytest.raises(ValueError, match=f"{corpus} line 2: a document of 16,777,217 characters, "
+                                         "more than 16,777,216; split it into documents"):
+        load_text(str(corpus), Tokenizer(str(env / "model")), 16)
+    with pytest.raises(SystemExit, match="--save-every 0 and --save-minutes 0 save no checkpoint "
+                                         "before the end"):
+        train_main([str(a) for a in train_args(env, tmp_path / "t", "--save-minutes", 0)])
+    assert not (tmp_path / "t").exists()
