@@ -64,13 +64,21 @@ def read_json(path, keys=(), what=None):
 
 def write_atomic(path, data):
     """Write a file (str or bytes) through a temp file, fsync and a rename: readers never see half
-    of it, and after a crash it is either the old file or the new one."""
+    of it, and after a crash it is either the old file or the new one. An OS error (a full disk,
+    a quota, a read-only file system) names the file and leaves no temp file."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # one temp file per writer thread
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, a quota, a kill: no temp file stays behind
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"writing {path}: {e.strerror}") from None
+        raise
 
 
 def not_a_link(path):

@@ -282,3 +282,21 @@ def test_a_huge_document_and_flags_that_turn_checkpoints_off_are_one_line(env, t
                                          "before the end"):
         train_main([str(a) for a in train_args(env, tmp_path / "t", "--save-minutes", 0)])
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EDQUOT", "EROFS"])
+def test_an_os_error_during_an_atomic_write_names_the_file_and_leaves_no_temp(tmp_path,
+                                                                              monkeypatch, err):
+    """A full disk, a quota or a read-only file system at the fsync of an atomic write: the error
+    named the temp file, and the temp file stayed; now one error names the file being written,
+    the old file is whole and no temp file is left."""
+    import errno
+    path = tmp_path / "results.json"
+    common.write_atomic(str(path), "old")
+
+    def fail(fd):
+        raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)))
+    monkeypatch.setattr(common.os, "fsync", fail)
+    with pytest.raises(OSError, match=f"writing {path}: {os.strerror(getattr(errno, err))}"):
+        common.write_atomic(str(path), "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
