@@ -17,6 +17,7 @@ the rest of its batch.
 """
 import hashlib
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from safetensors.torch import save
 
 from checkpoint import read_safetensors
 from common import check_numbers, differences, read_json, sha256_file, write_atomic, write_json
+from interop import SAELENS_WEIGHTS, read_saelens_cfg
 
 
 class SAE(nn.Module):
@@ -102,15 +104,45 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path, device="cpu"):
-        """An SAE directory; .made_from says what it was trained on (None if unrecorded)."""
-        c = read_json(os.path.join(path, "cfg.json"))
+        """An SAE directory (sae.py train's, or an SAELens folder: from_saelens); .made_from says
+        what it was trained on (None if unrecorded)."""
+        f = os.path.join(path, "cfg.json")
+        if not os.path.isfile(f):
+            raise ValueError(f"{path}: not an SAE directory (no cfg.json; expected sae.py train's "
+                             "output or an SAELens folder)")
+        if os.path.isfile(os.path.join(path, SAELENS_WEIGHTS)):
+            return cls.from_saelens(path, device)
+        c = read_json(f, ("d_in", "n_latents", "k"), "an SAE's cfg.json (sae.py train)")
         weights = os.path.join(path, "sae.safetensors")
         if c.get("weights_sha256") not in (None, sha256_file(weights)):
             raise ValueError(f"{weights}: does not match the checksum in cfg.json (a file from "
                              "another training run?)")
         sae = cls(c["d_in"], c["n_latents"], c["k"])
-        sae.load_state_dict(read_safetensors(weights), strict=True)
+        tensors = read_safetensors(weights)
+        sae.threshold = torch.zeros(tensors["threshold"].shape)  # one, or one per latent
+        sae.load_state_dict(tensors, strict=True)
         sae.made_from = c.get("made_from")
+        return sae.to(device)
+
+    @classmethod
+    def from_saelens(cls, path, device="cpu"):
+        """An SAELens JumpReLU folder (interop.py: raw inputs, a threshold per latent) as an SAE
+        with scale 1; made_from is the rank1 store it names, if it names one (foreign: not)."""
+        c = read_saelens_cfg(path)
+        d, n = c["d_in"], c["d_sae"]
+        f = os.path.join(path, SAELENS_WEIGHTS)
+        t = read_safetensors(f, dtype=torch.float32)
+        shapes = dict(W_enc=(d, n), b_enc=(n,), W_dec=(n, d), b_dec=(d,), threshold=(n,))
+        for k, shape in shapes.items():
+            if k not in t or tuple(t[k].shape) != shape:
+                raise ValueError(f"{f}: expected {k} of shape {shape} for d_in {d}, d_sae {n} "
+                                 f"(cfg.json), found {tuple(t[k].shape) if k in t else 'none'}")
+        rank1 = (c.get("metadata") or {}).get("rank1") or {}
+        sae = cls(d, n, rank1.get("k", 0))
+        sae.threshold = torch.zeros(n)
+        sae.load_state_dict({**{k: t[k] for k in shapes}, "scale": torch.ones(d)}, strict=True)
+        sae.made_from = dict(store=rank1["store"]) if rank1.get("store") else None
+        sae.foreign = not rank1
         return sae.to(device)
 
 
@@ -166,6 +198,10 @@ def check_sae(sae, sae_dir, store):
         raise ValueError(f"{sae_dir}: an SAE of width {sae.d_in}, but {store.path} stores "
                          f"{store.d} scalars per token (an SAE of another adapter or layout)")
     trained_on = (sae.made_from or {}).get("store")
+    if trained_on is None and getattr(sae, "foreign", False):
+        print(f"{sae_dir}: an SAELens SAE that names no rank1 store; read on {store.path} as "
+              "its width matches", file=sys.stderr)
+        return
     if trained_on is None:
         raise ValueError(f"{sae_dir}: cfg.json does not say which store the SAE was trained on")
     diff = differences(trained_on, store.identity())

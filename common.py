@@ -439,7 +439,12 @@ def setup_dist():
 
 
 def cleanup_dist():
+    """End the process group. On a normal end every rank first meets the others, so that none
+    tears its group down while another still talks to it (gloo then aborted a rank at exit, now
+    and then); while an exception propagates there is no meeting (the others may never come)."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

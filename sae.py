@@ -5,6 +5,10 @@ Training the BatchTopK SAE (batchtopk.py) on the adapter scalars (collect.py sto
     python sae.py train --acts acts/ --out sae/
     # the FVU-L0 frontier: k in {8, 16, 32} x expansion in {4, 8, 16} -> sweep.json, sweep.svg
     python sae.py sweep --acts acts/ --out sweep/
+    # for other tools (interop.py): a folder SAELens loads; the mined features for Neuronpedia
+    python sae.py export --sae sae/ --out sae_lens/
+    python sae.py export --sae sae/ --format neuronpedia --features interp/features.json \
+        --autointerp interp/auto/ --out neuronpedia/
     # library use (the config and the step are in batchtopk.py)
     from batchtopk import SAEConfig
     from sae import train_sae
@@ -38,9 +42,10 @@ from tqdm import tqdm
 from batchtopk import SAE, SAEConfig, evaluate, update
 from checkpoint import read_safetensors, safetensors_metadata
 from common import (AppendLog, Parser, add_config_flags, check_out, config_from_flags,
-                    keep_steps, numbers, pick_device, read_json, same_origin, start_run,
-                    user_errors, write_atomic, write_json)
+                    differences, file_identity, keep_steps, numbers, pick_device, read_json,
+                    read_log, same_origin, start_run, user_errors, write_atomic, write_json)
 from figures import frontier_chart
+from interop import export_neuronpedia, export_saelens
 from store import ActivationStore
 
 # -----------------------------------------------------------------------------
@@ -249,6 +254,35 @@ def cmd_sweep(args):
     return rows
 
 
+def cmd_export(args):
+    """The SAE as an SAELens folder, or its mined features (and explanations) in Neuronpedia's
+    export layout (interop.py)."""
+    check_out(args.out, {"--sae": args.sae, "--features": args.features,
+                         "--autointerp": args.autointerp})
+    sae = SAE.load(args.sae)
+    if args.format == "saelens":
+        export_saelens(sae, args.sae, args.out, args.overwrite)
+        print(f"sae export: {args.sae} -> {args.out} (sae_lens.SAE.load_from_disk reads it)")
+        return
+    if not args.features:
+        raise ValueError("--format neuronpedia needs --features (interpret.py mine's "
+                         "features.json, mined with this --sae)")
+    data = read_json(args.features, ("features",), "features.json (`interpret.py mine`)")
+    mined_with = (data.get("made_from") or {}).get("sae")
+    diff = differences(mined_with or {}, file_identity(os.path.join(args.sae, "cfg.json")))
+    if mined_with is None or diff:
+        raise ValueError(f"{args.features}: not mined with the SAE in {args.sae} "
+                         f"({'; '.join(diff[:2]) or 'mined without --sae'})")
+    rows, explainer = [], None
+    if args.autointerp:
+        rows = read_log(os.path.join(args.autointerp, "autointerp.jsonl"))
+        explainer = read_json(os.path.join(args.autointerp, "autointerp.json")).get("llm_model")
+    feats = [f for f in data["features"] if f["name"].startswith("sae")]
+    n = export_neuronpedia(sae, feats, rows, explainer, args.out, args.model_id, args.source,
+                           args.overwrite)
+    print(f"sae export: {n[0]} features, {n[1]} examples, {n[2]} explanations -> {args.out}")
+
+
 def parser():
     p = Parser(description=__doc__.split("\n\n")[0].strip())
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -266,6 +300,21 @@ def parser():
         add_config_flags(c, SAEConfig, skip=("k", "expansion") if c is s else (),
                          choices=dict(init=("data", "random")))
         c.set_defaults(func=func)
+    e = sub.add_parser("export", help="the SAE for SAELens, or its features for Neuronpedia")
+    e.add_argument("--sae", required=True, help="an SAE directory (sae.py train)")
+    e.add_argument("--format", choices=("saelens", "neuronpedia"), default="saelens",
+                   help="saelens: a folder sae_lens.SAE.load_from_disk reads; neuronpedia: "
+                   "features/, activations/, explanations/ as gzipped jsonl")
+    e.add_argument("--out", required=True, help="the directory to write")
+    e.add_argument("--features", help="neuronpedia: features.json of interpret.py mine --sae")
+    e.add_argument("--autointerp", help="neuronpedia: interpret.py autointerp's --out directory "
+                   "(its explanations)")
+    e.add_argument("--model-id", default="qwen2.5-32b-instruct",
+                   help="neuronpedia: the model's id in the rows")
+    e.add_argument("--source", default="rank1-lora-batchtopk",
+                   help="neuronpedia: the source (SAE set) id in the rows")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    e.set_defaults(func=cmd_export)
     return p
 
 

@@ -71,10 +71,11 @@ def test_every_command_block_of_running_md_runs_end_to_end(tmp_path):
     Only lm_eval (another tool) and the optional vLLM engine's two commands are not run."""
     r = run("--doc", "running", "--out", tmp_path / "r")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "all 23 commands ran" in r.stdout and r.stdout.count("skipped") == 3
+    assert "all 25 commands ran" in r.stdout and r.stdout.count("skipped") == 3
     assert r.stdout.count("skipped (the optional vLLM engine)") == 2
     d = tmp_path / "r"
     for f in ("merged/config.json", "results/ablate_greedy/ablations.json", "sweep/sweep.json",
+              "sae_lens/sae_weights.safetensors", "neuronpedia/features/batch-0.jsonl.gz",
               "interp/auto/categories.jsonl", "interp/steer.json", "interp/compare.json",
               "report/report.html"):
         assert (d / f).is_file(), f
