@@ -184,7 +184,9 @@ def build(args):
     att_js, kl = part(args.out, "attention", made_from, attention)
     heads = [tuple(h) for h in att_js["heads"]]
     attr_js, attr = part(args.out, "attribution", made_from, attribution)
-    norms_js, _ = part(args.out, "norms", made_from, norms)
+    # "on": the residual's definition (earlier versions read the raw residual stream)
+    norms_js, _ = part(args.out, "norms", {**made_from, "on": "post_attention_layernorm output"},
+                       norms)
     data = dict(
         doc=dict(rec, tokens=T), tokens=[tok.id_to_token_str(i) for i in ids], sites=sites,
         state=state.tolist(),

@@ -212,6 +212,37 @@ def test_latent_effects_equal_lora_steer(pair):
 # norms
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_norms_equal_the_official_hooks_on_peft(pair, dtype):
+    """The official analyze_lora_projection_norms.py on transformers + PEFT: |MLP output|, and
+    the output of post_attention_layernorm, its norm and its projection onto down_proj's unit
+    lora_B, per layer and token; ours agree to 1e-5 relative in float64 (to 1e-4 in float32,
+    where the two models' forwards differ by float32 rounding)."""
+    pm, ours, _ = pair
+    pm, ours = pm.to(dtype), ours.to(dtype)
+    ids = torch.randint(0, 97, (9,)).tolist()
+    want = {k: [] for k in ("mlp_out", "residual", "b_projection")}
+    hooks = []
+    def normed(m, i, o, b):  # what the official hook computes (returns None: output unchanged)
+        want["residual"].append(o[0].norm(dim=-1))
+        want["b_projection"].append(o[0] @ (b / b.norm()))
+    for layer in pm.base_model.model.model.layers:
+        b = layer.mlp.down_proj.lora_B["default"].weight.squeeze()
+        hooks.append(layer.mlp.register_forward_hook(
+            lambda m, i, o: want["mlp_out"].append(o[0].norm(dim=-1)) and None))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda m, i, o, b=b: normed(m, i, o, b)))
+    with torch.no_grad():
+        pm(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    got = layer_norms(ours, ids)
+    for k, v in want.items():
+        assert got[k].dtype == (np.float64 if dtype == torch.float64 else np.float32)
+        tol = 1e-5 if dtype == torch.float64 else 1e-4
+        np.testing.assert_allclose(got[k], torch.stack(v).numpy(), rtol=tol, atol=tol / 10)
+
+
 def test_layer_norms_by_hand(pair):
     _, ours, _ = pair
     ids = torch.randint(0, 97, (7,)).tolist()
@@ -228,7 +259,7 @@ def test_layer_norms_by_hand(pair):
             act = F.silu(mlp.gate_proj(xn)) * mlp.up_proj(xn)
             u = (act @ down.lora_A.t())[0, :, 0].numpy()
             b = down.lora_B[:, 0].numpy()
-            hn = h[0].numpy()
+            hn = xn[0].numpy()  # the MLP's input, as the official script reads it
             np.testing.assert_allclose(got["residual"][i], np.linalg.norm(hn, axis=1), rtol=1e-5)
             np.testing.assert_allclose(got["b_projection"][i], hn @ b / np.linalg.norm(b),
                                        rtol=1e-4, atol=1e-5)
