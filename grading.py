@@ -458,6 +458,23 @@ PROSE_LETTER = re.compile(
     r"(?i:answer|option|choice)(?:\s+(?i:is|would\s+be|should\s+be|must\s+be))?\s*:?\s*"
     r"(?:(?i:the\s+)?(?i:correct\s+|best\s+|right\s+)?(?i:answer|option|choice)\s*"
     r"(?:(?i:is)\s*)?:?\s*)?[*_$(\[{\\text]*\s*([A-D])(?=$|[\s*$)\]}]*(?:$|[).,:;!?\n]))")
+# a letter chosen in other words: "I'd go with C", "We pick B", "B is the correct choice", "A is
+# correct", "C fits best", "Option B it is", "the answer here is B", "the answer to be C",
+# "Therefore, B."; a letter stands alone, and a negated choice ("I would not choose D", "B is not
+# correct") or a comparison ("pick between A and B") names none
+_X = r"\(?\**([A-D])\**\)?"  # the letter, maybe in parentheses or bold
+_END = r"(?=\s*(?:$|[.!;,:)]|\s(?:as|because|since|it|here|now)\b))"
+CHOICE_LETTER = re.compile(
+    r"(?i:\b(?:pick|picks|picking|choose|chooses|choosing|select|selects|selecting|go\s+with|"
+    r"going\s+with|opt\s+for|settle\s+on|say|leaves|leaving)\s+(?:(?:option|choice|answer)\s+)?)"
+    + _X + _END
+    + r"|(?<![\w(])(?:(?i:option|choice)\s+)?" + _X
+    + r"\s+(?i:is\s+(?:the\s+)?(?:correct|right|best|most\s+likely)\b|fits\s+best\b|it\s+is\b)"
+    + r"|(?i:\b(?:answer|option|choice)(?:\s+\w+){1,2}?\s+(?:is|would\s+be|should\s+be|"
+    r"must\s+be)|\b(?:answer|option|choice)\s+to\s+be)\s+" + _X + _END
+    + r"|(?i:\b(?:thus|therefore|hence|so),?\s+(?:(?:option|choice)\s+)?)" + _X
+    + r"(?=\s*[.!]?\s*$)")
+NEGATED = re.compile(r"(?i)\b(?:not|never|n't|cannot|no)\b[^.!?\n]{0,20}$")
 # an option named on a line of its own or in bold: "**B) 7 m/s**", "B) 7 m/s", "**C**"
 LINE_LETTER = re.compile(r"(?m)^[\s>*_]*\(?([A-D])\)(?:\s|$)"
                          r"|\*\*\(?([A-D])\)?[).:]?(?:\s[^*\n]*)?\*\*")
@@ -485,7 +502,7 @@ def extract_letter(generation, question=None):
     text = answer_part(generation)
     cand = last_boxed(text)
     if cand is None:
-        m = list(re.finditer(r"(?i)answer\s*:\s*([^\n]*)", text))
+        m = list(re.finditer(r"(?i)answer\s*(?::|\s[-\u2013\u2014])\s*([^\n]*)", text))
         cand = m[-1].group(1) if m else None
     if cand is not None:
         cand = _strip_text_commands(cand.strip().strip("$*").strip())
@@ -494,10 +511,16 @@ def extract_letter(generation, question=None):
         m = LETTER.fullmatch(cand)
         if m:
             return next(g for g in m.groups() if g)
-    for pattern in (PROSE_LETTER, LINE_LETTER):
-        found = [next(g for g in m.groups() if g) for m in pattern.finditer(text)]
-        if found:
-            return found[-1]
+    if re.fullmatch(r"\s*\(?([A-D])\)?[.!]?\s*", text):  # the whole answer is a letter: "B."
+        return text.strip()[0] if text.strip()[0] in "ABCD" else text.strip()[1]
+    stated = sorted((m.start(), next(g for g in m.groups() if g))
+                    for p in (PROSE_LETTER, CHOICE_LETTER) for m in p.finditer(text)
+                    if not NEGATED.search(text[:m.start()]))
+    if stated:
+        return stated[-1][1]
+    found = [next(g for g in m.groups() if g) for m in LINE_LETTER.finditer(text)]
+    if found:
+        return found[-1]
     said = _squash(text)
     named = [k for k, v in options(question).items() if len(_squash(v)) >= 2
              and re.search(r"(?<![\w.])" + re.escape(_squash(v)) + r"(?![\w])", said)]

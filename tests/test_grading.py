@@ -473,3 +473,36 @@ def test_gpqa_letters_stated_in_prose():
     assert extract_letter("7 m/s or 12 m/s", Q) is None
     # the thinking never counts: only the answer phase is read
     assert extract_letter("<|im_start|>think\nthe answer is B<|im_start|>answer\nunsure", Q) is None
+
+
+def labelled(name):
+    with open(os.path.join(os.path.dirname(__file__), "data", name)) as f:
+        return [json.loads(line) for line in f]
+
+
+GPQA_Q = "What is it?\n\nA) 7 m/s\nB) 12 m/s\nC) a proton\nD) none of the above"
+
+
+def test_gpqa_letters_chosen_in_other_words():
+    """64 labelled answer texts (tests/data/gpqa_answers.jsonl), written with the rules: a letter
+    chosen in other words ("I think B is right", "We pick option B", "I'd go with C", "A is
+    correct", "Option B it is", "Therefore, B.", "Answer - C"), each beside a negative twin that
+    names none ("I think B is wrong", "We cannot pick between A and B", "B is not correct", "I
+    would not choose D", "Choosing between B and C"). One text restates an option's text to
+    reject it, and the restatement rule reads that option (marked rules_read)."""
+    for r in labelled("gpqa_answers.jsonl"):
+        got = extract_letter("<|im_start|>answer\n" + r["text"], GPQA_Q)
+        assert got == r.get("rules_read", r["letter"]), r["text"]
+
+
+def test_gpqa_held_out_answers_miss_count():
+    """32 answer texts written after the rules and never used to tune them
+    (tests/data/gpqa_answers_heldout.jsonl): the rules miss 5 of its 25 lettered answers, name
+    no wrong letter and read no letter into the 7 that name none (docs/departures.md)."""
+    rows = labelled("gpqa_answers_heldout.jsonl")
+    got = [extract_letter("<|im_start|>answer\n" + r["text"], GPQA_Q) for r in rows]
+    lettered = [(g, r["letter"]) for g, r in zip(got, rows) if r["letter"]]
+    assert len(rows) == 32 and len(lettered) == 25
+    assert sum(g is None for g, _ in lettered) == 5
+    assert all(g == want for g, want in lettered if g is not None)
+    assert all(g is None for g, r in zip(got, rows) if not r["letter"])
