@@ -1,6 +1,7 @@
 """
-Feature interaction (the official misc_experiments/lora_feature_interaction_analysis.py): how the
-SAE latents of one trace respond when one latent is removed or steered.
+Feature interaction: how the SAE latents of one trace respond when one latent is removed or
+steered. An analysis of our own: the official misc_experiments/lora_feature_interaction_analysis.py
+takes gradients among the 192 MLP adapter scalars, with no SAE (docs/departures.md).
 
     from interaction import latent_effects
     e = latent_effects(model, sae, ids, sources=[3, 17])              # remove each source
@@ -11,8 +12,8 @@ Remove latent i: at every token, its share of the SAE's reconstruction, f_i(t) d
 the adapter scalars, so the model runs as if the latent had been silent (d_i: its decoder row in
 raw units). Steer: strength * d_i is added at every token (interpret.py steer's edit). The state
 read back is the model's own, before the edit at each site: the edit is not counted as a change,
-so a latent moves only through what the edited scalars did to later layers. The official script
-takes gradients of mean activations (first order); this is the intervention itself.
+so a latent moves only through what the edited scalars did to later layers: the intervention
+itself, not a first-order estimate.
 
 Cost: one forward per source latent on the trace (at 32B: ~0.3 s each for 1,024 tokens on one
 H100), plus the SAE's encoding of (T, 448) per forward.

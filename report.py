@@ -32,7 +32,8 @@ from autointerp import CLASSES, parse_name, populations
 from batchtopk import SAE, check_sae
 from coactivation import MIN_FIRING, clusters, cofiring, frequent_only, jaccard
 from common import (Parser, add_device_flag, check_out, differences, file_identity, fresh_outputs,
-                    percentile_ci, pick_device, read_json, user_errors, write_atomic, write_json)
+                    number, percentile_ci, pick_device, read_json, user_errors, write_atomic,
+                    write_json)
 from data import read_rows
 from figures import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
                      site_heatmap, table)
@@ -386,9 +387,11 @@ def section_geometry(g):
 
 def section_state(s):
     cum = [(i + 1, c) for i, c in enumerate(s["cumulative"])]
+    which = ("the MLP adapters', as the official analysis" if s.get("scalars") == "mlp"
+             else "every adapter's; the official analysis reads the MLP adapters' only")
     return ("<h2>The activation state's shape (SVD of the centred scalars)</h2>"
             + line_chart(cum, "principal directions", "share of the variance", ref=0.9)
-            + f"<p>{s['dims']} scalars over {s['tokens']:,} tokens: "
+            + f"<p>{s['dims']} scalars ({which}) over {s['tokens']:,} tokens: "
             + ", ".join(f"{float(k):.0%} of the variance in {v} directions"
                         for k, v in s["components_for"].items())
             + f"; effective rank {s['effective_rank']:.1f} (exp entropy), participation ratio "
@@ -563,7 +566,7 @@ def build(args):
     if args.acts:
         store = ActivationStore(args.acts)
         made_from["acts"] = store.identity()
-        rep["state"] = state_spectrum(store)
+        rep["state"] = state_spectrum(store, args.state_scalars, args.state_tokens)
         if args.sae:
             sae = SAE.load(args.sae)
             check_sae(sae, args.sae, store)
@@ -616,6 +619,12 @@ def parser():
     p.add_argument("--ablations", help="ablations.json from `ablate.py`")
     p.add_argument("--adapter", help="the adapter directory (geometry)")
     p.add_argument("--acts", help="the activation store from `collect.py` (the state's shape)")
+    p.add_argument("--state-scalars", choices=("mlp", "all"), default="mlp",
+                   help="the state's shape from the MLP adapters' scalars (the official "
+                   "analysis's 192) or from all of them")
+    p.add_argument("--state-tokens", type=number(int, "nonnegative"), default=100_000,
+                   help="the state's shape over the store's first N tokens (the official 100,000; "
+                   "0: all)")
     p.add_argument("--sae", help="the SAE trained on --acts (co-activation of its latents)")
     add_device_flag(p, "where --sae's co-activation counts run (at 32B: 1.3e14 multiply-adds "
                     "for 10M tokens x 3,584 latents)")

@@ -14,7 +14,7 @@ def test_state_spectrum_equals_numpy_svd_of_the_centred_state(tmp_path):
     x = (rng.normal(size=(300, 2)) @ rng.normal(size=(2, 6)) * [1, 2, 3, 4, 5, 6]
          + 0.01 * rng.normal(size=(300, 6)) + 3.0).astype(np.float32)
     store = fake_store(tmp_path / "acts", [70, 80, 90, 60], values=x, docs_per_shard=1)
-    s = state_spectrum(store)
+    s = state_spectrum(store, "all", max_tokens=0)
     xc = x.astype(np.float64) - x.astype(np.float64).mean(0)
     sv = np.linalg.svd(xc, compute_uv=False)
     lam = sv ** 2 / len(x)
@@ -25,6 +25,22 @@ def test_state_spectrum_equals_numpy_svd_of_the_centred_state(tmp_path):
     assert s["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
     assert s["components_for"]["0.9"] <= 2 and s["components_for"]["0.99"] <= 2
     np.testing.assert_allclose(s["cumulative"], np.cumsum(p))
+
+
+def test_state_spectrum_defaults_to_the_official_input(tmp_path):
+    """By default the MLP adapters' scalars (gate, up, down: columns 0-2 of this store's layer 0)
+    over the first 100,000 tokens, the official analysis's input; here max_tokens 100 cuts the
+    second shard."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 6)).astype(np.float32) * [1, 2, 3, 4, 5, 6]
+    store = fake_store(tmp_path / "acts", [70, 80, 90, 60], values=x, docs_per_shard=1)
+    assert [t for _, t in store.index["sites"][:3]] == ["gate_proj", "up_proj", "down_proj"]
+    s = state_spectrum(store, max_tokens=100)
+    sub = x[:100, :3].astype(np.float64)
+    lam = np.linalg.svd(sub - sub.mean(0), compute_uv=False) ** 2 / 100
+    np.testing.assert_allclose(s["variances"], lam, rtol=1e-7, atol=1e-12)
+    assert (s["tokens"], s["dims"], s["scalars"]) == (100, 3, "mlp")
+    assert state_spectrum(store)["tokens"] == 300  # fewer than 100,000: all of them
 
 
 def test_spectrum_limits_by_hand():

@@ -247,7 +247,7 @@ def test_state_and_coactivation_sections_check_their_sae(tmp_path):
     sae.threshold.fill_(0.5)
     sae.save(str(tmp_path / "sae"), made_from=dict(store=store.identity()))
     main(["--acts", str(tmp_path / "acts"), "--sae", str(tmp_path / "sae"),
-          "--out", str(tmp_path / "r")])
+          "--state-scalars", "all", "--out", str(tmp_path / "r")])
     rep = json.load(open(tmp_path / "r" / "report.json"))
     xc = x.astype(np.float64) - x.mean(0)
     np.testing.assert_allclose(rep["state"]["variances"],
