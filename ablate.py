@@ -94,7 +94,9 @@ def ablation_sets(model, block):
 @torch.no_grad()
 def kl_stats(model, ids, mask, ref_logp, sel):
     """KL(full || ablated) and KL(ablated || full) per position, averaged over assistant positions
-    (those predicting an assistant token) and over all positions; fp32 log-softmax. Beside them
+    (those predicting an assistant token) and over all positions, and KL(full || ablated) at the
+    worst assistant position and the worst of all positions (the official greedy ablation's
+    max_kl over its rollouts' every position); fp32 log-softmax. Beside them
     the ablated model's cross-entropy on the sequence's own next tokens over the assistant
     positions (mean and worst position; the official 1.0_generate_ablation_data.py's CE)."""
     with ablate(model, **sel):
@@ -113,7 +115,8 @@ def kl_stats(model, ids, mask, ref_logp, sel):
     ce = -logp.gather(1, nxt[:, None])[:, 0]
     return dict(kl_full_abl_assistant=avg(kl_fa, m), kl_abl_full_assistant=avg(kl_af, m),
                 kl_full_abl_all=avg(kl_fa, allm), kl_abl_full_all=avg(kl_af, allm),
-                kl_full_abl_assistant_maxpos=top(kl_fa, m), ce_assistant=avg(ce, m),
+                kl_full_abl_assistant_maxpos=top(kl_fa, m), kl_full_abl_all_maxpos=top(kl_fa, allm),
+                ce_assistant=avg(ce, m),
                 ce_assistant_maxpos=top(ce, m))
 
 
@@ -388,9 +391,12 @@ def parser():
                    help="take the --samples of this benchmark (the paper ablated MATH500 "
                    "rollouts); all benchmarks in file order when it has none ('' : all)")
     p.add_argument("--greedy-metric", default="kl_full_abl_assistant_maxpos",
-                   choices=["kl_full_abl_assistant_maxpos", "kl_full_abl_assistant"],
-                   help="what scores each MLP adapter in the greedy ablation (the paper's max_kl: "
-                   "the mean over sequences of the largest KL at one position)")
+                   choices=["kl_full_abl_assistant_maxpos", "kl_full_abl_all_maxpos",
+                            "kl_full_abl_assistant"],
+                   help="what scores each MLP adapter in the greedy ablation: the paper's max_kl "
+                   "(the mean over sequences of the largest KL at one position) over assistant "
+                   "positions, or over all positions as the official script on its rollouts, or "
+                   "the mean KL over assistant positions")
     p.add_argument("--greedy", default="rescore", choices=["rescore", "fixed"],
                    help="rescore (the official): every remaining MLP adapter re-scored against "
                    "the current state at each step, n(n+1)/2 sets; fixed: one order from the "

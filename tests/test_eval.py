@@ -323,6 +323,14 @@ def test_ablation_kl_is_full_to_ablated_averaged_over_assistant_predictions(env)
     assert got["kl_full_abl_assistant"] == pytest.approx(fa[pos].mean().item(), rel=1e-5)
     assert got["kl_abl_full_assistant"] == pytest.approx(af[pos].mean().item(), rel=1e-5)
     assert got["kl_full_abl_all"] == pytest.approx(fa.mean().item(), rel=1e-5)
+    assert got["kl_full_abl_assistant_maxpos"] == pytest.approx(fa[pos].max().item(), rel=1e-5)
+    worst = int(fa.argmax())  # a mask without the worst position: the two maxima must differ
+    mask2 = [1] * 12
+    if worst < 11:
+        mask2[worst + 1] = 0
+    got2 = kl_stats(model, ids, mask2, full, {})
+    assert got2["kl_full_abl_all_maxpos"] == pytest.approx(fa.max().item(), rel=1e-5)  # official
+    assert got2["kl_full_abl_assistant_maxpos"] < 0.999 * got2["kl_full_abl_all_maxpos"]
     # the three differ, so swapping the direction or the positions cannot go unnoticed
     assert abs(fa[pos].mean() - af[pos].mean()) > 1e-3 * fa[pos].mean()
     assert abs(fa[pos].mean() - fa.mean()) > 1e-3 * fa[pos].mean()
