@@ -34,6 +34,17 @@ RUBRIC_SYSTEM = ("Classify this feature from its explanation and its top example
                  "but every example still fits. "
                  "2: polysemantic, some examples do not fit any single meaning. Reply with JSON "
                  '{"classification": 0, 1 or 2, "classification_reasoning": "one sentence"}.')
+# the official single call (docs/paper.md F2, in our words): explanation and class in one reply
+OFFICIAL_SYSTEM = ("You analyse the activations of one neuron of a language model and answer in "
+                   "JSON only.")
+OFFICIAL_TASK = ("Each example below is a text window, then the tokens where the neuron is most "
+                 "active, each with its activation on a 0-10 scale. Explain what the neuron looks "
+                 "for in at most 10 words, not a full sentence; say so if it always fires on one "
+                 "token. Then classify it. 0: one specific, clear meaning that every example "
+                 "fits. 1: a broad or noisy meaning, but every example still fits. 2: "
+                 "polysemantic, some examples do not fit any single meaning. Reply with JSON "
+                 '{"explanation": "...", "classification": 0, 1 or 2, '
+                 '"classification_reasoning": "one sentence"}.')
 # docs/paper.md A/F4: the 7 top-level categories of SAE features, with subcategories (the official
 # hierarchical list was not published: the ids it names are kept, the rest are ours)
 CATEGORIES = {
@@ -63,6 +74,9 @@ def stand_in_reply(messages):
         return "[1]"
     if system == RUBRIC_SYSTEM:
         return json.dumps({"classification": 1, "classification_reasoning": "a stand-in"})
+    if system == OFFICIAL_SYSTEM:
+        return json.dumps({"explanation": "a stand-in (no LLM was asked)", "classification": 1,
+                           "classification_reasoning": "a stand-in"})
     if system == CATEGORISE_SYSTEM:
         cat, subs = next(iter(CATEGORIES.items()))
         return json.dumps({"category": cat, "subcategory": subs[0]})
@@ -95,6 +109,28 @@ def rubric_messages(f, explanation, n=10):
                                         + "\n".join(lines)}]
 
 
+def official_messages(f, n=10, seed=0, window=8, max_tokens=10):
+    """The official single-call prompt's content (docs/paper.md F2): n top examples (sorted, where
+    the official code took its stored order, G2; shuffled with a seed, where it shuffled unseeded),
+    each a window of +-8 tokens around its firing token (joined without spaces, "..." where cut),
+    then up to 10 lines "token value" for its tokens whose activation is above half the largest
+    |activation| among all the examples, on a 0-10 scale of that largest value."""
+    top = sorted(f["top"], key=lambda e: -e["value"])[:n]
+    random.Random(seed + f["id"]).shuffle(top)
+    peak = max((abs(a) for e in top for a in e["acts"]), default=0.0) or 1.0
+    blocks = []
+    for i, e in enumerate(top):
+        lo, hi = max(0, e["target"] - window), min(len(e["tokens"]), e["target"] + window + 1)
+        text = (("..." if lo > 0 else "") + "".join(e["tokens"][lo:hi])
+                + ("..." if hi < len(e["tokens"]) else ""))
+        strong = [(t, a) for t, a in zip(e["tokens"][lo:hi], e["acts"][lo:hi])
+                  if abs(a) / peak > 0.5][:max_tokens]
+        blocks.append(f"Example {i + 1}: {text}\n" + "\n".join(
+            f"{t} {min(10, round(10 * abs(a) / peak))}" for t, a in strong))
+    return [{"role": "system", "content": OFFICIAL_SYSTEM},
+            {"role": "user", "content": OFFICIAL_TASK + "\n\n" + "\n\n".join(blocks)}]
+
+
 def detection_set(f, n_explain=10, n=6, seed=0):
     """Held-out positives (top examples not shown to the explainer, then random non-zero ones) and
     as many inactive snippets, shuffled with a seed: [(snippet, fires)]."""
@@ -119,26 +155,38 @@ def balanced_accuracy(items, chosen):
     return (tpr + tnr) / 2 if pos and neg else (tpr if pos else tnr)
 
 
-def autointerp(features, llm=None, rubric=False, n_explain=10):
+def autointerp(features, llm=None, rubric=False, n_explain=10, mode="ours"):
     """Explanation prompts for every feature with examples; with an LLM: explanations, detection
-    balanced accuracy on held-out positives and inactive snippets, optionally the 0/1/2 rubric."""
+    balanced accuracy on held-out positives and inactive snippets, optionally the 0/1/2 rubric.
+    mode "ours": the explanation, then the rubric in a second call; "official": both from one
+    call, the official prompt's content (official_messages; rubric implied)."""
+    if mode not in ("ours", "official"):
+        raise ValueError(f"--rubric-mode {mode!r}: expected ours or official")
     feats = [f for f in features if f["top"]]
+    prompt = official_messages if mode == "official" else explain_messages
     rows = [dict(id=f["id"], name=f["name"], top_value=max(e["value"] for e in f["top"]),
-                 messages=explain_messages(f, n_explain)) for f in feats]
+                 rubric_mode=mode, messages=prompt(f, n_explain)) for f in feats]
     if llm is None:
         return rows
 
     def one(pair):
         f, row = pair
         try:
-            row["explanation"] = llm(row["messages"]).strip()
+            reply = llm(row["messages"]).strip()
+            if mode == "official":
+                obj = json_object(reply) or {}
+                row["rubric"], row["rubric_reasoning"] = parse_rubric(reply)
+                if not isinstance(obj.get("explanation"), str) or not obj["explanation"].strip():
+                    raise LLMError(f"no explanation in the reply {reply[:80]!r}")
+                reply = obj["explanation"].strip()
+            row["explanation"] = reply
             items = detection_set(f, n_explain)
             answer = llm(detect_messages(row["explanation"], items))
             chosen = parse_choice(answer)
             row["detection_balanced_accuracy"] = (None if chosen is None
                                                   else balanced_accuracy(items, chosen))
             row["detection_items"] = len(items)
-            if rubric:
+            if rubric and mode == "ours":
                 reply = llm(rubric_messages(f, row["explanation"], n_explain))
                 row["rubric"], row["rubric_reasoning"] = parse_rubric(reply)
         except LLMError as e:  # one feature's failure leaves the others' results standing

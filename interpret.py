@@ -265,6 +265,7 @@ def cmd_autointerp(args):
     data = read_json(args.features, ("features",), "features.json (`interpret.py mine`)")
     made_from = dict(features=file_identity(args.features), llm_url=args.llm_url,
                      llm_model=args.llm_model if args.llm_url else None, rubric=args.rubric,
+                     rubric_mode=args.rubric_mode,
                      categorise=args.categorise, n_explain=args.n_explain, limit=args.limit)
     meta = os.path.join(args.out, "autointerp.json")
     if os.path.isfile(meta) and not args.overwrite:
@@ -274,7 +275,7 @@ def cmd_autointerp(args):
     if args.categorise and llm is None:
         raise SystemExit("interpret.py autointerp: --categorise needs --llm-url")
     feats = data["features"][:args.limit or None]
-    rows = autointerp(feats, llm, args.rubric, args.n_explain)
+    rows = autointerp(feats, llm, args.rubric, args.n_explain, args.rubric_mode)
     os.makedirs(args.out, exist_ok=True)
     write_json(meta, made_from)
     write_atomic(os.path.join(args.out, "autointerp.jsonl"),
@@ -350,6 +351,10 @@ def parser():
                    help="requests in flight at once")
     a.add_argument("--rubric", action="store_true",
                    help="also the paper's 0/1/2 monosemanticity rubric")
+    a.add_argument("--rubric-mode", choices=("ours", "official"), default="ours",
+                   help="ours: the explanation, then the rubric in a second call; official: "
+                   "explanation and class in one call with the official prompt's content "
+                   "(the rubric comes with it)")
     a.add_argument("--categorise", action="store_true",
                    help="also sort the SAE latents into the paper's 7 categories "
                    "(OUT/categories.jsonl)")

@@ -412,7 +412,7 @@ def section_coactivation(c):
             + table(["latent", "latent", "Jaccard"], pairs))
 
 
-def section_lora_vs_mlp(c):
+def section_lora_vs_mlp(c, official=False):
     p = PAPER["rubric"]
     paper_share = lambda pop, k: f"{100 * p[pop]['counts'][k] / p[pop]['n']:.1f}%"
     rows = []
@@ -423,9 +423,12 @@ def section_lora_vs_mlp(c):
                         + [f"{s['mean']:.2f}", s["median"]])
         rows.append([f"{pop} (paper)", p[pop]["n"]] + [paper_share(pop, k) for k in CLASSES]
                     + [p[pop]["mean"], p[pop]["median"]])
-    h = ["<h2>LoRA features vs MLP neurons (F2)</h2>",
-         f"<p class=in>Populations: {escape(c['populations'])}; 0/1/2 rubric, shares with 95% "
-         "bootstrap intervals (10,000 resamples).</p>",
+    how = ("the official single call: explanation and class from one reply, the official "
+           "prompt's content" if official else "ours: the explanation, then the rubric in a "
+           "second call")
+    h = [f"<h2>LoRA features vs MLP neurons (F2){', the official way' if official else ''}</h2>",
+         f"<p class=in>Populations: {escape(c['populations'])}; 0/1/2 rubric ({how}), shares "
+         "with 95% bootstrap intervals (10,000 resamples).</p>",
          table(["population", "n", "0 monosemantic", "1 broad", "2 polysemantic", "mean",
                 "median"], rows)]
     if "chi2" in c:
@@ -494,7 +497,19 @@ def report_html(rep):
             parts.append(draw(rep[key]))
         else:
             parts.append(f"<h2>{escape(key)}</h2>" + missing(rep["missing"].get(key, flag)))
+        if key == "lora_vs_mlp" and rep.get("lora_vs_mlp_official") is not None:  # side by side
+            parts.append(section_lora_vs_mlp(rep["lora_vs_mlp_official"], official=True))
     return "\n".join(parts)
+
+
+def rubric_rows(path, mode):
+    """autointerp.jsonl's rows, checked to come from `mode` (rows of earlier versions: ours)."""
+    rows = read_rows(path)[0]
+    other = [r for r in rows if r.get("rubric_mode", "ours") != mode]
+    if other:
+        raise ValueError(f"{path}: rubric mode {other[0].get('rubric_mode', 'ours')!r}, expected "
+                         f"{mode!r} (interpret.py autointerp --rubric-mode {mode})")
+    return rows
 
 
 def check_same_adapter(args, rep, feats):
@@ -545,11 +560,14 @@ def build(args):
                          "--adapter": args.adapter, "--acts": args.acts, "--sae": args.sae,
                          "--features": args.features, "--autointerp": args.autointerp,
                          "--mlp-autointerp": args.mlp_autointerp,
+                         "--official-autointerp": args.official_autointerp,
+                         "--official-mlp-autointerp": args.official_mlp_autointerp,
                          "--categories": args.categories,
                          **{f"--steer {f}": f for f in args.steer or []}})
     outs = [os.path.join(args.out, f) for f in ("report.html", "report.json")]
     fresh_outputs(outs, args.overwrite)
-    files = ("recovery", "ablations", "features", "autointerp", "mlp_autointerp", "categories")
+    files = ("recovery", "ablations", "features", "autointerp", "mlp_autointerp", "categories",
+             "official_autointerp", "official_mlp_autointerp")
     made_from = {k: file_identity(getattr(args, k)) for k in files if getattr(args, k)}
     made_from.update({f"steer {i + 1}": file_identity(f) for i, f in enumerate(args.steer or [])})
     made_from["populations"] = args.populations
@@ -579,11 +597,16 @@ def build(args):
     feats = read_json(args.features, ("features",), "features.json (`interpret.py mine`)") \
         if args.features else {}
     check_same_adapter(args, rep, feats)
-    if args.autointerp and args.mlp_autointerp:
-        rep["lora_vs_mlp"] = lora_vs_mlp(read_rows(args.autointerp)[0],
-                                         read_rows(args.mlp_autointerp)[0], args.populations)
-    else:
-        rep["missing"]["lora_vs_mlp"] = "autointerp" if not args.autointerp else "mlp_autointerp"
+    for key, lora, mlp, mode in (("lora_vs_mlp", "autointerp", "mlp_autointerp", "ours"),
+                                 ("lora_vs_mlp_official", "official_autointerp",
+                                  "official_mlp_autointerp", "official")):
+        if getattr(args, lora) and getattr(args, mlp):
+            rows = [rubric_rows(getattr(args, f), mode) for f in (lora, mlp)]
+            rep[key] = lora_vs_mlp(*rows, args.populations)
+        elif mode == "ours":
+            rep["missing"][key] = "autointerp" if not args.autointerp else "mlp_autointerp"
+        elif getattr(args, lora) or getattr(args, mlp):
+            raise ValueError("--official-autointerp and --official-mlp-autointerp go together")
     if args.categories and args.features:
         mass = {f["id"]: f["mass"] for f in feats["features"] if "mass" in f}
         if not mass:
@@ -631,6 +654,9 @@ def parser():
     p.add_argument("--features", help="features.json from `interpret.py mine --sae` (masses)")
     p.add_argument("--autointerp", help="autointerp.jsonl of the LoRA features, with --rubric")
     p.add_argument("--mlp-autointerp", help="autointerp.jsonl of the MLP neurons, with --rubric")
+    p.add_argument("--official-autointerp", help="autointerp.jsonl of the LoRA features made with "
+                   "--rubric-mode official: shown beside ours")
+    p.add_argument("--official-mlp-autointerp", help="the same for the MLP neurons")
     p.add_argument("--categories", help="categories.jsonl from `interpret.py autointerp "
                    "--categorise`")
     p.add_argument("--steer", action="append", help="a JSON file of `interpret.py steer` "

@@ -343,3 +343,55 @@ def test_residual_steering_is_a_bias_on_the_attention_output(tmp_path):
     assert out["results"][0]["examples"] != out["results"][1]["examples"]
     with pytest.raises(SystemExit, match="gate_proj or up_proj"):
         main(args + ["--residual", "L1.q_proj", "--overwrite"])
+
+
+class OneReply:
+    """An LLM stand-in: each system prompt gets its scripted reply; calls are counted."""
+
+    def __init__(self, replies):
+        self.replies, self.calls = replies, []
+
+    def __call__(self, messages):
+        self.calls.append(messages)
+        return self.replies[messages[0]["content"]]
+
+    def map(self, fn, items):
+        return [fn(x) for x in items]
+
+
+def test_official_single_call_prompt_by_hand():
+    """--rubric-mode official: the top examples (shuffled with a seed), each a +-8-token window
+    ("..." where cut) and its tokens above half the largest |activation| on a 0-10 scale, at most
+    10 of them; explanation and class come from one reply, detection still scores it."""
+    from autointerp import OFFICIAL_SYSTEM, OFFICIAL_TASK, official_messages
+    tokens = [f"t{j}" for j in range(20)]
+    e1 = dict(value=8.0, tokens=tokens, target=10,
+              acts=[0.0] * 9 + [5.0, 8.0, 3.9] + [0.0] * 8)
+    e2 = dict(value=4.0, tokens=tokens[:5], target=2, acts=[0, 0, 4.0, -4.5, 0])
+    f = dict(id=0, name="sae0", top=[e2, e1], random=[], inactive=[])
+    sys_msg, user = official_messages(f, n=2, seed=0)
+    assert sys_msg["content"] == OFFICIAL_SYSTEM and user["content"].startswith(OFFICIAL_TASK)
+    blocks = user["content"][len(OFFICIAL_TASK) + 2:].split("\n\n")
+    want = {"...t2t3t4t5t6t7t8t9t10t11t12t13t14t15t16t17t18...": ["t9 6", "t10 10"],
+            "t0t1t2t3t4": ["t3 6"]}  # 5/8 -> 6, 8/8 -> 10; 3.9/8 and 4/8 are not above half;
+    #                                 |-4.5|/8 -> 6
+    got = {}
+    for b in blocks:
+        head, *lines = b.split("\n")
+        got[head.split(": ", 1)[1]] = lines
+    assert got == want
+    order = [b.split("\n")[0] for b in blocks]
+    assert official_messages(f, n=2, seed=0)[1] == user  # seeded: the same order every run
+    assert any(official_messages(f, n=2, seed=s)[1]["content"].split("\n\n")[1:][0].split("\n")[0]
+               != order[0] for s in range(1, 8))  # other seeds shuffle otherwise
+    from autointerp import DETECT_SYSTEM
+    llm = OneReply({OFFICIAL_SYSTEM: '{"explanation": "counts steps", "classification": 0, '
+                                     '"classification_reasoning": "all fit"}',
+                    DETECT_SYSTEM: "[1]"})
+    feat = feature_with_examples(3)
+    row = autointerp([feat], llm, rubric=True, mode="official")[0]
+    assert (row["explanation"], row["rubric"], row["rubric_mode"]) == ("counts steps", 0,
+                                                                        "official")
+    assert [m[0]["content"] for m in llm.calls] == [OFFICIAL_SYSTEM, DETECT_SYSTEM]  # one call
+    bad = OneReply({OFFICIAL_SYSTEM: '{"classification": 0}', DETECT_SYSTEM: "[1]"})
+    assert "no explanation in the reply" in autointerp([feat], bad, mode="official")[0]["error"]

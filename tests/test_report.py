@@ -298,3 +298,31 @@ def test_a_store_of_another_adapter_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--acts and --adapter describe different adapters"):
         main(["--acts", str(tmp_path / "acts"), "--adapter", str(tmp_path / "ad"),
               "--out", str(tmp_path / "r")])
+
+
+def test_the_official_rubric_beside_ours(tmp_path):
+    """--official-autointerp / --official-mlp-autointerp (interpret.py autointerp --rubric-mode
+    official): their shares and chi-square are counted by hand and shown beside ours; rows of
+    the other mode are refused in one line naming the file."""
+    args = report_inputs(tmp_path)
+    rows = lambda names, rs: "".join(json.dumps(dict(name=n, rubric=r, top_value=1.0,
+                                                     rubric_mode="official", explanation="x"))
+                                     + "\n" for n, r in zip(names, rs))
+    (tmp_path / "lora_off.jsonl").write_text(rows([f"L{l}.gate_proj+" for l in range(3)],
+                                                  [0, 0, 1]))
+    (tmp_path / "mlp_off.jsonl").write_text(rows([f"N{l}.0+" for l in range(3)], [2, 2, 0]))
+    off = ["--official-autointerp", str(tmp_path / "lora_off.jsonl"),
+           "--official-mlp-autointerp", str(tmp_path / "mlp_off.jsonl")]
+    main(args + off + ["--out", str(tmp_path / "r")])
+    saved = json.load(open(tmp_path / "r" / "report.json"))
+    assert saved["lora_vs_mlp_official"]["lora"]["counts"] == [2, 1, 0]
+    assert saved["lora_vs_mlp_official"]["mlp"]["counts"] == [1, 0, 2]
+    # expected 1.5 / 0.5 / 1 per cell: 2 x (0.25/1.5 + 0.25/0.5 + 1/1) = 10/3
+    assert saved["lora_vs_mlp_official"]["chi2"] == pytest.approx(10 / 3)
+    assert saved["lora_vs_mlp"]["lora"]["counts"] == [2, 3, 1]  # ours unchanged beside it
+    html = open(tmp_path / "r" / "report.html").read()
+    assert html.index("(F2)</h2>") < html.index("(F2), the official way</h2>")
+    with pytest.raises(SystemExit, match=r"lora.jsonl: rubric mode 'ours', expected 'official'"):
+        main(args + ["--official-autointerp", str(tmp_path / "lora.jsonl"),
+                     "--official-mlp-autointerp", str(tmp_path / "mlp_off.jsonl"), "--out",
+                     str(tmp_path / "r2")])
