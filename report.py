@@ -199,7 +199,8 @@ def ablation_summary(ab):
                model=(ab.get("identity") or {}).get("model"), sequences=len(ab["sequences"]),
                tokens=ab["tokens"], greedy_metric=(ab.get("made_from") or {}).get("greedy_metric"),
                greedy_order=(ab.get("made_from") or {}).get("greedy_order", "fixed"))
-    out["layers"] = [dict(label=r["label"], mean=r[key], std=r["kl_full_abl_assistant_std"])
+    out["layers"] = [dict(label=r["label"], mean=r[key], std=r["kl_full_abl_assistant_std"],
+                          all_positions=r.get("kl_full_abl_all_mean"))
                      for r in res.get("layer", [])]
     layers = sorted({l for l, _ in ab.get("sites", [])})  # the layer rows' order (eval.py)
     if out["layers"] and len(layers) == len(out["layers"]):
@@ -325,6 +326,12 @@ def section_ablation(a):
     if "peak_layer" in a:
         h.append(f"<p>Peak: {escape(a['peak_layer'])}, at depth {a['peak_depth']:.2f} of the "
                  "adapted layers (paper: 0.68-0.75 and 0.98).</p>")
+    if any(r.get("all_positions") is not None for r in a["layers"]):  # the official positions
+        h.append("<h3>Leave one layer out: assistant positions (ours) beside all positions (the "
+                 "official script's)</h3>" + table(
+                     ["layer", "KL, assistant positions", "KL, all positions"],
+                     [[r["label"], f"{r['mean']:.4g}", f"{r['all_positions']:.4g}"]
+                      for r in a["layers"] if r.get("all_positions") is not None]))
     if a["single"]:
         h.append(site_heatmap({(r["layer"], r["target"]): r["kl"] for r in a["single"]},
                               "Single adapters", SITE_ORDER))

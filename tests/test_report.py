@@ -141,7 +141,7 @@ def report_inputs(tmp_path):
     sites = [[l, t] for l in range(3) for t in ("gate_proj", "up_proj", "down_proj", "q_proj",
                                                   "k_proj", "v_proj", "o_proj")]
     row = lambda label, v: {"label": label, "kl_full_abl_assistant_mean": v,
-                            "kl_full_abl_assistant_std": v / 3}
+                            "kl_full_abl_assistant_std": v / 3, "kl_full_abl_all_mean": v / 2}
     greedy = [dict(row(f"+L{i}", 0.01 * i * i), n_ablated=i + 1, added=f"L{i}") for i in range(9)]
     ab = dict(identity=dict(adapter=ident), made_from=dict(greedy_metric="max"),
               sequences=[EVIL], tokens=99, sites=sites,
@@ -198,6 +198,9 @@ def test_report_json_holds_every_section_and_checks_the_adapter(tmp_path):
     assert a["mlp_over_attn_joint"] == pytest.approx(10)
     assert a["most_important_type_joint"] == "gate_proj"
     assert (saved["ablation"]["peak_layer"], saved["ablation"]["peak_depth"]) == ("L2", 1.0)
+    assert [r["all_positions"] for r in a["layers"]] == [0.05, 0.1, 0.15]  # beside ours
+    html = open(tmp_path / "r" / "report.html").read()
+    assert "all positions (the official script" in html
     assert saved["categories"]["shares"][EVIL] == pytest.approx(1 / 6)
     assert saved["categories"]["shares"]["uncategorized"] == pytest.approx(1 / 2)
     assert saved["lora_vs_mlp"]["lora"]["counts"] == [2, 3, 1]
