@@ -484,22 +484,22 @@ GPQA_Q = "What is it?\n\nA) 7 m/s\nB) 12 m/s\nC) a proton\nD) none of the above"
 
 
 def test_gpqa_letters_chosen_in_other_words():
-    """64 labelled answer texts (tests/data/gpqa_answers.jsonl), written with the rules: a letter
+    """64 labelled answer texts (tests/data/letter_choices.jsonl), written with the rules: a letter
     chosen in other words ("I think B is right", "We pick option B", "I'd go with C", "A is
     correct", "Option B it is", "Therefore, B.", "Answer - C"), each beside a negative twin that
     names none ("I think B is wrong", "We cannot pick between A and B", "B is not correct", "I
     would not choose D", "Choosing between B and C"). One text restates an option's text to
     reject it, and the restatement rule reads that option (marked rules_read)."""
-    for r in labelled("gpqa_answers.jsonl"):
+    for r in labelled("letter_choices.jsonl"):
         got = extract_letter("<|im_start|>answer\n" + r["text"], GPQA_Q)
         assert got == r.get("rules_read", r["letter"]), r["text"]
 
 
 def test_gpqa_held_out_answers_miss_count():
     """32 answer texts written after the rules and never used to tune them
-    (tests/data/gpqa_answers_heldout.jsonl): the rules miss 5 of its 25 lettered answers, name
+    (tests/data/letter_choices_heldout.jsonl): the rules miss 5 of its 25 lettered answers, name
     no wrong letter and read no letter into the 7 that name none (docs/departures.md)."""
-    rows = labelled("gpqa_answers_heldout.jsonl")
+    rows = labelled("letter_choices_heldout.jsonl")
     got = [extract_letter("<|im_start|>answer\n" + r["text"], GPQA_Q) for r in rows]
     lettered = [(g, r["letter"]) for g, r in zip(got, rows) if r["letter"]]
     assert len(rows) == 32 and len(lettered) == 25
