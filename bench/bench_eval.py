@@ -8,19 +8,16 @@ budget (s1's traces run from hundreds to 32k tokens), 8 at a time, with slot ref
 engine but no refill (8 at a time, each 8 waiting for its longest), and model.generate in batches
 of 8; each with the useful fraction of its decode slots (tokens wanted / slot-steps run).
 
-    python bench/bench_eval.py [--repeats 3] [--new-tokens 64] [--longest 256]
+    python -m bench.bench_eval [--repeats 3] [--new-tokens 64] [--longest 256]
 """
 import argparse
 import copy
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import header, interleaved, tiny_pair  # noqa: E402
-from engine import Engine, Turn  # noqa: E402
-from lora import adapters, apply_lora, merge  # noqa: E402
+from bench.timing import header, interleaved, tiny_pair
+from engine import Engine, Turn
+from lora import adapters, apply_lora, merge
 
 
 def program(prompt, n):
@@ -76,12 +73,19 @@ def mixed(ours, longest, repeats, n_seq=32, slots=8):
     return {k: (want / t[k], want / (slots * steps[k])) for k in t}, lens
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--longest", type=int, default=256, help="the mixed workload's longest budget")
-    args = p.parse_args()
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds per measurement (interleaved, median)")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="tokens decoded per sequence in (a) and (b)")
+    p.add_argument("--longest", type=int, default=256,
+                   help="the mixed workload's longest budget, in tokens (c)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     torch.manual_seed(0)
     ours, hf = tiny_pair()
     ours.eval(), hf.eval()

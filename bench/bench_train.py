@@ -5,28 +5,29 @@ HF transformers + PEFT (r=1, alpha 16, rsLoRA, all 7 projections) in the same ru
 the real 151,665. Then peak memory of one step at T = 4096 with the real vocabulary, ours (chunked
 loss) vs HF + PEFT, each measured in a fresh subprocess.
 
-    python bench/bench_train.py
+    python -m bench.bench_train
 """
 import argparse
+import copy
+import ctypes
+import gc
 import os
 import subprocess
 import sys
 
 import torch
 
+from bench.timing import header, interleaved, tiny_pair
+from lora import apply_lora
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench.common import header, interleaved, tiny_pair  # noqa: E402
-from lora import apply_lora  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def models(vocab):
     """(frozen base, ours with rank-1 adapters, HF + PEFT) on the same random weights."""
-    import copy
-
-    import peft
+    import peft  # test-only (requirements-test.txt), as transformers is
     ours, hf = tiny_pair(vocab)
     base = copy.deepcopy(ours).train()
     apply_lora(ours, verbose=False).train()
@@ -58,8 +59,6 @@ def step_fns(base, ours, pm, B, T, vocab):
 def memory_child(which, T):
     """Peak RSS of one step above the RSS after loading (Linux: clear_refs 5 resets the high-water
     mark)."""
-    import ctypes
-    import gc
     base, ours, pm = models(151665)
     fn = step_fns(base, ours, pm, 1, T, 151665)[which]
     del base, ours, pm  # fn keeps only the model it steps
@@ -75,14 +74,21 @@ def memory_child(which, T):
     print(rss("VmHWM:") - before)  # MB
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--memory-child", nargs=2)
-    args = p.parse_args()
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds per measurement (interleaved, median)")
+    p.add_argument("--memory-child", nargs=2, metavar=("WHICH", "T"),
+                   help="internal: measure one step's peak memory (ours or hf+peft, T tokens) in "
+                   "this process and print it in MB")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.memory_child:
         memory_child(args.memory_child[0], int(args.memory_child[1]))
-        sys.exit()
+        return
     header("bench_train: LoRA step, hidden 256, 4 layers, B x T = 2 x 1024, fp32 CPU")
     for vocab in (2048, 151665):
         fns = step_fns(*models(vocab), 2, 1024, vocab)
@@ -93,9 +99,13 @@ if __name__ == "__main__":
               f"{t['hf+peft'] / t['ours']:.2f}x")
     mem = {}
     for which in ("ours", "hf+peft"):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", which, "4096"],
-                             capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "bench.bench_train", "--memory-child", which,
+                              "4096"], capture_output=True, text=True, cwd=ROOT)
         mem[which] = float(out.stdout.strip().splitlines()[-1])
     print(f"peak memory of one step, T 4096, vocab 151665 (MB above the loaded model) | ours "
           f"{mem['ours']:.0f} | "
           f"hf+peft {mem['hf+peft']:.0f} | ratio {mem['ours'] / mem['hf+peft']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,25 +11,22 @@ compute-sanitizer):
       padded path, engine.py eager and compiled, adapters unmerged and merged; slot refill;
   (d) the fused vs the reference path on the same inputs: max error and bitwise determinism.
 
-    python bench/gpu.py              # CUDA (about 5 minutes on one H100)
-    python bench/gpu.py --cpu        # the same end to end on tiny shapes (CI runs it)
-    python bench/gpu.py --sanitize   # tiny fused-op cases only (what compute-sanitizer runs)
+    python -m bench.gpu              # CUDA (about 5 minutes on one H100)
+    python -m bench.gpu --cpu        # the same end to end on tiny shapes (CI runs it)
+    python -m bench.gpu --sanitize   # tiny fused-op cases only (what compute-sanitizer runs)
 """
 import argparse
-import os
 import statistics
-import sys
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_eval import engine_run, mixed  # noqa: E402
-from bench.common import header, interleaved, rank1_bytes, rank1_times, timeit  # noqa: E402
-from common import setup_dist  # noqa: E402
-from lora import adapters, apply_lora, disabled, lora_impl, lora_linear_ref, merge  # noqa: E402
-from model import Qwen2, Qwen2Config  # noqa: E402
-from recipe import TrainConfig, build_model, make_optimizer  # noqa: E402
+from bench.bench_eval import engine_run, mixed
+from bench.timing import header, interleaved, rank1_bytes, rank1_times, timeit
+from common import setup_dist
+from lora import adapters, apply_lora, disabled, lora_impl, lora_linear_ref, merge
+from model import Qwen2, Qwen2Config
+from recipe import TrainConfig, build_model, make_optimizer
 
 SHAPES_32B = [("q", 5120, 5120), ("k", 5120, 1024), ("v", 5120, 1024), ("o", 5120, 5120),
               ("gate", 5120, 27648), ("up", 5120, 27648), ("down", 27648, 5120)]
@@ -256,14 +253,19 @@ def sanitize(dev):
     print("sanitize: fused-op cases ran")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (CI)")
     p.add_argument("--sanitize", action="store_true", help="tiny fused-op cases only")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
     p.add_argument("--tables", default="abcd",
                    help="which tables to run: a op, b training step, c decode, d fused vs ref")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     warnings.filterwarnings("ignore", message="DTensor random operators")  # a CPU mesh of one
     dev = torch.device("cpu" if args.cpu else "cuda")
     if not args.cpu and not torch.cuda.is_available():

@@ -94,7 +94,7 @@ def test_fwd_kernel_loads_adapter_vectors_16_bytes_at_a_time():
 def test_bench_counts_the_rank1_traffic_once():
     """bench_lora / gpu.py's bytes of the rank-1 part: forward x + 2 out (u, y read and written),
     backward g once + x + 2 in (dA, dx read and written): (4 in + 3 out) T bytes per element."""
-    from bench.common import rank1_bytes
+    from bench.timing import rank1_bytes
     assert rank1_bytes(3, 5, 2, 2) == (4 * 3 + 3 * 5) * 2 * 2 == 108
     assert rank1_bytes(3, 5, 2, 2, backward=False) == (3 + 2 * 5) * 2 * 2
 
