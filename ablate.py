@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from benchmarks import load_benchmark
 from common import (AppendLog, Parser, add_device_flag, add_model_flags, check_out, cleanup_dist,
-                    file_identity, fresh_outputs, lock_dir, number, pick_device, print0, read_log,
+                    file_identity, fresh_outputs, lock_dir, number, print0, read_log,
                     same_origin, setup_dist, user_errors, write_atomic, write_json)
 from data import chat_prompt, read_rows, s1_example
 from figures import bar_chart, site_heatmap, table
-from lora import ATTN, MLP, SITE_ORDER, ablate, load_model, site_label, sites
+from lora import ATTN, MLP, SITE_ORDER, ablate, site_label, sites
+from lora_files import load_model
 from model import load_tokenizer
 
 
@@ -284,8 +285,9 @@ def save(log, row):
 
 
 def cmd_ablate(args):
-    rank, world, device = setup_dist()  # under torchrun: each rank its own GPU and sequences
-    device = pick_device(args.device) if world == 1 else device
+    """Set-up (the model, the sequences, the parts a killed run left), every chosen experiment
+    (each saved as it finishes), then ablations.json, its page and the top sites printed."""
+    rank, world, device = setup_dist(args.device)  # under torchrun: each rank its own sequences
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
                          "--samples": args.samples, "--s1": args.s1})
     outputs = [os.path.join(args.out, f) for f in ("ablations.json", "ablations.html")]
@@ -314,12 +316,29 @@ def cmd_ablate(args):
         resume_parts(parts_file, run, args.overwrite)  # checked, repaired, started
     dist.barrier()
     parts, steps = resume_parts(parts_file, run, False)
-    n, mine = passes(model, seqs, sets, chosen, args.greedy), len(seqs[rank::world])
+    n = passes(model, seqs, sets, chosen, args.greedy)
     tokens = sum(len(s[1]) for s in seqs)
     print0(f"ablate: {len(seqs)} sequences ({tokens:,} tokens), {n:,} forwards of the model "
            f"(~{2 * model.num_params() * tokens / len(seqs) * n / 1e15:.3g} PFLOP) on {world} "
            f"process(es)" + ("; resuming after " + ", ".join(parts) if parts else ""))
     log = AppendLog(parts_file) if rank == 0 else None
+    results = run_experiments(model, seqs, sets, chosen, args, parts, steps, log, rank, world)
+    out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
+               tokens=tokens, sites=[list(s) for s in sites(model)], results=results)
+    if rank != 0:
+        return out
+    log.close()
+    write_json(outputs[0], out)
+    write_atomic(outputs[1], ablation_html(out))
+    os.remove(parts_file)  # all of it is in ablations.json now
+    print_top(results, chosen)
+    return out
+
+
+def run_experiments(model, seqs, sets, chosen, args, parts, steps, log, rank, world):
+    """{experiment: rows} for "none" and each chosen experiment, a part read back where a killed
+    run finished it, else run and appended to the parts log (rank 0)."""
+    mine = len(seqs[rank::world])
     with tqdm(total=passes(model, seqs[rank::world], sets, chosen, args.greedy), desc="ablate",
               unit="fwd", file=sys.stderr, disable=rank != 0) as bar:
         results = {}
@@ -344,14 +363,11 @@ def cmd_ablate(args):
             results["greedy_score"], results["greedy"] = greedy_ablation(
                 model, seqs, args.greedy_metric, scores, args.greedy, steps,
                 lambda row: save(log, dict(greedy_step=row)), bar)
-    out = dict(identity=identity, made_from=made_from, sequences=[s[0] for s in seqs],
-               tokens=tokens, sites=[list(s) for s in sites(model)], results=results)
-    if rank != 0:
-        return out
-    log.close()
-    write_json(outputs[0], out)
-    write_atomic(outputs[1], ablation_html(out))
-    os.remove(parts_file)  # all of it is in ablations.json now
+    return results
+
+
+def print_top(results, chosen):
+    """Each experiment's five largest KLs; the greedy curve at its quarters."""
     for e in chosen:
         if e == "greedy":
             quarters = results[e][max(len(results[e]) // 4 - 1, 0)::max(len(results[e]) // 4, 1)]
@@ -362,7 +378,6 @@ def cmd_ablate(args):
         top = sorted(results[e], key=lambda r: -r["kl_full_abl_assistant_mean"])[:5]
         print(f"{e}: top by KL(full||ablated) on assistant tokens: "
               + ", ".join(f"{r['label']} {r['kl_full_abl_assistant_mean']:.3g}" for r in top))
-    return out
 
 
 def parser():

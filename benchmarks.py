@@ -67,48 +67,9 @@ def _load_gpqa(path, password):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such benchmark file")
     if path.endswith(".zip"):
-        try:
-            z = zipfile.ZipFile(path)
-        except zipfile.BadZipFile as e:
-            raise ValueError(f"{path}: not a readable zip file ({e})") from None
-        with z:
-            member = next((n for n in z.namelist() if n.endswith(".jsonl")), None)
-            if member is None:
-                raise ValueError(f"{path}: no .jsonl member")
-            # a wrong password fails zipfile's one-byte check ("Bad password"), or, one time in
-            # 256, passes it and yields garbage: a zlib error, a bad CRC or text that is not UTF-8
-            try:
-                text = z.read(member, pwd=password.encode() if password else None).decode()
-            except (RuntimeError, zlib.error, zipfile.BadZipFile, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: cannot decrypt {member}: wrong or missing "
-                                 f"--zip-password ({type(e).__name__})") from None
-        # split at "\n" only: str.splitlines would also split at a \u2028 inside a string
-        lines = [(n, l) for n, l in enumerate(text.split("\n"), 1) if l.strip()]
-        rows = []
-        for n, l in lines:
-            try:
-                rows.append((json.loads(l), f"{path}:{member} line {n}"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{member} line {n}: not valid JSON ({e.msg})") from None
+        rows = _gpqa_zip_rows(path, password)
     elif path.endswith(".csv"):
-        # s1's gpqa_diamond_openai task: per row, in file order, the list [Incorrect Answer 1-3,
-        # Correct Answer] shuffled by Python's random seeded with lm-eval's seed (0), and the
-        # question and options as they are in the file
-        with open(path, newline="", encoding="utf-8") as f:
-            rng = random.Random(GPQA_OPTION_SEED)
-            rows = []
-            for n, r in enumerate(csv.DictReader(f), 2):
-                need = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-                        "Incorrect Answer 3"]
-                miss = [k for k in need if not r.get(k)]
-                if miss:
-                    raise ValueError(f"{path} line {n}: missing field {miss[0]!r}")
-                choices = [r[f"Incorrect Answer {k}"] for k in (1, 2, 3)] + [r["Correct Answer"]]
-                rng.shuffle(choices)
-                listing = "\n".join(f"{'ABCD'[j]}) {c}" for j, c in enumerate(choices))
-                rows.append(({"question": r["Question"] + "\n\n" + listing,
-                              "answer": "ABCD"[choices.index(r["Correct Answer"])],
-                              "id": r.get("Record ID", n)}, f"{path} line {n}"))
+        rows = _gpqa_csv_rows(path)
     else:
         rows = list(zip(*read_rows(path)))
     items = []
@@ -121,3 +82,54 @@ def _load_gpqa(path, password):
         items.append(dict(id=str(r.get("id", i)), question=r["question"],
                           gold=str(r["answer"]).strip().upper()))
     return items, [w for _, w in rows]
+
+
+def _gpqa_zip_rows(path, password):
+    """[(row, where)] of the MCQ jsonl inside a password-protected zip."""
+    try:
+        z = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path}: not a readable zip file ({e})") from None
+    with z:
+        member = next((n for n in z.namelist() if n.endswith(".jsonl")), None)
+        if member is None:
+            raise ValueError(f"{path}: no .jsonl member")
+        # a wrong password fails zipfile's one-byte check ("Bad password"), or, one time in
+        # 256, passes it and yields garbage: a zlib error, a bad CRC or text that is not UTF-8
+        try:
+            text = z.read(member, pwd=password.encode() if password else None).decode()
+        except (RuntimeError, zlib.error, zipfile.BadZipFile, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot decrypt {member}: wrong or missing "
+                             f"--zip-password ({type(e).__name__})") from None
+    # split at "\n" only: str.splitlines would also split at a \u2028 inside a string
+    lines = [(n, l) for n, l in enumerate(text.split("\n"), 1) if l.strip()]
+    rows = []
+    for n, l in lines:
+        try:
+            rows.append((json.loads(l), f"{path}:{member} line {n}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{member} line {n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _gpqa_csv_rows(path):
+    """[(row, where)] of the original CSV, options ordered as s1's harness orders them."""
+    # s1's gpqa_diamond_openai task: per row, in file order, the list [Incorrect Answer 1-3,
+    # Correct Answer] shuffled by Python's random seeded with lm-eval's seed (0), and the
+    # question and options as they are in the file
+    need = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+            "Incorrect Answer 3"]
+    with open(path, newline="", encoding="utf-8") as f:
+        rng = random.Random(GPQA_OPTION_SEED)
+        rows = []
+        for n, r in enumerate(csv.DictReader(f), 2):
+            miss = [k for k in need if not r.get(k)]
+            if miss:
+                raise ValueError(f"{path} line {n}: missing field {miss[0]!r}")
+            choices = [r[f"Incorrect Answer {k}"] for k in (1, 2, 3)] + [r["Correct Answer"]]
+            rng.shuffle(choices)
+            listing = "\n".join(f"{'ABCD'[j]}) {c}" for j, c in enumerate(choices))
+            rows.append(({"question": r["Question"] + "\n\n" + listing,
+                          "answer": "ABCD"[choices.index(r["Correct Answer"])],
+                          "id": r.get("Record ID", n)}, f"{path} line {n}"))
+    return rows

@@ -26,7 +26,8 @@ from checkpoint import model_identity
 from common import (Parser, add_model_flags, check_out, cleanup_dist, file_identity, number,
                     read_json, setup_dist, start_run, user_errors, write_json)
 from data import chat_prompt, data_identity, paper_collection_text, read_rows, s1_example
-from lora import adapter_identity, adapters, doc_scalars, load_model, sites
+from lora import adapters, doc_scalars, sites
+from lora_files import adapter_identity, load_model
 from model import load_tokenizer
 from store import STORE_FILE, save_shard, shard_finished
 
@@ -55,6 +56,7 @@ def documents(path, fmt, tok):
 
 
 def collect(args):
+    """Set-up (outputs claimed, the model loaded), every shard this rank owns, then the index."""
     rank, world, dev = setup_dist()
     tok = load_tokenizer(args.model, args.tokenizer)
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--data": args.data,
@@ -72,7 +74,29 @@ def collect(args):
     torch.distributed.barrier()
     model, _ = load_model(args.model, args.adapter, args.dtype, device=dev,
                           other_base=args.other_base)
-    layout = [list(s) for s in sites(model)]
+    neurons = mlp_neurons(model, args)
+    n_shards = math.ceil(len(docs) / args.docs_per_shard)
+    mine = [j for j in range(n_shards) if j % world == rank]
+    shard_docs = lambda j: docs[j * args.docs_per_shard:(j + 1) * args.docs_per_shard]
+    bar = tqdm(total=sum(len(ids) for j in mine for _, ids in shard_docs(j)), unit="tok",
+               desc=f"collect rank {rank}", file=sys.stderr, disable=rank != 0)
+    speed = dict(t0=time.time(), tokens=0)  # tokens collected by this run, for tok/s
+    for j in mine:
+        if shard_finished(args.out, j):  # earlier
+            bar.update(sum(len(ids) for _, ids in shard_docs(j)))
+            continue
+        collect_shard(model, args, j, shard_docs(j), neurons, bar, speed)
+    bar.close()
+    torch.distributed.barrier()
+    if rank == 0:
+        write_index(args, model, settings, len(docs), n_shards, neurons)
+    torch.distributed.barrier()
+    cleanup_dist()
+
+
+def mlp_neurons(model, args):
+    """The MLP neurons recorded beside the adapter (the baseline population): [layer, index] for
+    --mlp-neurons per layer, the first ones (up_proj baseline) or drawn with --seed."""
     if not 0 <= args.mlp_neurons <= model.cfg.intermediate_size:
         raise ValueError(f"--mlp-neurons {args.mlp_neurons}: expected 0 to the MLP width "
                          f"{model.cfg.intermediate_size}")
@@ -80,56 +104,49 @@ def collect(args):
     pick = lambda: (range(args.mlp_neurons) if args.mlp_baseline == "up_proj" else
                     sorted(torch.randperm(model.cfg.intermediate_size,
                                           generator=gen)[:args.mlp_neurons].tolist()))
-    neurons = [[l, int(i)] for l in range(model.cfg.num_hidden_layers) for i in pick()]
-    rank_r = adapters(model)[0].rank
+    return [[l, int(i)] for l in range(model.cfg.num_hidden_layers) for i in pick()]
+
+
+def collect_shard(model, args, j, part, neurons, bar, speed):
+    """Shard j: each document's scalars (and MLP neurons), checked finite, saved as one shard."""
     store_dtype = {"float32": np.float32, "float16": np.float16}[args.store_dtype]
-    n_shards = math.ceil(len(docs) / args.docs_per_shard)
-    mine = [j for j in range(n_shards) if j % world == rank]
-    shard_docs = lambda j: docs[j * args.docs_per_shard:(j + 1) * args.docs_per_shard]
-    bar = tqdm(total=sum(len(ids) for j in mine for _, ids in shard_docs(j)), unit="tok",
-               desc=f"collect rank {rank}", file=sys.stderr, disable=rank != 0)
-    t0, n_tok = time.time(), 0
-    for j in mine:
-        part = shard_docs(j)
-        if shard_finished(args.out, j):  # earlier
-            bar.update(sum(len(ids) for _, ids in part))
-            continue
-        acts, toks, mlps, meta, off = [], [], [], [], 0
-        for k, (src, ids) in enumerate(part):
-            a, mlp = doc_scalars(model, ids, args.window, [tuple(n) for n in neurons],
-                                 args.mlp_baseline)
-            a = a.float().cpu().numpy()
-            mlps.append(mlp.cpu().numpy().astype(store_dtype))
-            if not np.isfinite(a).all():
-                raise ValueError(f"{src}: non-finite adapter scalars at token "
-                                 f"{int(np.argmin(np.isfinite(a).all(1)))}")
-            acts.append(a.astype(store_dtype))
-            toks.append(np.asarray(ids, dtype=np.int32))
-            meta.append(dict(doc=j * args.docs_per_shard + k, source=src, start=off,
-                             length=len(ids)))
-            off += len(ids)
-            n_tok += len(ids)
-            bar.update(len(ids))
-            bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
-        arrays = dict(acts=np.concatenate(acts), ids=np.concatenate(toks))
-        if neurons:
-            arrays["mlp"] = np.concatenate(mlps)
-        save_shard(args.out, j, arrays, dict(tokens=off, docs=meta))
-    bar.close()
-    torch.distributed.barrier()
-    if rank == 0:
-        shards = [read_json(os.path.join(args.out, f"shard-{j:05d}.json")) for j in range(n_shards)]
-        index = dict(shape=[sum(s["tokens"] for s in shards), len(layout) * rank_r],
-                     dtype=args.store_dtype, sites=layout, rank=rank_r,
-                     order="column = position of (layer, target) sorted by layer, then gate, up, "
-                     "down, q, k, v, o (7 * layer + p with all 7 targets)",
-                     made_from=settings, documents=len(docs), shards=shards, mlp_neurons=neurons,
-                     mlp_baseline=args.mlp_baseline if neurons else None)
-        write_json(os.path.join(args.out, "index.json"), index)
-        print(f"collect: {index['shape'][0]:,} tokens x {index['shape'][1]} scalars in {n_shards} "
-              f"shards -> {args.out}")
-    torch.distributed.barrier()
-    cleanup_dist()
+    acts, toks, mlps, meta, off = [], [], [], [], 0
+    for k, (src, ids) in enumerate(part):
+        a, mlp = doc_scalars(model, ids, args.window, [tuple(n) for n in neurons],
+                             args.mlp_baseline)
+        a = a.float().cpu().numpy()
+        mlps.append(mlp.cpu().numpy().astype(store_dtype))
+        if not np.isfinite(a).all():
+            raise ValueError(f"{src}: non-finite adapter scalars at token "
+                             f"{int(np.argmin(np.isfinite(a).all(1)))}")
+        acts.append(a.astype(store_dtype))
+        toks.append(np.asarray(ids, dtype=np.int32))
+        meta.append(dict(doc=j * args.docs_per_shard + k, source=src, start=off,
+                         length=len(ids)))
+        off += len(ids)
+        bar.update(len(ids))
+        speed["tokens"] += len(ids)
+        bar.set_postfix(tok_s=f"{speed['tokens'] / (time.time() - speed['t0']):.0f}")
+    arrays = dict(acts=np.concatenate(acts), ids=np.concatenate(toks))
+    if neurons:
+        arrays["mlp"] = np.concatenate(mlps)
+    save_shard(args.out, j, arrays, dict(tokens=off, docs=meta))
+
+
+def write_index(args, model, settings, n_docs, n_shards, neurons):
+    """index.json, the store's table of contents, from the shards' own records (rank 0)."""
+    layout = [list(s) for s in sites(model)]
+    rank_r = adapters(model)[0].rank
+    shards = [read_json(os.path.join(args.out, f"shard-{j:05d}.json")) for j in range(n_shards)]
+    index = dict(shape=[sum(s["tokens"] for s in shards), len(layout) * rank_r],
+                 dtype=args.store_dtype, sites=layout, rank=rank_r,
+                 order="column = position of (layer, target) sorted by layer, then gate, up, "
+                 "down, q, k, v, o (7 * layer + p with all 7 targets)",
+                 made_from=settings, documents=n_docs, shards=shards, mlp_neurons=neurons,
+                 mlp_baseline=args.mlp_baseline if neurons else None)
+    write_json(os.path.join(args.out, "index.json"), index)
+    print(f"collect: {index['shape'][0]:,} tokens x {index['shape'][1]} scalars in {n_shards} "
+          f"shards -> {args.out}")
 
 
 def parser():

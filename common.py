@@ -416,14 +416,16 @@ def code_version():
 # torch.distributed
 
 
-def setup_dist():
+def setup_dist(device="auto"):
     """(rank, world, device). Under torchrun (RANK is set): one process group over all ranks, NCCL
     on GPUs, gloo on CPUs, each rank on its LOCAL_RANK GPU. A plain `python x.py` is a group of one
-    (an in-memory store), so one code path serves every world size. Later calls reuse the group."""
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK",
-                                                     0))) if use_cuda else torch.device("cpu")
+    (an in-memory store), so one code path serves every world size. Later calls reuse the group.
+    device: as pick_device takes it; under torchrun a GPU is the rank's own (LOCAL_RANK)."""
+    device = pick_device(device)
+    use_cuda = device.type == "cuda"
     if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if "RANK" in os.environ
+                              else device.index or 0)
         if device.index >= torch.cuda.device_count():
             raise SystemExit(f"LOCAL_RANK {device.index}: this machine has "
                              f"{torch.cuda.device_count()} GPU(s); give torchrun "

@@ -18,7 +18,8 @@ from common import (Parser, check_out, differences, fresh_outputs, read_json, us
                     write_atomic)
 from data import Tokenizer
 from figures import provenance_lines, safe_json
-from lora import PEFT_NAME, adapter_identity, adapter_tensors, check_base, site_label
+from lora import site_label
+from lora_files import PEFT_NAME, adapter_identity, adapter_tensors, check_base
 from model import Qwen2Config
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dashboard.html")

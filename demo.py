@@ -213,13 +213,6 @@ def stage(out, name, key, fn):
     return h
 
 
-def write_jsonl(path, rows):
-    with open(path + ".tmp", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
-
-
 # -----------------------------------------------------------------------------
 # stages
 
@@ -253,9 +246,9 @@ def make_data(d, p):
               + [r["question"] + "\n" + s1_assistant(r) for r in s1k[:200]])
     train_tokenizer(sample, os.path.join(d, "tokenizer"), p["vocab"],
                     DEMO_MODEL["max_position_embeddings"])
-    write_jsonl(os.path.join(d, "pretrain.jsonl"), [dict(text=t) for t in corpus])
-    write_jsonl(os.path.join(d, "s1k.jsonl"), s1k)
-    write_jsonl(os.path.join(d, "heldout.jsonl"), heldout.values())
+    for name, rows in (("pretrain", [dict(text=t) for t in corpus]), ("s1k", s1k),
+                       ("heldout", heldout.values())):
+        write_atomic(os.path.join(d, name + ".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def make_base(d, p, data, seed):
@@ -450,6 +443,19 @@ def spread(values):
 
 
 def summarize(out, p, runs, env):
+    """summary.json (every figure) and summary.txt (the lines printed at the end)."""
+    summary = summary_figures(out, p, runs, env)
+    lines, summary["shows_paper_effect"] = headline_lines(p, summary)
+    text = "\n".join(lines + interpretation_lines(summary))
+    write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
+    write_atomic(os.path.join(out, "summary.txt"), text + "\n")
+    print("\n" + text)
+    return summary
+
+
+def summary_figures(out, p, runs, env):
+    """The figures of every stage: the first seed's in full, each seed's headline numbers, their
+    spread, and what the interpretation stage found on the first seed."""
     load = lambda *a: json.load(open(os.path.join(out, *a)))
     per_seed = {s: seed_figures(r) for s, r in runs.items()}
     first = per_seed[next(iter(runs))]
@@ -464,47 +470,57 @@ def summarize(out, p, runs, env):
     rep = load("interpret", "report", "report.json")["ablation"]  # the paper's statistics
     by_type = lambda d: sorted(d.items(), key=lambda kv: -kv[1])
     run_dir = lambda *a: os.path.join(out, "interpret", *a)
-    carry = carry_features(run_dir("acts"), run_dir("sae"), os.path.join(out, "base", "model"))
     sae_m = load("interpret", "sae", "metrics.json")["heldout"]
-    labels = token_labels(run_dir("interp", "features.json"))
-    n_adapter = load("rank1", "result.json")["trainable_params"]
-    n_full = load("full", "result.json")["trainable_params"]
-    summary = dict(profile=p, environment=env, seeds=list(runs), heldout_problems=first["problems"],
-                   **{k: first[k] for k in ("accuracy", "of_ceiling", "recovery")},
-                   per_seed=per_seed, spread=seeds,
-                   trainable_params=dict(rank1=n_adapter, full=n_full),
-                   ablation=dict(top_layer=top_layer["label"], top_layer_kl=top_layer[key],
-                                 by_type=by_type(rep["types"]),
-                                 mlp_over_attn=rep.get("mlp_over_attn"),
-                                 by_type_joint=by_type(rep["types_joint"]),
-                                 mlp_over_attn_joint=rep.get("mlp_over_attn_joint")),
-                   carry=carry, token_labels=labels,
-                   sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction", "convergence")},
-                   dashboard=os.path.abspath(run_dir("interp", "dashboard.html")),
-                   report=os.path.abspath(run_dir("report", "report.html")),
-                   rollout=os.path.abspath(run_dir("rollout", "rollout.html")),
-                   top_heads=load("interpret", "rollout", "rollout.json")["kl"]["heads"][:3])
-    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    return dict(profile=p, environment=env, seeds=list(runs), heldout_problems=first["problems"],
+                **{k: first[k] for k in ("accuracy", "of_ceiling", "recovery")},
+                per_seed=per_seed, spread=seeds,
+                trainable_params=dict(rank1=load("rank1", "result.json")["trainable_params"],
+                                      full=load("full", "result.json")["trainable_params"]),
+                ablation=dict(top_layer=top_layer["label"], top_layer_kl=top_layer[key],
+                              by_type=by_type(rep["types"]),
+                              mlp_over_attn=rep.get("mlp_over_attn"),
+                              by_type_joint=by_type(rep["types_joint"]),
+                              mlp_over_attn_joint=rep.get("mlp_over_attn_joint")),
+                carry=carry_features(run_dir("acts"), run_dir("sae"),
+                                     os.path.join(out, "base", "model")),
+                token_labels=token_labels(run_dir("interp", "features.json")),
+                sae={k: sae_m.get(k) for k in ("fvu", "l0", "dead_fraction", "convergence")},
+                dashboard=os.path.abspath(run_dir("interp", "dashboard.html")),
+                report=os.path.abspath(run_dir("report", "report.html")),
+                rollout=os.path.abspath(run_dir("rollout", "rollout.html")),
+                top_heads=load("interpret", "rollout", "rollout.json")["kl"]["heads"][:3])
+
+
+def pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def headline_lines(p, summary):
+    """The accuracy table, the recovery, its spread over seeds and whether the miniature shows
+    the paper's effect: (lines, shown)."""
+    seeds, runs = summary["spread"], summary["seeds"]
     steps, s1k_steps = p["heldout_steps"], p["s1k_steps"]
-    lines = [f"rank1 demo: {first['problems']} held-out problems of {steps[0]}-{steps[1]} steps "
-             f"(the mini s1K has {s1k_steps[0]}-{s1k_steps[1]}), greedy, seed {next(iter(runs))}",
+    lines = [f"rank1 demo: {summary['heldout_problems']} held-out problems of {steps[0]}-"
+             f"{steps[1]} steps (the mini s1K has {s1k_steps[0]}-{s1k_steps[1]}), greedy, seed "
+             f"{runs[0]}",
              f"  {'model':6s} {'protocol':8s} {'accuracy':>9s}  95% CI            of ceiling  "
              "thinking tokens"]
     for n, (label, protocol) in ROWS.items():
-        r = first["accuracy"][n]
+        r = summary["accuracy"][n]
         lo, hi = r["ci95"]
-        share = pct(first["of_ceiling"].get(n)) if n in first["of_ceiling"] else ""
+        of = summary["of_ceiling"]
+        share = pct(of.get(n)) if n in of else ""
         lines.append(f"  {label:6s} {protocol:8s} {pct(r['accuracy']):>9s}  [{pct(lo)}, {pct(hi)}]"
                      f"  {share:>10s}  {r['mean_thinking_tokens']:.0f}")
-    rec = first["recovery"]
+    rec, n_params = summary["recovery"], summary["trainable_params"]
     lo, hi = rec["ci95"]
     lines.append("  (textbook: the base given a textbook page's opening, the ceiling finetuning "
                  "can elicit)")
     lines.append(f"  rank-1 LoRA recovers {pct(rec['recovery'])} of the full finetune's gain over "
                  f"the base asked plainly, as s1 evaluated its base (paired bootstrap 95% CI "
                  f"[{pct(lo)}, {pct(hi)}]; over the base under the s1 protocol: "
-                 f"{pct(rec['over_s1_base'])}) with {n_adapter:,} trainable parameters vs "
-                 f"{n_full:,}")
+                 f"{pct(rec['over_s1_base'])}) with {n_params['rank1']:,} trainable parameters vs "
+                 f"{n_params['full']:,}")
     fmt = lambda d: f"{pct(d['mean'])} [{pct(d['min'])}, {pct(d['max'])}]"
     if len(runs) > 1:
         lines.append(f"over seeds {','.join(map(str, runs))} (mean [min, max]): ceiling "
@@ -518,36 +534,36 @@ def summarize(out, p, runs, env):
                   "the miniature does NOT show the paper's effect: ")
                  + f"recovery {fmt(r) if len(runs) > 1 else pct(r['mean'])} {where}, against the "
                  f"paper's {pct(lo_p)}-{pct(hi_p)}")
-    summary["shows_paper_effect"] = shown
+    return lines, shown
+
+
+def interpretation_lines(summary):
+    """What the interpretation stage found: ablations, the carry feature, one-token latents, the
+    SAE's fit, the attention heads, and where the pages are."""
+    carry, labels, sae_m, ab = (summary[k] for k in ("carry", "token_labels", "sae", "ablation"))
     sc, lat = carry["scalar"], carry["sae_latent"]
-    ab = summary["ablation"]
     types = lambda rows: ", ".join(f"{l} {v:.3g}" for l, v in rows)
-    lines += [f"ablations (KL(full || ablated) on assistant tokens): {top_layer['label']} matters "
-              f"most ({top_layer[key]:.3g}); by type, the mean of its single-adapter ablations "
-              f"(the paper's): {types(ab['by_type'])}; MLP / attention {ab['mlp_over_attn']:.3g}",
-              f"  one type off in every layer at once (joint): {types(ab['by_type_joint'])}; "
-              f"MLP / attention {ab['mlp_over_attn_joint']:.3g}",
-              f"carries: of {carry['lines']} worked lines ({carry['carries']} with a carry or "
-              f"borrow), the adapter scalar {sc['name']} ({sc['sign']}) separates them with AUROC "
-              f"{sc['auroc']:.3f}; SAE latent {lat['latent']} with AUROC {lat['auroc']:.3f} (fires "
-              f"on {pct(lat['fires_on_carry'])} of carries, {pct(lat['fires_on_other'])} of the "
-              "rest)",
-              "SAE latents that sit on one token: "
-              + ", ".join(f"{n} {t!r} ({100 * sh:.0f}% of top examples, fires on "
-                          f"{100 * fr:.1f}% of tokens)" for n, t, sh, fr in labels),
-              f"SAE: held-out FVU {sae_m['fvu']:.3f}, L0 {sae_m['l0']:.2f}, dead "
-              f"{pct(sae_m['dead_fraction'])}; FVU fell {sae_m['convergence']['fall']:.4f} in the "
-              "last tenth before the lr decay ("
-              + ("a plateau" if sae_m["convergence"]["plateau"] else "still falling") + ")",
-              "attention the adapter changes most on the first trace (mean KL(base || adapted)): "
-              + ", ".join(f"L{l}.H{h} {m:.3g}" for l, h, m in summary["top_heads"]),
-              f"dashboard: {summary['dashboard']}", f"report: {summary['report']}",
-              f"rollout: {summary['rollout']}"]
-    text = "\n".join(lines)
-    write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
-    write_atomic(os.path.join(out, "summary.txt"), text + "\n")
-    print("\n" + text)
-    return summary
+    return [f"ablations (KL(full || ablated) on assistant tokens): {ab['top_layer']} matters "
+            f"most ({ab['top_layer_kl']:.3g}); by type, the mean of its single-adapter ablations "
+            f"(the paper's): {types(ab['by_type'])}; MLP / attention {ab['mlp_over_attn']:.3g}",
+            f"  one type off in every layer at once (joint): {types(ab['by_type_joint'])}; "
+            f"MLP / attention {ab['mlp_over_attn_joint']:.3g}",
+            f"carries: of {carry['lines']} worked lines ({carry['carries']} with a carry or "
+            f"borrow), the adapter scalar {sc['name']} ({sc['sign']}) separates them with AUROC "
+            f"{sc['auroc']:.3f}; SAE latent {lat['latent']} with AUROC {lat['auroc']:.3f} (fires "
+            f"on {pct(lat['fires_on_carry'])} of carries, {pct(lat['fires_on_other'])} of the "
+            "rest)",
+            "SAE latents that sit on one token: "
+            + ", ".join(f"{n} {t!r} ({100 * sh:.0f}% of top examples, fires on "
+                        f"{100 * fr:.1f}% of tokens)" for n, t, sh, fr in labels),
+            f"SAE: held-out FVU {sae_m['fvu']:.3f}, L0 {sae_m['l0']:.2f}, dead "
+            f"{pct(sae_m['dead_fraction'])}; FVU fell {sae_m['convergence']['fall']:.4f} in the "
+            "last tenth before the lr decay ("
+            + ("a plateau" if sae_m["convergence"]["plateau"] else "still falling") + ")",
+            "attention the adapter changes most on the first trace (mean KL(base || adapted)): "
+            + ", ".join(f"L{l}.H{h} {m:.3g}" for l, h, m in summary["top_heads"]),
+            f"dashboard: {summary['dashboard']}", f"report: {summary['report']}",
+            f"rollout: {summary['rollout']}"]
 
 
 def pin_cpu_numerics():

@@ -41,11 +41,10 @@ from common import (AppendLog, Parser, add_config_flags, add_model_flags, bootst
                     cleanup_dist, code_version, config_from_flags, file_identity, free_memory,
                     fresh_outputs, number, read_log, setup_dist, start_run, user_errors,
                     write_atomic, write_json)
+from engine import need_vllm, sequence_seed, vllm_load, vllm_run
 from grading import BENCHMARKS, grade_sample
-import vllm_engine
-from lora import adapter_identity, check_base, load_model
+from lora_files import adapter_identity, check_base, load_model
 from model import Qwen2Config, load_tokenizer
-from engine import sequence_seed
 from protocols import PROTOCOLS, GenConfig, auto_batch, programs_for, stream
 
 # -----------------------------------------------------------------------------
@@ -130,12 +129,14 @@ def decode(args, gen, tok, questions, seeds, device, rank):
     if not questions:
         return iter(()), identity
     programs, max_len = programs_for(tok, questions, gen)
-    llm, lora = vllm_engine.load(args.model, args.adapter, args.dtype, args.tensor_parallel,
+    llm, lora = vllm_load(args.model, args.adapter, args.dtype, args.tensor_parallel,
                                  max_len, args.seed)
-    return vllm_engine.run(llm, programs, seeds, gen.temperature, gen.top_p, lora), identity
+    return vllm_run(llm, programs, seeds, gen.temperature, gen.top_p, lora), identity
 
 
 def cmd_run(args):
+    """Set-up (benchmarks read, the output claimed), the answers not yet on disk decoded and
+    graded on this rank, then samples.jsonl and results.json from every rank's answers."""
     rank, world, device = setup_dist()
     gen = config_from_flags(GenConfig, args)
     if args.engine == "vllm":
@@ -143,17 +144,8 @@ def cmd_run(args):
             raise ValueError("--engine vllm runs in one process (--tensor-parallel N spreads the "
                              "model over N GPUs) and takes the adapter unmerged (export.py writes "
                              "a merged model for --model): no torchrun, no --merge")
-        vllm_engine.need_vllm()
-    benches = []
-    for spec in args.bench:
-        name, _, path = spec.partition("=")
-        if not path:
-            raise SystemExit(f"--bench {spec!r}: expected NAME=PATH with NAME one of "
-                             f"{list(BENCHMARKS)}")
-        if name in [n for n, _, _ in benches]:
-            raise SystemExit(f"--bench {spec!r}: {name} is given twice (each benchmark once)")
-        items = load_benchmark(name, path, args.zip_password)
-        benches.append((name, path, items[:args.limit] if args.limit else items))
+        need_vllm()
+    benches = read_benches(args)
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter,
                          **{f"--bench {n}": p for n, p, _ in benches}})
     tok = load_tokenizer(args.model, args.tokenizer)
@@ -174,23 +166,7 @@ def cmd_run(args):
     todo = [j for j in jobs if key(j) not in done][rank::world]
     answers, identity = decode(args, gen, tok, [it["question"] for _, it, _ in todo],
                                [sequence_seed(args.seed, *key(j)) for j in todo], device, rank)
-    bar = tqdm(total=len(todo), desc=f"eval rank {rank}", disable=rank != 0, file=sys.stderr)
-    t0, n_tok = time.time(), 0
-    part_file = os.path.join(args.out, f"samples.rank-{rank:05d}.jsonl")
-    with AppendLog(part_file) as part:
-        for i, o in answers:
-            name, it, k = todo[i]
-            pred, correct, error = grade_sample(name, o["generation"], it["gold"], it["question"])
-            # GPQA's authors ask that its questions never be written out
-            rec = dict(benchmark=name, id=it["id"], sample=k, gold=it["gold"], extracted=pred,
-                       correct=correct, grading_error=error, **o,
-                       question=None if name == "gpqa" else it["question"])
-            part.write(json.dumps(rec) + "\n")
-            part.flush()  # each finished answer is on disk before the next
-            n_tok += o["thinking_tokens"] + o["answer_tokens"]
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
-    bar.close()
+    grade_as_they_come(args.out, todo, answers, rank)
     torch.distributed.barrier()
     if rank == 0:
         done = finished_records(args.out)
@@ -204,6 +180,42 @@ def cmd_run(args):
             os.remove(f)  # all of it is in samples.jsonl now
     torch.distributed.barrier()
     cleanup_dist()
+
+
+def read_benches(args):
+    """[(name, path, items)] of the --bench NAME=PATH flags, each benchmark once, --limit
+    applied."""
+    benches = []
+    for spec in args.bench:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--bench {spec!r}: expected NAME=PATH with NAME one of "
+                             f"{list(BENCHMARKS)}")
+        if name in [n for n, _, _ in benches]:
+            raise SystemExit(f"--bench {spec!r}: {name} is given twice (each benchmark once)")
+        items = load_benchmark(name, path, args.zip_password)
+        benches.append((name, path, items[:args.limit] if args.limit else items))
+    return benches
+
+
+def grade_as_they_come(out, todo, answers, rank):
+    """Each answer graded as it finishes and appended (flushed) to this rank's samples file."""
+    bar = tqdm(total=len(todo), desc=f"eval rank {rank}", disable=rank != 0, file=sys.stderr)
+    t0, n_tok = time.time(), 0
+    with AppendLog(os.path.join(out, f"samples.rank-{rank:05d}.jsonl")) as part:
+        for i, o in answers:
+            name, it, k = todo[i]
+            pred, correct, error = grade_sample(name, o["generation"], it["gold"], it["question"])
+            # GPQA's authors ask that its questions never be written out
+            rec = dict(benchmark=name, id=it["id"], sample=k, gold=it["gold"], extracted=pred,
+                       correct=correct, grading_error=error, **o,
+                       question=None if name == "gpqa" else it["question"])
+            part.write(json.dumps(rec) + "\n")
+            part.flush()  # each finished answer is on disk before the next
+            n_tok += o["thinking_tokens"] + o["answer_tokens"]
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
+    bar.close()
 
 
 def write_results(out, benches, records, settings, identity):
@@ -370,7 +382,7 @@ def parser():
                    "at --max-context; one line says how many)")
     r.add_argument("--engine", choices=("ours", "vllm"), default="ours",
                    help="what decodes: engine.py, or vLLM where it is installed (one process; "
-                   "--tensor-parallel GPUs; see vllm_engine.py)")
+                   "--tensor-parallel GPUs; see engine.py)")
     r.add_argument("--tensor-parallel", type=number(int, "positive"), default=1,
                    help="--engine vllm: GPUs one model copy spreads over")
     r.add_argument("--compile", action="store_true",

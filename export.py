@@ -5,10 +5,10 @@ from) that transformers, vLLM or `eval.py run` without --adapter load.
 
     python export.py --model /models/Qwen2.5-32B-Instruct --adapter runs/rank1/adapter --out merged/
 
-The merge itself is lora.export_merged; this file is its command line.
+The merge itself is lora_files.export_merged; this file is its command line.
 """
 from common import Parser, add_model_flags, check_out, user_errors
-from lora import export_merged, load_model
+from lora_files import export_merged, load_model
 
 
 def parser():

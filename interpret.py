@@ -315,6 +315,17 @@ def parser():
     p = Parser(description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    add_mine(sub)
+    st = sub.add_parser("steer", help="generate while adding to adapter scalars; measure it")
+    add_steer_flags(st)
+    st.set_defaults(func=cmd_steer)
+    add_autointerp(sub)
+    add_compare(sub)
+    return p
+
+
+def add_mine(sub):
+    """`interpret.py mine` and its flags."""
     m = sub.add_parser("mine", help="exact top-k examples, random samples, statistics per feature")
     m.add_argument("--acts", required=True, help="a store written by collect.py")
     m.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
@@ -338,9 +349,10 @@ def parser():
                    "(collect.py --mlp-neurons)")
     m.add_argument("--overwrite", action="store_true", help="replace features.json in --out")
     m.set_defaults(func=cmd_mine)
-    st = sub.add_parser("steer", help="generate while adding to adapter scalars; measure it")
-    add_steer_flags(st)
-    st.set_defaults(func=cmd_steer)
+
+
+def add_autointerp(sub):
+    """`interpret.py autointerp` and its flags."""
     a = sub.add_parser("autointerp", help="prompts; with --llm-url explanations and scores")
     a.add_argument("--features", required=True, help="features.json from `interpret.py mine`")
     a.add_argument("--out", required=True, help="directory for autointerp.jsonl (+ prompts)")
@@ -365,6 +377,10 @@ def parser():
     a.add_argument("--overwrite", action="store_true",
                    help="replace autointerp.jsonl made from other features")
     a.set_defaults(func=cmd_autointerp)
+
+
+def add_compare(sub):
+    """`interpret.py compare` and its flags."""
     c = sub.add_parser("compare", help="LoRA features vs MLP neurons from two autointerp.jsonl")
     c.add_argument("--lora", required=True, help="autointerp.jsonl of the LoRA features")
     c.add_argument("--mlp", required=True, help="autointerp.jsonl of the MLP neurons")
@@ -374,7 +390,6 @@ def parser():
                    "(as report.py); all: every row of both files")
     c.add_argument("--overwrite", action="store_true", help="replace the --out file")
     c.set_defaults(func=cmd_compare)
-    return p
 
 
 def main(argv=None):

@@ -16,8 +16,9 @@ Notable choices:
 - The training forward has no cache. forward_cached() runs tokens after those a preallocated KV
   cache holds (gpt-fast style): generate() for left-padded batches, collect.py for long documents.
 - Two optional hooks serve the analyses and cost nothing unset: Attention.pattern_hook (the
-  attention written out, its pattern passed through the hook: attention_kl.py, attribution.py)
-  and RMSNorm.scale_hook (the norm's scale passed through it: attribution.py's detached norms).
+  attention written out, its pattern passed through the hook: analyses.py's attention KL and
+  attribution) and RMSNorm.scale_hook (the norm's scale passed through it: attribution's
+  detached norms).
 """
 import math
 import os
@@ -142,7 +143,7 @@ QWEN2_5_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
 
 class RMSNorm(nn.Module):
     """`scale_hook`, when set, maps the fp32 (fp64 for an fp64 model) scale rsqrt(mean(x^2) + eps)
-    (..., 1) to the one used: attribution.py detaches it (a linearised norm)."""
+    (..., 1) to the one used: analyses.attribute detaches it (a linearised norm)."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -178,7 +179,7 @@ class Attention(nn.Module):
     """`pattern_hook`, when set, makes the attention explicit: softmax(q k^T / sqrt(hd)) in fp32
     (fp64 for an fp64 model),
     (B, n_head, T_query, T_key), is passed through it and the result weights the values
-    (attention_kl.py records the patterns, attribution.py detaches them). Unset: SDPA."""
+    (analyses.py: attention_kl records the patterns, attribute detaches them). Unset: SDPA."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -11,8 +11,8 @@ escaped) and report.json with every number on the page.
 Every input is optional; a section whose input is missing shows the command that produces it.
 Sections: the recovery table (eval.py compare); the ablation panel (Fig. 1: per-layer KL, the
 layer x type heatmap, the greedy MLP ablation); adapter geometry (norms, F7's weight
-interference); the activation state's shape (state_shape.py) and the SAE latents' co-activation
-(coactivation.py), two of the official code's further analyses; LoRA features against MLP
+interference); the activation state's shape and the SAE latents' co-activation (analyses.py),
+two of the official code's further analyses; LoRA features against MLP
 neurons (F2: the 0/1/2 rubric with bootstrap intervals, breakdowns, a chi-squared test); the SAE
 features' categories by activation mass (F4's donut); measured steering (F6: any number of
 `interpret.py steer` outputs, LoRA-A in the residual stream, adapter scalars or SAE features).
@@ -30,16 +30,15 @@ import numpy as np
 
 from autointerp import CLASSES, parse_name, populations
 from batchtopk import SAE, check_sae
-from coactivation import MIN_FIRING, clusters, cofiring, frequent_only, jaccard
+from analyses import MIN_FIRING, clusters, cofiring, frequent_only, jaccard, state_spectrum
 from common import (Parser, add_device_flag, check_out, differences, file_identity, fresh_outputs,
                     number, percentile_ci, pick_device, read_json, user_errors, write_atomic,
                     write_json)
 from data import read_rows
 from figures import (UNCATEGORIZED, bar_chart, donut_chart, heatmap, line_chart, provenance_lines,
                      site_heatmap, table)
-from lora import (ATTN, MLP, PEFT_NAME, SITE_ORDER, adapter_identity, adapter_tensors, lora_scaling,
-                  read_adapter_config)
-from state_shape import state_spectrum
+from lora import ATTN, MLP, SITE_ORDER, lora_scaling
+from lora_files import PEFT_NAME, adapter_identity, adapter_tensors, read_adapter_config
 from store import ActivationStore
 
 # docs/paper.md section A (the rubric counts are the official CSV's; chi2 and p computed from them)
@@ -563,6 +562,8 @@ def coactivation_summary(store, sae, device="cpu", threshold=0.5, top=20):
 
 
 def build(args):
+    """report.json and report.html from whichever inputs are given: each section, or what it
+    misses."""
     check_out(args.out, {"--recovery": args.recovery, "--ablations": args.ablations,
                          "--adapter": args.adapter, "--acts": args.acts, "--sae": args.sae,
                          "--features": args.features, "--autointerp": args.autointerp,
@@ -588,6 +589,28 @@ def build(args):
     if args.adapter:
         made_from["adapter"] = adapter_identity(args.adapter)
         rep["geometry"] = geometry(args.adapter)
+    store_sections(args, rep)
+    feats = read_json(args.features, ("features",), "features.json (`interpret.py mine`)") \
+        if args.features else {}
+    check_same_adapter(args, rep, feats)
+    rubric_sections(args, rep)
+    category_section(args, rep, feats)
+    if args.steer:
+        rep["steering"] = [dict(read_json(f, ("results", "feature"),
+                                          "a steering result (`interpret.py steer --out`)"),
+                                path=os.path.abspath(f)) for f in args.steer]
+    os.makedirs(args.out, exist_ok=True)
+    write_json(outs[1], rep)
+    write_atomic(outs[0], report_html(rep))
+    done = [k for k in ("recovery", "ablation", "geometry", "state", "coactivation", "lora_vs_mlp",
+                        "categories", "steering") if rep.get(k)]
+    print(f"report: {', '.join(done) or 'no section'} -> {outs[0]}")
+    return rep
+
+
+def store_sections(args, rep):
+    """The activation state's spectrum (--acts) and the SAE latents' co-activation (--sae)."""
+    made_from = rep["made_from"]
     if args.acts:
         store = ActivationStore(args.acts)
         made_from["acts"] = store.identity()
@@ -601,9 +624,11 @@ def build(args):
         raise ValueError("--sae needs --acts (the store the SAE was trained on)")
     if "coactivation" not in rep:
         rep["missing"]["coactivation"] = "sae" if args.acts else "acts"
-    feats = read_json(args.features, ("features",), "features.json (`interpret.py mine`)") \
-        if args.features else {}
-    check_same_adapter(args, rep, feats)
+
+
+def rubric_sections(args, rep):
+    """LoRA features vs MLP neurons on the 0/1/2 rubric: ours, and the official single call's
+    where both of its files are given."""
     for key, lora, mlp, mode in (("lora_vs_mlp", "autointerp", "mlp_autointerp", "ours"),
                                  ("lora_vs_mlp_official", "official_autointerp",
                                   "official_mlp_autointerp", "official")):
@@ -614,6 +639,10 @@ def build(args):
             rep["missing"][key] = "autointerp" if not args.autointerp else "mlp_autointerp"
         elif getattr(args, lora) or getattr(args, mlp):
             raise ValueError("--official-autointerp and --official-mlp-autointerp go together")
+
+
+def category_section(args, rep, feats):
+    """The SAE features' categories weighted by activation mass (F4's donut)."""
     if args.categories and args.features:
         mass = {f["id"]: f["mass"] for f in feats["features"] if "mass" in f}
         if not mass:
@@ -630,17 +659,6 @@ def build(args):
                                  errors=sum(1 for r in rows if not r.get("category")))
     else:
         rep["missing"]["categories"] = "features" if not args.features else "autointerp"
-    if args.steer:
-        rep["steering"] = [dict(read_json(f, ("results", "feature"),
-                                          "a steering result (`interpret.py steer --out`)"),
-                                path=os.path.abspath(f)) for f in args.steer]
-    os.makedirs(args.out, exist_ok=True)
-    write_json(outs[1], rep)
-    write_atomic(outs[0], report_html(rep))
-    done = [k for k in ("recovery", "ablation", "geometry", "state", "coactivation", "lora_vs_mlp",
-                        "categories", "steering") if rep.get(k)]
-    print(f"report: {', '.join(done) or 'no section'} -> {outs[0]}")
-    return rep
 
 
 def parser():

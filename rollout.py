@@ -1,8 +1,8 @@
 """
 One rollout (a reasoning trace), read every way the official code reads one: the adapter state
-as a token x site heatmap (aggregate_activations/), the attention heads the adapter changes
-(attention_kl.py), which scalars move each prediction (attribution.py), how SAE latents respond to
-one another (interaction.py) and the adapter's writes beside the MLP's (projection_norms.py).
+as a token x site heatmap (aggregate_activations/), and, by analyses.py, the attention heads the
+adapter changes, which scalars move each prediction (attribution), how SAE latents respond to one
+another (interaction) and the adapter's writes beside the MLP's (projection norms).
 
     python rollout.py --model M --adapter A --acts acts/ --doc 0 [--sae sae/] --out rollout/
 
@@ -17,18 +17,17 @@ import os
 import numpy as np
 import torch
 
-from attention_kl import attention_kl, head_patterns, top_heads
-from attribution import attribute, backward_bytes
+from analyses import (attention_kl, attribute, backward_bytes, head_patterns, latent_effects,
+                      layer_norms, source_latents, top_heads)
 from batchtopk import SAE, check_sae
 from checkpoint import model_identity
 from common import (Parser, add_device_flag, add_model_flags, check_out, differences,
                     file_identity, free_memory, fresh_outputs, lock_dir, number, pick_device,
                     read_json, remove_path, sha256_file, user_errors, write_atomic, write_json)
 from figures import provenance_lines, safe_json
-from interaction import latent_effects, source_latents
-from lora import adapter_identity, load_model, site_label
+from lora import site_label
+from lora_files import adapter_identity, load_model
 from model import load_tokenizer
-from projection_norms import layer_norms
 from protocols import RESERVE
 from store import ActivationStore, write_npy
 
@@ -134,6 +133,7 @@ def attribution_tokens(args, model, T, device):
 
 
 def build(args):
+    """The trace read every way, its parts saved as they finish, then the page and its files."""
     check_out(args.out, {"--model": args.model, "--adapter": args.adapter, "--acts": args.acts,
                          "--sae": args.sae})
     outs = {n: os.path.join(args.out, n) for n in OUTPUTS}
@@ -164,6 +164,25 @@ def build(args):
     os.makedirs(args.out, exist_ok=True)
     lock_dir(args.out)
 
+    parts = analyse(args, model, ids, n_attr, made_from)
+    heads, kl, attr = parts["heads"], parts["kl"], parts["attr"]
+    data = dict(doc=dict(rec, tokens=T), tokens=[tok.id_to_token_str(i) for i in ids],
+                sites=sites, state=state.tolist(), **page_sections(parts, tok))
+    if sae is not None:
+        data["interaction"] = part(args.out, "interaction", made_from, lambda: (interaction(
+            model, sae, ids, state, args.latents, args.strength), None))[0]
+    data["provenance"] = provenance_lines(made_from)
+    write_outputs(outs, data, made_from, kl, attr)
+    remove_path(os.path.join(args.out, PARTS))  # all of it is in the outputs now
+    print(f"rollout: top head L{heads[0][0]}.H{heads[0][1]} (mean KL {heads[0][2]:.3g}); "
+          f"{len(data['attribution']['positions'])} attributed positions -> "
+          f"{outs['rollout.html']}")
+    return data
+
+
+def analyse(args, model, ids, n_attr, made_from):
+    """The trace's attention KL, attribution and norms, each a part saved as it finishes (and
+    read back when a killed run finished it)."""
     def attention():
         kl = attention_kl(model, ids)
         heads = top_heads(kl, args.top_heads)
@@ -182,27 +201,32 @@ def build(args):
         return dict(got["layer_means"], abs_b_projection=np.abs(got["b_projection"]).mean(
             1).tolist()), None
     att_js, kl = part(args.out, "attention", made_from, attention)
-    heads = [tuple(h) for h in att_js["heads"]]
     attr_js, attr = part(args.out, "attribution", made_from, attribution)
     # "on": the residual's definition (earlier versions read the raw residual stream)
     norms_js, _ = part(args.out, "norms", {**made_from, "on": "post_attention_layernorm output"},
                        norms)
-    data = dict(
-        doc=dict(rec, tokens=T), tokens=[tok.id_to_token_str(i) for i in ids], sites=sites,
-        state=state.tolist(),
+    return dict(heads=[tuple(h) for h in att_js["heads"]], patterns=att_js["patterns"], kl=kl,
+                attr_js=attr_js, attr=attr, norms=norms_js)
+
+
+def page_sections(parts, tok):
+    """The page's attention, attribution and norms sections from the parts."""
+    heads, kl, attr, attr_js = parts["heads"], parts["kl"], parts["attr"], parts["attr_js"]
+    return dict(
         kl=dict(heads=heads, layer_mean=kl.mean(1).tolist(), overall=kl.mean((0, 1)).tolist(),
                 per_head={f"{layer}.{h}": kl[layer, h].tolist() for layer, h, _ in heads},
-                patterns=att_js["patterns"]),
+                patterns=parts["patterns"]),
         attribution=dict(positions=attr_js["positions"],
                          predicted=[tok.id_to_token_str(i) for i in attr_js["tokens"]],
                          by_source=[attr[i, :t + 1].sum(-1).tolist()
                                     for i, t in enumerate(attr_js["positions"])],
                          by_site=attr.sum(1).tolist()),
-        norms=norms_js)
-    if sae is not None:
-        data["interaction"] = part(args.out, "interaction", made_from, lambda: (interaction(
-            model, sae, ids, state, args.latents, args.strength), None))[0]
-    data["provenance"] = provenance_lines(made_from)
+        norms=parts["norms"])
+
+
+def write_outputs(outs, data, made_from, kl, attr):
+    """The two arrays (.npy), the page, and rollout.json (what the page shows, and the arrays'
+    shapes and hashes)."""
     sums = dict(attention_kl=write_npy(outs["attention_kl.npy"], kl),
                 attribution=write_npy(outs["attribution.npy"], attr))
     with open(TEMPLATE, encoding="utf-8") as f:
@@ -216,10 +240,6 @@ def build(args):
                          sha256=sums["attribution"],
                          axes="target (positions), source position, site: grad x activation")),
         **summary))
-    remove_path(os.path.join(args.out, PARTS))  # all of it is in the outputs now
-    print(f"rollout: top head L{heads[0][0]}.H{heads[0][1]} (mean KL {heads[0][2]:.3g}); "
-          f"{len(attr_js['positions'])} attributed positions -> {outs['rollout.html']}")
-    return data
 
 
 def parser():

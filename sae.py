@@ -106,27 +106,8 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
     finds the file continues from it, with the same result as a run that was never stopped."""
     cfg = cfg or SAEConfig()
     dev = pick_device(cfg.device)
-    x = torch.as_tensor(x)
-    if x.dim() != 2:
-        raise ValueError(f"train_sae: expected an (N, d) tensor, got shape {tuple(x.shape)}")
-    bad = ~torch.isfinite(x).all(1)
-    if bad.any():
-        raise ValueError(f"train_sae: row {int(bad.nonzero()[0])} holds NaN or Inf values")
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(x), generator=g)
-    n_hold = int(len(x) * cfg.holdout)
-    hold, train = x[perm[:n_hold]].float().to(dev), perm[n_hold:]
-    if cfg.k > cfg.expansion * x.shape[1]:
-        raise ValueError(f"--k {cfg.k}: more than the {cfg.expansion * x.shape[1]} latents "
-                         f"(--expansion {cfg.expansion} x {x.shape[1]} inputs)")
-    sae = SAE(x.shape[1], cfg.expansion * x.shape[1], cfg.k).to(dev)
-    with torch.no_grad():
-        sample = x[train[:200_000]].float().to(dev)
-        if cfg.normalize:
-            sae.scale.copy_(sample.std(0).clamp(min=1e-8 * sample.std(0).max().clamp(min=1e-30)))
-        sae.b_dec.copy_((sample / sae.scale).mean(0))
-        sae.init_weights(sample / sae.scale - sae.b_dec if cfg.init == "data" else None,
-                         torch.Generator().manual_seed(cfg.seed))
+    x, hold, train, g = split(x, cfg, dev)
+    sae = init_sae(x, train, cfg, dev)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     steps_per_epoch, total, dead_tokens = schedule(cfg, len(train), sae.n_latents)
     state = dict(since=torch.zeros(sae.n_latents, dtype=torch.long, device=dev), threshold_steps=0,
@@ -158,23 +139,67 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             n = (step % cfg.log_every) + 1
             rec = {"step": step + 1, **{k: v / n for k, v in agg.items()},
-                   "tokens_per_s": (step + 1 - start) * cfg.batch_size / (time.time() - t0),
-                   "threshold": sae.threshold.item()}
-            if len(hold):
-                rec["heldout_fvu"] = evaluate(sae, hold[:8192])["fvu"]
+                   "tokens_per_s": (step + 1 - start) * cfg.batch_size / (time.time() - t0)}
+            log_step(sae, hold, rec, metrics_file, bar)
             agg = {}
-            if metrics_file:
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-            bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("fvu", "l0", "dead")})
         if len(hold) and (step + 1) % max(1, total // 10) == 0 and len(state["curve"]) < 10:
             state["curve"].append((step + 1, evaluate(sae, hold[:8192])["fvu"]))
         if state_file and cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_state(state_file, step + 1, sae, opt, state, epoch_rng, agg)
-    sae.metrics = mm = evaluate(sae, hold) if len(hold) else None
+    sae.metrics = heldout_metrics(sae, hold, cfg, total, dead_tokens, state["curve"], log)
+    return sae.cpu()
+
+
+def split(x, cfg, dev):
+    """x checked (2-D, finite): (x, the held-out rows on dev, the training rows' indices, the
+    generator that drew them and draws each epoch's order)."""
+    x = torch.as_tensor(x)
+    if x.dim() != 2:
+        raise ValueError(f"train_sae: expected an (N, d) tensor, got shape {tuple(x.shape)}")
+    bad = ~torch.isfinite(x).all(1)
+    if bad.any():
+        raise ValueError(f"train_sae: row {int(bad.nonzero()[0])} holds NaN or Inf values")
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(x), generator=g)
+    n_hold = int(len(x) * cfg.holdout)
+    return x, x[perm[:n_hold]].float().to(dev), perm[n_hold:], g
+
+
+def init_sae(x, train, cfg, dev):
+    """A new SAE: input scales (std per input, with normalize) and decoder bias from up to 200k
+    training rows, weights initialised from them (init "data") or at random."""
+    if cfg.k > cfg.expansion * x.shape[1]:
+        raise ValueError(f"--k {cfg.k}: more than the {cfg.expansion * x.shape[1]} latents "
+                         f"(--expansion {cfg.expansion} x {x.shape[1]} inputs)")
+    sae = SAE(x.shape[1], cfg.expansion * x.shape[1], cfg.k).to(dev)
+    with torch.no_grad():
+        sample = x[train[:200_000]].float().to(dev)
+        if cfg.normalize:
+            sae.scale.copy_(sample.std(0).clamp(min=1e-8 * sample.std(0).max().clamp(min=1e-30)))
+        sae.b_dec.copy_((sample / sae.scale).mean(0))
+        sae.init_weights(sample / sae.scale - sae.b_dec if cfg.init == "data" else None,
+                         torch.Generator().manual_seed(cfg.seed))
+    return sae
+
+
+def log_step(sae, hold, rec, metrics_file, bar):
+    """A logged step's record (threshold and held-out FVU added) to metrics.jsonl and the bar."""
+    rec["threshold"] = sae.threshold.item()
+    if len(hold):
+        rec["heldout_fvu"] = evaluate(sae, hold[:8192])["fvu"]
+    if metrics_file:
+        metrics_file.write(json.dumps(rec) + "\n")
+        metrics_file.flush()
+    bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("fvu", "l0", "dead")})
+
+
+def heldout_metrics(sae, hold, cfg, total, dead_tokens, curve, log):
+    """The trained SAE's held-out metrics with the run's size and convergence (None without
+    held-out rows), logged, with a warning when the FVU had not reached a plateau."""
+    mm = evaluate(sae, hold) if len(hold) else None
     if mm:
         mm.update(steps=total, train_tokens=total * cfg.batch_size, dead_tokens=dead_tokens,
-                  convergence=convergence(state["curve"], cfg.plateau))
+                  convergence=convergence(curve, cfg.plateau))
     if mm and log:
         log(f"sae: held-out FVU {mm['fvu']:.4f} (raw {mm['fvu_raw']:.4f}) | L0 {mm['l0']:.2f} | "
             f"dead {100 * mm['dead_fraction']:.1f}% | {mm['tokens']} tokens")
@@ -182,7 +207,7 @@ def train_sae(x, cfg=None, log=print, metrics_file=None, state_file=None):
             log(f"sae: warning: held-out FVU still fell {mm['convergence']['fall']:.4f} in the "
                 f"last tenth before the lr decay (plateau: {cfg.plateau:g}); train longer "
                 "(--epochs)")
-    return sae.cpu()
+    return mm
 
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from common import (add_config_flags, add_device_flag, add_model_flags, check_ou
                     config_from_flags, fresh_outputs, number, numbers, pick_device, write_atomic)
 from data import chat_prompt
 from grading import grade
-from lora import adapters, load_model, parse_site_label, sites, steer
+from lora import adapters, parse_site_label, sites, steer
+from lora_files import load_model
 from model import load_tokenizer
 from engine import sequence_seed
 from protocols import PROTOCOLS, GenConfig, generate
@@ -75,6 +76,30 @@ def cmd_steer(args):
                                  other_base=args.other_base)
     tok = load_tokenizer(args.model, args.tokenizer)
     gen = config_from_flags(GenConfig, args, STEER_GEN)
+    items = steer_items(args)
+    steering, norm = steering_edit(args, model, tok, items, device)
+    words = [w for w in args.words.split(",") if w]
+    results = []
+    for c in args.strengths:
+        for seed in args.seeds:
+            with steering(c) if c != 0 else nullcontext():
+                outs = generate(model, tok, [it["question"] for it in items], gen,
+                                [sequence_seed(seed, i) for i in range(len(items))],
+                                args.batch_size)
+            r = measure(items, outs, words, c, seed)
+            results.append(r)
+            print(f"strength {c:g} seed {seed} | thinking {r['mean_thinking_tokens']:.1f} tokens | "
+                  + " ".join(f"{w} {v:.2f}" for w, v in r["word_counts"].items())
+                  + (f" | accuracy {r['accuracy']:.3f}" if r["accuracy"] is not None else ""))
+    out = dict(identity=identity, sae=args.sae, feature=args.feature, site=args.site,
+               residual=args.residual, attention_norm=norm if args.residual else None,
+               results=results)
+    write_atomic(args.out, json.dumps(out, indent=1))
+    return out
+
+
+def steer_items(args):
+    """The questions steered: a benchmark's (--bench, --limit) or the --prompt texts."""
     if args.bench:
         name, _, path = args.bench.partition("=")
         items = [dict(it, bench=name) for it in load_benchmark(name, path, args.zip_password)]
@@ -84,6 +109,13 @@ def cmd_steer(args):
                  for i, q in enumerate(args.prompt or [])]
     if not items:
         raise SystemExit("steer: give --bench NAME=PATH or --prompt TEXT")
+    return items
+
+
+def steering_edit(args, model, tok, items, device):
+    """(strength -> a context manager that steers the model by it, the residual stream's
+    attention-output norm for --residual or None): an SAE feature, one adapter's scalar, or LoRA-A
+    added in the residual stream."""
     layout = sites(model)
 
     def site(label):
@@ -96,10 +128,10 @@ def cmd_steer(args):
         if args.feature >= sae.W_dec.shape[0]:
             raise SystemExit(f"steer: --feature {args.feature}: the SAE has "
                              f"{sae.W_dec.shape[0]} latents")
-        steering = lambda c: steer(model, sae_offsets(sae, args.feature, c, layout))
-    elif args.site:
-        steering = lambda c: steer(model, {site(args.site): c})
-    elif args.residual:
+        return lambda c: steer(model, sae_offsets(sae, args.feature, c, layout)), None
+    if args.site:
+        return lambda c: steer(model, {site(args.site): c}), None
+    if args.residual:
         l, t = site(args.residual)
         if t not in ("gate_proj", "up_proj") or (l, t) not in layout:
             raise SystemExit(f"steer: --residual {args.residual}: expected the gate_proj or "
@@ -107,37 +139,22 @@ def cmd_steer(args):
         a = next(m for m in adapters(model) if (m.layer, m.target) == (l, t)).lora_A[0].detach()
         norm = attention_norm(model, tok, [it["question"] for it in items], l)
         unit = (a / a.norm()).to(device)
-        steering = lambda c: steer_residual(model, l, c * norm * unit)
-    else:
-        raise SystemExit("steer: give --sae DIR --feature F, --site L12.gate_proj or "
-                         "--residual L12.up_proj")
-    words = [w for w in args.words.split(",") if w]
-    results = []
-    for c in args.strengths:
-        for seed in args.seeds:
-            with steering(c) if c != 0 else nullcontext():
-                outs = generate(model, tok, [it["question"] for it in items], gen,
-                                [sequence_seed(seed, i) for i in range(len(items))],
-                                args.batch_size)
-            correct = [grade(it["bench"], o["generation"], it["gold"], it["question"])
-                       for it, o in zip(items, outs) if it["bench"]]
-            results.append(dict(
-                strength=c, seed=seed, n=len(outs),
+        return lambda c: steer_residual(model, l, c * norm * unit), norm
+    raise SystemExit("steer: give --sae DIR --feature F, --site L12.gate_proj or "
+                     "--residual L12.up_proj")
+
+
+def measure(items, outs, words, c, seed):
+    """One strength and seed's record: thinking length, words per generation, accuracy."""
+    correct = [grade(it["bench"], o["generation"], it["gold"], it["question"])
+               for it, o in zip(items, outs) if it["bench"]]
+    return dict(strength=c, seed=seed, n=len(outs),
                 mean_thinking_tokens=sum(o["thinking_tokens"] for o in outs) / len(outs),
                 thinking_truncated=sum(o["thinking_truncated"] for o in outs),
                 word_counts={w: sum(o["generation"].count(w) for o in outs) / len(outs)
                              for w in words},
                 accuracy=sum(correct) / len(correct) if correct else None,
-                examples=[o["generation"][:2000] for o in outs[:2]]))
-            r = results[-1]
-            print(f"strength {c:g} seed {seed} | thinking {r['mean_thinking_tokens']:.1f} tokens | "
-                  + " ".join(f"{w} {v:.2f}" for w, v in r["word_counts"].items())
-                  + (f" | accuracy {r['accuracy']:.3f}" if r["accuracy"] is not None else ""))
-    out = dict(identity=identity, sae=args.sae, feature=args.feature, site=args.site,
-               residual=args.residual, attention_norm=norm if args.residual else None,
-               results=results)
-    write_atomic(args.out, json.dumps(out, indent=1))
-    return out
+                examples=[o["generation"][:2000] for o in outs[:2]])
 
 
 # steer's generation defaults: short budgets, sampling (eval.py's are the s1 protocol's)

@@ -48,7 +48,7 @@ from common import (DTYPES, OWNER_FILE, AppendLog, Parser, add_config_flags, che
                     keep_steps, not_a_link, print0, read_json, read_log, remove_path,
                     setup_dist, user_errors, write_atomic, write_json)
 from data import data_identity, load_examples
-from lora import ADAPTER_FILES, save_adapter
+from lora_files import ADAPTER_FILES, save_adapter
 from model import PREFILL_CHUNK, KVCache, Qwen2Config, load_tokenizer, prefill_bytes
 from protocols import auto_batch, slot_bytes
 from recipe import (PRESETS, TrainConfig, build_model, empty_steps, lr_at, make_optimizer, plan,
@@ -334,6 +334,8 @@ def origin(cfg, tok):
 
 
 def train(cfg, rank, world, device):
+    """The run, phase by phase: the data (or the dry run's plan), the model and optimizer, the
+    steps, the adapter or model at the end."""
     if not cfg.model:
         raise SystemExit("train.py: --model (an HF model directory) is required")
     mcfg = Qwen2Config.from_pretrained(cfg.model)
@@ -347,6 +349,32 @@ def train(cfg, rank, world, device):
     empty = empty_steps(cfg, trained)
     if cfg.dry_run:
         return dry_run(cfg, mcfg, stats, world, empty)
+    check_trainable(cfg, trained, empty)
+    made_from = origin(cfg, tok)
+    open_run(cfg, rank, world, mcfg, stats, made_from)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, mcfg, device, world)
+    model.train()
+    n_train = sum(p.numel() for _, p in trainable(model))
+    print0(f"model: {cfg.mode}, {n_train:,} trainable parameters, world {world}, device "
+           f"{device.type}")
+    opt = make_optimizer(cfg, model)
+    losses, total_run = run_steps(cfg, model, opt, examples, trained, made_from, rank, world,
+                                  device)
+    result = dict(steps=total_run, final_loss=losses[-1] if losses else None, losses=losses,
+                  trainable_params=n_train, world=world, data_stats=stats, origin=made_from)
+    save_final(cfg, model, rank, dict(made_from=made_from, config=asdict(cfg),
+                                      steps=total_run, final_loss=result["final_loss"]))
+    if rank == 0:
+        write_json(os.path.join(cfg.out, "result.json"), result)
+        what = "adapter" if cfg.mode == "lora" else "model"
+        print0(f"done: {total_run} steps, final loss {losses[-1]:.4f}; "
+               f"{what} in {os.path.join(cfg.out, what)}")
+    return losses
+
+
+def check_trainable(cfg, trained, empty):
+    """Refuse data that would train on nothing, in all or in some optimizer steps."""
     if not sum(trained):
         raise SystemExit(f"train.py: {cfg.data} has no trained-on tokens within --block-size "
                          f"{cfg.block_size}: every assistant turn starts after it")
@@ -354,7 +382,11 @@ def train(cfg, rank, world, device):
         raise SystemExit(f"train.py: {len(empty)} optimizer steps (e.g. {empty[:5]}) would have "
                          f"no trained-on tokens at --block-size {cfg.block_size} and "
                          f"--global-batch {cfg.global_batch}; raise either, or check the data")
-    made_from = origin(cfg, tok)
+
+
+def open_run(cfg, rank, world, mcfg, stats, made_from):
+    """The output directory (checked, claimed) and its config.json, written by rank 0 while the
+    others wait; the data's statistics printed."""
     if rank == 0:
         prepare_out(cfg)
         write_json(os.path.join(cfg.out, "config.json"),
@@ -366,13 +398,11 @@ def train(cfg, rank, world, device):
            f"{stats['target_tokens_lost']:,} trained-on tokens"
            + (f"; {stats['empty_thinking']} with an empty thinking trace (trained on the answer "
               "alone)" if stats.get("empty_thinking") else ""))
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, mcfg, device, world)
-    model.train()
-    n_train = sum(p.numel() for _, p in trainable(model))
-    print0(f"model: {cfg.mode}, {n_train:,} trainable parameters, world {world}, device "
-           f"{device.type}")
-    opt = make_optimizer(cfg, model)
+
+
+def run_steps(cfg, model, opt, examples, trained, made_from, rank, world, device):
+    """Every optimizer step from the start or the checkpoint on: (the losses of all steps, the
+    steps of the run)."""
     spe, total, warmup = plan(cfg, len(examples))
     total_run = min(total, cfg.max_steps) if cfg.max_steps else total
     start, losses = 0, []
@@ -382,8 +412,6 @@ def train(cfg, rank, world, device):
     if rank == 0:
         keep_steps(metrics_file, start)
         restore_steps(metrics_file, losses, lambda s: lr_at(cfg, s, total, warmup), total_run)
-    lora_params = [p for _, p in trainable(model)] if cfg.mode == "lora" else []
-
     # Ctrl-C (SIGINT) and a scheduler's SIGTERM finish the step, save a checkpoint and exit
     # with 128 + the signal's number, so that `train.py && eval.py` stops there
     stop = {"sig": 0}
@@ -396,31 +424,7 @@ def train(cfg, rank, world, device):
     for step in range(start, total_run):
         t0 = time.time()
         rows = step_batch(cfg, step, len(examples), spe)
-        n_tok = sum(trained[i] for i in rows)
-        mine, mb = rows[rank::world], cfg.micro_batch
-        n_micro = math.ceil(math.ceil(len(rows) / world) / mb)  # equal on all ranks (collectives)
-        local_loss = torch.zeros((), device=device)
-        for j in range(n_micro):
-            chunk = mine[j * mb:(j + 1) * mb]
-            weight = 1.0 if chunk else 0.0  # a padding micro-step contributes nothing
-            chunk = chunk or rows[:1]
-            # right padding is exact for a causal model: real tokens never attend to later positions
-            n = max(len(examples[i][0]) for i in chunk)
-            ids = torch.tensor([examples[i][0] + [0] * (n - len(examples[i][0])) for i in chunk],
-                               device=device)
-            tgt = torch.tensor([examples[i][1] + [-100] * (n - len(examples[i][1])) for i in chunk],
-                               device=device)
-            loss_sum = model(ids, tgt, chunk_size=cfg.loss_chunk)
-            (loss_sum * (weight * world / max(n_tok, 1))).backward()
-            local_loss += loss_sum.detach() * weight
-        for p in lora_params:  # replicated adapters: average their gradients as FSDP does
-            if p.grad is not None and world > 1:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        dist.all_reduce(local_loss)
-        loss = local_loss.item() / max(n_tok, 1)
-        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable(model)],
-                                               cfg.grad_clip or math.inf)  # 0: no clipping
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        loss, gnorm = forward_backward(cfg, model, examples, trained, rows, rank, world, device)
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             raise SystemExit(f"train.py: non-finite {what} at step {step + 1} (loss {loss}, "
@@ -432,28 +436,15 @@ def train(cfg, rank, world, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss)
-        dt = time.time() - t0
-        n_all = sum(len(examples[i][0]) for i in rows)
-        mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
         eta = (time.time() - t_start) / (step + 1 - start) * (total_run - step - 1) / 60
-        rec = dict(step=step + 1, total=total_run, loss=loss, lr=lr, grad_norm=gnorm,
-                   tokens_per_s=n_all / dt, peak_mem_gb=mem, eta_min=eta)
-        if rank == 0:
-            bar.write(f"step {step + 1:05d}/{total_run:05d} | loss {loss:.6f} | lr {lr:.3e} | "
-                      f"grad-norm {gnorm:.4f} | tok/s {n_all / dt:.0f} | mem {mem:.2f}GB | "
-                      f"eta {eta:.1f}m")
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-        bar.update(1)
-        last = step + 1 == total_run
-        sig = stop["sig"]
-        if world > 1:  # every rank stops after the same step: the save is collective
-            flag = torch.tensor([float(sig)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            sig = int(flag.item())
+        n_all = sum(len(examples[i][0]) for i in rows)
+        log_step(bar, metrics, dict(step=step + 1, total=total_run, loss=loss, lr=lr,
+                                    grad_norm=gnorm, tokens_per_s=n_all / (time.time() - t0),
+                                    peak_mem_gb=peak_memory_gb(device), eta_min=eta))
+        sig = agreed_signal(stop["sig"], world, device)
         due = (cfg.save_every and (step + 1) % cfg.save_every == 0
                or cfg.save_minutes and time.time() - t_saved >= 60 * cfg.save_minutes)
-        if sig or last or due:
+        if sig or step + 1 == total_run or due:
             save_checkpoint(cfg, model, opt, step, losses, rank, world, made_from)
             t_saved = time.time()
         if sig:
@@ -462,16 +453,65 @@ def train(cfg, rank, world, device):
                    f"{cfg.out}/ckpt; to continue, run the same command with --resume")
             raise SystemExit(128 + sig)
     bar.close()
-    result = dict(steps=total_run, final_loss=losses[-1] if losses else None, losses=losses,
-                  trainable_params=n_train, world=world, data_stats=stats, origin=made_from)
-    save_final(cfg, model, rank, dict(made_from=made_from, config=asdict(cfg),
-                                      steps=total_run, final_loss=result["final_loss"]))
-    if rank == 0:
-        write_json(os.path.join(cfg.out, "result.json"), result)
-        result = "adapter" if cfg.mode == "lora" else "model"
-        print0(f"done: {total_run} steps, final loss {losses[-1]:.4f}; "
-               f"{result} in {os.path.join(cfg.out, result)}")
-    return losses
+    return losses, total_run
+
+
+def forward_backward(cfg, model, examples, trained, rows, rank, world, device):
+    """One optimizer step's gradients (not yet applied): this rank's share of the global batch
+    in micro-batches, the loss normalised by the global batch's trained-on tokens; the adapters'
+    gradients averaged over ranks, all clipped. (loss, gradient norm before clipping)."""
+    n_tok = sum(trained[i] for i in rows)
+    mine, mb = rows[rank::world], cfg.micro_batch
+    n_micro = math.ceil(math.ceil(len(rows) / world) / mb)  # equal on all ranks (collectives)
+    local_loss = torch.zeros((), device=device)
+    for j in range(n_micro):
+        chunk = mine[j * mb:(j + 1) * mb]
+        weight = 1.0 if chunk else 0.0  # a padding micro-step contributes nothing
+        chunk = chunk or rows[:1]
+        # right padding is exact for a causal model: real tokens never attend to later positions
+        n = max(len(examples[i][0]) for i in chunk)
+        ids = torch.tensor([examples[i][0] + [0] * (n - len(examples[i][0])) for i in chunk],
+                           device=device)
+        tgt = torch.tensor([examples[i][1] + [-100] * (n - len(examples[i][1])) for i in chunk],
+                           device=device)
+        loss_sum = model(ids, tgt, chunk_size=cfg.loss_chunk)
+        (loss_sum * (weight * world / max(n_tok, 1))).backward()
+        local_loss += loss_sum.detach() * weight
+    if cfg.mode == "lora" and world > 1:  # replicated adapters: average as FSDP does
+        for _, p in trainable(model):
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    dist.all_reduce(local_loss)
+    gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable(model)],
+                                           cfg.grad_clip or math.inf)  # 0: no clipping
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    return local_loss.item() / max(n_tok, 1), gnorm
+
+
+def peak_memory_gb(device):
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
+
+
+def log_step(bar, metrics, rec):
+    """The step's line on the console (rank 0) and its record in metrics.jsonl."""
+    if metrics is not None:
+        bar.write(f"step {rec['step']:05d}/{rec['total']:05d} | loss {rec['loss']:.6f} | "
+                  f"lr {rec['lr']:.3e} | grad-norm {rec['grad_norm']:.4f} | "
+                  f"tok/s {rec['tokens_per_s']:.0f} | mem {rec['peak_mem_gb']:.2f}GB | "
+                  f"eta {rec['eta_min']:.1f}m")
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+    bar.update(1)
+
+
+def agreed_signal(sig, world, device):
+    """The signal this rank caught, or the largest any rank caught: every rank stops after the
+    same step, as the save is collective."""
+    if world > 1:
+        flag = torch.tensor([float(sig)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        sig = int(flag.item())
+    return sig
 
 
 if __name__ == "__main__":

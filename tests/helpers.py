@@ -112,7 +112,8 @@ def tiny_env(d, adapters=(("adapter", 0),), silent_layer=None):
     tiny_tokenizer) and, for each (name, seed), d/name, a rank-1 adapter on it whose B vectors are
     random (N(0, 0.3^2), so that it changes the outputs); silent_layer's adapters are left zero."""
     from lora import adapters as adapters_of
-    from lora import apply_lora, save_adapter
+    from lora import apply_lora
+    from lora_files import save_adapter
     from model import Qwen2
     save_hf(hf_tiny(vocab_size=300), d / "model")
     tiny_tokenizer(d / "model")

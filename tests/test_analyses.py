@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from coactivation import clusters, cofiring, frequent_only, jaccard
+from analyses import clusters, cofiring, frequent_only, jaccard, spectrum, state_spectrum
 from helpers import fake_store
-from state_shape import spectrum, state_spectrum
 
 
 def test_state_spectrum_equals_numpy_svd_of_the_centred_state(tmp_path):

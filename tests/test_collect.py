@@ -37,7 +37,8 @@ def collect(env, out, *extra, nproc=1):
 
 def test_collection_equals_capture_resumes_and_matches_two_processes(model_env, tmp_path):
     from data import Tokenizer
-    from lora import capture, load_adapter, sites
+    from lora import capture, sites
+    from lora_files import load_adapter
     from model import Qwen2
     collect(model_env, tmp_path / "a")
     st = ActivationStore(str(tmp_path / "a"))

@@ -73,7 +73,8 @@ def test_promoted_tokens_read_two_tensors_as_the_whole_model_gives_them(tmp_path
     from dashboard import promoted_tokens
     from data import Tokenizer
     from helpers import tiny_env
-    from lora import adapters, load_model, site_label
+    from lora import adapters, site_label
+    from lora_files import load_model
     env = tiny_env(tmp_path)
     tok = Tokenizer(str(env / "model"))
     got = promoted_tokens(str(env / "model"), str(env / "adapter"), tok)

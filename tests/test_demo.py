@@ -50,7 +50,7 @@ def test_training_artifacts(demo_run):
 def test_adapter_loads_in_peft_and_matches_ours(demo_run):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lora import load_adapter
+    from lora_files import load_adapter
     from model import Qwen2
     out, _, _ = demo_run
     base, adapter = out / "base" / "model", out / "rank1" / "adapter"

@@ -18,7 +18,8 @@ from helpers import SHARED_DATA, TINY, hf_tiny, run_script, save_hf, tiny_env, t
 from data import FINAL_ANSWER, Tokenizer, render_chat, s1_prompt
 from eval import main, recovery_table
 from grading import grade_sample
-from lora import ablate, adapters, apply_lora, load_model
+from lora import ablate, adapters, apply_lora
+from lora_files import load_model
 from model import Qwen2, Qwen2Config
 from protocols import GenConfig, plain_programs, s1_programs, stream
 

@@ -13,7 +13,8 @@ from helpers import FakeLLM, fake_store, hf_tiny, save_hf, tiny_tokenizer
 from data import Tokenizer
 from interpret import feature_names, feature_values, main, mine, quantiles
 from llm import LLM
-from lora import adapters, apply_lora, capture, load_adapter, save_adapter, sites, steer
+from lora import adapters, apply_lora, capture, sites, steer
+from lora_files import load_adapter, save_adapter
 from model import Qwen2
 from steering import attention_norm, sae_offsets, steer_residual
 from store import ActivationStore

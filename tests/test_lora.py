@@ -1,5 +1,5 @@
-"""lora.py against PEFT (the oracle), gradcheck, capture vs hooks, interventions, files and their
-errors."""
+"""lora.py and lora_files.py against PEFT (the oracle), gradcheck, capture vs hooks, interventions,
+files and their errors."""
 import json
 import os
 
@@ -8,8 +8,8 @@ import torch
 
 from helpers import hf_tiny, peft_model, peft_pair, save_hf
 from lora import (SITE_ORDER, LoRAFunction, LoRALinear, ablate, adapters, apply_lora, capture,
-                  disabled, export_merged, hooked, load_adapter, lora_linear, merge, save_adapter,
-                  select_layers, sites, steer, unmerge)
+                  disabled, hooked, lora_linear, merge, select_layers, sites, steer, unmerge)
+from lora_files import export_merged, load_adapter, save_adapter
 from model import QWEN2_5_32B, Qwen2, Qwen2Config
 
 ALL7 = list(SITE_ORDER)
@@ -31,9 +31,14 @@ def pair(tmp_path):
 
 
 def test_logits_and_grads_match_peft(pair):
+    """float32 (transformers computes RMSNorm and RoPE in float32 even for a float64 model, so
+    float64 gains nothing): a gradient entry is a sum over tokens with cancellation, and its
+    error is bounded against the tensor's largest entry (on one CPU kernel path the smallest
+    entries of a lora_A gradient differed by 5e-4 relative, 4e-5 of the largest)."""
     pm, ours, _ = pair
-    idx = torch.randint(0, 97, (2, 21))
-    tgt = torch.randint(0, 97, (2, 21))
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 97, (2, 21), generator=g)
+    tgt = torch.randint(0, 97, (2, 21), generator=g)
     a = pm(input_ids=idx).logits
     b = ours(idx)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
@@ -44,7 +49,7 @@ def test_logits_and_grads_match_peft(pair):
     for m in adapters(ours):
         for which, p in (("A", m.lora_A), ("B", m.lora_B)):
             ref = pgrads[f"base_model.model.{m.name}.lora_{which}.weight"]
-            torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+            torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
     assert all(p.grad is None for n, p in ours.named_parameters() if "lora_" not in n)
 
 

@@ -31,7 +31,8 @@ from data import Tokenizer, load_s1
 from eval import recovery_table
 from grading import grade_sample
 from llm import LLM
-from lora import LoRALinear, adapters, apply_lora, load_adapter
+from lora import LoRALinear, adapters, apply_lora
+from lora_files import load_adapter
 from model import Qwen2, Qwen2Config
 from protocols import GenConfig
 from store import ActivationStore

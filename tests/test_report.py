@@ -10,7 +10,8 @@ import torch
 
 from autointerp import CATEGORIES, parse_category, parse_rubric, populations
 from helpers import CHROMIUM, TINY, chromium_dom, fake_store
-from lora import adapter_identity, adapters, apply_lora, save_adapter
+from lora import adapters, apply_lora
+from lora_files import adapter_identity, save_adapter
 from model import Qwen2, Qwen2Config
 from report import (ablation_summary, bootstrap_shares, category_shares, chi2_sf, chi2_test,
                     interference, lora_vs_mlp, main)

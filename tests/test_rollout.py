@@ -11,14 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_kl import attention_kl, causal_kl, head_patterns, pattern_hooks, top_heads
-from attribution import attribute, linearised
+from analyses import (attention_kl, attribute, causal_kl, head_patterns, latent_effects,
+                      layer_norms, linearised, pattern_hooks, source_latents, top_heads)
 from batchtopk import SAE
 from helpers import CHROMIUM, chromium_dom, hf_tiny, peft_pair, run_script, tiny_env
-from interaction import latent_effects, source_latents
 from lora import adapters, capture, hooked, steer
 from model import RMSNorm
-from projection_norms import layer_norms
 from steering import sae_offsets
 from store import ActivationStore
 from rollout import main as rollout_main
@@ -213,14 +211,21 @@ def test_latent_effects_equal_lora_steer(pair):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_layer_norms_equal_the_official_hooks_on_peft(pair, dtype):
+def test_layer_norms_equal_the_official_hooks_on_peft(tmp_path, dtype, monkeypatch):
     """The official analyze_lora_projection_norms.py on transformers + PEFT: |MLP output|, and
     the output of post_attention_layernorm, its norm and its projection onto down_proj's unit
-    lora_B, per layer and token; ours agree to 1e-5 relative in float64 (to 1e-4 in float32,
-    where the two models' forwards differ by float32 rounding)."""
-    pm, ours, _ = pair
+    lora_B, per layer and token. float64: transformers' RMSNorm computes in float32 whatever the
+    model's dtype (which alone left differences of 3e-5 relative, amplified through the MLP), so
+    here it computes in float64 as ours does, and the two agree to 1e-10 (measured: 1e-12).
+    float32: to 1e-4, the two forwards' float32 rounding (measured: up to 5.5e-5). SDPA
+    attention: transformers' eager attention takes its softmax in float32 too."""
+    pm, ours, _ = peft_pair(hf_tiny(), tmp_path / "base")
     pm, ours = pm.to(dtype), ours.to(dtype)
-    ids = torch.randint(0, 97, (9,)).tolist()
+    for m in pm.modules() if dtype == torch.float64 else ():
+        if type(m).__name__ == "Qwen2RMSNorm":
+            monkeypatch.setattr(m, "forward", lambda h, m=m: m.weight * (
+                h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)))
+    ids = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(0)).tolist()
     want = {k: [] for k in ("mlp_out", "residual", "b_projection")}
     hooks = []
     def normed(m, i, o, b):  # what the official hook computes (returns None: output unchanged)
@@ -239,7 +244,7 @@ def test_layer_norms_equal_the_official_hooks_on_peft(pair, dtype):
     got = layer_norms(ours, ids)
     for k, v in want.items():
         assert got[k].dtype == (np.float64 if dtype == torch.float64 else np.float32)
-        tol = 1e-5 if dtype == torch.float64 else 1e-4
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
         np.testing.assert_allclose(got[k], torch.stack(v).numpy(), rtol=tol, atol=tol / 10)
 
 

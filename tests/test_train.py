@@ -169,7 +169,8 @@ def test_loss_normalised_by_tokens_of_the_global_batch(setup, tmp_path):
     gradient norm is that of this loss; both recomputed here by hand from the saved initial
     adapter."""
     from data import Tokenizer, load_s1
-    from lora import adapters, load_adapter
+    from lora import adapters
+    from lora_files import load_adapter
     from model import Qwen2
     run(setup, tmp_path / "n", "--max-steps", "1", "--grad-clip", "1e9",
         nproc=2)  # lr is 0 at step 1

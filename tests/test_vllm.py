@@ -16,11 +16,11 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (optional: README, vLLM)")
 
 import engine  # noqa: E402
-import vllm_engine  # noqa: E402
 from eval import main as eval_main  # noqa: E402
 from export import main as export_main  # noqa: E402
 from helpers import hf_tiny, save_hf, tiny_tokenizer  # noqa: E402
-from lora import adapters, apply_lora, load_model, save_adapter  # noqa: E402
+from lora import adapters, apply_lora  # noqa: E402
+from lora_files import load_model, save_adapter  # noqa: E402
 
 SHAPE = dict(vocab_size=300, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=512)
@@ -59,9 +59,9 @@ def test_vllm_decodes_our_tokens_merged_and_unmerged(env):
     model, _ = load_model(str(env / "model"), str(env / "adapter"), "float32")
     ours = engine.generate(model, prompts, 24)
     for model_dir, adapter in ((env / "model", env / "adapter"), (env / "merged", None)):
-        llm, lora = vllm_engine.load(str(model_dir), adapter and str(adapter), "float32", 1, 64,
+        llm, lora = engine.vllm_load(str(model_dir), adapter and str(adapter), "float32", 1, 64,
                                      **SMALL)
-        got = dict(vllm_engine.run(llm, [program(p, 24) for p in prompts], lora=lora))
+        got = dict(engine.vllm_run(llm, [program(p, 24) for p in prompts], lora=lora))
         del llm
         assert [got[i] for i in range(8)] == ours, (model_dir, adapter)
 
