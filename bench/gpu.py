@@ -9,22 +9,33 @@ compute-sanitizer):
       base (forward + backward to the inputs), vs HF + PEFT when installed; tokens/s, peak memory;
   (c) greedy decode tokens/s at batch 1, 8 and 64 against the weight-bandwidth floor: the
       padded path, engine.py eager and compiled, adapters unmerged and merged; slot refill;
-  (d) the fused vs the reference path on the same inputs: max error and bitwise determinism.
+  (d) the fused vs the reference path on the same inputs: max error and bitwise determinism;
+  (e) the op on inputs of more than 2^31 elements (int32 offsets would wrap), each output's error
+      against float64 as a multiple of its own element-wise bound (large_errors).
+Each section runs under its own time limit (--section-seconds) and, with --out, writes
+OUT/<section>.json as it ends, so a run cut short still answers the sections before the cut.
 
     python -m bench.gpu              # CUDA (about 5 minutes on one H100)
     python -m bench.gpu --cpu        # the same end to end on tiny shapes (CI runs it)
     python -m bench.gpu --sanitize   # tiny fused-op cases only (what compute-sanitizer runs)
+    python -m bench.gpu --tables e --out gpu-json/   # the >2^31-element check alone, as JSON
 """
 import argparse
+import json
+import math
+import os
+import signal
 import statistics
+import time
+import traceback
 import warnings
 
 import torch
 
 from bench.bench_eval import engine_run, mixed
 from bench.timing import header, interleaved, rank1_bytes, rank1_times, timeit
-from common import setup_dist
-from lora import adapters, apply_lora, disabled, lora_impl, lora_linear_ref, merge
+from common import setup_dist, write_atomic
+from lora import adapters, apply_lora, disabled, lora_impl, lora_linear, lora_linear_ref, merge
 from model import Qwen2, Qwen2Config
 from recipe import TrainConfig, build_model, make_optimizer
 
@@ -253,14 +264,135 @@ def sanitize(dev):
     print("sanitize: fused-op cases ran")
 
 
+def large_inputs(T, din, dout, dtype, dev, seed=0, chunk=65536):
+    """x (T, din) and the output gradient g (T, dout) in `dtype`, drawn chunk by chunk (no
+    float32 tensor of their size: at 2^31 elements one is 8.6 GB), W, bias, a, b."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rn = lambda *shape: torch.randn(*shape, device=dev, generator=gen)
+
+    def rows(n, cols):
+        t = torch.empty(n, cols, device=dev, dtype=dtype)
+        for i in range(0, n, chunk):
+            t[i:i + chunk].copy_(rn(min(chunk, n - i), cols))
+        return t
+    x = rows(T, din)
+    W, bias = (rn(dout, din) / din ** 0.5).to(dtype), rn(dout).to(dtype)
+    return x, W, bias, rn(1, din) / din ** 0.5, rn(dout, 1), rows(T, dout)
+
+
+def large_errors(x, W, bias, a, b, g, out, s=16.0, sample=64, chunk=65536):
+    """Each output's largest error against float64 divided by its own element-wise bound (<= 1
+    passes). out = (y, u, dx, dA, dB) of the op under test. y, u, dx on the first and last
+    `sample` rows; dA, dB over all rows in chunks. With e the output dtype's unit roundoff,
+    e32 float32's, and |.| taken element-wise before each product:
+      y: 2.05 e (|x W^T + bias| + |y_ref|) + sqrt(in) e32 (|x||W|^T + s (|x||a|^T) |b|^T)
+      dx: the same form with (g, W, b, a) for (x, W^T, a, b)
+      u: 2 sqrt(in) e32 |x||a|^T;  dA, dB: (2 sqrt(T) + sqrt(width) + 2) e32 s (|x|^T (|g||b|))
+    (the sums of dA and dB run over T rows in blocks, hence sqrt(T))."""
+    y, u, dx, dA, dB = out
+    T, din = x.shape
+    dout = W.shape[0]
+    e, e32 = torch.finfo(x.dtype).eps / 2, 2.0 ** -24
+    rows = torch.cat([torch.arange(0, min(sample, T)), torch.arange(max(T - sample, 0), T)])
+    rows = rows.unique().to(x.device)
+    X, G = x[rows].double(), g[rows].double()
+    W64, a64, b64, bias64 = W.double(), a.double().flatten(), b.double().flatten(), bias.double()
+    worst = lambda got, ref, bound: ((got.double() - ref).abs() / bound).max().item()
+    base = X @ W64.t() + bias64
+    y_ref = base + s * torch.outer(X @ a64, b64)
+    y_err = worst(y[rows], y_ref, 2.05 * e * (base.abs() + y_ref.abs()) + math.sqrt(din) * e32 * (
+        X.abs() @ W64.abs().t() + s * torch.outer(X.abs() @ a64.abs(), b64.abs())) + 1e-300)
+    u_err = worst(u[rows].flatten(), X @ a64, 2 * math.sqrt(din) * e32 * (X.abs() @ a64.abs())
+                  + 1e-300)
+    dbase = G @ W64
+    dx_ref = dbase + s * torch.outer(G @ b64, a64)
+    dx_err = worst(dx[rows], dx_ref, 2.05 * e * (dbase.abs() + dx_ref.abs()) + math.sqrt(dout)
+                   * e32 * (G.abs() @ W64.abs() + s * torch.outer(G.abs() @ b64.abs(), a64.abs()))
+                   + 1e-300)
+    sums = [torch.zeros(n, dtype=torch.float64, device=x.device) for n in (din, din, dout, dout)]
+    for i in range(0, T, chunk):
+        xc, gc = x[i:i + chunk].double(), g[i:i + chunk].double()
+        sums[0] += s * xc.t() @ (gc @ b64)
+        sums[1] += s * xc.abs().t() @ (gc.abs() @ b64.abs())
+        sums[2] += s * gc.t() @ (xc @ a64)
+        sums[3] += s * gc.abs().t() @ (xc.abs() @ a64.abs())
+    depth = 2 * math.sqrt(T) + 2
+    dA_err = worst(dA.flatten(), sums[0], (depth + math.sqrt(dout)) * e32 * sums[1] + 1e-300)
+    dB_err = worst(dB.flatten(), sums[2], (depth + math.sqrt(din)) * e32 * sums[3] + 1e-300)
+    return dict(y=y_err, u=u_err, dx=dx_err, dA=dA_err, dB=dB_err)
+
+
+def run_op(x, W, bias, a, b, g, s=16.0):
+    """(y, u, dx, dA, dB) of lora.lora_linear (the fused kernels on CUDA) for output gradient g."""
+    x = x.detach().requires_grad_()
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    y, u = lora_linear(x, W, bias, a, b, s)
+    y.backward(g)
+    return y.detach(), u.detach(), x.grad, a.grad, b.grad
+
+
+def large_table(args, dev):
+    """(e): the op where x or y holds more than 2^31 elements (tiny shapes with --cpu)."""
+    dtype = torch.bfloat16 if not args.cpu else torch.float32
+    cases = [(5120, 1024), (1024, 5120)] if not args.cpu else [(48, 16), (16, 48)]
+    rows, ok = [], True
+    for din, dout in cases:
+        T = 2 ** 31 // min(din, dout) + 77 if not args.cpu else 300
+        inputs = large_inputs(T, din, dout, dtype, dev)
+        err = large_errors(*inputs, run_op(*inputs))
+        ok &= max(err.values()) <= 1
+        rows.append([f"{T} x {din} -> {dout}", f"{T * max(din, dout):.3g}",
+                     *(f"{err[k]:.2f}" for k in ("y", "u", "dx", "dA", "dB"))])
+        del inputs
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    table(f"(e) the op past 2^31 elements, {dtype}: each output's worst error / its element-wise "
+          "bound (<= 1 passes)", ["case", "elements of the larger", "y", "u", "dx", "dA", "dB"],
+          rows)
+    return ok
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+def run_section(name, fn, seconds, out):
+    """fn() under a time limit (0: none); its result, or None when it timed out or failed (the
+    run goes on to the next section). With out, OUT/<name>.json as it ends."""
+    def expire(*_):
+        raise SectionTimeout(f"over its {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    t0, result = time.time(), None
+    try:
+        result, status = fn(), "done"
+    except Exception as e:  # a cut, an out-of-memory, a failed build: the next table runs
+        status = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        traceback.print_exc(limit=3)
+        print(f"\n({name}) {status}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    if out:
+        write_atomic(os.path.join(out, f"{name}.json"), json.dumps(dict(
+            section=name, status=status, seconds=round(time.time() - t0, 1), result=result),
+            indent=1, default=str))
+    return result, status == "done"
+
+
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (CI)")
     p.add_argument("--sanitize", action="store_true", help="tiny fused-op cases only")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
-    p.add_argument("--tables", default="abcd",
-                   help="which tables to run: a op, b training step, c decode, d fused vs ref")
+    p.add_argument("--tables", default="abcde",
+                   help="which tables to run: a op, b training step, c decode, d fused vs ref, "
+                   "e the op past 2^31 elements")
+    p.add_argument("--section-seconds", type=int, default=300,
+                   help="each table's time limit in seconds (0: none); a table over it is "
+                   "reported as cut and the next one runs")
+    p.add_argument("--out", help="a directory for one JSON file per table, written as each ends")
     return p
 
 
@@ -272,23 +404,25 @@ def main(argv=None):
         raise SystemExit("bench/gpu.py: no CUDA device (use --cpu for the tiny CPU run)")
     if args.sanitize:
         return sanitize(dev)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     header(f"bench/gpu.py on {torch.cuda.get_device_name() if not args.cpu else 'CPU (tiny)'}")
     nominal, copy = peak_bandwidth(dev)
     peak = nominal or copy
     if copy:
         print(f"HBM: nominal {nominal or '?'} GB/s, device copy {copy:.0f} GB/s")
     mcfg = Qwen2Config(**(QWEN2_5_7B if not args.cpu else TINY))
-    a = ratio = frac = det = None
-    if "a" in args.tables:
-        a = op_table(args, dev, torch.bfloat16 if not args.cpu else torch.float32, peak)
-    if "b" in args.tables:
-        ratio = train_table(args, dev, mcfg)
+    sections = dict(
+        a=lambda: op_table(args, dev, torch.bfloat16 if not args.cpu else torch.float32, peak),
+        b=lambda: train_table(args, dev, mcfg), c=lambda: decode_table(args, dev, mcfg, peak),
+        d=lambda: fused_vs_ref(args, dev), e=lambda: large_table(args, dev))
+    got, ok = {}, True
+    for k in args.tables:
+        got[k], done = run_section(k, sections[k], args.section_seconds, args.out)
+        ok &= done
         if dev.type == "cuda":
-            torch.cuda.empty_cache()  # the training model is gone; room for the decode copy
-    if "c" in args.tables:
-        frac = decode_table(args, dev, mcfg, peak)
-    if "d" in args.tables:
-        det = fused_vs_ref(args, dev)
+            torch.cuda.empty_cache()  # one table's tensors are gone before the next
+    a, ratio, frac = got.get("a"), got.get("b"), got.get("c")
     rows = [["rank-1 op overhead, time-weighted fwd+bwd",
              a and f"{100 * a['ours']:+.1f}%", "<= +12%"],
             ["worst shape: our overhead / peft-style overhead",
@@ -296,8 +430,12 @@ def main(argv=None):
             ["LoRA step speed vs frozen-base step", ratio and f"{ratio:.3f}x", ">= 0.88x"],
             ["decode batch 1, of the weight-bandwidth floor", frac and f"{100 * frac:.0f}%",
              ">= 70%"],
-            ["fused path bitwise deterministic", det, "True"]]
+            ["fused path bitwise deterministic", got.get("d"), "True"],
+            ["past 2^31 elements, every error within its bound", got.get("e"), "True"]]
     table("targets", ["figure", "value", "target"], [r for r in rows if r[1] is not None])
+    if not ok or got.get("e") is False:
+        raise SystemExit(1)
+
 
 if __name__ == "__main__":
     main()

@@ -27,5 +27,5 @@ if command -v compute-sanitizer > /dev/null; then
 else
   echo "compute-sanitizer: not installed; skipped"
 fi
-python -m bench.gpu || status=1
+python -m bench.gpu --out runs/gpu-bench || status=1  # each table's JSON as it ends
 exit $status

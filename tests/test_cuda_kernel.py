@@ -71,9 +71,53 @@ def test_gpu_bench_runs_end_to_end_on_cpu():
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     for title in ("(a) rank-1 op", "(b) training step", "(c) greedy decode", "(d) plain autograd",
-                  "targets"):
+                  "(e) the op past 2^31 elements", "targets"):
         assert f"### {title}" in r.stdout, r.stdout[-2000:]
     assert "| fused path bitwise deterministic | True |" in r.stdout
+    assert "| past 2^31 elements, every error within its bound | True |" in r.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_check_bounds_each_element_and_fails_small_wrong_outputs(dtype):
+    """bench/gpu.py's check past 2^31 elements judges each output element against its own bound:
+    the op's outputs pass; outputs wrong by a little fail: the rank-1 term of y or dx 1% off (the
+    scale 16.16 for 16), u, dA or dB 0.1% off, y without its bias."""
+    from bench.gpu import large_errors, large_inputs, run_op
+    inputs = large_inputs(300, 64, 24, dtype, torch.device("cpu"))
+    good = run_op(*inputs)
+    assert max(large_errors(*inputs, good).values()) <= 1
+    x, W, bias, a, b, g = inputs
+    off = run_op(*inputs, s=16.16)
+    nobias = run_op(x, W, torch.zeros_like(bias), a, b, g)
+    wrong = {"y": (off[0], *good[1:]), "dx": (*good[:2], off[2], *good[3:]),
+             "u": (good[0], good[1] * 1.001, *good[2:]),
+             "dA": (*good[:3], good[3] * 1.001, good[4]),
+             "dB": (*good[:4], good[4] * 1.001), "bias": (nobias[0], *good[1:])}
+    for name, out in wrong.items():
+        err = large_errors(*inputs, out)
+        assert max(err.values()) > 1, (name, err)
+
+
+def test_gpu_bench_sections_have_time_limits_and_write_json(tmp_path):
+    """A table over its time limit is cut, recorded as such in its JSON file, and the next one
+    runs; a table that fails is recorded too."""
+    import json
+    import time
+
+    from bench.gpu import run_section
+
+    def slow():
+        time.sleep(5)
+        return "never"
+    t0 = time.time()
+    assert run_section("a", slow, 1, str(tmp_path)) == (None, False)
+    assert time.time() - t0 < 4
+    assert run_section("b", lambda: 1 / 0, 1, str(tmp_path)) == (None, False)
+    assert run_section("c", lambda: {"x": 1}, 1, str(tmp_path)) == ({"x": 1}, True)
+    got = {k: json.load(open(tmp_path / f"{k}.json")) for k in "abc"}
+    assert got["a"]["status"].startswith("SectionTimeout") and got["a"]["result"] is None
+    assert got["b"]["status"].startswith("ZeroDivisionError")
+    assert got["c"]["status"] == "done" and got["c"]["result"] == {"x": 1}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
