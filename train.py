@@ -408,6 +408,7 @@ def run_steps(cfg, model, opt, examples, trained, made_from, rank, world, device
     start, losses = 0, []
     if cfg.resume:
         start, losses = load_checkpoint(cfg, model, opt, rank, world, made_from)
+    params = [p for _, p in trainable(model)]  # once: the step's all-reduce and clipping use them
     metrics_file = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         keep_steps(metrics_file, start)
@@ -424,7 +425,8 @@ def run_steps(cfg, model, opt, examples, trained, made_from, rank, world, device
     for step in range(start, total_run):
         t0 = time.time()
         rows = step_batch(cfg, step, len(examples), spe)
-        loss, gnorm = forward_backward(cfg, model, examples, trained, rows, rank, world, device)
+        loss, gnorm = forward_backward(cfg, model, params, examples, trained, rows, rank, world,
+                                       device)
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             raise SystemExit(f"train.py: non-finite {what} at step {step + 1} (loss {loss}, "
@@ -456,7 +458,7 @@ def run_steps(cfg, model, opt, examples, trained, made_from, rank, world, device
     return losses, total_run
 
 
-def forward_backward(cfg, model, examples, trained, rows, rank, world, device):
+def forward_backward(cfg, model, params, examples, trained, rows, rank, world, device):
     """One optimizer step's gradients (not yet applied): this rank's share of the global batch
     in micro-batches, the loss normalised by the global batch's trained-on tokens; the adapters'
     gradients averaged over ranks, all clipped. (loss, gradient norm before clipping)."""
@@ -478,11 +480,11 @@ def forward_backward(cfg, model, examples, trained, rows, rank, world, device):
         (loss_sum * (weight * world / max(n_tok, 1))).backward()
         local_loss += loss_sum.detach() * weight
     if cfg.mode == "lora" and world > 1:  # replicated adapters: average as FSDP does
-        for _, p in trainable(model):
+        for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
     dist.all_reduce(local_loss)
-    gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable(model)],
+    gnorm = torch.nn.utils.clip_grad_norm_(params,
                                            cfg.grad_clip or math.inf)  # 0: no clipping
     gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     return local_loss.item() / max(n_tok, 1), gnorm
