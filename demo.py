@@ -1,5 +1,5 @@
 """
-The whole paper in miniature, on a CPU: `python demo.py` (about 12 minutes on 2 cores).
+The whole paper in miniature, on a CPU: `python demo.py` (about 13 minutes on 2 cores).
 
 A synthetic world stands in for Qwen2.5-32B-Instruct and s1K-1.1. Problems are repeated steps,
 
@@ -19,8 +19,9 @@ finished; a changed setting or generator reruns that stage and the ones after it
             layout, drawn first and kept out of every training set.
  base       a random Qwen2 checkpoint (DEMO_MODEL), pretrained by `train.py` (PRESETS["pretrain"]:
             --mode full on the packed corpus): the "instruct" base.
- rank1      `train.py` (PRESETS["rank1"]): rank-1 LoRA on all 7 projections, the paper's recipe.
- full       `train.py` (PRESETS["full"]): the full-finetune baseline.
+ rank1      `train.py` (PRESETS["rank1"]): rank-1 LoRA on all 7 projections, the paper's recipe
+            at the model's scale (learning rate, and 10 epochs instead of 5: docs/demo.md).
+ full       `train.py` (PRESETS["full"]): the full-finetune baseline, as many epochs.
  eval       `eval.py run` (greedy) of full and rank-1 (s1 protocol) and of the base: plain (as s1
             ran its base), s1, and given a textbook page's opening (`--protocol completion`):
             the capability ceiling the finetunes can elicit, measured; `eval.py compare`.
