@@ -484,8 +484,7 @@ def forward_backward(cfg, model, params, examples, trained, rows, rank, world, d
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
     dist.all_reduce(local_loss)
-    gnorm = torch.nn.utils.clip_grad_norm_(params,
-                                           cfg.grad_clip or math.inf)  # 0: no clipping
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # 0: none
     gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     return local_loss.item() / max(n_tok, 1), gnorm
 

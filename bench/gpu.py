@@ -221,19 +221,9 @@ def decode_table(args, dev, mcfg, peak):
 def fused_vs_ref(args, dev):
     T, din, dout = (16384, 5120, 27648) if not args.cpu else (64, 48, 80)
     dtype = torch.bfloat16 if not args.cpu else torch.float32
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(T, din, device=dev, generator=g).to(dtype).requires_grad_()
-    W = (torch.randn(dout, din, device=dev, generator=g) / din ** 0.5).to(dtype)
-    A = (torch.randn(1, din, device=dev, generator=g) / din ** 0.5).requires_grad_()
-    B = torch.randn(dout, 1, device=dev, generator=g).requires_grad_()
-    gy = torch.randn(T, dout, device=dev, generator=g).to(dtype)
+    x, W, _, A, B, gy = large_inputs(T, din, dout, dtype, dev)
+    run = lambda fn: run_op(x, W, None, A, B, gy, fn=fn)
 
-    def run(fn):
-        for t in (x, A, B):
-            t.grad = None
-        y, u = fn(x, W, None, A, B, 16.0)
-        y.backward(gy)
-        return [y.detach(), u.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()]
     def eager(x, W, bias, A, B, s):  # the formula in plain autograd ops (the CPU run's contender)
         u = x.float() @ A.t()
         return (torch.nn.functional.linear(x, W, bias).float() + s * u @ B.t()).to(x.dtype), u
@@ -322,11 +312,12 @@ def large_errors(x, W, bias, a, b, g, out, s=16.0, sample=64, chunk=65536):
     return dict(y=y_err, u=u_err, dx=dx_err, dA=dA_err, dB=dB_err)
 
 
-def run_op(x, W, bias, a, b, g, s=16.0):
-    """(y, u, dx, dA, dB) of lora.lora_linear (the fused kernels on CUDA) for output gradient g."""
+def run_op(x, W, bias, a, b, g, s=16.0, fn=lora_linear):
+    """(y, u, dx, dA, dB) of `fn` (lora.lora_linear: the fused kernels on CUDA) for output gradient
+    g; the inputs are left without gradients."""
     x = x.detach().requires_grad_()
     a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
-    y, u = lora_linear(x, W, bias, a, b, s)
+    y, u = fn(x, W, bias, a, b, s)
     y.backward(g)
     return y.detach(), u.detach(), x.grad, a.grad, b.grad
 
